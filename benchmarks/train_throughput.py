@@ -1,0 +1,157 @@
+"""Training throughput: lmkit's GPT against Hugging Face ``GPT2LMHeadModel`` of the same shape.
+
+Both models get the same shape (vocab 8192, 4 layers, 4 heads, n_embd 256, block 256,
+tanh GELU, tied head, no dropout), the same fp32 AdamW (lmkit's parameter groups,
+lr 3e-4, wd 0.1), the same random token ids (batch 8), and are timed in interleaved
+rounds in one process, so machine noise hits both alike. Prints the median training
+tokens/s of each and the ratio lmkit / HF. On CUDA, ``--gpt2-124m`` also times the
+GPT-2 124M shape (block 1024) in bf16 and reports MFU against the device's peak.
+
+Usage::
+
+    pip install -e ".[bench]"
+    python benchmarks/train_throughput.py                 # CPU or GPU, whatever is there
+    python benchmarks/train_throughput.py --device cuda --gpt2-124m --json
+
+This is a benchmark, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from lmkit.config import ModelConfig
+from lmkit.models import build_model
+from lmkit.training.device import peak_flops, resolve_device
+from lmkit.training.optim import param_groups
+
+
+def lmkit_model(vocab: int, n_layer: int, n_head: int, n_embd: int, block: int) -> torch.nn.Module:
+    cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, d_ff=4 * n_embd, block_size=block,
+                      vocab_size=vocab, pos_encoding="learned", activation="gelu_tanh", bias=True,
+                      tie_embeddings=True, dropout=0.0)
+    return build_model(cfg)
+
+
+def hf_model(vocab: int, n_layer: int, n_head: int, n_embd: int, block: int) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     n_inner=4 * n_embd, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, tie_word_embeddings=True)
+    return GPT2LMHeadModel(cfg, attn_implementation="sdpa")
+
+
+def make_step(model: torch.nn.Module, kind: str, device: torch.device, dtype: torch.dtype | None):
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast:
+            if kind == "lmkit":
+                _, loss = model(x, y)
+            else:  # HF shifts labels internally: pass the window the same way a user would
+                loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_models(builders: dict, *, device, dtype, batch, block, vocab, rounds, steps, warmup):
+    torch.manual_seed(0)
+    x = torch.randint(0, vocab, (batch, block), device=device)
+    y = torch.randint(0, vocab, (batch, block), device=device)
+    steps_fns = {}
+    for name, build in builders.items():
+        model = build().to(device).train()
+        steps_fns[name] = make_step(model, name.split("-")[0], device, dtype)
+        for _ in range(warmup):
+            steps_fns[name](x, y)
+    sync(device)
+    rates: dict[str, list[float]] = {name: [] for name in builders}
+    order = list(builders)
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                steps_fns[name](x, y)
+            sync(device)
+            rates[name].append(batch * block * steps / (time.perf_counter() - t0))
+    return {name: statistics.median(v) for name, v in rates.items()}, rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5, help="training steps per model per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--gpt2-124m", action="store_true", help="also time GPT-2 124M in bf16 (CUDA)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    device, _ = resolve_device(args.device)
+    shape = dict(vocab=8192, n_layer=4, n_head=4, n_embd=256, block=256)
+    builders = {
+        "lmkit": lambda: lmkit_model(**shape),
+        "hf": lambda: hf_model(**shape),
+    }
+    medians, rates = time_models(builders, device=device, dtype=None, batch=8, block=shape["block"],
+                                 vocab=shape["vocab"], rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+    report = {
+        "device": str(device),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "shape": {**shape, "batch": 8, "precision": "fp32"},
+        "tok_per_s": medians,
+        "ratio_lmkit_over_hf": medians["lmkit"] / medians["hf"],
+        "rounds": rates,
+    }
+
+    if args.gpt2_124m:
+        if device.type != "cuda":
+            raise SystemExit("--gpt2-124m needs CUDA")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        big = dict(vocab=50304, n_layer=12, n_head=12, n_embd=768, block=1024)
+        model_flops = lmkit_model(**big).flops_per_token()
+        gpt_medians, _ = time_models({"lmkit": lambda: lmkit_model(**big)}, device=device, dtype=torch.bfloat16,
+                                     batch=16, block=1024, vocab=big["vocab"], rounds=args.rounds, steps=args.steps,
+                                     warmup=args.warmup)
+        peak = peak_flops(device)
+        report["gpt2_124m_bf16"] = {
+            "tok_per_s": gpt_medians["lmkit"],
+            "flops_per_token": model_flops,
+            "peak_flops": peak,
+            "mfu": gpt_medians["lmkit"] * model_flops / peak if peak else None,
+            "batch": 16,
+        }
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"device {report['device']} (torch {report['torch']}, {report['threads']} threads), fp32, "
+          f"batch 8 x block 256, vocab 8192, 4 layers x 256")
+    for name, value in medians.items():
+        print(f"  {name:6s} {value:10,.0f} tok/s (median of {args.rounds} rounds)")
+    print(f"  ratio lmkit/hf = {report['ratio_lmkit_over_hf']:.2f}x")
+    if "gpt2_124m_bf16" in report:
+        g = report["gpt2_124m_bf16"]
+        mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "unknown peak"
+        print(f"GPT-2 124M bf16 (batch 16 x 1024): {g['tok_per_s']:,.0f} tok/s, MFU {mfu}")
+
+
+if __name__ == "__main__":
+    main()

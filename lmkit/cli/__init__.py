@@ -1,0 +1,59 @@
+"""The ``lmkit`` command line (Typer). One module per command; commands stay thin:
+parse options, call the library, render events.
+
+``lmkit --help`` imports neither torch nor the training code: command modules import
+them inside their bodies.
+"""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from lmkit import __version__
+from lmkit.cli import _common
+from lmkit.cli.train import train_command
+
+app = typer.Typer(
+    name="lmkit",
+    help="Train, resume, analyse, export and evaluate small transformer language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors (also LMKIT_DEBUG=1)."),
+) -> None:
+    """lmkit: one command for the life of a small-LM experiment."""
+    _common.DEBUG = debug or os.environ.get("LMKIT_DEBUG", "") not in ("", "0")
+
+
+app.command(
+    "train",
+    help=train_command.__doc__,
+    epilog=(
+        "Examples:\n\n"
+        "  lmkit train                                   # pilot preset on the built-in arithmetic task\n\n"
+        "  lmkit train --preset tiny --data input.txt --tokenizer bpe --max-steps 300\n\n"
+        "  lmkit train --preset scale_10m --gpu-only      # seed 000's 10M run: CUDA + fp16 or exit 3\n\n"
+        "  lmkit train --preset small --set training.lr=6e-4 --set training.warmup_steps=2000"
+    ),
+    no_args_is_help=False,
+)(train_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

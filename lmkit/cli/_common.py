@@ -1,0 +1,53 @@
+"""Error handling shared by every command.
+
+A :class:`~lmkit.errors.LmkitError` becomes one line on stderr -- ``error: ...`` -- and
+its exit code; Ctrl-C exits 130; anything unexpected says so in one line and exits 1.
+``--debug`` (or ``LMKIT_DEBUG=1``) re-raises instead, showing the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from lmkit.errors import LmkitError
+
+DEBUG = False
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def error_line(message: str) -> None:
+    sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+
+
+def handle_errors(func: F) -> F:
+    """Decorator for command bodies: turn lmkit's errors into one line and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except LmkitError as exc:
+            if DEBUG:
+                raise
+            error_line(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if DEBUG:
+                raise
+            error_line("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - last line of defence, one line instead of a traceback
+            if DEBUG:
+                raise
+            error_line(f"unexpected {type(exc).__name__}: {exc} (run `lmkit --debug ...` for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]

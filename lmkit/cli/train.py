@@ -1,0 +1,102 @@
+"""``lmkit train``: build the config, run :func:`lmkit.training.loop.train`, render events."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from lmkit.cli._common import handle_errors
+from lmkit.config import available_presets
+from lmkit.errors import ConfigError
+
+_PRESETS = ", ".join(available_presets())
+
+
+@handle_errors
+def train_command(
+    preset: str = typer.Option("pilot", "--preset", "-p", help=f"Preset name ({_PRESETS}) or a YAML path."),
+    data: str = typer.Option(None, "--data", help="'arithmetic', a local file or folder, or a hub name "
+                             "(wikitext-2-raw-v1, wikitext-103-raw-v1, fineweb-edu, europarl)."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="char, byte, bpe, gpt2 or hf:NAME_OR_PATH."),
+    encoding: str = typer.Option(None, "--encoding", help="Text encoding of local files (default utf-8)."),
+    name: str = typer.Option(None, "--name", help="Run name: the run is written to OUT_DIR/NAME."),
+    out_dir: Path = typer.Option(None, "--out-dir", help="Folder of run directories (default: runs)."),
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 autocast + GradScaler (needs a GPU)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast."),
+    device: str = typer.Option(None, "--device", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu."),
+    gpu_only: bool = typer.Option(False, "--gpu-only", help="Exit 3 before any step unless training on CUDA."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Sequences per micro-batch."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps to train (replaces --epochs)."),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training split (replaces --max-steps)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
+    seed: int = typer.Option(None, "--seed", help="Seed for initialisation, batches and dropout."),
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward."),
+    overrides: list[str] = typer.Option([], "--set", help="Override any config key, e.g. --set training.lr=3e-4 "
+                                        "(repeatable)."),
+    no_tui: bool = typer.Option(False, "--no-tui", help="Plain log lines even on a terminal."),
+    json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout at the end."),
+) -> None:
+    """Train a model; writes runs/NAME/ (config.yaml, metrics.jsonl, events.jsonl, tb/, checkpoints/,
+    tokenizer/, summary.json)."""
+    from lmkit.config import build_run_config
+
+    if fp16 and bf16:
+        raise ConfigError("--fp16 and --bf16: choose one precision")
+    if max_steps is not None and epochs is not None:
+        raise ConfigError("--max-steps and --epochs: choose one way to set the length of training")
+
+    flags: dict[str, tuple[str, Any]] = {}
+    for key, label, value in (
+        ("data.dataset", "--data", data),
+        ("data.tokenizer", "--tokenizer", tokenizer),
+        ("data.encoding", "--encoding", encoding),
+        ("name", "--name", name),
+        ("out_dir", "--out-dir", str(out_dir) if out_dir is not None else None),
+        ("training.device", "--device", device),
+        ("training.batch_size", "--batch-size", batch_size),
+        ("training.lr", "--lr", lr),
+        ("training.seed", "--seed", seed),
+        ("training.compile", "--compile", compile_),
+    ):
+        if value is not None:
+            flags[key] = (label, value)
+    if fp16:
+        flags["training.precision"] = ("--fp16", "fp16")
+    if bf16:
+        flags["training.precision"] = ("--bf16", "bf16")
+    if gpu_only:
+        flags["training.gpu_only"] = ("--gpu-only", True)
+    if grad_checkpointing:
+        flags["training.grad_checkpointing"] = ("--grad-checkpointing", True)
+    if max_steps is not None:
+        flags["training.max_steps"] = ("--max-steps", max_steps)
+        flags["training.epochs"] = ("--max-steps", None)
+    if epochs is not None:
+        flags["training.epochs"] = ("--epochs", epochs)
+        flags["training.max_steps"] = ("--epochs", None)
+
+    config = build_run_config(preset, overrides, flags)
+
+    from lmkit.monitor.console import PlainLog, RichProgress
+    from lmkit.training.loop import train
+
+    stream = sys.stderr if json_out else sys.stdout
+    renderer: Any
+    if stream.isatty() and not no_tui:
+        from rich.console import Console
+
+        renderer = RichProgress(Console(file=stream))
+    else:
+        renderer = PlainLog(stream)
+    try:
+        summary = train(config, emit=renderer)
+    finally:
+        if isinstance(renderer, RichProgress):
+            renderer.close()
+    if json_out:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")

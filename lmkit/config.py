@@ -1,0 +1,597 @@
+"""Run configuration: pydantic models, YAML presets and ``--set`` overrides.
+
+A run is described by one :class:`RunConfig` with four parts -- ``model``
+(:class:`ModelConfig`), ``data`` (:class:`DataConfig`), ``training``
+(:class:`TrainConfig`) and a few run-level fields. Every model uses
+``extra="forbid"``, so a misspelt key is an error, never silently ignored.
+
+Configs are built from a preset (a YAML file under ``presets/``, chosen by name or
+path), then ``--set key=value`` overrides, then the CLI's own flags
+(:func:`build_run_config`). Any error becomes a :class:`~lmkit.errors.ConfigError`
+whose one-line message names the key and where its value came from (the preset file,
+the ``--set`` argument or the flag).
+
+Keys use the nanoGPT / HF GPT-2 spelling (``n_layer``, ``n_head``, ``n_embd``,
+``d_ff``, ``block_size``). The other spellings found in the seed experiments'
+configs (``d_model``, ``num_heads``, ``num_layers``, ``max_seq_len``, ``depth``,
+``tie_weights``, ``use_rope``) are accepted and rewritten to the canonical names.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmkit.errors import ConfigError
+
+# --------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------
+
+#: model.type -> "module:attribute" of the class built by :func:`lmkit.models.build_model`.
+#: Kept here (as strings) so config validation knows the families without importing torch.
+MODEL_FAMILIES: dict[str, str] = {
+    "gpt": "lmkit.models.gpt:GPT",
+}
+
+#: Tokenizer names accepted by ``data.tokenizer`` (plus ``hf:NAME_OR_PATH``).
+TOKENIZERS = ("char", "byte", "bpe", "gpt2")
+
+#: Data set names that are not paths: the built-in task and Hugging Face hub data sets.
+BUILTIN_DATASETS = ("arithmetic",)
+HUB_DATASETS = ("wikitext-2-raw-v1", "wikitext-103-raw-v1", "fineweb-edu", "europarl")
+
+#: Other spellings of model keys -> canonical name (seed 000/001 configs, nanochat).
+MODEL_KEY_ALIASES: dict[str, str] = {
+    "d_model": "n_embd",
+    "num_heads": "n_head",
+    "n_heads": "n_head",
+    "num_layers": "n_layer",
+    "n_layers": "n_layer",
+    "depth": "n_layer",
+    "max_seq_len": "block_size",
+    "seq_len": "block_size",
+    "dim_feedforward": "d_ff",
+    "ffn_dim": "d_ff",
+    "tie_weights": "tie_embeddings",
+    "tie_word_embeddings": "tie_embeddings",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+class ModelConfig(_Strict):
+    """Architecture of the network.
+
+    Shapes: token ids ``(B, T)`` with ``T <= block_size`` map to logits
+    ``(B, T, vocab_size)``. ``d_ff`` defaults to ``4 * n_embd``; ``vocab_size`` defaults
+    to the tokenizer's vocabulary (a larger value pads it, e.g. GPT-2's 50,257 -> 50,304).
+
+    ``bias`` switches every Linear and LayerNorm bias; ``attn_bias`` / ``mlp_bias``
+    override it for the attention projections (QKV and output) and the MLP, which is
+    how seed 000's model (no attention biases, MLP biases) is expressed.
+    """
+
+    type: str = "gpt"
+    n_layer: int = Field(4, gt=0)
+    n_head: int = Field(4, gt=0)
+    n_embd: int = Field(128, gt=0)
+    d_ff: int | None = Field(None, gt=0)
+    block_size: int = Field(256, gt=0)
+    vocab_size: int | None = Field(None, gt=0)
+    pos_encoding: Literal["learned", "rope"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0)
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
+    bias: bool = True
+    attn_bias: bool | None = None
+    mlp_bias: bool | None = None
+    tie_embeddings: bool = True
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    layer_norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise_spellings(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return normalise_model_keys(dict(data))
+        return data
+
+    @field_validator("type")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model type {value!r} (known: {', '.join(MODEL_FAMILIES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"try n_head={_nearest_divisor(self.n_embd, self.n_head)}"
+            )
+        if self.pos_encoding == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(
+                f"rotary positions need an even head size, but n_embd/n_head = {self.head_dim}"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        """The MLP hidden size: ``d_ff`` or ``4 * n_embd``."""
+        return self.d_ff if self.d_ff is not None else 4 * self.n_embd
+
+    @property
+    def use_attn_bias(self) -> bool:
+        return self.bias if self.attn_bias is None else self.attn_bias
+
+    @property
+    def use_mlp_bias(self) -> bool:
+        return self.bias if self.mlp_bias is None else self.mlp_bias
+
+
+def _nearest_divisor(n: int, near: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - near), d))
+
+
+def normalise_model_keys(section: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the other spellings of model keys to the canonical ones.
+
+    ``use_rope: true`` becomes ``pos_encoding: rope``. Giving both spellings of one key
+    (``d_model`` and ``n_embd``) is an error.
+
+    Raises:
+        ValueError: when two spellings of the same key are both present.
+    """
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        if key == "use_rope":
+            canonical, value = "pos_encoding", ("rope" if value else "learned")
+        else:
+            canonical = MODEL_KEY_ALIASES.get(key, key)
+        if canonical in out:
+            raise ValueError(f"{key!r} and {canonical!r} both set; keep only {canonical!r}")
+        out[canonical] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+class ArithmeticConfig(_Strict):
+    """Seed 000's built-in arithmetic task (see :mod:`lmkit.data.arithmetic`)."""
+
+    seed: int = 42
+    n_train: int = Field(2000, gt=0)
+    n_val: int = Field(200, gt=0)
+    n_test_flat: int = Field(100, ge=0)
+    n_test_paren: int = Field(100, ge=0)
+    max_depth: int = Field(2, ge=0, le=2)
+
+
+class DataConfig(_Strict):
+    """Where the tokens come from.
+
+    ``dataset`` is ``arithmetic`` (built in), a local file or folder
+    (``.txt``/``.raw``/any text, ``.jsonl``/``.json``, ``.parquet``; a folder of files
+    named ``*train*``/``*valid*``/``*test*`` gives those splits), or a Hugging Face hub
+    name (:data:`HUB_DATASETS`, or ``hf:owner/name``). A source without a validation
+    split is split by rows: the last ``val_fraction`` becomes ``val``.
+    """
+
+    dataset: str = "arithmetic"
+    tokenizer: str = "char"
+    bpe_vocab_size: int = Field(8192, ge=260)
+    encoding: str = "utf-8"
+    text_field: str = "text"
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_tokens: int | None = Field(None, gt=0)
+    cache_dir: str | None = None
+    arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _known_tokenizer(cls, value: str) -> str:
+        if value in TOKENIZERS or (value.startswith("hf:") and len(value) > 3):
+            return value
+        raise ValueError(
+            f"unknown tokenizer {value!r} (known: {', '.join(TOKENIZERS)}, or hf:NAME_OR_PATH)"
+        )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r} (e.g. utf-8, latin-1)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _task_tokenizer(self) -> DataConfig:
+        if self.dataset == "arithmetic" and self.tokenizer != "char":
+            raise ValueError(
+                f"the arithmetic task uses the 'char' tokenizer, not {self.tokenizer!r}; "
+                "drop --tokenizer or set data.tokenizer=char"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class TrainConfig(_Strict):
+    """Optimisation, schedule, precision, device and bookkeeping.
+
+    Length: exactly one of ``max_steps`` (optimizer steps) or ``epochs`` (passes over
+    the training split). One optimizer step sees ``batch_size * grad_accum_steps``
+    sequences. Intervals are in optimizer steps unless named ``*_every_epochs``.
+    Learning-rate schedules are described in :mod:`lmkit.training.schedule`.
+    """
+
+    batch_size: int = Field(32, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    epochs: int | None = Field(None, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, ge=0.0)
+    precision: Precision = "fp32"
+    device: str = "auto"
+    gpu_only: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    tf32: bool = True
+    seed: int = 1337
+    log_interval: int = Field(10, gt=0)
+    eval_interval: int | None = Field(None, gt=0)
+    eval_every_epochs: int | None = Field(None, gt=0)
+    eval_iters: int | None = Field(50, gt=0)
+    eval_at_start: bool = True
+    checkpoint_interval: int | None = Field(None, gt=0)
+    checkpoint_every_epochs: int | None = Field(None, gt=0)
+    keep_last: int | None = Field(3, ge=1)
+    tensorboard: bool = True
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"betas must lie in [0, 1), got {list(value)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value) is None:
+            raise ValueError(f"unknown device {value!r} (auto, cuda, cuda:N, mps, cpu)")
+        return value
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set either max_steps or epochs, not both")
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs (e.g. --max-steps 1000)")
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------
+
+
+class RunConfig(_Strict):
+    """Everything needed to rebuild a run; written resolved to ``runs/NAME/config.yaml``."""
+
+    name: str | None = None
+    out_dir: str = "runs"
+    preset: str | None = None
+    description: str | None = None
+    source: str | None = None
+    target_params: int | None = Field(None, gt=0)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainConfig
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) is None:
+            raise ValueError(
+                f"run name {value!r} may use only letters, digits, '.', '_' and '-' "
+                "(and must not start with '.' or '-')"
+            )
+        return value
+
+    def to_yaml(self) -> str:
+        """The config as YAML with canonical key names (what ``config.yaml`` holds)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# Presets and overrides
+# --------------------------------------------------------------------------------------
+
+
+def presets_dir() -> Path:
+    """The folder holding the shipped presets (``presets/`` of the repository)."""
+    try:
+        path = Path(str(resources.files("lmkit.presets")))
+        if path.is_dir():
+            return path
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - broken install
+        pass
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def available_presets() -> dict[str, Path]:
+    """Preset name -> YAML path, for every preset shipped with lmkit."""
+    return {p.stem: p for p in sorted(presets_dir().glob("*.yaml"))}
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """The YAML file for ``--preset``: a shipped preset's name, or a path to a YAML file.
+
+    Raises:
+        ConfigError: unknown name, or a path that does not exist.
+    """
+    presets = available_presets()
+    if name_or_path in presets:
+        return presets[name_or_path]
+    path = Path(name_or_path).expanduser()
+    looks_like_path = path.suffix in (".yaml", ".yml") or "/" in name_or_path or "\\" in name_or_path
+    if looks_like_path:
+        if not path.is_file():
+            raise ConfigError(f"--preset {name_or_path}: no such file")
+        return path
+    hint = difflib.get_close_matches(name_or_path, list(presets), n=1)
+    did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+    raise ConfigError(
+        f"--preset {name_or_path}: unknown preset; {did_you_mean}available: {', '.join(presets)} "
+        "(or give a path to a YAML file)"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Load a YAML mapping from ``path``.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML (with the line), or not a mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``--set`` argument, ``section.key=value``, into a key path and a value.
+
+    The value is read as YAML, so ``3e-4``, ``true``, ``[0.9, 0.95]`` and ``null`` work.
+
+    Raises:
+        ConfigError: when the argument has no ``=`` or an empty key.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set training.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        value = _maybe_number(value)
+    return key.split("."), value
+
+
+def _maybe_number(text: str) -> Any:
+    # PyYAML (YAML 1.1) reads "3e-4" as a string; researchers write it that way.
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_run_config(
+    preset: str | None = "pilot",
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, tuple[str, Any]] | None = None,
+) -> RunConfig:
+    """Resolve preset, then ``--set`` overrides, then CLI flags into a validated config.
+
+    Args:
+        preset: a shipped preset name or a YAML path (``None``: defaults only).
+        overrides: ``--set`` strings, ``"training.lr=3e-4"``; later ones win.
+        flags: dotted key -> (flag label for messages, value), applied last, e.g.
+            ``{"training.batch_size": ("--batch-size", 8)}``.
+
+    Raises:
+        ConfigError: one line naming the key and the file, override or flag at fault.
+    """
+    sources: dict[str, str] = {}
+    if preset is not None:
+        path = resolve_preset(preset)
+        data = read_yaml(path)
+        default_source = _display_path(path)
+        data.setdefault("preset", path.stem)
+    else:
+        data, default_source = {}, "defaults"
+
+    try:
+        data = _normalise_sections(data)
+    except ValueError as exc:
+        raise ConfigError(f"{default_source}: model: {exc}") from None
+
+    for text in overrides:
+        path_parts, value = parse_override(text)
+        if path_parts[0] == "model" and len(path_parts) == 2:
+            path_parts[1] = MODEL_KEY_ALIASES.get(path_parts[1], path_parts[1])
+            if path_parts[1] == "use_rope":
+                path_parts[1], value = "pos_encoding", ("rope" if value else "learned")
+        _set_path(data, path_parts, value)
+        sources[".".join(path_parts)] = f"--set {text}"
+
+    for dotted, (label, value) in (flags or {}).items():
+        _set_path(data, dotted.split("."), value)
+        sources[dotted] = label
+
+    return validate_run_config(data, default_source, sources)
+
+
+def _normalise_sections(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    if isinstance(data.get("model"), dict):
+        data["model"] = normalise_model_keys(data["model"])
+    return data
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def validate_run_config(
+    data: Mapping[str, Any], default_source: str, sources: Mapping[str, str] | None = None
+) -> RunConfig:
+    """Validate a config mapping, turning pydantic errors into one :class:`ConfigError` line."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, default_source, sources or {})) from None
+
+
+def format_validation_error(
+    exc: ValidationError, default_source: str, sources: Mapping[str, str]
+) -> str:
+    """One line per problem joined by '; ': ``SOURCE: KEY: what is wrong``."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        key = ".".join(loc)
+        source = default_source
+        for n in range(len(loc), 0, -1):
+            prefix = ".".join(loc[:n])
+            if prefix in sources:
+                source = sources[prefix]
+                break
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = _unknown_key_message(loc)
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] in ("greater_than", "greater_than_equal") and "input" in err:
+            msg = f"must be {msg.removeprefix('Input should be ')}, got {err['input']!r}"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
+            msg = f"{msg} (got {err['input']!r})"
+        parts.append(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
+    return "; ".join(parts)
+
+
+def _unknown_key_message(loc: list[str]) -> str:
+    section_models: dict[str, type[BaseModel]] = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "training": TrainConfig,
+        "arithmetic": ArithmeticConfig,
+    }
+    owner: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        owner = section_models.get(part, owner)
+    known = list(owner.model_fields)
+    hint = difflib.get_close_matches(loc[-1], known, n=1)
+    if hint:
+        return f"unknown key (did you mean {'.'.join([*loc[:-1], hint[0]])}?)"
+    where = ".".join(loc[:-1]) or "the top level"
+    return f"unknown key; {where} accepts: {', '.join(known)}"
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Load a run's resolved ``config.yaml`` (or any full config file).
+
+    Raises:
+        ConfigError: unreadable or invalid file, naming the key.
+    """
+    data = read_yaml(path)
+    try:
+        data = _normalise_sections(data)
+    except ValueError as exc:
+        raise ConfigError(f"{_display_path(path)}: model: {exc}") from None
+    return validate_run_config(data, _display_path(path))

@@ -1,0 +1,183 @@
+"""Data: from ``data.dataset`` to token ids ready for batching.
+
+:func:`prepare_data` returns a :class:`PreparedData` for one of two tasks:
+
+* ``"lm"`` -- a token stream per split (memory-mapped shards, see
+  :mod:`lmkit.data.shards`), trained on random windows;
+* ``"arithmetic"`` -- seed 000's examples (built in, or the seed's JSONL files), trained
+  as whole padded sequences and evaluated by exact match of the generated answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lmkit.config import DataConfig, ModelConfig
+from lmkit.data.arithmetic import (
+    ArithmeticExample,
+    encode_example,
+    generate_arithmetic,
+    load_arithmetic_files,
+)
+from lmkit.data.batching import ExampleBatches, TokenWindows
+from lmkit.data.shards import TokenShards, prepare_shards
+from lmkit.data.sources import load_text_source
+from lmkit.data.tokenizers import CharTokenizer, Tokenizer
+from lmkit.errors import ConfigError, DataError
+from lmkit.events import DataReady, Event, null_emit
+
+
+@dataclass
+class PreparedData:
+    """Tokenised data of a run.
+
+    Attributes:
+        task: ``"lm"`` or ``"arithmetic"``.
+        tokenizer: the tokenizer the ids come from (saved into the run directory).
+        description: human-readable source description.
+        shards: token shards (``lm``).
+        examples / sequences: per split, the examples and their id sequences (``arithmetic``).
+        max_id: the largest id in any split (must be < ``model.vocab_size``).
+    """
+
+    task: str
+    tokenizer: Tokenizer
+    description: str
+    max_id: int
+    shards: TokenShards | None = None
+    examples: dict[str, list[ArithmeticExample]] = field(default_factory=dict)
+    sequences: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    @property
+    def unit(self) -> str:
+        return "tokens" if self.task == "lm" else "examples"
+
+    def split_sizes(self) -> dict[str, int]:
+        if self.shards is not None:
+            return {s: self.shards.count(s) for s in self.shards.splits}
+        return {s: len(v) for s, v in self.sequences.items()}
+
+    def tokens(self, split: str) -> np.ndarray:
+        if self.shards is None:
+            raise DataError(f"the {self.task} task has no token stream")
+        if split not in self.shards.splits:
+            raise DataError(f"the data has no {split} split (splits: {', '.join(self.shards.splits)})")
+        return self.shards.tokens(split)
+
+    def longest_sequence(self) -> int:
+        """Longest example in ids (arithmetic), including BOS and EOS."""
+        return max((len(s) for seqs in self.sequences.values() for s in seqs), default=0)
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise when the data does not fit the model.
+
+        Raises:
+            ConfigError: ``model.vocab_size`` smaller than the tokenizer's vocabulary, or
+                ``model.block_size`` shorter than the longest example.
+            DataError: an id in the data is >= ``model.vocab_size``.
+        """
+        vocab = model.vocab_size
+        if vocab is None:
+            raise ConfigError("model.vocab_size is not resolved")
+        if vocab < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {vocab} is smaller than the {self.tokenizer.kind} tokenizer's "
+                f"vocabulary ({self.tokenizer.vocab_size}); remove model.vocab_size or raise it"
+            )
+        if self.max_id >= vocab:
+            raise DataError(
+                f"the data holds token id {self.max_id}, but model.vocab_size is {vocab}; "
+                "the shards were made with another tokenizer -- delete the token cache or fix data.tokenizer"
+            )
+        if self.task == "arithmetic":
+            need = self.longest_sequence() - 1
+            if need > model.block_size:
+                raise ConfigError(
+                    f"model.block_size: {model.block_size} is shorter than the longest example "
+                    f"({need} input tokens); raise it to at least {need}"
+                )
+
+
+def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit) -> PreparedData:
+    """Load, tokenise (or reuse cached shards) and describe the data of a run.
+
+    Raises:
+        DataError: any problem with the source (one line naming the file or name).
+    """
+    dataset = config.dataset
+    if dataset == "arithmetic":
+        splits = generate_arithmetic(config.arithmetic)
+        data = _arithmetic_data(splits, "built-in arithmetic task (seed "
+                                f"{config.arithmetic.seed})", config)
+    elif _is_arithmetic_jsonl(dataset):
+        splits = load_arithmetic_files(Path(dataset))
+        data = _arithmetic_data(splits, f"arithmetic examples from {dataset}", config)
+    else:
+        source = load_text_source(config)
+        shards, tokenizer = prepare_shards(source, config, emit)
+        max_id = max(shards.max_id(s) for s in shards.splits)
+        data = PreparedData("lm", tokenizer, source.description, max_id, shards=shards)
+        emit(DataReady(description=source.description, tokenizer=tokenizer.kind,
+                       vocab_size=tokenizer.vocab_size, split_sizes=data.split_sizes(), unit="tokens",
+                       cache_dir=str(shards.directory), reused=shards.reused))
+        return data
+    emit(DataReady(description=data.description, tokenizer=data.tokenizer.kind,
+                   vocab_size=data.tokenizer.vocab_size, split_sizes=data.split_sizes(),
+                   unit="examples", cache_dir=None, reused=False))
+    return data
+
+
+def _is_arithmetic_jsonl(dataset: str) -> bool:
+    path = Path(dataset).expanduser()
+    candidates = [path] if path.is_file() else sorted(path.glob("*.jsonl")) if path.is_dir() else []
+    for file in candidates[:1]:
+        if file.suffix != ".jsonl":
+            return False
+        try:
+            with file.open(encoding="utf-8") as f:
+                first = f.readline()
+        except (OSError, UnicodeDecodeError):
+            return False
+        return '"expr"' in first and '"result"' in first
+    return False
+
+
+def _arithmetic_data(splits: dict[str, list[ArithmeticExample]], description: str,
+                     config: DataConfig) -> PreparedData:
+    if config.tokenizer != "char":
+        raise ConfigError(f"data.tokenizer: arithmetic examples use the 'char' tokenizer, not {config.tokenizer!r}")
+    tokenizer = CharTokenizer()
+    if "val" not in splits:
+        train = splits["train"]
+        n_val = max(1, int(round(len(train) * config.val_fraction)))
+        if len(train) - n_val < 1:
+            raise DataError(f"{description}: too few examples to split off a validation set")
+        splits = {**splits, "train": train[:-n_val], "val": train[-n_val:]}
+    sequences: dict[str, list[list[int]]] = {}
+    for name, examples in splits.items():
+        seqs = [encode_example(ex, tokenizer) for ex in examples]
+        for ex, seq in zip(examples, seqs, strict=True):
+            if tokenizer.unk_id in seq:
+                raise DataError(f"{description}: {ex.expr!r} has characters outside the arithmetic vocabulary")
+        sequences[name] = seqs
+    max_id = max(max(seq) for seqs in sequences.values() for seq in seqs)
+    return PreparedData("arithmetic", tokenizer, description, max_id, examples=splits, sequences=sequences)
+
+
+def make_train_batches(data: PreparedData, block_size: int, batch_size: int, seed: int) -> TokenWindows | ExampleBatches:
+    """The training batcher of ``data`` (see :mod:`lmkit.data.batching`)."""
+    if data.task == "lm":
+        return TokenWindows(data.tokens("train"), block_size, batch_size, seed, split="train")
+    pad_id = data.tokenizer.pad_id if data.tokenizer.pad_id is not None else 0
+    return ExampleBatches(data.sequences["train"], batch_size, seed, pad_id)
+
+
+__all__ = [
+    "PreparedData",
+    "make_train_batches",
+    "prepare_data",
+]

@@ -1,0 +1,372 @@
+"""Tokenizers: ``char``, ``byte``, ``bpe``, ``gpt2`` and ``hf:NAME``.
+
+Every tokenizer saves itself into a folder (``runs/NAME/tokenizer/``) with a
+``tokenizer_meta.json`` naming its kind, so :func:`load_tokenizer` rebuilds it offline.
+
+* ``char`` -- one id per character. For the arithmetic task it is seed 000's
+  vocabulary: ``<PAD>=0, <BOS>=1, <EOS>=2, <UNK>=3`` then the 31 characters of
+  ``"0123456789+-*/()=ABCDEFabcdef ,"`` (35 ids). For text data the alphabet is every
+  character of the training split, in code-point order, after the same 4 specials.
+* ``byte`` -- ids 0..255 are the UTF-8 bytes, 256 is ``<|endoftext|>`` (257 ids).
+* ``bpe`` -- byte-level BPE trained with Hugging Face ``tokenizers`` on the training
+  split (``data.bpe_vocab_size`` ids, ``<|endoftext|>`` included).
+* ``gpt2`` -- tiktoken's GPT-2 encoding (50,257 ids, ``<|endoftext|>`` = 50256). Offline
+  it is built from OpenAI's ``encoder.json`` + ``vocab.bpe`` in ``$LMKIT_GPT2_DIR``.
+* ``hf:NAME_OR_PATH`` -- a pretrained ``tokenizers`` tokenizer (``tokenizer.json`` path or
+  hub name, e.g. ``hf:xlm-roberta-base``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from lmkit.errors import DataError
+
+META_FILE = "tokenizer_meta.json"
+ENDOFTEXT = "<|endoftext|>"
+CHAR_SPECIALS = ("<PAD>", "<BOS>", "<EOS>", "<UNK>")
+#: Seed 000's character set (SimpleTokenizer in src/train.py): 31 symbols + 4 specials.
+SEED_ALPHABET = "0123456789+-*/()=ABCDEFabcdef ,"
+#: GPT-2's pre-tokenisation regex (tiktoken r50k_base / gpt2).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_VOCAB_SIZE = 50257
+
+#: Vocabulary sizes known without loading anything (for parameter counts and doctor).
+KNOWN_VOCAB_SIZES = {"byte": 257, "gpt2": GPT2_VOCAB_SIZE, "hf:xlm-roberta-base": 250002}
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. ``vocab_size`` is the number of ids (max id + 1)."""
+
+    kind: str
+    vocab_size: int
+    eos_id: int | None = None
+    bos_id: int | None = None
+    pad_id: int | None = None
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` with no special tokens added."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` of each text (parallel where the backend supports it)."""
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; special tokens are dropped."""
+
+    @abstractmethod
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        """Write the files needed to rebuild; return extra fields for the meta file."""
+
+    def save(self, directory: Path) -> None:
+        """Write everything needed to rebuild this tokenizer offline into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "bos_id": self.bos_id, "pad_id": self.pad_id}
+        meta.update(self._save_files(directory))
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary, so caches notice a different tokenizer."""
+
+
+def _sha(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8") if isinstance(part, str) else part)
+    return h.hexdigest()[:16]
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character; the 4 specials first, then ``alphabet`` in order."""
+
+    kind = "char"
+
+    def __init__(self, alphabet: str = SEED_ALPHABET):
+        if len(set(alphabet)) != len(alphabet):
+            raise ValueError("alphabet has repeated characters")
+        self.alphabet = alphabet
+        self.itos = list(CHAR_SPECIALS) + list(alphabet)
+        self.stoi = {ch: i for i, ch in enumerate(alphabet, start=len(CHAR_SPECIALS))}
+        self.vocab_size = len(self.itos)
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
+        """Alphabet = every character in ``texts``, sorted by code point."""
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        return cls("".join(sorted(chars)))
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.unk_id
+        return [self.stoi.get(ch, unk) for ch in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        n_special = len(CHAR_SPECIALS)
+        return "".join(self.itos[i] for i in ids if n_special <= i < self.vocab_size)
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        return {"alphabet": self.alphabet, "specials": list(CHAR_SPECIALS)}
+
+    def fingerprint(self) -> str:
+        return _sha("char", self.alphabet)
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255 and ``<|endoftext|>`` = 256."""
+
+    kind = "byte"
+
+    def __init__(self) -> None:
+        self.vocab_size = 257
+        self.eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        return {}
+
+    def fingerprint(self) -> str:
+        return _sha("byte")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers.Tokenizer``: trained ``bpe`` or a pretrained ``hf:NAME``."""
+
+    def __init__(self, backend: Any, kind: str, name: str | None = None):
+        self.backend = backend
+        self.kind = kind
+        self.name = name
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        for token in (ENDOFTEXT, "</s>", "<eos>", "[SEP]"):
+            tid = backend.token_to_id(token)
+            if tid is not None:
+                self.eos_id = tid
+                break
+        for token in ("<pad>", "[PAD]", "<PAD>"):
+            tid = backend.token_to_id(token)
+            if tid is not None:
+                self.pad_id = tid
+                break
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+        """Train byte-level BPE (GPT-2 style pre-tokenisation) on ``texts``."""
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        backend = Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[ENDOFTEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend, "bpe")
+
+    @classmethod
+    def pretrained(cls, name: str) -> HFTokenizer:
+        """``hf:NAME``: a local ``tokenizer.json`` (or folder holding one) or a hub name.
+
+        Raises:
+            DataError: not found locally and not reachable on the hub.
+        """
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(name).expanduser()
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if path.is_file():
+            return cls(Backend.from_file(str(path)), f"hf:{name}", name)
+        try:
+            backend = Backend.from_pretrained(name)
+        except Exception as exc:  # network, auth or missing repo
+            raise DataError(
+                f"data.tokenizer: cannot load hf:{name} ({_first_line(exc)}); offline, give a path "
+                "to a tokenizer.json (hf:path/to/tokenizer.json) or use --tokenizer bpe/byte"
+            ) from None
+        return cls(backend, f"hf:{name}", name)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        self.backend.save(str(directory / "tokenizer.json"))
+        return {"file": "tokenizer.json", "name": self.name}
+
+    def fingerprint(self) -> str:
+        return _sha(self.kind, self.backend.to_str())
+
+
+class GPT2Tokenizer(Tokenizer):
+    """tiktoken's GPT-2 byte-level BPE (r50k): 50,257 ids, ``<|endoftext|>`` = 50256."""
+
+    kind = "gpt2"
+
+    def __init__(self, mergeable_ranks: dict[bytes, int]):
+        import tiktoken
+
+        try:
+            from tiktoken_ext.openai_public import r50k_pat_str as pattern
+        except ImportError:  # pragma: no cover - tiktoken without its extension module
+            pattern = GPT2_PATTERN
+        self.mergeable_ranks = mergeable_ranks
+        self.eos_id = len(mergeable_ranks)
+        self.enc = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=pattern,
+            mergeable_ranks=mergeable_ranks,
+            special_tokens={ENDOFTEXT: self.eos_id},
+        )
+        self.vocab_size = self.enc.n_vocab
+
+    @classmethod
+    def from_files(cls, directory: Path) -> GPT2Tokenizer:
+        """From OpenAI's ``encoder.json`` + ``vocab.bpe`` (or our saved ``gpt2.tiktoken``)."""
+        import tiktoken.load
+
+        saved = directory / "gpt2.tiktoken"
+        if saved.is_file():
+            return cls(tiktoken.load.load_tiktoken_bpe(str(saved)))
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(directory / "vocab.bpe"), encoder_json_file=str(directory / "encoder.json")
+        )
+        return cls(ranks)
+
+    @classmethod
+    def load_default(cls) -> GPT2Tokenizer:
+        """From ``$LMKIT_GPT2_DIR`` if set, else tiktoken's own (cached or downloaded) copy.
+
+        Raises:
+            DataError: neither local files nor a network are available.
+        """
+        env = os.environ.get("LMKIT_GPT2_DIR")
+        if env:
+            directory = Path(env).expanduser()
+            if not ((directory / "encoder.json").is_file() and (directory / "vocab.bpe").is_file()) and not (
+                directory / "gpt2.tiktoken"
+            ).is_file():
+                raise DataError(
+                    f"LMKIT_GPT2_DIR={env} holds neither encoder.json + vocab.bpe nor gpt2.tiktoken"
+                )
+            return cls.from_files(directory)
+        try:
+            import tiktoken
+
+            enc = tiktoken.get_encoding("gpt2")
+            return cls(enc._mergeable_ranks)  # noqa: SLF001 - tiktoken exposes no public accessor
+        except Exception as exc:
+            raise DataError(
+                f"data.tokenizer: the gpt2 tokenizer is not cached and could not be downloaded "
+                f"({_first_line(exc)}); set LMKIT_GPT2_DIR to a folder with OpenAI's encoder.json "
+                "and vocab.bpe, or use --tokenizer bpe or byte"
+            ) from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode([i for i in ids if i != self.eos_id])
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        lines = (
+            base64.b64encode(token).decode("ascii") + f" {rank}\n"
+            for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        )
+        (directory / "gpt2.tiktoken").write_text("".join(lines), encoding="ascii")
+        return {"file": "gpt2.tiktoken"}
+
+    def fingerprint(self) -> str:
+        return "gpt2-r50k"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    """Rebuild a tokenizer saved by :meth:`Tokenizer.save`.
+
+    Raises:
+        DataError: missing or unreadable ``tokenizer_meta.json`` or files.
+    """
+    meta_path = directory / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        kind = meta["kind"]
+    except (OSError, ValueError, KeyError):
+        raise DataError(f"{meta_path}: missing or unreadable tokenizer description") from None
+    try:
+        if kind == "char":
+            return CharTokenizer(meta["alphabet"])
+        if kind == "byte":
+            return ByteTokenizer()
+        if kind == "gpt2":
+            return GPT2Tokenizer.from_files(directory)
+        if kind == "bpe" or kind.startswith("hf:"):
+            from tokenizers import Tokenizer as Backend
+
+            backend = Backend.from_file(str(directory / meta.get("file", "tokenizer.json")))
+            return HFTokenizer(backend, kind, meta.get("name"))
+    except (OSError, ValueError, KeyError, Exception) as exc:
+        raise DataError(f"{directory}: cannot rebuild the {kind} tokenizer ({_first_line(exc)})") from None
+    raise DataError(f"{meta_path}: unknown tokenizer kind {kind!r}")
+
+
+def build_tokenizer(name: str, *, train_texts: Iterator[str] | None = None, bpe_vocab_size: int = 8192,
+                    arithmetic: bool = False) -> Tokenizer:
+    """Make the tokenizer ``data.tokenizer`` names.
+
+    Args:
+        name: ``char``, ``byte``, ``bpe``, ``gpt2`` or ``hf:NAME_OR_PATH``.
+        train_texts: the training split's texts (needed by ``bpe`` and text ``char``).
+        bpe_vocab_size: vocabulary size for ``bpe``.
+        arithmetic: use seed 000's fixed character set for ``char``.
+
+    Raises:
+        DataError: the tokenizer cannot be built (no files, no network, no texts).
+    """
+    if name == "char":
+        if arithmetic or train_texts is None:
+            return CharTokenizer(SEED_ALPHABET)
+        return CharTokenizer.from_texts(train_texts)
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        return GPT2Tokenizer.load_default()
+    if name == "bpe":
+        if train_texts is None:
+            raise DataError("data.tokenizer: bpe must be trained on a text data set")
+        return HFTokenizer.train_bpe(train_texts, bpe_vocab_size)
+    if name.startswith("hf:"):
+        return HFTokenizer.pretrained(name[3:])
+    raise DataError(f"data.tokenizer: unknown tokenizer {name!r}")

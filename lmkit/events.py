@@ -1,0 +1,163 @@
+"""Events the library emits instead of printing.
+
+Training, data preparation and (later) evaluation call ``emit(event)`` for each
+observer. The terminal progress line, the plain log printer, ``metrics.jsonl``,
+``events.jsonl`` and TensorBoard are all observers (:mod:`lmkit.monitor`), so a test
+can drive training with no terminal at all.
+
+Every event is a frozen dataclass with a ``kind`` and :meth:`Event.to_dict` (plain
+JSON types). Units: tokens, seconds, GiB (``gpu_mem_gb``), nats (losses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = "event"
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                value = str(value)  # JSON has no NaN/inf
+            out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class DataProgress(Event):
+    """Progress of a data preparation stage (``total`` is ``None`` when unknown)."""
+
+    kind: ClassVar[str] = "data_progress"
+    stage: str
+    completed: int
+    total: int | None
+    unit: str = "rows"
+
+
+@dataclass(frozen=True)
+class DataReady(Event):
+    """Data is tokenised and ready; ``reused`` when the token cache was used as is."""
+
+    kind: ClassVar[str] = "data_ready"
+    description: str
+    tokenizer: str
+    vocab_size: int
+    split_sizes: dict[str, int]
+    unit: str
+    cache_dir: str | None
+    reused: bool
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    kind: ClassVar[str] = "run_started"
+    name: str
+    run_dir: str
+    preset: str | None
+    model_type: str
+    n_params: int
+    device: str
+    device_name: str
+    precision: str
+    compile: bool
+    max_steps: int
+    steps_per_epoch: int
+    tokens_per_step: int
+    start_step: int = 0
+
+
+@dataclass(frozen=True)
+class StepMetrics(Event):
+    """Training metrics at a logged optimizer step (means over the steps since the last log).
+
+    ``tokens`` counts input tokens seen so far (padding included for example batches);
+    ``tok_per_s`` is over the last log interval; ``mfu`` is model FLOPs utilisation in
+    [0, 1], ``None`` where the device's peak is unknown (CPU).
+    """
+
+    kind: ClassVar[str] = "step"
+    step: int
+    max_steps: int
+    epoch: float
+    tokens: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tok_per_s: float
+    step_time_s: float
+    mfu: float | None
+    gpu_mem_gb: float | None
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class EvalResult(Event):
+    """Validation loss (nats/token) and task metrics at ``step``."""
+
+    kind: ClassVar[str] = "eval"
+    step: int
+    epoch: float
+    tokens: int
+    split: str
+    loss: float
+    metrics: dict[str, float]
+    is_best: bool
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    kind: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+    tags: tuple[str, ...]
+    val_loss: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """Something the user should know (a warning, a fallback taken on purpose)."""
+
+    kind: ClassVar[str] = "notice"
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    """The end of a run: ``status`` is ``completed``, ``interrupted`` or ``failed``."""
+
+    kind: ClassVar[str] = "run_finished"
+    status: str
+    summary: dict[str, Any]
+
+
+class Observer(Protocol):
+    def __call__(self, event: Event) -> None: ...
+
+
+def broadcast(observers: Iterable[Callable[[Event], None]]) -> Callable[[Event], None]:
+    """One ``emit`` that forwards each event to every observer in order."""
+    targets = list(observers)
+
+    def emit(event: Event) -> None:
+        for observer in targets:
+            observer(event)
+
+    return emit
+
+
+def null_emit(event: Event) -> None:
+    """An ``emit`` that drops everything."""

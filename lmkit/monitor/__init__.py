@@ -1,0 +1,1 @@
+"""Observers of training events: run-directory writers and terminal renderers."""

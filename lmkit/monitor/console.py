@@ -1,0 +1,221 @@
+"""Terminal renderers of training events.
+
+:class:`RichProgress` -- on a terminal: a Rich progress line (step, loss, lr, tok/s,
+ETA) with evaluations, checkpoints and notices printed above it.
+:class:`PlainLog` -- off a terminal (CI, SLURM logs, ``| tee``) or with ``--no-tui``:
+one plain line per log interval, evaluation and checkpoint.
+
+Both only read events; the training loop never prints.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lmkit.events import (
+    CheckpointSaved,
+    DataProgress,
+    DataReady,
+    EvalResult,
+    Event,
+    Notice,
+    RunFinished,
+    RunStarted,
+    StepMetrics,
+)
+
+
+def fmt_count(n: float) -> str:
+    """``1234567 -> '1.23M'``."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def fmt_metric(name: str, value: float) -> str:
+    if name.startswith("acc"):
+        return f"{name} {100 * value:.1f}%"
+    if name.endswith("_gap"):
+        return f"{name} {100 * value:+.1f}pp"
+    if name == "ppl":
+        return f"ppl {value:.2f}"
+    return f"{name} {value:.4g}"
+
+
+def step_line(e: StepMetrics) -> str:
+    parts = [
+        f"step {e.step}/{e.max_steps}",
+        f"ep {e.epoch:.2f}",
+        f"loss {e.loss:.4f}",
+        f"lr {e.lr:.2e}",
+        f"{fmt_count(e.tok_per_s)} tok/s",
+        f"{1000 * e.step_time_s:.0f} ms/step",
+    ]
+    if e.mfu is not None:
+        parts.append(f"mfu {100 * e.mfu:.1f}%")
+    if e.gpu_mem_gb is not None:
+        parts.append(f"mem {e.gpu_mem_gb:.2f} GiB")
+    remaining = (e.max_steps - e.step) * e.step_time_s
+    parts.append(f"eta {fmt_duration(remaining)}")
+    return " | ".join(parts)
+
+
+def eval_line(e: EvalResult) -> str:
+    best = " (best)" if e.is_best else ""
+    metrics = " ".join(fmt_metric(k, v) for k, v in e.metrics.items())
+    return f"eval step {e.step} | {e.split} loss {e.loss:.4f}{best} | {metrics}".rstrip(" |")
+
+
+def started_lines(e: RunStarted) -> list[str]:
+    return [
+        f"run {e.name} -> {e.run_dir}",
+        f"model {e.model_type} ({e.preset or 'custom'}): {e.n_params:,} params | device {e.device_name} "
+        f"[{e.device}] | {e.precision}{' | compiled' if e.compile else ''}",
+        f"{e.max_steps} optimizer steps ({e.steps_per_epoch}/epoch), {fmt_count(e.tokens_per_step)} tokens/step"
+        + (f", resuming at step {e.start_step}" if e.start_step else ""),
+    ]
+
+
+def data_line(e: DataReady) -> str:
+    sizes = ", ".join(f"{k} {v:,}" for k, v in e.split_sizes.items())
+    cache = " (token cache reused)" if e.reused else ""
+    return f"data {e.description}: {sizes} {e.unit} | tokenizer {e.tokenizer} ({e.vocab_size:,} ids){cache}"
+
+
+def finished_lines(e: RunFinished) -> list[str]:
+    s = e.summary
+    lines = [
+        f"{e.status}: {s.get('steps', 0)} steps, {fmt_count(s.get('tokens', 0))} tokens in "
+        f"{fmt_duration(s.get('wall_time_s', float('nan')))} -> {s.get('run_dir', '')}"
+    ]
+    if s.get("final_val_loss") is not None:
+        lines.append(f"val loss {s['final_val_loss']:.4f} (best {s['best_val_loss']:.4f} at step {s['best_step']})")
+    metrics = s.get("final_metrics") or {}
+    if metrics:
+        lines.append(" | ".join(fmt_metric(k, v) for k, v in metrics.items()))
+    return lines
+
+
+class PlainLog:
+    """One line per event worth a line, written to ``stream`` (stdout by default)."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self._stage: str | None = None
+
+    def _line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, DataProgress):
+            done = event.total is not None and event.completed >= event.total
+            if done:
+                count = f" ({event.completed:,} {event.unit})" if event.unit else ""
+                self._line(f"data: {event.stage} done{count}")
+            elif event.stage != self._stage:
+                self._line(f"data: {event.stage} ...")
+            self._stage = event.stage
+        elif isinstance(event, DataReady):
+            self._line(data_line(event))
+        elif isinstance(event, RunStarted):
+            for line in started_lines(event):
+                self._line(line)
+        elif isinstance(event, StepMetrics):
+            self._line(step_line(event))
+        elif isinstance(event, EvalResult):
+            self._line(eval_line(event))
+        elif isinstance(event, CheckpointSaved):
+            self._line(f"saved {', '.join(event.tags)} -> {event.path} ({event.seconds:.2f}s)")
+        elif isinstance(event, Notice):
+            self._line(f"{event.level}: {event.message}")
+        elif isinstance(event, RunFinished):
+            for line in finished_lines(event):
+                self._line(line)
+
+
+class RichProgress:
+    """A live progress line on a terminal, with events printed above it."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self._data_task: TaskID | None = None
+        self._train_task: TaskID | None = None
+        self._started = False
+
+    def _start(self) -> None:
+        if not self._started:
+            self.progress.start()
+            self._started = True
+
+    def _stop(self) -> None:
+        if self._started:
+            self.progress.stop()
+            self._started = False
+
+    def __call__(self, event: Event) -> None:
+        print_ = self.progress.console.print
+        if isinstance(event, DataProgress):
+            self._start()
+            if self._data_task is None:
+                self._data_task = self.progress.add_task(event.stage, total=event.total, stats="")
+            self.progress.update(self._data_task, description=event.stage, completed=event.completed,
+                                 total=event.total)
+        elif isinstance(event, DataReady):
+            if self._data_task is not None:
+                self.progress.remove_task(self._data_task)
+                self._data_task = None
+            print_(data_line(event), highlight=False)
+        elif isinstance(event, RunStarted):
+            for line in started_lines(event):
+                print_(line, highlight=False)
+            self._start()
+            self._train_task = self.progress.add_task("train", total=event.max_steps, completed=event.start_step,
+                                                      stats="")
+        elif isinstance(event, StepMetrics):
+            if self._train_task is not None:
+                stats = (f"loss {event.loss:.4f} | lr {event.lr:.2e} | {fmt_count(event.tok_per_s)} tok/s"
+                         + (f" | mfu {100 * event.mfu:.0f}%" if event.mfu is not None else ""))
+                self.progress.update(self._train_task, completed=event.step, stats=stats)
+        elif isinstance(event, EvalResult):
+            print_(eval_line(event), style="cyan", highlight=False)
+        elif isinstance(event, CheckpointSaved):
+            print_(f"saved {', '.join(event.tags)} -> {event.path} ({event.seconds:.2f}s)", style="dim",
+                   highlight=False)
+        elif isinstance(event, Notice):
+            print_(f"{event.level}: {event.message}", style="yellow", highlight=False)
+        elif isinstance(event, RunFinished):
+            self._stop()
+            table = Table(title=f"run {event.summary.get('name', '')}: {event.status}", show_header=False,
+                          title_justify="left")
+            for line in finished_lines(event):
+                table.add_row(line)
+            self.console.print(table)
+
+    def close(self) -> None:
+        """Stop the live display (also on errors), restoring the terminal."""
+        self._stop()

@@ -1,0 +1,1 @@
+"""Training: device and precision policy, LR schedules, optimizer, checkpoints, the loop."""

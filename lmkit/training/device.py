@@ -1,0 +1,178 @@
+"""Device and precision policy.
+
+* ``auto`` picks CUDA, then MPS, then CPU, and says which it picked and why.
+* An explicit device that is missing is an error (exit 3), never a fallback.
+* ``gpu_only`` makes every non-CUDA situation an error (exit 3) before any work.
+* ``fp16`` needs a GPU (CUDA or MPS) and uses a ``GradScaler``; on the CPU it is a
+  config error (exit 2), never a silent fp32 run. ``bf16`` needs a device that supports
+  it (exit 3 otherwise). TF32 matmuls are enabled on CUDA when ``training.tf32``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lmkit.config import TrainConfig
+from lmkit.errors import ConfigError, DeviceError
+
+#: Dense 16-bit tensor-core peak FLOP/s by GPU name fragment (vendor data sheets), used
+#: for MFU. Checked in order, so more specific names come first.
+PEAK_FLOPS_16BIT: tuple[tuple[str, float], ...] = (
+    ("H200", 989.5e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.5e12),
+    ("GH200", 989.5e12),
+    ("A100", 312.0e12),
+    ("A800", 312.0e12),
+    ("L40S", 362.1e12),
+    ("L40", 181.0e12),
+    ("L4", 121.0e12),
+    ("A10G", 125.0e12),
+    ("A10", 125.0e12),
+    ("RTX 4090", 165.2e12),
+    ("RTX 3090", 71.0e12),
+    ("V100", 125.0e12),
+    ("T4", 65.0e12),
+)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where and in what precision a run trains.
+
+    Attributes:
+        device: the torch device.
+        description: e.g. ``"cuda:0 (NVIDIA H200, 139.8 GiB)"`` or ``"cpu (2 threads)"``.
+        reason: how it was chosen (``"auto: CUDA is available"``).
+        precision: ``fp32``, ``fp16`` or ``bf16``.
+        autocast_dtype: the autocast dtype, ``None`` for fp32.
+        use_scaler: fp16 gradient scaling.
+        peak_flops: the device's dense 16-bit peak in FLOP/s, ``None`` when unknown.
+    """
+
+    device: torch.device
+    description: str
+    reason: str
+    precision: str
+    autocast_dtype: torch.dtype | None
+    use_scaler: bool
+    peak_flops: float | None
+
+    def autocast(self):
+        """A context manager: autocast to ``autocast_dtype``, or a no-op for fp32."""
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def _cuda_missing_reason() -> str:
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+
+
+def resolve_device(requested: str, gpu_only: bool = False) -> tuple[torch.device, str]:
+    """The device for ``training.device`` and the reason it was chosen.
+
+    Raises:
+        DeviceError: ``gpu_only`` without CUDA, or an explicit device that is missing.
+    """
+    cuda = torch.cuda.is_available()
+    if gpu_only:
+        if not cuda:
+            raise DeviceError(
+                f"--gpu-only: CUDA is not available ({_cuda_missing_reason()}); lmkit never falls back "
+                "to the CPU -- run on a machine with an NVIDIA GPU and a CUDA build of torch"
+            )
+        if not requested.startswith("cuda") and requested != "auto":
+            raise DeviceError(f"--gpu-only with --device {requested}: gpu-only runs must use CUDA")
+    if requested == "auto":
+        if cuda:
+            return torch.device("cuda", torch.cuda.current_device()), "auto: CUDA is available"
+        if _mps_available():
+            return torch.device("mps"), "auto: no CUDA, Apple MPS is available"
+        return torch.device("cpu"), "auto: no CUDA or MPS GPU found"
+    if requested.startswith("cuda"):
+        if not cuda:
+            raise DeviceError(f"--device {requested}: CUDA is not available ({_cuda_missing_reason()}); "
+                              "use --device auto or cpu")
+        device = torch.device(requested)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device, "requested"
+    if requested == "mps":
+        if not _mps_available():
+            raise DeviceError("--device mps: Apple MPS is not available on this machine; use --device auto or cpu")
+        return torch.device("mps"), "requested"
+    return torch.device("cpu"), "requested"
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{device} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense 16-bit peak FLOP/s of a CUDA device from :data:`PEAK_FLOPS_16BIT`, or
+    ``$LMKIT_PEAK_FLOPS``; ``None`` for unknown GPUs and for CPU/MPS."""
+    env = os.environ.get("LMKIT_PEAK_FLOPS")
+    if env:
+        return float(env)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, flops in PEAK_FLOPS_16BIT:
+        if fragment in name:
+            return flops
+    return None
+
+
+def plan_device(training: TrainConfig) -> DevicePlan:
+    """Resolve device and precision for a run, before any data or model work.
+
+    Raises:
+        DeviceError: see :func:`resolve_device`; bf16 on a GPU without bf16.
+        ConfigError: fp16 on the CPU.
+    """
+    device, reason = resolve_device(training.device, training.gpu_only)
+    precision = training.precision
+    dtype: torch.dtype | None = None
+    if precision == "fp16":
+        if device.type == "cpu":
+            raise ConfigError(
+                "--fp16: fp16 mixed precision needs a GPU, but this run is on the CPU "
+                f"({reason}); use fp32 (drop --fp16) or --bf16"
+            )
+        dtype = torch.float16
+    elif precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DeviceError(f"--bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; use --fp16")
+        dtype = torch.bfloat16
+    if device.type == "cuda" and training.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return DevicePlan(
+        device=device,
+        description=describe_device(device),
+        reason=reason,
+        precision=precision,
+        autocast_dtype=dtype,
+        use_scaler=precision == "fp16",
+        peak_flops=peak_flops(device),
+    )

@@ -1,0 +1,1 @@
+"""Shipped presets (YAML). Loaded by name with ``--preset NAME``; see lmkit.config."""

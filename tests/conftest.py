@@ -1,0 +1,78 @@
+"""Shared fixtures: isolated caches, the shared real data, a tiny preset, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared(*parts: str) -> Path:
+    """A file under ../shared/data (real public data); skips the test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path}")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "lmkit-cache"
+    monkeypatch.setenv("LMKIT_CACHE_DIR", str(cache))
+    hf_home = tmp_path_factory.getbasetemp() / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf_home / "datasets"))
+    gpt2 = SHARED_DATA / "gpt2-tokenizer"
+    if gpt2.is_dir():
+        monkeypatch.setenv("LMKIT_GPT2_DIR", str(gpt2))
+    monkeypatch.delenv("LMKIT_DEBUG", raising=False)
+    yield
+
+
+TINY_PRESET = """\
+# A test-sized GPT: 2 layers, 32 wide.
+model:
+  n_layer: 2
+  n_head: 2
+  n_embd: 32
+  d_ff: 64
+  block_size: 32
+  pos_encoding: {pos}
+  dropout: 0.0
+data:
+  dataset: arithmetic
+  tokenizer: char
+  arithmetic: {{n_train: 256, n_val: 32, n_test_flat: 16, n_test_paren: 16}}
+training:
+  batch_size: 16
+  max_steps: {steps}
+  lr: 3.0e-3
+  warmup_steps: 5
+  schedule: cosine
+  log_interval: 5
+  eval_interval: {eval_interval}
+  checkpoint_interval: {ckpt_interval}
+  keep_last: 2
+  seed: 1
+"""
+
+
+@pytest.fixture
+def tiny_preset(tmp_path) -> Path:
+    """Path of a tiny arithmetic preset (40 steps; eval every 20; checkpoint every 10)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_PRESET.format(pos="rope", steps=40, eval_interval=20, ckpt_interval=10))
+    return path
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m lmkit ARGS`` in a real subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lmkit", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,126 @@
+"""Config loading: aliases, overrides, and one-line errors naming key and source."""
+
+import pytest
+
+from lmkit.config import (
+    ModelConfig,
+    RunConfig,
+    build_run_config,
+    load_run_config,
+    parse_override,
+)
+from lmkit.errors import ConfigError
+
+
+def test_seed_spellings_load_and_are_written_back_canonically(tmp_path):
+    path = tmp_path / "seed000.yaml"
+    path.write_text(
+        "model:\n  d_model: 128\n  num_heads: 4\n  num_layers: 4\n  d_ff: 384\n  max_seq_len: 32\n"
+        "  use_rope: true\n  tie_weights: true\n"
+        "training:\n  max_steps: 10\n"
+    )
+    config = build_run_config(str(path))
+    assert (config.model.n_embd, config.model.n_head, config.model.n_layer) == (128, 4, 4)
+    assert config.model.block_size == 32 and config.model.pos_encoding == "rope"
+    text = config.to_yaml()
+    assert "n_embd: 128" in text and "d_model" not in text and "max_seq_len" not in text
+
+
+def test_depth_alias_and_override_alias():
+    config = build_run_config("pilot", ["model.depth=6", "model.d_model=192"])
+    assert config.model.n_layer == 6 and config.model.n_embd == 192
+
+
+def test_both_spellings_is_an_error(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("model:\n  d_model: 64\n  n_embd: 64\ntraining:\n  max_steps: 1\n")
+    with pytest.raises(ConfigError, match="both set"):
+        build_run_config(str(path))
+
+
+def test_override_values_are_parsed():
+    assert parse_override("training.lr=3e-4") == (["training", "lr"], 3e-4)
+    assert parse_override("training.betas=[0.9, 0.99]") == (["training", "betas"], [0.9, 0.99])
+    assert parse_override("training.compile=true") == (["training", "compile"], True)
+    assert parse_override("training.grad_clip=null") == (["training", "grad_clip"], None)
+    config = build_run_config("pilot", ["training.lr=3e-4", "training.betas=[0.9, 0.99]"])
+    assert config.training.lr == pytest.approx(3e-4) and config.training.betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("text", ["training.lr", "=3", "training..lr=1"])
+def test_malformed_override(text):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override(text)
+
+
+def _error(preset="pilot", overrides=(), flags=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        build_run_config(preset, overrides, flags)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_names_key_source_and_suggestion():
+    message = _error(overrides=["training.lrr=1e-3"])
+    assert message.startswith("--set training.lrr=1e-3: training.lrr: unknown key")
+    assert "did you mean training.lr?" in message
+
+
+def test_unknown_key_in_preset_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  n_embd: 64\n  colour: blue\ntraining:\n  max_steps: 1\n")
+    message = _error(str(path))
+    assert "bad.yaml" in message and "model.colour: unknown key" in message
+
+
+def test_n_embd_not_divisible_by_n_head():
+    message = _error(overrides=["model.n_head=3"])
+    assert "n_embd (128) must be divisible by n_head (3)" in message
+    assert message.startswith("presets/pilot.yaml") or "pilot.yaml" in message
+
+
+def test_negative_lr_names_the_flag():
+    message = _error(flags={"training.lr": ("--lr", -1.0)})
+    assert message.startswith("--lr: training.lr: must be greater than 0")
+
+
+def test_unknown_preset_lists_available():
+    message = _error(preset="smal")
+    assert "unknown preset" in message and "did you mean 'small'" in message and "pilot" in message
+
+
+def test_missing_preset_path():
+    assert "no such file" in _error(preset="nope/missing.yaml")
+
+
+def test_yaml_syntax_error_gives_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  n_embd: [1, 2\n")
+    assert "broken.yaml: line" in _error(str(path))
+
+
+def test_unknown_tokenizer_and_arithmetic_needs_char():
+    assert "unknown tokenizer 'sentencepiece'" in _error(overrides=["data.tokenizer=sentencepiece"])
+    assert "arithmetic task uses the 'char' tokenizer" in _error(overrides=["data.tokenizer=gpt2"])
+
+
+def test_steps_and_epochs_are_exclusive():
+    assert "either max_steps or epochs" in _error(overrides=["training.max_steps=5"])
+
+
+def test_rope_needs_even_head_dim():
+    with pytest.raises(ValueError, match="even head size"):
+        ModelConfig(n_embd=30, n_head=2, pos_encoding="rope")
+
+
+def test_invalid_run_name():
+    assert "run name" in _error(flags={"name": ("--name", "../escape")})
+
+
+def test_config_yaml_round_trip(tmp_path):
+    config = build_run_config("tiny", ["training.lr=1e-3"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    assert load_run_config(path) == config
+    assert isinstance(load_run_config(path), RunConfig)
