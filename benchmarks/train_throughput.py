@@ -40,11 +40,14 @@ def lmkit_model(vocab: int, n_layer: int, n_head: int, n_embd: int, block: int) 
 
 def hf_model(vocab: int, n_layer: int, n_head: int, n_embd: int, block: int) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
-    cfg = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+    hf_logging.set_verbosity_error()
+    cfg = GPT2Config(vocab_size=vocab, bos_token_id=0, eos_token_id=0, n_positions=block, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      n_inner=4 * n_embd, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
                      attn_pdrop=0.0, tie_word_embeddings=True)
-    return GPT2LMHeadModel(cfg, attn_implementation="sdpa")
+    cfg._attn_implementation = "sdpa"  # HF's fastest attention on CPU and GPU alike
+    return GPT2LMHeadModel(cfg)
 
 
 def make_step(model: torch.nn.Module, kind: str, device: torch.device, dtype: torch.dtype | None):
