@@ -153,7 +153,7 @@ class ModelConfig(_Strict):
 
 def _nearest_divisor(n: int, near: int) -> int:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: (abs(d - near), d))
+    return min(divisors, key=lambda d: (abs(d - near), -d))
 
 
 def normalise_model_keys(section: dict[str, Any]) -> dict[str, Any]:
@@ -550,6 +550,11 @@ def format_validation_error(
             if prefix in sources:
                 source = sources[prefix]
                 break
+        else:
+            # A check over a whole section (n_embd vs n_head): blame the overrides inside it.
+            inside = [label for dotted, label in sources.items() if key and dotted.startswith(key + ".")]
+            if inside:
+                source = ", ".join(dict.fromkeys(inside))
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]

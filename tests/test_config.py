@@ -76,8 +76,13 @@ def test_unknown_key_in_preset_file_names_the_file(tmp_path):
 
 def test_n_embd_not_divisible_by_n_head():
     message = _error(overrides=["model.n_head=3"])
-    assert "n_embd (128) must be divisible by n_head (3)" in message
-    assert message.startswith("presets/pilot.yaml") or "pilot.yaml" in message
+    assert message.startswith("--set model.n_head=3: model: n_embd (128) must be divisible by n_head (3)")
+
+
+def test_section_check_in_a_preset_file_names_the_file(tmp_path):
+    path = tmp_path / "odd.yaml"
+    path.write_text("model:\n  n_embd: 100\n  n_head: 3\ntraining:\n  max_steps: 1\n")
+    assert _error(str(path)).endswith("odd.yaml: model: n_embd (100) must be divisible by n_head (3); try n_head=4")
 
 
 def test_negative_lr_names_the_flag():

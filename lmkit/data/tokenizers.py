@@ -281,10 +281,11 @@ class GPT2Tokenizer(Tokenizer):
             enc = tiktoken.get_encoding("gpt2")
             return cls(enc._mergeable_ranks)  # noqa: SLF001 - tiktoken exposes no public accessor
         except Exception as exc:
+            why = "no network" if _is_network_error(exc) else _first_line(exc)
             raise DataError(
-                f"data.tokenizer: the gpt2 tokenizer is not cached and could not be downloaded "
-                f"({_first_line(exc)}); set LMKIT_GPT2_DIR to a folder with OpenAI's encoder.json "
-                "and vocab.bpe, or use --tokenizer bpe or byte"
+                f"data.tokenizer: the gpt2 tokenizer is not cached and could not be downloaded ({why}); "
+                "set LMKIT_GPT2_DIR to a folder with OpenAI's encoder.json and vocab.bpe, "
+                "or use --tokenizer bpe or byte"
             ) from None
 
     def encode(self, text: str) -> list[int]:
@@ -306,6 +307,15 @@ class GPT2Tokenizer(Tokenizer):
 
     def fingerprint(self) -> str:
         return "gpt2-r50k"
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)) or "Connection" in type(seen).__name__:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -118,10 +118,18 @@ class PlainLog:
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
         self._stage: str | None = None
+        self.closed = False
 
     def _line(self, text: str) -> None:
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        # A reader that went away (`| head`, a dropped pipe) must not kill a training run:
+        # stop writing and carry on; the run directory records everything anyway.
+        if self.closed:
+            return
+        try:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            self.closed = True
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, DataProgress):

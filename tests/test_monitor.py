@@ -1,0 +1,83 @@
+"""Renderers and writers of training events."""
+
+import io
+import json
+
+from rich.console import Console
+
+from lmkit.events import (
+    CheckpointSaved,
+    DataProgress,
+    EvalResult,
+    Notice,
+    RunFinished,
+    RunStarted,
+    StepMetrics,
+)
+from lmkit.monitor.console import PlainLog, RichProgress
+from lmkit.monitor.writers import EventsWriter, MetricsWriter
+
+STARTED = RunStarted(name="demo", run_dir="runs/demo", preset="pilot", model_type="gpt", n_params=664192,
+                     device="cpu", device_name="cpu (2 threads)", precision="fp32", compile=False, max_steps=100,
+                     steps_per_epoch=63, tokens_per_step=1024)
+STEP = StepMetrics(step=50, max_steps=100, epoch=0.79, tokens=30000, loss=2.5, lr=1.5e-4, grad_norm=1.2,
+                   tok_per_s=17000.0, step_time_s=0.033, mfu=None, gpu_mem_gb=None, elapsed_s=2.0)
+EVAL = EvalResult(step=100, epoch=1.6, tokens=60000, split="val", loss=1.9, is_best=True, elapsed_s=0.5,
+                  metrics={"ppl": 6.7, "acc_val": 0.015, "acc_flat": 0.0, "acc_paren": 0.01, "paren_gap": 0.01})
+FINISHED = RunFinished(status="completed", summary={"name": "demo", "steps": 100, "tokens": 60000,
+                                                    "wall_time_s": 5.0, "run_dir": "runs/demo",
+                                                    "final_val_loss": 1.9, "best_val_loss": 1.9, "best_step": 100,
+                                                    "final_metrics": {"acc_flat": 0.0, "acc_paren": 0.01}})
+SCRIPT = [DataProgress(stage="tokenize train", completed=10, total=10), STARTED, STEP, EVAL,
+          CheckpointSaved(step=100, path="runs/demo/checkpoints/latest.pt", tags=("latest", "best"), val_loss=1.9,
+                          seconds=0.01),
+          Notice(level="warning", message="something to know"), FINISHED]
+
+
+def test_plain_log_lines():
+    out = io.StringIO()
+    log = PlainLog(out)
+    for event in SCRIPT:
+        log(event)
+    text = out.getvalue()
+    assert "data: tokenize train done (10 rows)" in text
+    assert "model gpt (pilot): 664,192 params" in text
+    assert "step 50/100 | ep 0.79 | loss 2.5000 | lr 1.50e-04 | 17k tok/s | 33 ms/step" in text
+    assert "eval step 100 | val loss 1.9000 (best) | ppl 6.70 acc_val 1.5% acc_flat 0.0% acc_paren 1.0%" in text
+    assert "paren_gap +1.0pp" in text and "saved latest, best" in text and "warning: something to know" in text
+    assert "completed: 100 steps" in text
+
+
+class ClosedPipe(io.StringIO):
+    def write(self, text):
+        raise BrokenPipeError
+
+
+def test_plain_log_survives_a_closed_pipe():
+    log = PlainLog(ClosedPipe())
+    for event in SCRIPT:
+        log(event)  # must not raise: training goes on when `| head` exits
+    assert log.closed
+
+
+def test_rich_progress_renders_into_a_recorded_console():
+    console = Console(record=True, width=120, force_terminal=True)
+    view = RichProgress(console)
+    for event in SCRIPT:
+        view(event)
+    view.close()
+    text = console.export_text()
+    assert "eval step 100" in text and "run demo: completed" in text and "acc_paren 1.0%" in text
+
+
+def test_metrics_and_events_writers(tmp_path):
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    events = EventsWriter(tmp_path / "events.jsonl")
+    for event in SCRIPT:
+        metrics(event)
+        events(event)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows] == ["train", "val"]
+    assert rows[0]["loss"] == 2.5 and rows[1]["acc_paren"] == 0.01 and rows[1]["is_best"]
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert kinds == ["run_started", "checkpoint", "notice", "run_finished"]
