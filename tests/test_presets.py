@@ -46,3 +46,12 @@ def test_approximate_sizes_match_the_seed_documents():
     assert round(EXPECTED["small"] / 1e6, 1) == 44.9
     target = build_run_config("scale_10m").target_params
     assert round(100 * (EXPECTED["scale_10m"] - target) / target, 1) == 6.5
+
+
+def test_every_package_folder_is_packaged():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from conftest import REPO
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "lmkit").rglob("__init__.py")}
+    assert on_disk | {"lmkit.presets"} == listed
