@@ -53,6 +53,11 @@ class RunDir:
         """
         name = config.name or default_run_name(config)
         run = cls(Path(config.out_dir) / name)
+        if config.name is None:  # a generated name never collides: add -2, -3, ...
+            n = 2
+            while run.path.exists():
+                run = cls(Path(config.out_dir) / f"{name}-{n}")
+                n += 1
         if run.config_path.exists() or run.checkpoints.exists():
             raise ConfigError(
                 f"--name {name}: {run.path} already holds a run; pick another --name "

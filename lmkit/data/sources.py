@@ -250,6 +250,11 @@ def _from_datasets(splits: dict[str, Any], text_field: str, fingerprint: str, se
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A 3-second TCP connect to the hub endpoint. Behind an HTTP(S) proxy a direct
+    connect says nothing, so the hub is then assumed reachable and ``datasets`` decides."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
     try:
         from huggingface_hub import constants
 
