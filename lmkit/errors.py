@@ -54,3 +54,9 @@ class Interrupted(LmkitError):
     """Training was interrupted by the user after ``latest`` was saved. Exit code 130."""
 
     exit_code = 130
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its class name if empty), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]

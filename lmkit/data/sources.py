@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lmkit.config import DataConfig
-from lmkit.errors import DataError
+from lmkit.errors import DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def _load_local(files: dict[str, list[Path]], config: DataConfig, root: Path) ->
     try:
         dsd = datasets.load_dataset(builder, data_files=data_files, **kwargs)
     except Exception as exc:
-        raise DataError(f"data.dataset: cannot read {root} as {builder} ({_first_line(exc)})") from None
+        raise DataError(f"data.dataset: cannot read {root} as {builder} ({first_line(exc)})") from None
     text_field = "text" if builder == "text" else config.text_field
     for split, ds in dsd.items():
         if text_field not in ds.column_names:
@@ -303,7 +303,7 @@ def _load_hub(name: str, config: DataConfig) -> TextSource:
         try:
             loaded = datasets.load_dataset(spec.path, spec.name, streaming=spec.streaming, **spec.kwargs)
         except Exception as exc:
-            why = "no network and no cached copy" if not online else _first_line(exc)
+            why = "no network and no cached copy" if not online else first_line(exc)
             raise DataError(
                 f"data.dataset: cannot load {name!r} from the Hugging Face hub ({why}); "
                 f"use a local file instead, e.g. --data path/to/train.txt (or a folder with "
@@ -347,10 +347,6 @@ def _from_stream(name: str, spec: HubSource, splits: dict[str, Any], config: Dat
     return TextSource(out, {k: None for k in out}, fingerprint, spec.separator, f"{name} (streamed)",
                       streaming=True)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 _QUIET = False

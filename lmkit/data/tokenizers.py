@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmkit.errors import DataError
+from lmkit.errors import DataError, first_line
 
 META_FILE = "tokenizer_meta.json"
 ENDOFTEXT = "<|endoftext|>"
@@ -201,7 +201,7 @@ class HFTokenizer(Tokenizer):
             backend = Backend.from_pretrained(name)
         except Exception as exc:  # network, auth or missing repo
             raise DataError(
-                f"data.tokenizer: cannot load hf:{name} ({_first_line(exc)}); offline, give a path "
+                f"data.tokenizer: cannot load hf:{name} ({first_line(exc)}); offline, give a path "
                 "to a tokenizer.json (hf:path/to/tokenizer.json) or use --tokenizer bpe/byte"
             ) from None
         return cls(backend, f"hf:{name}", name)
@@ -281,7 +281,7 @@ class GPT2Tokenizer(Tokenizer):
             enc = tiktoken.get_encoding("gpt2")
             return cls(enc._mergeable_ranks)  # noqa: SLF001 - tiktoken exposes no public accessor
         except Exception as exc:
-            why = "no network" if _is_network_error(exc) else _first_line(exc)
+            why = "no network" if _is_network_error(exc) else first_line(exc)
             raise DataError(
                 f"data.tokenizer: the gpt2 tokenizer is not cached and could not be downloaded ({why}); "
                 "set LMKIT_GPT2_DIR to a folder with OpenAI's encoder.json and vocab.bpe, "
@@ -318,10 +318,6 @@ def _is_network_error(exc: BaseException) -> bool:
     return False
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
 
 def load_tokenizer(directory: Path) -> Tokenizer:
     """Rebuild a tokenizer saved by :meth:`Tokenizer.save`.
@@ -348,7 +344,7 @@ def load_tokenizer(directory: Path) -> Tokenizer:
             backend = Backend.from_file(str(directory / meta.get("file", "tokenizer.json")))
             return HFTokenizer(backend, kind, meta.get("name"))
     except (OSError, ValueError, KeyError, Exception) as exc:
-        raise DataError(f"{directory}: cannot rebuild the {kind} tokenizer ({_first_line(exc)})") from None
+        raise DataError(f"{directory}: cannot rebuild the {kind} tokenizer ({first_line(exc)})") from None
     raise DataError(f"{meta_path}: unknown tokenizer kind {kind!r}")
 
 

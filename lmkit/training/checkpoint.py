@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lmkit.errors import CheckpointError
+from lmkit.errors import CheckpointError, first_line
 
 _PREFIXES = ("_orig_mod.", "module.")
 
@@ -99,9 +99,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        text = str(exc).strip().splitlines()
-        why = text[0][:160] if text else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable lmkit checkpoint ({why})") from None
+        raise CheckpointError(f"{path}: not a readable lmkit checkpoint ({first_line(exc, 160)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not an lmkit checkpoint (no model weights)")
     return state
