@@ -166,14 +166,16 @@ def normalise_model_keys(section: dict[str, Any]) -> dict[str, Any]:
         ValueError: when two spellings of the same key are both present.
     """
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in section.items():
         if key == "use_rope":
             canonical, value = "pos_encoding", ("rope" if value else "learned")
         else:
             canonical = MODEL_KEY_ALIASES.get(key, key)
         if canonical in out:
-            raise ValueError(f"{key!r} and {canonical!r} both set; keep only {canonical!r}")
+            raise ValueError(f"{spelled[canonical]!r} and {key!r} both set {canonical!r}; keep only {canonical!r}")
         out[canonical] = value
+        spelled[canonical] = key
     return out
 
 
@@ -376,7 +378,9 @@ def resolve_preset(name_or_path: str) -> Path:
         return presets[name_or_path]
     path = Path(name_or_path).expanduser()
     looks_like_path = path.suffix in (".yaml", ".yml") or "/" in name_or_path or "\\" in name_or_path
-    if looks_like_path:
+    if looks_like_path or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"--preset {name_or_path}: is a folder; give a YAML file (or a preset name)")
         if not path.is_file():
             raise ConfigError(f"--preset {name_or_path}: no such file")
         return path
@@ -396,6 +400,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {getattr(exc, 'start', '?')}); "
+                          "save the YAML file as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     try:
@@ -509,7 +516,30 @@ def build_run_config(
         _set_path(data, dotted.split("."), value)
         sources[dotted] = label
 
+    _one_length(data, sources)
     return validate_run_config(data, default_source, sources)
+
+
+_LENGTH_KEYS = ("training.max_steps", "training.epochs")
+
+
+def _one_length(data: dict[str, Any], sources: dict[str, str]) -> None:
+    """``--set training.max_steps=N`` on an epoch-based preset replaces its ``epochs``
+    (and the other way round) instead of failing as "both set"."""
+    overridden = [k for k in _LENGTH_KEYS if k in sources and _get_path(data, k) is not None]
+    if len(overridden) == 1:
+        other = next(k for k in _LENGTH_KEYS if k != overridden[0])
+        if _get_path(data, other) is not None:
+            _set_path(data, other.split("."), None)
+
+
+def _get_path(data: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
 
 
 def _normalise_sections(data: dict[str, Any]) -> dict[str, Any]:
@@ -536,6 +566,14 @@ def validate_run_config(
         raise ConfigError(format_validation_error(exc, default_source, sources or {})) from None
 
 
+#: Keys read by each section-level validator, for blaming the right source.
+_SECTION_CHECKS: dict[str, tuple[str, ...]] = {
+    "model": ("model.n_embd", "model.n_head", "model.pos_encoding"),
+    "data": ("data.dataset", "data.tokenizer"),
+    "training": _LENGTH_KEYS,
+}
+
+
 def format_validation_error(
     exc: ValidationError, default_source: str, sources: Mapping[str, str]
 ) -> str:
@@ -551,8 +589,10 @@ def format_validation_error(
                 source = sources[prefix]
                 break
         else:
-            # A check over a whole section (n_embd vs n_head): blame the overrides inside it.
-            inside = [label for dotted, label in sources.items() if key and dotted.startswith(key + ".")]
+            # A check over a whole section (n_embd vs n_head): blame the overrides of the
+            # keys that check reads, if any; otherwise the file.
+            read = _SECTION_CHECKS.get(key, ())
+            inside = [label for dotted, label in sources.items() if dotted in read]
             if inside:
                 source = ", ".join(dict.fromkeys(inside))
         msg = err["msg"]

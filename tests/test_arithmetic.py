@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from lmkit.config import ArithmeticConfig
 from lmkit.data.arithmetic import (
@@ -102,3 +103,37 @@ def test_wrong_result_is_reported_with_line(tmp_path):
     path.write_text('{"expr": "1+1", "result": 2}\n{"expr": "2*3", "result": 5}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: result 5 is not the value"):
         read_jsonl(path)
+
+
+class Scripted(torch.nn.Module):
+    """Emits a fixed token sequence after any prompt of length `prompt_len` (greedy)."""
+
+    def __init__(self, script, prompt_len, vocab=35):
+        super().__init__()
+        self.script, self.prompt_len, self.vocab = script, prompt_len, vocab
+
+    def forward(self, idx, targets=None, last_only=False):
+        logits = torch.zeros(idx.size(0), 1, self.vocab)
+        logits[:, 0, self.script[idx.size(1) - self.prompt_len]] = 1.0
+        return logits, None
+
+
+@pytest.mark.parametrize(
+    ("generated", "correct"),
+    [("12<EOS>", True), ("1<PAD>2<EOS>", False), ("12<BOS><EOS>", False), ("12", False), ("123<EOS>", False)],
+)
+def test_exact_match_needs_exactly_the_answer_then_eos(generated, correct):
+    from lmkit.config import TrainConfig
+    from lmkit.data.arithmetic import ArithmeticExample
+    from lmkit.data.tokenizers import CharTokenizer
+    from lmkit.evaluation.arithmetic import exact_match
+    from lmkit.training.device import plan_device
+
+    tok = CharTokenizer()
+    specials = {"<PAD>": 0, "<BOS>": 1, "<EOS>": 2}
+    script = [specials[t] if t in specials else tok.encode(t)[0] for t in re.findall(r"<\w+>|.", generated)]
+    script += [tok.encode("9")[0]] * 40  # keeps going without EOS after the script
+    example = ArithmeticExample("3*4", 12, depth_labels("3*4"))
+    model = Scripted(script, prompt_len=1 + len(example.prompt))
+    plan = plan_device(TrainConfig(max_steps=1, device="cpu"))
+    assert exact_match(model, tok, [example], plan, block_size=32) == (1.0 if correct else 0.0)

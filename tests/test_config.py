@@ -110,8 +110,42 @@ def test_unknown_tokenizer_and_arithmetic_needs_char():
     assert "arithmetic task uses the 'char' tokenizer" in _error(overrides=["data.tokenizer=gpt2"])
 
 
-def test_steps_and_epochs_are_exclusive():
-    assert "either max_steps or epochs" in _error(overrides=["training.max_steps=5"])
+def test_setting_one_length_replaces_the_other():
+    config = build_run_config("pilot", ["training.max_steps=5"])  # pilot is epoch-based
+    assert (config.training.max_steps, config.training.epochs) == (5, None)
+    config = build_run_config("tiny", [], {"training.epochs": ("--epochs", 2)})
+    assert (config.training.max_steps, config.training.epochs) == (None, 2)
+    assert "either max_steps or epochs" in _error(overrides=["training.max_steps=5", "training.epochs=2"])
+
+
+def test_both_lengths_in_one_file_is_an_error(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("training:\n  max_steps: 5\n  epochs: 2\n")
+    assert "both.yaml: training: set either max_steps or epochs" in _error(str(path))
+
+
+def test_section_check_blames_only_overrides_it_reads(tmp_path):
+    path = tmp_path / "odd.yaml"
+    path.write_text("model:\n  n_embd: 100\n  n_head: 3\ntraining:\n  max_steps: 1\n")
+    message = _error(str(path), ["model.dropout=0.2"])
+    assert message.startswith(str(path)) or "odd.yaml: model: n_embd (100)" in message
+    assert "--set model.dropout" not in message
+
+
+def test_alias_conflict_names_both_spellings(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("model:\n  d_model: 64\n  n_embd: 64\ntraining:\n  max_steps: 1\n")
+    assert "'d_model' and 'n_embd' both set 'n_embd'" in _error(str(path))
+
+
+def test_non_utf8_preset_is_a_config_error(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes("description: caf\xe9\ntraining:\n  max_steps: 1\n".encode("latin-1"))
+    assert "not UTF-8 text" in _error(str(path))
+
+
+def test_preset_folder_is_refused(tmp_path):
+    assert "is a folder" in _error(str(tmp_path))
 
 
 def test_rope_needs_even_head_dim():

@@ -163,3 +163,42 @@ def test_data_must_fit_the_model(tmp_path):
         data.check_model(ok.model_copy(update={"block_size": 16}))
     with pytest.raises(ConfigError, match="smaller than the char tokenizer"):
         data.check_model(ok.model_copy(update={"vocab_size": 20}))
+
+
+def test_val_split_shorter_than_a_window_is_bad_input(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("".join(f"line {i}\n" for i in range(20)))
+    data = prepare_data(DataConfig(dataset=str(text), tokenizer="char"))
+    model = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=32, vocab_size=data.tokenizer.vocab_size)
+    with pytest.raises(DataError, match=r"the val split has \d+ tokens, fewer than block_size \+ 1 = 33"):
+        data.check_model(model)
+
+
+def test_utf16_without_bom_is_one_line():
+    with pytest.raises(DataError, match="not valid utf-16"):
+        prepare_data(DataConfig(dataset=str(shared("europarl-en")), tokenizer="byte", encoding="utf-16"))
+
+
+def test_nested_text_field_in_local_jsonl(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"translation": {"en": f"sentence {i}", "fr": "phrase"}}) + "\n"
+                            for i in range(30)))
+    data = prepare_data(DataConfig(dataset=str(path), tokenizer="byte", text_field="translation.en"))
+    assert data.tokenizer.decode(data.tokens("train")[:10].tolist()) == "sentence 0"
+
+
+def test_non_text_column_and_empty_file_and_markers(tmp_path):
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(30)))
+    with pytest.raises(DataError, match="holds int values, not text"):
+        prepare_data(DataConfig(dataset=str(numbers), tokenizer="byte"))
+    empty = tmp_path / "empty" / "train.txt"
+    empty.parent.mkdir()
+    empty.write_text("")
+    with pytest.raises(DataError, match="train.txt is empty"):
+        prepare_data(DataConfig(dataset=str(empty), tokenizer="byte"))
+    folder = tmp_path / "spark"
+    folder.mkdir()
+    (folder / "_SUCCESS").write_text("")
+    (folder / "part-0.txt").write_text("some text\n" * 100)
+    assert prepare_data(DataConfig(dataset=str(folder), tokenizer="byte")).split_sizes()["train"] > 0

@@ -93,6 +93,14 @@ class PreparedData:
                 f"the data holds token id {self.max_id}, but model.vocab_size is {vocab}; "
                 "the shards were made with another tokenizer -- delete the token cache or fix data.tokenizer"
             )
+        if self.task == "lm" and self.shards is not None:
+            for split in ("train", "val"):
+                count = self.shards.count(split)
+                if count < model.block_size + 1:
+                    raise DataError(
+                        f"the {split} split has {count:,} tokens, fewer than block_size + 1 = {model.block_size + 1}; "
+                        f"use more data, a larger data.val_fraction, or a smaller model.block_size"
+                    )
         if self.task == "arithmetic":
             need = self.longest_sequence() - 1
             if need > model.block_size:

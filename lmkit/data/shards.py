@@ -146,9 +146,18 @@ def prepare_shards(source: TextSource, config: DataConfig, emit: Callable[[Event
         meta = _write_shards(source, config, tokenizer, tmp, emit)
         tokenizer.save(tmp / "tokenizer")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if directory.exists():  # a stale or foreign entry under the same key
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        winner = _load_existing(directory)
+        if winner is not None:  # another process built the same entry meanwhile: use theirs
+            return winner, load_tokenizer(directory / "tokenizer")
+        if directory.exists():  # a stale, incomplete entry under the same key
+            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            winner = _load_existing(directory)
+            if winner is None:
+                raise
+            return winner, load_tokenizer(directory / "tokenizer")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -176,10 +185,23 @@ def _make_tokenizer(source: TextSource, config: DataConfig, emit: Callable[[Even
     if not needs_training:
         return build_tokenizer(config.tokenizer)
     emit(DataProgress(stage=f"train {config.tokenizer} tokenizer", completed=0, total=None, unit=""))
-    texts = _limited(source.splits["train"](), config.max_tokens)
+    rows = source.splits["train"]()
+    if source.streaming and "val" not in source.splits:
+        # The first documents of the stream become val: keep them out of tokenizer training.
+        # The val budget is in tokens and the tokenizer does not exist yet, so skip a
+        # generous 8 characters per val token (English BPE averages about 4).
+        rows = _skip_chars(rows, 8 * _stream_val_tokens(config))
+    texts = _limited(rows, config.max_tokens)
     tokenizer = build_tokenizer(config.tokenizer, train_texts=texts, bpe_vocab_size=config.bpe_vocab_size)
     emit(DataProgress(stage=f"train {config.tokenizer} tokenizer", completed=1, total=1, unit=""))
     return tokenizer
+
+
+def _skip_chars(rows: Iterator[str], n_chars: int) -> Iterator[str]:
+    for row in rows:
+        if n_chars <= 0:
+            yield row
+        n_chars -= len(row)
 
 
 def _limited(rows: Iterator[str], max_tokens: int | None) -> Iterator[str]:

@@ -113,7 +113,8 @@ def load_text_source(config: DataConfig) -> TextSource:
 def _split_files(path: Path) -> dict[str, list[Path]]:
     if path.is_file():
         return {"train": [path]}
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    # Hidden files and Spark/Hadoop markers (_SUCCESS, _metadata) are not data.
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
     if not files:
         raise DataError(f"data.dataset: folder {path} holds no files")
     named: dict[str, list[Path]] = {}
@@ -157,17 +158,18 @@ def check_encoding(file: Path, encoding: str) -> str:
             digest.update(chunk)
             try:
                 decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                at = offset + exc.start
+            except UnicodeError as exc:
                 hint = "latin-1" if encoding.replace("_", "-").lower() in ("utf-8", "utf8") else "utf-8"
+                start = getattr(exc, "start", None)
+                where = (f"byte 0x{chunk[start]:02x} at offset {offset + start}" if isinstance(start, int)
+                         and start < len(chunk) else str(exc))
                 raise DataError(
-                    f"{file}: not valid {encoding} (byte 0x{chunk[exc.start]:02x} at offset {at}); "
-                    f"pass --encoding {hint} (or the file's real encoding)"
+                    f"{file}: not valid {encoding} ({where}); pass --encoding {hint} (or the file's real encoding)"
                 ) from None
             offset += len(chunk)
         try:
             decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
+        except UnicodeError:
             raise DataError(f"{file}: ends inside a {encoding} character (truncated file?)") from None
     return digest.hexdigest()
 
@@ -180,6 +182,8 @@ def _load_local(files: dict[str, list[Path]], config: DataConfig, root: Path) ->
     digest = hashlib.sha256(f"{builder}|{config.encoding}|{config.text_field}".encode())
     for split, group in sorted(files.items()):
         for file in group:
+            if file.stat().st_size == 0:
+                raise DataError(f"data.dataset: {file} is empty")
             if builder == "text":
                 file_hash = check_encoding(file, config.encoding)
             else:
@@ -195,7 +199,7 @@ def _load_local(files: dict[str, list[Path]], config: DataConfig, root: Path) ->
         raise DataError(f"data.dataset: cannot read {root} as {builder} ({first_line(exc)})") from None
     text_field = "text" if builder == "text" else config.text_field
     for split, ds in dsd.items():
-        if text_field not in ds.column_names:
+        if text_field.split(".")[0] not in ds.column_names:
             raise DataError(
                 f"data.text_field: {root} ({split}) has no column {text_field!r}; "
                 f"columns: {', '.join(ds.column_names)} (set --set data.text_field=NAME)"
@@ -236,6 +240,9 @@ def _from_datasets(splits: dict[str, Any], text_field: str, fingerprint: str, se
                         value = value[sub] if isinstance(value, dict) else None
                     if isinstance(value, str):
                         yield value
+                    elif value is not None:
+                        raise DataError(f"data.text_field: {text_field!r} of {label} holds "
+                                        f"{type(value).__name__} values, not text")
 
         return iterate
 

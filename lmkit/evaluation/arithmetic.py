@@ -26,12 +26,13 @@ SPLIT_METRICS = {"val": "acc_val", "test_flat": "acc_flat", "test_paren": "acc_p
 
 @torch.no_grad()
 def greedy_answers(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], plan: DevicePlan,
-                   block_size: int, max_new_tokens: int = 16, batch_size: int = 256) -> list[str | None]:
+                   block_size: int, max_new_tokens: int = 16, batch_size: int = 256) -> list[list[int] | None]:
     """Greedy continuation of ``<BOS> + prompt`` up to ``<EOS>``, for each prompt.
 
     Prompts of equal length are batched together, so no padding enters the model.
-    Returns the decoded text before ``<EOS>``, or ``None`` when no ``<EOS>`` came within
-    ``max_new_tokens`` tokens (or the context filled up).
+    Returns the generated ids before ``<EOS>``, or ``None`` when no ``<EOS>`` came within
+    ``max_new_tokens`` tokens (or the context filled up). Compare ids, not decoded text:
+    decoding drops special tokens, so ``1<PAD>2`` would read as ``12``.
     """
     was_training = model.training
     model.eval()
@@ -40,7 +41,7 @@ def greedy_answers(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):
         by_length[len(ids)].append(i)
-    answers: list[str | None] = [None] * len(prompts)
+    answers: list[list[int] | None] = [None] * len(prompts)
     try:
         for length, indices in sorted(by_length.items()):
             for start in range(0, len(indices), batch_size):
@@ -60,7 +61,7 @@ def greedy_answers(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
                 out = torch.stack(generated, 1).tolist() if generated else [[] for _ in rows]
                 for row, ids in zip(rows, out, strict=True):
                     if eos in ids:
-                        answers[row] = tokenizer.decode(ids[: ids.index(eos)])
+                        answers[row] = ids[: ids.index(eos)]
     finally:
         model.train(was_training)
     return answers
@@ -68,11 +69,11 @@ def greedy_answers(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
 
 def exact_match(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[ArithmeticExample], plan: DevicePlan,
                 block_size: int) -> float:
-    """Fraction of ``examples`` whose generated answer equals ``str(result)``."""
+    """Fraction of ``examples`` whose generated ids equal the ids of ``str(result)``."""
     if not examples:
         return float("nan")
     answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples], plan, block_size)
-    return sum(a == ex.answer for a, ex in zip(answers, examples, strict=True)) / len(examples)
+    return sum(a == tokenizer.encode(ex.answer) for a, ex in zip(answers, examples, strict=True)) / len(examples)
 
 
 def arithmetic_metrics(model: nn.Module, tokenizer: Tokenizer, splits: dict[str, list[ArithmeticExample]],
