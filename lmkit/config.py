@@ -285,6 +285,7 @@ class TrainConfig(_Strict):
     eval_every_epochs: int | None = Field(None, gt=0)
     eval_iters: int | None = Field(50, gt=0)
     eval_at_start: bool = True
+    on_nan: Literal["abort", "skip"] = "abort"
     checkpoint_interval: int | None = Field(None, gt=0)
     checkpoint_every_epochs: int | None = Field(None, gt=0)
     keep_last: int | None = Field(3, ge=1)

@@ -51,9 +51,14 @@ class DeviceError(LmkitError):
 
 
 class Interrupted(LmkitError):
-    """Training was interrupted by the user after ``latest`` was saved. Exit code 130."""
+    """Training stopped on a signal after ``latest`` was saved: exit code 128 + the
+    signal number (130 for SIGINT / Ctrl-C, 143 for SIGTERM)."""
 
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

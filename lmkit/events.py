@@ -127,6 +127,24 @@ class CheckpointSaved(Event):
 
 
 @dataclass(frozen=True)
+class Resumed(Event):
+    """A run continues from ``checkpoint`` at ``step``.
+
+    ``skipped`` lists checkpoints passed over as incomplete or corrupt (path, reason);
+    ``config_changes`` the allowed changes (key -> [old, new]); ``dropped_metrics`` the
+    metrics records of later steps, written by the interrupted session, that were removed.
+    """
+
+    kind: ClassVar[str] = "resumed"
+    step: int
+    checkpoint: str
+    skipped: list[tuple[str, str]]
+    config_changes: dict[str, list[Any]]
+    dropped_metrics: int
+    removed_temp_files: list[str]
+
+
+@dataclass(frozen=True)
 class Notice(Event):
     """Something the user should know (a warning, a fallback taken on purpose)."""
 

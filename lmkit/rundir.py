@@ -5,12 +5,15 @@
     runs/NAME/
       config.yaml        the fully resolved config (what resume and eval rebuild from)
       metrics.jsonl      one JSON object per logged step or eval
-      events.jsonl       run start/end, data, checkpoints, notices
+      events.jsonl       run start/end, data, checkpoints, resumes, notices
       tb/                TensorBoard event files
       checkpoints/       latest.pt, best.pt, step_0002000.pt / epoch_005.pt
       tokenizer/         what is needed to rebuild the tokenizer offline
       eval/              eval results (lmkit eval)
       summary.json       params, steps, tokens, best/final val loss, wall time
+
+A new run claims its folder atomically (an exclusive create of ``config.yaml``), so two
+runs started at once never share one.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from lmkit.errors import ConfigError
 
 
 class RunDir:
-    """Paths of one run directory (nothing is created until :meth:`create`)."""
+    """Paths of one run directory."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._claimed = False
 
     config_path = property(lambda self: self.path / "config.yaml")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
@@ -44,30 +48,73 @@ class RunDir:
     def name(self) -> str:
         return self.path.name
 
+    # ------------------------------------------------------------------ new runs
+
     @classmethod
-    def for_new_run(cls, config: RunConfig) -> RunDir:
-        """``out_dir/name`` (a timestamped name when none is given), checked to be unused.
+    def claim(cls, config: RunConfig) -> RunDir:
+        """Create ``out_dir/name`` and claim it for a new run (a timestamped name, with
+        ``-2``, ``-3`` ... appended on a clash, when none is given).
 
         Raises:
-            ConfigError: the folder already holds a run.
+            ConfigError: the named folder already holds a run, or ``out_dir`` is not a folder.
         """
-        name = config.name or default_run_name(config)
-        run = cls(Path(config.out_dir) / name)
-        if config.name is None:  # a generated name never collides: add -2, -3, ...
-            n = 2
-            while run.path.exists():
-                run = cls(Path(config.out_dir) / f"{name}-{n}")
-                n += 1
-        if run.config_path.exists() or run.checkpoints.exists():
-            raise ConfigError(
-                f"--name {name}: {run.path} already holds a run; pick another --name "
-                "(or delete that folder to start it again)"
-            )
-        return run
+        out_dir = Path(config.out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out-dir {out_dir}: is a file, not a folder")
+        base = config.name or default_run_name(config)
+        for n in range(1, 1000):
+            name = base if n == 1 else f"{base}-{n}"
+            run = cls(out_dir / name)
+            try:
+                run.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(run.config_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if config.name is not None:
+                    raise ConfigError(
+                        f"--name {name}: {run.path} already holds a run; pick another --name, "
+                        f"resume it with `lmkit resume {run.path}`, or delete that folder"
+                    ) from None
+                continue
+            except (NotADirectoryError, PermissionError) as exc:
+                raise ConfigError(f"--out-dir {out_dir}: cannot create {run.path} ({exc.strerror})") from None
+            os.close(fd)
+            run._claimed = True
+            return run
+        raise ConfigError(f"--out-dir {out_dir}: too many runs named {base}-N")  # pragma: no cover
+
+    def release(self) -> None:
+        """Undo :meth:`claim` when set-up failed before anything was written."""
+        if not self._claimed:
+            return
+        try:
+            if self.config_path.exists() and self.config_path.stat().st_size == 0:
+                self.config_path.unlink()
+            self.path.rmdir()  # only succeeds when nothing else was written
+        except OSError:
+            pass
 
     def create(self) -> None:
         for sub in (self.path, self.checkpoints, self.tb_dir):
             sub.mkdir(parents=True, exist_ok=True)
+        self._claimed = False
+
+    # ------------------------------------------------------------------ existing runs
+
+    @classmethod
+    def existing(cls, name_or_path: str | Path, out_dir: str | Path = "runs") -> RunDir:
+        """A run folder given as a path or as a name under ``out_dir``.
+
+        Raises:
+            ConfigError: no such run (listing the runs that exist).
+        """
+        candidates = [Path(name_or_path), Path(out_dir) / str(name_or_path)]
+        for path in candidates:
+            if (path / "config.yaml").is_file():
+                return cls(path)
+        runs = sorted(p.parent.name for p in Path(out_dir).glob("*/config.yaml")) if Path(out_dir).is_dir() else []
+        raise ConfigError(f"{name_or_path}: no run there (no config.yaml); runs in {out_dir}/: {', '.join(runs) or 'none'}")
+
+    # ------------------------------------------------------------------ files
 
     def write_config(self, config: RunConfig) -> None:
         _atomic_write_text(self.config_path, config.to_yaml())
@@ -78,6 +125,37 @@ class RunDir:
     def checkpoint_path(self, tag: str) -> Path:
         return self.checkpoints / f"{tag}.pt"
 
+    def drop_records_after(self, step: int) -> tuple[int, int]:
+        """For a resume from ``step``: remove ``metrics.jsonl`` records of later steps and
+        mark later ``events.jsonl`` records ``"superseded": true``. Returns the counts."""
+        dropped = marked = 0
+        if self.metrics_path.exists():
+            kept = []
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    dropped += 1  # a line cut short by a crash
+                    continue
+                if int(record.get("step", 0)) > step:
+                    dropped += 1
+                else:
+                    kept.append(line)
+            _atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
+        if self.events_path.exists():
+            lines = []
+            for line in self.events_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record.get("step"), int) and record["step"] > step and not record.get("superseded"):
+                    record["superseded"] = True
+                    marked += 1
+                lines.append(json.dumps(record))
+            _atomic_write_text(self.events_path, "".join(f"{line}\n" for line in lines))
+        return dropped, marked
+
 
 def default_run_name(config: RunConfig) -> str:
     """``PRESET-YYYYmmdd-HHMMSS`` (``run-...`` without a preset)."""
@@ -86,7 +164,7 @@ def default_run_name(config: RunConfig) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

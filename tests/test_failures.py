@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lmkit.config import build_run_config
-from lmkit.errors import DeviceError, TrainingError
+from lmkit.errors import ConfigError, DeviceError, TrainingError
 from lmkit.models.gpt import GPT
 from lmkit.rundir import RunDir
 from lmkit.training.loop import Trainer
@@ -31,7 +32,8 @@ def test_cuda_oom_stops_with_batch_size_and_advice(tmp_path, tiny_preset, monkey
     with pytest.raises(DeviceError) as info:
         trainer.run()
     message = str(info.value)
-    assert "out of memory at batch size 16" in message and "--grad-checkpointing" in message
+    assert "out of GPU memory at batch size 16" in message and "--grad-checkpointing" in message
+    assert "MiB before activations" in message
     assert DeviceError.exit_code == 3
     assert json.loads(trainer.run.summary_path.read_text())["status"] == "failed"
 
@@ -44,7 +46,7 @@ def test_non_finite_loss_aborts_with_exit_1(tmp_path, tiny_preset, monkeypatch):
         return logits, (loss * math.nan if loss is not None and self.training else loss)
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(TrainingError, match="training loss is nan at step 1"):
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) .* at step 1; the update was not applied"):
         Trainer(_config(tmp_path, tiny_preset)).run()
     assert TrainingError.exit_code == 1
 
@@ -62,7 +64,7 @@ def test_ctrl_c_saves_latest_and_exits_130(tmp_path, tiny_preset):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    assert "interrupted at step" in stderr and "latest.pt" in stderr
+    assert "stopped by SIGINT at step" in stderr and "resume with: lmkit resume runs/int" in stderr
     run = tmp_path / "runs" / "int"
     state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     summary = json.loads((run / "summary.json").read_text())
@@ -73,5 +75,31 @@ def test_ctrl_c_saves_latest_and_exits_130(tmp_path, tiny_preset):
 def test_generated_run_names_do_not_collide(tmp_path, monkeypatch):
     monkeypatch.setattr("lmkit.rundir.default_run_name", lambda config: "pilot-20260101-000000")
     config = build_run_config("pilot", [], {"out_dir": ("--out-dir", str(tmp_path))})
-    (tmp_path / "pilot-20260101-000000").mkdir()
-    assert RunDir.for_new_run(config).name == "pilot-20260101-000000-2"
+    first, second = RunDir.claim(config), RunDir.claim(config)  # two runs started in the same second
+    assert (first.name, second.name) == ("pilot-20260101-000000", "pilot-20260101-000000-2")
+    named = config.model_copy(update={"name": "pilot-20260101-000000"})
+    with pytest.raises(ConfigError, match="already holds a run"):
+        RunDir.claim(named)
+    second.release()
+    assert not second.path.exists() and first.path.exists()
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("")
+    config = build_run_config("pilot", [], {"out_dir": ("--out-dir", str(tmp_path / "afile"))})
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        RunDir.claim(config)
+
+
+def test_parallel_cli_runs_get_their_own_folders(tmp_path, tiny_preset):
+    procs = [subprocess.Popen([sys.executable, "-m", "lmkit", "train", "--preset", str(tiny_preset), "--max-steps",
+                               "2", "--set", "training.eval_interval=2"], cwd=tmp_path,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"},  # 3 processes on 2 cores
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 3
+    for run in runs:
+        kinds = [json.loads(line)["kind"] for line in (run / "events.jsonl").read_text().splitlines()]
+        assert kinds.count("run_started") == 1

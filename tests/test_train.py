@@ -12,6 +12,7 @@ from lmkit.errors import ConfigError
 from lmkit.events import CheckpointSaved, EvalResult, RunFinished, RunStarted, StepMetrics
 from lmkit.training.checkpoint import load_checkpoint
 from lmkit.training.loop import Trainer, train
+from lmkit.training.schedule import lr_multiplier
 
 from conftest import TINY_PRESET, shared
 
@@ -49,7 +50,10 @@ def test_scheduler_steps_once_per_optimizer_step(arithmetic_run):
     assert trainer.scheduler.last_epoch == trainer.step == 40
     assert trainer.micro_step == 80  # grad_accum_steps=2
     steps = [e for e in events if isinstance(e, StepMetrics)]
-    assert steps[-1].lr == pytest.approx(3e-3 * 0.1, rel=1e-6)  # cosine ends at min_lr_ratio
+    # The LR logged at a step is the one that step used: step 40 ran at mult(39).
+    expected = 3e-3 * lr_multiplier(39, schedule="cosine", warmup_steps=5, total_steps=40, min_lr_ratio=0.1)
+    assert steps[-1].lr == pytest.approx(expected, rel=1e-9)
+    assert steps[0].step == 1 and steps[0].lr == 0.0  # warmup starts from 0
 
 
 def test_run_directory_contents(arithmetic_run):

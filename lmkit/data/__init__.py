@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,22 @@ class PreparedData:
         if split not in self.shards.splits:
             raise DataError(f"the data has no {split} split (splits: {', '.join(self.shards.splits)})")
         return self.shards.tokens(split)
+
+    def fingerprint(self) -> str:
+        """Identifies the exact token ids of every split (tokenizer + source content), so a
+        resume can refuse data that changed since the run started."""
+        import hashlib
+
+        h = hashlib.sha256(self.tokenizer.fingerprint().encode())
+        if self.shards is not None:
+            h.update(str(self.shards.meta["source"]["fingerprint"]).encode())
+            h.update(json.dumps(self.split_sizes(), sort_keys=True).encode())
+        else:
+            for split in sorted(self.sequences):
+                h.update(split.encode())
+                for seq in self.sequences[split]:
+                    h.update(np.asarray(seq, dtype=np.int32).tobytes())
+        return h.hexdigest()[:16]
 
     def longest_sequence(self) -> int:
         """Longest example in ids (arithmetic), including BOS and EOS."""

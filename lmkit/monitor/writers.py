@@ -19,6 +19,7 @@ from lmkit.events import (
     EvalResult,
     Event,
     Notice,
+    Resumed,
     RunFinished,
     RunStarted,
     StepMetrics,
@@ -70,7 +71,7 @@ class MetricsWriter(_JsonlWriter):
 class EventsWriter(_JsonlWriter):
     """``events.jsonl``: everything that is not a metric."""
 
-    KINDS = (RunStarted, DataReady, CheckpointSaved, Notice, RunFinished)
+    KINDS = (RunStarted, DataReady, CheckpointSaved, Resumed, Notice, RunFinished)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, self.KINDS):
@@ -82,10 +83,12 @@ class EventsWriter(_JsonlWriter):
 class TensorBoardWriter:
     """Scalars under ``train/`` and ``val/`` in ``tb/``, x axis = optimizer step."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, purge_step: int | None = None):
+        """``purge_step``: on resume, TensorBoard hides what earlier sessions wrote at this
+        step and after (the interrupted session's records past the checkpoint)."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(directory))
+        self.writer = SummaryWriter(log_dir=str(directory), purge_step=purge_step)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, StepMetrics):

@@ -1,10 +1,17 @@
-"""Checkpoint files: written atomically, read as data only.
+"""Checkpoint files: written atomically, verified at load, read as data only.
 
-:func:`save_checkpoint` writes to a temporary file in the target folder, flushes and
-fsyncs it, renames it over the target with ``os.replace`` and fsyncs the folder, so a
-crash at any moment leaves either the old file or the new one, never half of one.
-:func:`load_checkpoint` uses ``torch.load(weights_only=True)``: a checkpoint is
-tensors and plain types, and a pickle that would run code is refused.
+Writing (:func:`save_checkpoint`): the state goes to a temporary file in the target
+folder, which is flushed and fsynced, renamed over the target with ``os.replace``, and
+the folder is fsynced. A crash at any moment leaves the old file or the new one, never
+half of one; the temporary file of an interrupted save is removed by the next resume.
+
+Integrity: every checkpoint carries a ``manifest`` with a CRC-32 over the bytes of all
+its tensors in a fixed order, plus the step and versions. :func:`load_checkpoint`
+refuses a file that does not load (truncated: the zip directory at its end is
+missing) or whose tensors do not match the manifest (bit rot, partial overwrite).
+
+Safety: files are read with ``torch.load(weights_only=True)``. A checkpoint is tensors
+and plain Python types; a pickle that would need code to load is refused, never run.
 
 State-dict keys are stored without ``torch.compile``'s ``_orig_mod.`` and DDP's
 ``module.`` prefixes (:func:`clean_state_dict`).
@@ -13,7 +20,11 @@ State-dict keys are stored without ``torch.compile``'s ``_orig_mod.`` and DDP's
 from __future__ import annotations
 
 import os
+import re
+import signal
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +32,9 @@ import torch
 
 from lmkit.errors import CheckpointError, first_line
 
+FORMAT = 2
 _PREFIXES = ("_orig_mod.", "module.")
+TMP_PATTERN = re.compile(r"^\..+\.tmp$")
 
 
 def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
@@ -39,6 +52,85 @@ def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------------------
+# Checksums
+# --------------------------------------------------------------------------------------
+
+
+def _tensors(value: Any, path: str = ""):
+    """Every tensor in a nested structure, with a stable path, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            yield from _tensors(value[key], f"{path}/{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors(item, f"{path}/{i}")
+
+
+def tensor_checksum(state: dict[str, Any]) -> tuple[str, int]:
+    """CRC-32 over the raw bytes of every tensor in ``state`` (``manifest`` excluded), and
+    how many tensors there were."""
+    crc, count = 0, 0
+    for path, tensor in _tensors({k: v for k, v in state.items() if k != "manifest"}):
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        crc = zlib.crc32(path.encode(), crc)
+        crc = zlib.crc32(data, crc)
+        count += 1
+    return f"{crc:08x}", count
+
+
+# --------------------------------------------------------------------------------------
+# Test hook: die at a chosen moment of a chosen save (crash-matrix tests only)
+# --------------------------------------------------------------------------------------
+
+_saves_in_process = 0
+
+
+def _crash_plan() -> dict[str, str] | None:
+    """``LMKIT_TEST_CRASH="save=N,at=PHASE"`` or ``"save=N,bytes=B"``: SIGKILL this process
+    during its N-th checkpoint write. Used only by the crash-matrix tests."""
+    spec = os.environ.get("LMKIT_TEST_CRASH")
+    if not spec:
+        return None
+    plan = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    return plan if int(plan.get("save", "0")) == _saves_in_process else None
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillAfterBytes:
+    """File wrapper that SIGKILLs the process once ``limit`` bytes have been written."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.left = f, limit
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) >= self.left:
+            self.f.write(view[: self.left])
+            self.f.flush()
+            _die()
+        self.left -= len(view)
+        return self.f.write(view)
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
+def _maybe_die(plan: dict[str, str] | None, phase: str) -> None:
+    if plan is not None and plan.get("at") == phase:
+        _die()
+
+
+# --------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -53,53 +145,146 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> int:
-    """Write ``state`` to ``path`` atomically; return the file size in bytes."""
+    """Write ``state`` (plus its manifest) to ``path`` atomically; return the size in bytes."""
+    global _saves_in_process
+    _saves_in_process += 1
+    plan = _crash_plan()
+    checksum, count = tensor_checksum(state)
+    state = {**state, "manifest": {"format": FORMAT, "checksum": checksum, "tensors": count,
+                                   "step": state.get("step")}}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            _maybe_die(plan, "before_write")
+            target = _KillAfterBytes(f, int(plan["bytes"])) if plan and "bytes" in plan else f
+            torch.save(state, target)
             f.flush()
+            _maybe_die(plan, "after_write")
             os.fsync(f.fileno())
+        _maybe_die(plan, "after_fsync")
         size = tmp.stat().st_size
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _maybe_die(plan, "after_replace")
     _fsync_dir(path.parent)
     return size
 
 
 def link_checkpoint(source: Path, target: Path) -> None:
-    """Make ``target`` hold the same bytes as ``source`` atomically: a hard link (no
-    copy) where the file system allows, a copy otherwise. Replacing ``source`` later
-    leaves ``target`` unchanged."""
+    """Make ``target`` hold the same bytes as ``source`` atomically: a hard link (no copy)
+    where the file system allows, a copy otherwise. Replacing ``source`` later leaves
+    ``target`` unchanged."""
     import shutil
 
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    plan = _crash_plan()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        _maybe_die(plan, "after_link")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(target.parent)
 
 
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete temporary files left by saves that were killed; return what was removed."""
+    removed = []
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if TMP_PATTERN.match(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint as data (``weights_only=True``).
+    """Read and verify a checkpoint (``weights_only=True``).
 
     Raises:
-        CheckpointError: missing, truncated, not a torch file, or holding objects that
-            would need code to unpickle -- naming the file.
+        CheckpointError: missing, truncated, not a torch file, holding objects that would
+            need code to unpickle, or not matching its manifest -- naming the file.
     """
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise CheckpointError(f"{path}: not a readable lmkit checkpoint ({first_line(exc, 160)})") from None
+        text = str(exc)
+        if "Unsupported global" in text or "weights_only" in text.lower():
+            why = "it contains Python objects that would run code when loaded; refused"
+        else:
+            why = f"truncated or not a checkpoint: {first_line(exc, 120)}"
+        raise CheckpointError(f"{path}: cannot be loaded ({why})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not an lmkit checkpoint (no model weights)")
+    manifest = state.get("manifest")
+    if not isinstance(manifest, dict) or "checksum" not in manifest:
+        raise CheckpointError(f"{path}: has no manifest (written by an older lmkit or another tool)")
+    if int(manifest.get("format", 0)) > FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {manifest['format']} is newer than this lmkit "
+                              f"reads ({FORMAT}); upgrade lmkit")
+    checksum, count = tensor_checksum(state)
+    if checksum != manifest["checksum"] or count != manifest.get("tensors"):
+        raise CheckpointError(f"{path}: corrupt (tensor checksum {checksum} != manifest {manifest['checksum']})")
     return state
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    state: dict[str, Any]
+
+
+def checkpoint_by_name(directory: Path, name: str) -> Path:
+    """``latest``/``best``/``step_…``/``epoch_…`` in ``directory``, or a path to a file."""
+    as_path = Path(name).expanduser()
+    if as_path.suffix == ".pt" and (as_path.is_file() or "/" in name):
+        return as_path
+    return directory / (name if name.endswith(".pt") else f"{name}.pt")
+
+
+def newest_complete(directory: Path) -> tuple[Candidate, list[tuple[Path, str]]]:
+    """The newest checkpoint in ``directory`` that loads and verifies, and the ones that
+    were skipped (path, reason). ``latest.pt`` is tried first, then the others newest
+    first (by modification time).
+
+    Raises:
+        CheckpointError: no complete checkpoint at all.
+    """
+    files = [p for p in directory.glob("*.pt") if not p.name.startswith(".")] if directory.is_dir() else []
+    if not files:
+        raise CheckpointError(f"{directory}: no checkpoints to resume from")
+    files.sort(key=lambda p: (p.name != "latest.pt", -p.stat().st_mtime_ns, p.name))
+    skipped: list[tuple[Path, str]] = []
+    best: Candidate | None = None
+    for path in files:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append((path, str(exc).split(": ", 1)[-1]))
+            continue
+        if best is None or int(state["step"]) > int(best.state["step"]):
+            best = Candidate(path, state)
+        if path.name == "latest.pt":
+            break  # a complete latest is by construction the newest
+    if best is None:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        raise CheckpointError(f"{directory}: no complete checkpoint ({reasons})")
+    return best, skipped

@@ -1,14 +1,21 @@
-"""The training loop.
+"""The training loop: new runs and exact resumes.
 
-:func:`train` runs one :class:`~lmkit.config.RunConfig` to completion and returns the
-run's summary. Order of work, so that bad input fails before anything is written:
-device and precision (exit 3 / 2), run-directory name (exit 2), data (exit 2), model and
-data agreement (exit 2); only then is ``runs/NAME`` created and the first step taken.
+:func:`train` runs a :class:`~lmkit.config.RunConfig` to completion; :func:`resume`
+continues a run directory from a checkpoint. Order of work, so that bad input fails
+before anything is written: device and precision (exit 3 / 2), the run directory (a new
+run claims its folder; a resume picks and verifies its checkpoint), data (exit 2), model
+and data agreement (exit 2); only then is the first step taken.
 
 One optimizer step = ``grad_accum_steps`` micro-batches of ``batch_size`` sequences.
-Batches are a pure function of the micro-batch index (:mod:`lmkit.data.batching`), the
-LR schedule is stepped once per optimizer step, and losses are kept on the device
-until a log step, so no host-device sync happens inside a step unless logging asks.
+Batches are a pure function of the micro-batch index (:mod:`lmkit.data.batching`), and
+checkpoints hold every piece of state that affects the next step -- weights, optimizer,
+LR schedule, GradScaler, counters, best val loss, and the python/numpy/torch/CUDA RNG
+states -- so a resumed run takes bitwise the same steps as one that never stopped.
+
+Stopping: SIGINT and SIGTERM finish the current step, save ``latest`` and exit 130 /
+143 (:mod:`lmkit.training.signals`). Non-finite loss or gradient norm is caught before
+``optimizer.step()`` (one host-device sync per step, the only one outside logging):
+``on_nan: abort`` stops with exit 1 and writes nothing new; ``skip`` drops the update.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from __future__ import annotations
 import math
 import platform
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,7 @@ from lmkit import __version__
 from lmkit.config import RunConfig
 from lmkit.data import PreparedData, make_train_batches, prepare_data
 from lmkit.data.batching import example_batches_in_order, sequential_windows
-from lmkit.errors import DeviceError, Interrupted, TrainingError
+from lmkit.errors import CheckpointError, DataError, DeviceError, Interrupted, TrainingError
 from lmkit.evaluation.arithmetic import arithmetic_metrics
 from lmkit.evaluation.lm import mean_loss, perplexity
 from lmkit.events import (
@@ -37,6 +45,7 @@ from lmkit.events import (
     EvalResult,
     Event,
     Notice,
+    Resumed,
     RunFinished,
     RunStarted,
     StepMetrics,
@@ -46,10 +55,27 @@ from lmkit.events import (
 from lmkit.models import build_model
 from lmkit.monitor.writers import EventsWriter, MetricsWriter, TensorBoardWriter
 from lmkit.rundir import RunDir
-from lmkit.training.checkpoint import clean_state_dict, link_checkpoint, save_checkpoint
+from lmkit.training.checkpoint import (
+    checkpoint_by_name,
+    clean_state_dict,
+    link_checkpoint,
+    load_checkpoint,
+    newest_complete,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from lmkit.training.device import DevicePlan, plan_device
 from lmkit.training.optim import build_optimizer
+from lmkit.training.resume import resume_config
 from lmkit.training.schedule import build_scheduler
+from lmkit.training.signals import StopRequest
+
+CHECKPOINT_FORMAT_KEYS = ("model", "optimizer", "scheduler", "step", "micro_step", "rng")
+
+
+# --------------------------------------------------------------------------------------
+# RNG state as tensors and plain types
+# --------------------------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> None:
@@ -74,20 +100,51 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states when the device count matches)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _is_memory_error(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "DefaultCPUAllocator" in str(exc))
+    )
+
+
+_PERIODIC = re.compile(r"^(step|epoch)_(\d+)\.pt$")
+
+
 class Trainer:
-    """Runs one training job; see the module docstring for the order of work.
+    """Runs one training job (new, or resumed from a run directory).
 
     Args:
         config: the run's config (``model.vocab_size`` may be ``None``: it is then
             taken from the tokenizer).
         emit: receives every :class:`~lmkit.events.Event` (the CLI's renderers); the
             run-directory writers are added by the trainer itself.
+        resume_dir: continue this run directory instead of starting a new one.
+        checkpoint: with ``resume_dir``: ``None`` for the newest complete checkpoint, or
+            ``latest``/``best``/``step_…``/``epoch_…``/a path.
+        config_changes: the allowed config changes of this resume, for the record.
     """
 
-    def __init__(self, config: RunConfig, emit: Callable[[Event], None] = null_emit):
+    def __init__(self, config: RunConfig, emit: Callable[[Event], None] = null_emit, *,
+                 resume_dir: Path | None = None, checkpoint: str | None = None,
+                 config_changes: Mapping[str, tuple[Any, Any]] | None = None):
         self.config = config.model_copy(deep=True)
         self.user_emit = emit
         self.emit = emit
+        self.resume_dir = resume_dir
+        self.checkpoint_choice = checkpoint
+        self.config_changes = dict(config_changes or {})
 
     # ------------------------------------------------------------------ set-up
 
@@ -95,10 +152,29 @@ class Trainer:
         cfg = self.config
         tcfg = cfg.training
         self.plan: DevicePlan = plan_device(tcfg)
-        self.run = RunDir.for_new_run(cfg)
-        if cfg.name is None:
+        resume_state: dict[str, Any] | None = None
+        if self.resume_dir is not None:
+            self.run = RunDir(self.resume_dir)
+            self.removed_temp = remove_stale_temp_files(self.run.checkpoints)
+            resume_state, self.resume_path, self.skipped = self._pick_checkpoint()
+        else:
+            self.run = RunDir.claim(cfg)
             cfg.name = self.run.name
+        try:
+            self._build(resume_state)
+        except BaseException:
+            self.run.release()
+            raise
 
+    def _pick_checkpoint(self) -> tuple[dict[str, Any], Path, list[tuple[Path, str]]]:
+        if self.checkpoint_choice is None:
+            found, skipped = newest_complete(self.run.checkpoints)
+            return found.state, found.path, skipped
+        path = checkpoint_by_name(self.run.checkpoints, self.checkpoint_choice)
+        return load_checkpoint(path), path, []
+
+    def _build(self, resume_state: dict[str, Any] | None) -> None:
+        cfg, tcfg = self.config, self.config.training
         data_events: list[Event] = []
 
         def emit_data(event: Event) -> None:
@@ -110,6 +186,9 @@ class Trainer:
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = self.data.tokenizer.vocab_size
         self.data.check_model(cfg.model)
+        self.data_fingerprint = self.data.fingerprint()
+        if resume_state is not None:
+            self._check_resumable(resume_state)
 
         seed_everything(tcfg.seed)
         self.model = build_model(cfg.model).to(self.plan.device)
@@ -129,27 +208,94 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
                                          total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.plan.device.type, enabled=self.plan.use_scaler)
-        self.train_model = torch.compile(self.model) if tcfg.compile else self.model
 
         self.step = 0
         self.micro_step = 0
         self.tokens = 0
-        self._committed = (0, 0)  # (micro_step, tokens) after the last completed optimizer step
         self.best_val_loss = math.inf
         self.best_step: int | None = None
+        self.nan_skips = 0
+        self.elapsed_before = 0.0
         self.last_val: EvalResult | None = None
         self.last_train_loss: float | None = None
-        self.periodic: list[Path] = []
+        self.periodic: dict[str, list[Path]] = {"step": [], "epoch": []}
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.train_model = torch.compile(self.model) if tcfg.compile else self.model
+        self.vocab_size = cfg.model.vocab_size
 
         self.run.create()
         self.run.write_config(cfg)
-        self.data.tokenizer.save(self.run.tokenizer_dir)
-        writers: list[Callable[[Event], None]] = [MetricsWriter(self.run.metrics_path), EventsWriter(self.run.events_path)]
+        if resume_state is None:
+            self.data.tokenizer.save(self.run.tokenizer_dir)
+            dropped = 0
+        else:
+            dropped, _ = self.run.drop_records_after(self.step)
+        writers: list[Callable[[Event], None]] = [MetricsWriter(self.run.metrics_path),
+                                                  EventsWriter(self.run.events_path)]
         if tcfg.tensorboard:
-            writers.append(TensorBoardWriter(self.run.tb_dir))
+            writers.append(TensorBoardWriter(self.run.tb_dir, purge_step=self.step + 1 if resume_state else None))
         for event in data_events:  # the console saw these already; the run directory records them
             broadcast(writers)(event)
         self.emit = broadcast([*writers, self.user_emit])
+        if resume_state is not None:
+            self.emit(Resumed(
+                step=self.step, checkpoint=str(self.resume_path),
+                skipped=[(str(p), why) for p, why in self.skipped],
+                config_changes={k: list(v) for k, v in self.config_changes.items()},
+                dropped_metrics=dropped, removed_temp_files=[str(p) for p in self.removed_temp],
+            ))
+            for path, why in self.skipped:
+                self.emit(Notice(level="warning", message=f"skipped {path}: {why}; resuming from {self.resume_path}"))
+            for path in self.removed_temp:
+                self.emit(Notice(level="info", message=f"removed {path}, left by an interrupted save"))
+
+    def _check_resumable(self, state: dict[str, Any]) -> None:
+        missing = [k for k in CHECKPOINT_FORMAT_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"{self.resume_path}: cannot resume from it (missing {', '.join(missing)})")
+        if int(state.get("world_size", 1)) != 1:
+            raise CheckpointError(f"{self.resume_path}: written by {state['world_size']} processes; "
+                                  "resume it with the same number of processes")
+        if state.get("data_fingerprint") not in (None, self.data_fingerprint):
+            raise DataError(
+                f"resume: the data of {self.run.path} changed since the checkpoint "
+                f"({self.config.data.dataset} now tokenises differently); restore the original files or start a new run"
+            )
+        from lmkit.data.tokenizers import load_tokenizer
+
+        saved = load_tokenizer(self.run.tokenizer_dir)
+        if saved.fingerprint() != self.data.tokenizer.fingerprint():
+            raise DataError(f"resume: {self.run.tokenizer_dir} differs from the tokenizer the data was "
+                            "prepared with; the run cannot continue on these ids")
+        self.version_notes = []
+        for key, now in (("lmkit_version", __version__), ("torch_version", str(torch.__version__))):
+            then = state.get(key)
+            if then is not None and then != now:
+                self.version_notes.append(f"checkpoint written by {key.split('_')[0]} {then}, now {now}: "
+                                          "the continuation may differ from an uninterrupted run in the last bits")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.plan.use_scaler:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.micro_step = int(state["micro_step"])
+        self.tokens = int(state["tokens"])
+        self.best_val_loss = float(state["best_val_loss"])
+        self.best_step = state.get("best_step")
+        self.nan_skips = int(state.get("nan_skips", 0))
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.last_train_loss = state.get("last_train_loss")
+        for path in sorted(self.run.checkpoints.glob("*.pt")):
+            match = _PERIODIC.match(path.name)
+            if match:
+                self.periodic[match.group(1)].append(path)
+        for kind in self.periodic:
+            self.periodic[kind].sort(key=lambda p: int(_PERIODIC.match(p.name).group(2)))
+        set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ helpers
 
@@ -172,6 +318,9 @@ class Trainer:
     def _due(self, interval: int | None) -> bool:
         return bool(interval) and self.step % interval == 0
 
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.time() - self.t_session)
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> EvalResult:
@@ -190,7 +339,8 @@ class Trainer:
                 self.model, self.data.tokenizer, self.data.examples, plan, cfg.model.block_size)}
         if not math.isfinite(loss):
             raise TrainingError(f"validation loss is {loss} at step {self.step}; see {self.run.path}")
-        is_best = loss < self.best_val_loss
+        # The step-0 evaluation of the untrained model is a baseline, not a "best".
+        is_best = self.step > 0 and loss < self.best_val_loss
         if is_best:
             self.best_val_loss, self.best_step = loss, self.step
         result = EvalResult(step=self.step, epoch=self.epoch(), tokens=self.tokens, split="val", loss=loss,
@@ -203,7 +353,7 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         return {
-            "format": 1,
+            "format": 2,
             "lmkit_version": __version__,
             "torch_version": str(torch.__version__),
             "world_size": 1,
@@ -213,6 +363,10 @@ class Trainer:
             "tokens": self.tokens,
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
+            "nan_skips": self.nan_skips,
+            "elapsed_s": self.elapsed(),
+            "last_train_loss": self.last_train_loss,
+            "data_fingerprint": self.data_fingerprint,
             "model": clean_state_dict(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -222,33 +376,44 @@ class Trainer:
         }
 
     def save(self, tags: list[str]) -> None:
-        """Write the checkpoint once and link/copy it under every tag (latest, best, step_N)."""
+        """Write the checkpoint once and hard-link it under every other tag."""
         started = time.time()
-        state = self.state()
         paths = [self.run.checkpoint_path(tag) for tag in tags]
-        save_checkpoint(state, paths[0])
+        save_checkpoint(self.state(), paths[0])
         for path in paths[1:]:
             link_checkpoint(paths[0], path)
-        for tag, path in zip(tags, paths, strict=True):
-            if tag.startswith(("step_", "epoch_")):
-                self.periodic.append(path)
         keep = self.config.training.keep_last
-        while keep is not None and len(self.periodic) > keep:
-            self.periodic.pop(0).unlink(missing_ok=True)
+        for path in paths:
+            match = _PERIODIC.match(path.name)
+            if match:
+                kept = self.periodic[match.group(1)]
+                kept.append(path)
+                while keep is not None and len(kept) > keep:
+                    kept.pop(0).unlink(missing_ok=True)
         val = self.last_val.loss if self.last_val is not None and self.last_val.step == self.step else None
         self.emit(CheckpointSaved(step=self.step, path=str(paths[0]), tags=tuple(tags), val_loss=val,
                                   seconds=time.time() - started))
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ one step
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """One optimizer step; returns the mean loss (device tensor), grad norm, targets seen."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        """One optimizer step: the mean loss and grad norm (device tensors), the LR the
+        step used, and the number of targets it saw.
+
+        Raises:
+            TrainingError: non-finite loss or gradient norm with ``on_nan: abort`` --
+                raised before ``optimizer.step()``, so the weights never take the update.
+            DataError: a batch holds an id >= ``vocab_size`` (a corrupt shard).
+        """
         tcfg = self.config.training
         accum = tcfg.grad_accum_steps
         loss_sum = torch.zeros((), device=self.plan.device)
         n_targets = 0
         for _ in range(accum):
             x_np, y_np = self.batches.batch(self.micro_step)
+            if int(x_np.max()) >= self.vocab_size or int(y_np.max()) >= self.vocab_size:
+                raise DataError(f"micro-batch {self.micro_step} holds a token id >= vocab_size {self.vocab_size}: "
+                                "the token shards are corrupt; delete the token cache to rebuild them")
             n_targets += int((y_np != -100).sum())
             x, y = self._to_device(x_np), self._to_device(y_np)
             with self.plan.autocast():
@@ -256,74 +421,87 @@ class Trainer:
             self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().float()
             self.micro_step += 1
-        grad_norm = None
-        if tcfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_sum / accum
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip or math.inf)
+        lr = self.optimizer.param_groups[0]["lr"]
+        # fp16: overflowing gradients are the GradScaler's business (it skips the step);
+        # a non-finite *loss* is a real divergence in every precision.
+        bad = ~torch.isfinite(loss) if self.plan.use_scaler else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if bool(bad):  # the one host-device sync of a step
+            self.optimizer.zero_grad(set_to_none=True)
+            if tcfg.on_nan == "abort":
+                latest = self.run.checkpoint_path("latest")
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step {self.step + 1}; "
+                    f"the update was not applied and nothing was saved; last good checkpoint: "
+                    f"{latest if latest.exists() else 'none'} (try a lower --lr, or --on-nan skip)"
+                )
+            self.scaler.update()
+            self.nan_skips += 1
+            self.emit(Notice(level="warning", message=f"step {self.step + 1}: non-finite loss or gradient norm; "
+                                                      f"update skipped ({self.nan_skips} so far)"))
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return loss_sum / accum, grad_norm, n_targets
+        return loss, grad_norm, lr, n_targets
 
-    def run_loop(self) -> None:
+    # ------------------------------------------------------------------ the loop
+
+    def run_loop(self, stop: StopRequest) -> None:
         tcfg = self.config.training
         flops_per_token = self.model.flops_per_token()
+        start_step = self.step
         self.emit(RunStarted(
             name=self.run.name, run_dir=str(self.run.path), preset=self.config.preset, model_type=self.config.model.type,
             n_params=self.n_params, device=str(self.plan.device), device_name=self.plan.description,
             precision=self.plan.precision, compile=tcfg.compile, max_steps=self.max_steps,
             steps_per_epoch=self.steps_per_epoch,
             tokens_per_step=tcfg.batch_size * tcfg.grad_accum_steps * self.config.model.block_size,
+            start_step=start_step,
         ))
         if self.plan.reason.startswith("auto"):
             self.emit(Notice(level="info", message=f"device {self.plan.device} ({self.plan.reason})"))
+        for note in getattr(self, "version_notes", []):
+            self.emit(Notice(level="warning", message=note))
         if tcfg.warmup_steps >= self.max_steps:
-            peak = tcfg.lr * self.max_steps / tcfg.warmup_steps
+            peak = tcfg.lr * (self.max_steps - 1) / tcfg.warmup_steps
             self.emit(Notice(level="warning", message=(
                 f"training.warmup_steps ({tcfg.warmup_steps}) >= the run's {self.max_steps} steps: the LR only "
                 f"reaches {peak:.2e} of its {tcfg.lr:.2e} peak; lower it with --set training.warmup_steps=N")))
-        self.t_start = time.time()
-        if tcfg.eval_at_start:
+        if tcfg.eval_at_start and start_step == 0:
             self.evaluate()
 
         self.model.train()
         window_loss = torch.zeros((), device=self.plan.device)
         window_steps, window_tokens = 0, 0
         window_start, paused = time.time(), 0.0
-        grad_norm: torch.Tensor | None = None
         while self.step < self.max_steps:
             prev_micro = self.micro_step
-            loss, grad_norm, n_targets = self.train_step()
+            loss, grad_norm, lr, n_targets = self.train_step()
             window_loss += loss
             window_steps += 1
             window_tokens += n_targets
             self.tokens += n_targets
-            self._committed = (self.micro_step, self.tokens)
 
             last = self.step == self.max_steps
-            if self.step % tcfg.log_interval == 0 or self.step == 1 or last:
+            if self.step % tcfg.log_interval == 0 or self.step == start_step + 1 or last:
                 mean = float(window_loss.item()) / window_steps
-                if not math.isfinite(mean):
-                    raise TrainingError(
-                        f"training loss is {mean} at step {self.step}; try a lower training.lr "
-                        f"or --set training.grad_clip=1.0 (last good checkpoint: "
-                        f"{self.run.checkpoint_path('latest') if self.run.checkpoint_path('latest').exists() else 'none'})"
-                    )
                 now = time.time()
                 seconds = max(1e-9, now - window_start - paused)
                 tok_per_s = window_tokens / seconds
                 self.last_train_loss = mean
                 self.emit(StepMetrics(
                     step=self.step, max_steps=self.max_steps, epoch=self.epoch(), tokens=self.tokens, loss=mean,
-                    lr=self.optimizer.param_groups[0]["lr"],
-                    grad_norm=float(grad_norm.item()) if grad_norm is not None else None,
+                    lr=lr, grad_norm=float(grad_norm.item()),
                     tok_per_s=tok_per_s, step_time_s=seconds / window_steps,
                     mfu=(flops_per_token * tok_per_s / self.plan.peak_flops) if self.plan.peak_flops else None,
                     gpu_mem_gb=(torch.cuda.max_memory_allocated(self.plan.device) / 2**30
                                 if self.plan.device.type == "cuda" else None),
-                    elapsed_s=now - self.t_start,
+                    elapsed_s=self.elapsed(),
                 ))
                 window_loss = torch.zeros((), device=self.plan.device)
                 window_steps, window_tokens = 0, 0
@@ -341,12 +519,19 @@ class Trainer:
                 tags.append(f"step_{self.step:07d}")
             if self._crossed(tcfg.checkpoint_every_epochs, prev_micro):
                 tags.append(f"epoch_{self.micro_step // self.micro_per_epoch:03d}")
-            if tags or evaluated or last:
+            if tags or evaluated or last or stop.requested:
                 self.save(["latest", *tags])
             paused += time.time() - pause_start
 
+            if stop.requested and not last:
+                raise Interrupted(
+                    f"stopped by {stop.name} at step {self.step}; saved {self.run.checkpoint_path('latest')}; "
+                    f"resume with: lmkit resume {self.run.path}",
+                    exit_code=128 + int(stop.signum),
+                )
+
     def summary(self, status: str) -> dict[str, Any]:
-        wall = time.time() - getattr(self, "t_start", time.time())
+        wall = self.elapsed() if hasattr(self, "t_session") else 0.0
         val = self.last_val
         return {
             "name": self.run.name,
@@ -364,6 +549,7 @@ class Trainer:
             "best_val_loss": self.best_val_loss if self.best_step is not None else None,
             "best_step": self.best_step,
             "final_metrics": dict(val.metrics) if val else {},
+            "nan_skips": self.nan_skips,
             "wall_time_s": round(wall, 3),
             "tok_per_s": round(self.tokens / wall, 1) if wall > 0 else None,
             "device": str(self.plan.device),
@@ -378,44 +564,80 @@ class Trainer:
         """Set up, train to ``max_steps``, write ``summary.json``; return the summary.
 
         Raises:
-            ConfigError / DataError: bad input (exit 2), before anything is written.
-            DeviceError: no CUDA for ``gpu_only``, missing device, CUDA OOM (exit 3).
+            ConfigError / DataError / CheckpointError: bad input (exit 2), before any step.
+            DeviceError: no CUDA for ``gpu_only``, missing device, out of memory (exit 3).
             TrainingError: non-finite loss (exit 1).
-            Interrupted: Ctrl-C, after ``latest`` was saved (exit 130).
+            Interrupted: SIGINT / SIGTERM, after ``latest`` was saved (exit 130 / 143).
         """
-        self.setup()
+        try:
+            self.setup()
+        except BaseException as exc:
+            if _is_memory_error(exc):
+                raise self._oom_error(exc) from None
+            raise
+        self.t_session = time.time()
         status = "failed"
         try:
-            try:
-                self.run_loop()
-                status = "completed"
-            except KeyboardInterrupt:
-                status = "interrupted"
-                # A step cut short leaves the weights as the last completed step left them.
-                self.micro_step, self.tokens = self._committed
-                self.optimizer.zero_grad(set_to_none=True)
-                self.save(["latest"])
-                raise Interrupted(
-                    f"interrupted at step {self.step}; saved {self.run.checkpoint_path('latest')}"
-                ) from None
-            except torch.OutOfMemoryError:
-                tcfg = self.config.training
-                static = 16 * self.n_params / 2**30
-                raise DeviceError(
-                    f"CUDA out of memory at batch size {tcfg.batch_size} (weights + grads + AdamW alone need "
-                    f"~{static:.2f} GiB before activations); try a smaller --batch-size with "
-                    "--set training.grad_accum_steps=N, --grad-checkpointing, or --bf16"
-                ) from None
+            with StopRequest() as stop:
+                self.run_loop(stop)
+            status = "completed"
+        except Interrupted:
+            status = "interrupted"
+            raise
+        except KeyboardInterrupt:
+            status = "aborted"  # second Ctrl-C: nothing saved, the last checkpoint untouched
+            raise
+        except BaseException as exc:
+            if _is_memory_error(exc):
+                raise self._oom_error(exc) from None
+            raise
         finally:
             summary = self.summary(status)
             self.run.write_summary(summary)
             self.emit(RunFinished(status=status, summary=summary))
         return summary
 
+    def _oom_error(self, exc: BaseException) -> DeviceError:
+        tcfg = self.config.training
+        n_params = getattr(self, "n_params", None)
+        static = ""
+        if n_params:
+            need = 16 * n_params  # fp32 weights + grads + AdamW's two moments
+            size = f"{need / 2**30:.2f} GiB" if need >= 2**30 else f"{need / 2**20:.1f} MiB"
+            static = f" (weights + grads + AdamW alone need ~{size} before activations)"
+        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "host"
+        return DeviceError(
+            f"out of {where} memory at batch size {tcfg.batch_size}{static}; try a smaller --batch-size with "
+            "--set training.grad_accum_steps=N, --grad-checkpointing, or --bf16"
+        )
+
 
 def train(config: RunConfig, emit: Callable[[Event], None] = null_emit) -> dict[str, Any]:
-    """Train ``config`` and return its summary (see :meth:`Trainer.run`)."""
+    """Train ``config`` as a new run and return its summary (see :meth:`Trainer.run`)."""
     return Trainer(config, emit).run()
 
 
-__all__ = ["Trainer", "train", "seed_everything", "rng_state"]
+def resume(run: str | Path, emit: Callable[[Event], None] = null_emit, *, checkpoint: str | None = None,
+           overrides: Iterable[str] = (), flags: Mapping[str, tuple[str, Any]] | None = None,
+           out_dir: str | Path = "runs") -> dict[str, Any]:
+    """Continue the run directory ``run`` (a path, or a name under ``out_dir``).
+
+    Args:
+        checkpoint: ``None`` for the newest complete checkpoint (skipping corrupt ones,
+            with a warning), or ``latest``/``best``/``step_…``/``epoch_…``/a path (an error,
+            exit 2, when that one is corrupt).
+        overrides / flags: allowed config changes (see :mod:`lmkit.training.resume`).
+
+    Raises:
+        ConfigError: no such run, or a change that would make it a different run.
+        CheckpointError: no usable checkpoint.
+    """
+    run_dir = RunDir.existing(run, out_dir)
+    config, changes = resume_config(run_dir.config_path, overrides, flags)
+    if config.name != run_dir.name:  # the folder was copied or renamed: it is the run now
+        changes["name"] = (config.name, run_dir.name)
+        config = config.model_copy(update={"name": run_dir.name, "out_dir": str(run_dir.path.parent)})
+    return Trainer(config, emit, resume_dir=run_dir.path, checkpoint=checkpoint, config_changes=changes).run()
+
+
+__all__ = ["Trainer", "resume", "rng_state", "seed_everything", "set_rng_state", "train"]

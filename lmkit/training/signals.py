@@ -1,0 +1,49 @@
+"""Stop training cleanly on SIGINT (Ctrl-C) and SIGTERM (preemption, ``kill``, SLURM).
+
+The first signal only sets :attr:`StopRequest.signum`; the loop notices it after the
+current optimizer step, saves ``latest`` and stops with exit code 128 + signal number
+(130 for SIGINT, 143 for SIGTERM). A second Ctrl-C raises ``KeyboardInterrupt`` at once
+(abort without saving; atomic saves mean the last good checkpoint is untouched).
+The handlers that were installed before are restored on exit.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+
+class StopRequest:
+    """Context manager installing the handlers (main thread only; elsewhere a no-op)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        self.signum = signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
