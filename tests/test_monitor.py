@@ -26,7 +26,8 @@ EVAL = EvalResult(step=100, epoch=1.6, tokens=60000, split="val", loss=1.9, is_b
                   metrics={"ppl": 6.7, "acc_val": 0.015, "acc_flat": 0.0, "acc_paren": 0.01, "paren_gap": 0.01})
 FINISHED = RunFinished(status="completed", summary={"name": "demo", "steps": 100, "tokens": 60000,
                                                     "wall_time_s": 5.0, "run_dir": "runs/demo",
-                                                    "final_val_loss": 1.9, "best_val_loss": 1.9, "best_step": 100,
+                                                    "final_val_loss": 1.9, "final_val_step": 100,
+                                                    "best_val_loss": 1.9, "best_step": 100,
                                                     "final_metrics": {"acc_flat": 0.0, "acc_paren": 0.01}})
 SCRIPT = [DataProgress(stage="tokenize train", completed=10, total=10), STARTED, STEP, EVAL,
           CheckpointSaved(step=100, path="runs/demo/checkpoints/latest.pt", tags=("latest", "best"), val_loss=1.9,
@@ -58,6 +59,14 @@ def test_plain_log_survives_a_closed_pipe():
     for event in SCRIPT:
         log(event)  # must not raise: training goes on when `| head` exits
     assert log.closed
+
+
+def test_summary_without_a_best_yet():
+    out = io.StringIO()
+    PlainLog(out)(RunFinished(status="interrupted", summary={"steps": 7, "tokens": 100, "wall_time_s": 1.0,
+                                                             "final_val_loss": 3.5, "final_val_step": 0,
+                                                             "best_val_loss": None, "best_step": None}))
+    assert "interrupted: 7 steps" in out.getvalue() and "val loss 3.5000 at step 0" in out.getvalue()
 
 
 def test_rich_progress_renders_into_a_recorded_console():

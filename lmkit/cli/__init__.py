@@ -13,6 +13,7 @@ import typer
 
 from lmkit import __version__
 from lmkit.cli import _common
+from lmkit.cli.resume import resume_command
 from lmkit.cli.train import train_command
 
 app = typer.Typer(
@@ -52,6 +53,18 @@ app.command(
     ),
     no_args_is_help=False,
 )(train_command)
+
+
+app.command(
+    "resume",
+    help=resume_command.__doc__,
+    epilog=(
+        "Examples:\n\n"
+        "  lmkit resume runs/pilot-20261121-101500        # newest complete checkpoint\n\n"
+        "  lmkit resume runs/big --max-steps 40000        # train longer than first planned\n\n"
+        "  lmkit resume runs/big --checkpoint step_0020000 --device cuda:1"
+    ),
+)(resume_command)
 
 
 def main() -> None:

@@ -25,6 +25,23 @@ def error_line(message: str) -> None:
     sys.stderr.flush()
 
 
+def render_run(job: Callable[[Callable], dict], *, no_tui: bool, json_out: bool) -> dict:
+    """Run ``job(emit)`` with the right renderer: a Rich progress line on a terminal,
+    plain lines otherwise (to stderr when ``--json`` owns stdout)."""
+    from lmkit.monitor.console import PlainLog, RichProgress
+
+    stream = sys.stderr if json_out else sys.stdout
+    if stream.isatty() and not no_tui:
+        from rich.console import Console
+
+        renderer = RichProgress(Console(file=stream))
+        try:
+            return job(renderer)
+        finally:
+            renderer.close()
+    return job(PlainLog(stream))
+
+
 def handle_errors(func: F) -> F:
     """Decorator for command bodies: turn lmkit's errors into one line and an exit code."""
 
@@ -42,7 +59,7 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             if DEBUG:
                 raise
-            error_line("interrupted")
+            error_line("aborted by a second Ctrl-C; nothing was saved, the last checkpoint is untouched")
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - last line of defence, one line instead of a traceback
             if DEBUG:

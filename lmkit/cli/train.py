@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from lmkit.cli._common import handle_errors
+from lmkit.cli._common import handle_errors, render_run
 from lmkit.config import available_presets
 from lmkit.errors import ConfigError
 
@@ -38,6 +38,10 @@ def train_command(
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward."),
     overrides: list[str] = typer.Option([], "--set", help="Override any config key, e.g. --set training.lr=3e-4 "
                                         "(repeatable)."),
+    on_nan: str = typer.Option(None, "--on-nan", help="abort (default: stop before the update, exit 1) or skip "
+                               "a step whose loss or gradient norm is not finite."),
+    resume_run: bool = typer.Option(False, "--resume", help="Continue runs/NAME (needs --name) instead of starting "
+                                    "a new run; the same as `lmkit resume runs/NAME`."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Plain log lines even on a terminal."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout at the end."),
 ) -> None:
@@ -47,8 +51,6 @@ def train_command(
 
     if fp16 and bf16:
         raise ConfigError("--fp16 and --bf16: choose one precision")
-    if max_steps is not None and epochs is not None:
-        raise ConfigError("--max-steps and --epochs: choose one way to set the length of training")
 
     flags: dict[str, tuple[str, Any]] = {}
     for key, label, value in (
@@ -73,30 +75,37 @@ def train_command(
         flags["training.gpu_only"] = ("--gpu-only", True)
     if grad_checkpointing:
         flags["training.grad_checkpointing"] = ("--grad-checkpointing", True)
-    if max_steps is not None:
-        flags["training.max_steps"] = ("--max-steps", max_steps)
-        flags["training.epochs"] = ("--max-steps", None)
-    if epochs is not None:
-        flags["training.epochs"] = ("--epochs", epochs)
-        flags["training.max_steps"] = ("--epochs", None)
+    flags.update(length_flags(max_steps, epochs))
+    if on_nan is not None:
+        flags["training.on_nan"] = ("--on-nan", on_nan)
 
-    config = build_run_config(preset, overrides, flags)
+    if resume_run:
+        if name is None:
+            raise ConfigError("--resume: name the run to continue with --name (or use `lmkit resume runs/NAME`)")
+        from lmkit.training.loop import resume
 
-    from lmkit.monitor.console import PlainLog, RichProgress
-    from lmkit.training.loop import train
-
-    stream = sys.stderr if json_out else sys.stdout
-    renderer: Any
-    if stream.isatty() and not no_tui:
-        from rich.console import Console
-
-        renderer = RichProgress(Console(file=stream))
+        summary = render_run(lambda emit: resume(name, emit, overrides=overrides, flags=flags,
+                                                 out_dir=str(out_dir) if out_dir is not None else "runs"),
+                             no_tui=no_tui, json_out=json_out)
     else:
-        renderer = PlainLog(stream)
-    try:
-        summary = train(config, emit=renderer)
-    finally:
-        if isinstance(renderer, RichProgress):
-            renderer.close()
+        config = build_run_config(preset, overrides, flags)
+        from lmkit.training.loop import train
+
+        summary = render_run(lambda emit: train(config, emit=emit), no_tui=no_tui, json_out=json_out)
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+
+
+def length_flags(max_steps: int | None, epochs: int | None) -> dict[str, tuple[str, Any]]:
+    """``--max-steps`` / ``--epochs`` as config flags; setting one clears the other.
+
+    Raises:
+        ConfigError: both given.
+    """
+    if max_steps is not None and epochs is not None:
+        raise ConfigError("--max-steps and --epochs: choose one way to set the length of training")
+    if max_steps is not None:
+        return {"training.max_steps": ("--max-steps", max_steps), "training.epochs": ("--max-steps", None)}
+    if epochs is not None:
+        return {"training.epochs": ("--epochs", epochs), "training.max_steps": ("--epochs", None)}
+    return {}

@@ -105,9 +105,12 @@ class PreparedData:
                 f"model.vocab_size: {vocab} is smaller than the {self.tokenizer.kind} tokenizer's "
                 f"vocabulary ({self.tokenizer.vocab_size}); remove model.vocab_size or raise it"
             )
-        if self.max_id >= vocab:
+        max_id = self.max_id
+        if self.shards is not None:
+            max_id = max(max_id, self.shards.scan_max_id())
+        if max_id >= vocab:
             raise DataError(
-                f"the data holds token id {self.max_id}, but model.vocab_size is {vocab}; "
+                f"the data holds token id {max_id}, but model.vocab_size is {vocab}; "
                 "the shards were made with another tokenizer -- delete the token cache or fix data.tokenizer"
             )
         if self.task == "lm" and self.shards is not None:

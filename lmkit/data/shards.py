@@ -81,6 +81,20 @@ class TokenShards:
     def max_id(self, split: str) -> int:
         return int(self.meta["splits"][split]["max_id"])
 
+    #: Shards up to this many tokens are scanned for out-of-range ids at start-up; larger
+    #: ones rely on meta.json and the per-batch check of the training loop.
+    SCAN_LIMIT = 1 << 28
+
+    def scan_max_id(self) -> int:
+        """The largest id actually stored in the (not too large) shards, -1 if none scanned."""
+        largest = -1
+        for split in self.splits:
+            if self.count(split) <= self.SCAN_LIMIT:
+                tokens = self.tokens(split)
+                for start in range(0, len(tokens), 1 << 24):
+                    largest = max(largest, int(tokens[start : start + (1 << 24)].max()))
+        return largest
+
     def tokens(self, split: str) -> np.ndarray:
         """The ids of ``split`` as a 1-D read-only memmap.
 

@@ -105,11 +105,17 @@ def finished_lines(e: RunFinished) -> list[str]:
         f"{fmt_duration(s.get('wall_time_s', float('nan')))} -> {s.get('run_dir', '')}"
     ]
     if s.get("final_val_loss") is not None:
-        lines.append(f"val loss {s['final_val_loss']:.4f} (best {s['best_val_loss']:.4f} at step {s['best_step']})")
+        best = (f" (best {s['best_val_loss']:.4f} at step {s['best_step']})"
+                if s.get("best_val_loss") is not None else "")
+        lines.append(f"val loss {s['final_val_loss']:.4f} at step {val_step(s)}{best}")
     metrics = s.get("final_metrics") or {}
     if metrics:
         lines.append(" | ".join(fmt_metric(k, v) for k, v in metrics.items()))
     return lines
+
+
+def val_step(summary: dict) -> str:
+    return str(summary.get("final_val_step", "?"))
 
 
 class PlainLog:

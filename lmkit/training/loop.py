@@ -21,9 +21,11 @@ Stopping: SIGINT and SIGTERM finish the current step, save ``latest`` and exit 1
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
 import re
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -145,6 +147,10 @@ class Trainer:
         self.resume_dir = resume_dir
         self.checkpoint_choice = checkpoint
         self.config_changes = dict(config_changes or {})
+        # Test hook: LMKIT_TEST_SIGNAL="MICRO:SIGNAME" sends the signal to this process right
+        # after micro-batch MICRO, to place an interruption mid-accumulation deterministically.
+        hook = os.environ.get("LMKIT_TEST_SIGNAL", "")
+        self._test_signal = (int(hook.split(":")[0]), getattr(signal, hook.split(":")[1])) if ":" in hook else None
 
     # ------------------------------------------------------------------ set-up
 
@@ -421,6 +427,8 @@ class Trainer:
             self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().float()
             self.micro_step += 1
+            if self._test_signal is not None and self._test_signal[0] == self.micro_step:
+                os.kill(os.getpid(), self._test_signal[1])
         loss = loss_sum / accum
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip or math.inf)
@@ -546,6 +554,7 @@ class Trainer:
             "tokens": self.tokens,
             "final_train_loss": self.last_train_loss,
             "final_val_loss": val.loss if val else None,
+            "final_val_step": val.step if val else None,
             "best_val_loss": self.best_val_loss if self.best_step is not None else None,
             "best_step": self.best_step,
             "final_metrics": dict(val.metrics) if val else {},

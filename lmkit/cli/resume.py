@@ -1,0 +1,48 @@
+"""``lmkit resume RUN``: continue a run exactly where it stopped."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+
+from lmkit.cli._common import handle_errors, render_run
+
+
+@handle_errors
+def resume_command(
+    run: str = typer.Argument(..., help="Run directory (runs/NAME) or a run name under --out-dir."),
+    checkpoint: str = typer.Option(None, "--checkpoint", "-c",
+                                   help="latest, best, step_…, epoch_… or a path (default: the newest complete "
+                                        "checkpoint, skipping corrupt ones)."),
+    out_dir: str = typer.Option("runs", "--out-dir", help="Where run names are looked up."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Train to this many optimizer steps in all."),
+    epochs: int = typer.Option(None, "--epochs", help="Train to this many epochs in all."),
+    device: str = typer.Option(None, "--device", help="auto, cuda, cuda:N, mps or cpu."),
+    gpu_only: bool = typer.Option(False, "--gpu-only", help="Exit 3 before any step unless training on CUDA."),
+    on_nan: str = typer.Option(None, "--on-nan", help="abort (default) or skip a step with a non-finite loss."),
+    overrides: list[str] = typer.Option([], "--set", help="Allowed changes only: lengths, eval/log/checkpoint "
+                                        "intervals, device, compile (repeatable)."),
+    no_tui: bool = typer.Option(False, "--no-tui", help="Plain log lines even on a terminal."),
+    json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout at the end."),
+) -> None:
+    """Continue a run from its newest complete checkpoint: weights, optimizer, LR schedule, GradScaler,
+    data position and RNG states are restored, so the steps are the ones an uninterrupted run takes."""
+    from lmkit.cli.train import length_flags
+
+    flags: dict[str, tuple[str, Any]] = length_flags(max_steps, epochs)
+    if device is not None:
+        flags["training.device"] = ("--device", device)
+    if gpu_only:
+        flags["training.gpu_only"] = ("--gpu-only", True)
+    if on_nan is not None:
+        flags["training.on_nan"] = ("--on-nan", on_nan)
+
+    from lmkit.training.loop import resume
+
+    summary = render_run(lambda emit: resume(run, emit, checkpoint=checkpoint, overrides=overrides, flags=flags,
+                                             out_dir=out_dir), no_tui=no_tui, json_out=json_out)
+    if json_out:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
