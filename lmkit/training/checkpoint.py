@@ -229,6 +229,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         text = str(exc)
         if "Unsupported global" in text or "weights_only" in text.lower():
             why = "it contains Python objects that would run code when loaded; refused"
+        elif "central directory" in text or "EOF" in text or isinstance(exc, EOFError):
+            why = "truncated: the end of the file is missing"
         else:
             why = f"truncated or not a checkpoint: {first_line(exc, 120)}"
         raise CheckpointError(f"{path}: cannot be loaded ({why})") from None
