@@ -116,3 +116,23 @@ def test_bit_flip_is_caught_by_the_manifest(reference, tmp_path):
     torch.save(state, corrupt)
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(corrupt)
+
+
+def test_logs_hold_each_step_once_after_a_crash(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tmp_path / "p.yaml").write_text(PRESET)
+    # Killed before the third save (step 9): the session logged steps 7-9 past its last checkpoint.
+    killed = subprocess.run([sys.executable, "-m", "lmkit", "train", "--preset", "p.yaml", "--name", "logs"],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, **ENV, "LMKIT_TEST_CRASH": "save=3,at=before_write"})
+    assert killed.returncode == -9
+    resumed = run_cli("train", "--resume", "--name", "logs", cwd=tmp_path, env=ENV)  # = lmkit resume runs/logs
+    assert resumed.returncode == 0, resumed.stderr
+    run = tmp_path / "runs/logs"
+    rows = [__import__("json").loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 6, 12]
+    tb = EventAccumulator(str(run / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/loss")] == list(range(1, 13))

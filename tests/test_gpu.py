@@ -56,3 +56,25 @@ def test_mfu_is_reported_on_a_known_gpu(tmp_path, tiny_preset):
     trainer.run()
     mfus = [e.mfu for e in summary_rows if getattr(e, "kind", "") == "step"]
     assert mfus and all(m is not None and 0 < m < 1 for m in mfus)
+
+
+def test_bitwise_resume_fp16_restores_the_grad_scaler(tmp_path):
+    preset = tmp_path / "fp16.yaml"
+    preset.write_text(
+        "model: {n_layer: 2, n_head: 2, n_embd: 64, block_size: 32, pos_encoding: rope, dropout: 0.1}\n"
+        "data: {dataset: arithmetic, tokenizer: char, arithmetic: {n_train: 256, n_val: 32}}\n"
+        "training: {batch_size: 16, grad_accum_steps: 2, max_steps: 24, lr: 3.0e-3, warmup_steps: 4, log_interval: 1,"
+        " eval_interval: 8, precision: fp16, device: cuda, seed: 5}\n"
+    )
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert run_cli("train", "--preset", str(preset), "--name", "a", cwd=tmp_path, env=env).returncode == 0
+    cut = run_cli("train", "--preset", str(preset), "--name", "b", cwd=tmp_path,
+                  env={**env, "LMKIT_TEST_SIGNAL": "19:SIGTERM"})
+    assert cut.returncode == 143, cut.stderr
+    assert run_cli("resume", "runs/b", cwd=tmp_path, env=env).returncode == 0
+    a = torch.load(tmp_path / "runs/a/checkpoints/latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "runs/b/checkpoints/latest.pt", weights_only=True)
+    assert a["scaler"]["scale"] == b["scaler"]["scale"]
+    assert a["scaler"]["_growth_tracker"] == b["scaler"]["_growth_tracker"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
