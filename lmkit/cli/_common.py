@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from lmkit.errors import LmkitError
+from lmkit.errors import Interrupted, LmkitError
 
 DEBUG = False
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,6 +51,9 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except typer.Exit:
             raise
+        except Interrupted as exc:  # a requested stop, not an error
+            sys.stderr.write(f"{exc}\n")
+            raise typer.Exit(exc.exit_code) from None
         except LmkitError as exc:
             if DEBUG:
                 raise
