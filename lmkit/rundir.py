@@ -13,7 +13,9 @@
       summary.json       params, steps, tokens, best/final val loss, wall time
 
 A new run claims its folder atomically (an exclusive create of ``config.yaml``), so two
-runs started at once never share one.
+runs started at once never share one; a training process holds an exclusive lock on
+``.lock`` for as long as it writes the folder, so a second process (another resume, say)
+is refused instead of interleaving its writes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._claimed = False
+        self._lock_file: Any = None
 
     config_path = property(lambda self: self.path / "config.yaml")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
@@ -67,8 +70,12 @@ class RunDir:
             run = cls(out_dir / name)
             try:
                 run.path.mkdir(parents=True, exist_ok=True)
-                fd = os.open(run.config_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(run.config_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
+                if run._never_started():  # a run stopped during set-up: its folder is free again
+                    run._claimed = True
+                    run.write_config(config.model_copy(update={"name": name}))
+                    return run
                 if config.name is not None:
                     raise ConfigError(
                         f"--name {name}: {run.path} already holds a run; pick another --name, "
@@ -79,24 +86,71 @@ class RunDir:
                 raise ConfigError(f"--out-dir {out_dir}: cannot create {run.path} ({exc.strerror})") from None
             os.close(fd)
             run._claimed = True
+            run.lock()
+            run.write_config(config.model_copy(update={"name": name}))
             return run
         raise ConfigError(f"--out-dir {out_dir}: too many runs named {base}-N")  # pragma: no cover
 
-    def release(self) -> None:
-        """Undo :meth:`claim` when set-up failed before anything was written."""
-        if not self._claimed:
-            return
+    def _never_started(self) -> bool:
+        """True (and the folder locked) when it holds a config but no run ever wrote to it."""
         try:
-            if self.config_path.exists() and self.config_path.stat().st_size == 0:
-                self.config_path.unlink()
-            self.path.rmdir()  # only succeeds when nothing else was written
-        except OSError:
-            pass
+            self.lock()
+        except ConfigError:
+            return False
+        started = self.metrics_path.exists() or any(self.checkpoints.glob("*.pt"))
+        if started:
+            self.unlock()
+        return not started
+
+    def release(self) -> None:
+        """Undo :meth:`claim` when set-up failed before training wrote anything."""
+        if self._claimed:
+            for path in (self.config_path, self.path / ".lock"):
+                path.unlink(missing_ok=True)
+            try:
+                self.path.rmdir()  # only succeeds when nothing else is there
+            except OSError:
+                pass
+        self.unlock()
 
     def create(self) -> None:
         for sub in (self.path, self.checkpoints, self.tb_dir):
             sub.mkdir(parents=True, exist_ok=True)
         self._claimed = False
+
+    # ------------------------------------------------------------------ lock
+
+    def lock(self) -> None:
+        """Take the run's exclusive lock for this process (released at :meth:`unlock` or exit).
+
+        Raises:
+            ConfigError: another process holds it.
+        """
+        if self._lock_file is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks
+            return
+        handle = (self.path / ".lock").open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            pid = handle.read().strip() or "?"
+            handle.close()
+            raise ConfigError(f"{self.path} is in use by another lmkit process (pid {pid}); "
+                              "wait for it to finish or stop it first") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file = handle
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     # ------------------------------------------------------------------ existing runs
 
@@ -165,8 +219,20 @@ def default_run_name(config: RunConfig) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        pass

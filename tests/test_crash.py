@@ -66,6 +66,11 @@ def test_sigkill_inside_checkpoint_saving_never_loses_a_complete_checkpoint(refe
             load_checkpoint(path)  # every checkpoint left behind is complete
         final = torch.load(ckpts / "latest.pt", weights_only=True)
         assert final["step"] == 12, plan
+        # the tags agree with the run's own records
+        summary = __import__("json").loads((root / "runs" / name / "summary.json").read_text())
+        assert torch.load(ckpts / "best.pt", weights_only=True)["step"] == summary["best_step"], plan
+        for path in ckpts.glob("step_*.pt"):
+            assert torch.load(path, weights_only=True)["step"] == int(path.stem.split("_")[1]), (plan, path)
         for key, value in ref_state["model"].items():
             assert torch.equal(final["model"][key], value), (plan, key)
 

@@ -62,7 +62,7 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             if DEBUG:
                 raise
-            error_line("aborted by a second Ctrl-C; nothing was saved, the last checkpoint is untouched")
+            error_line("interrupted; nothing was saved")
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - last line of defence, one line instead of a traceback
             if DEBUG:

@@ -5,10 +5,11 @@ folder, which is flushed and fsynced, renamed over the target with ``os.replace`
 the folder is fsynced. A crash at any moment leaves the old file or the new one, never
 half of one; the temporary file of an interrupted save is removed by the next resume.
 
-Integrity: every checkpoint carries a ``manifest`` with a CRC-32 over the bytes of all
-its tensors in a fixed order, plus the step and versions. :func:`load_checkpoint`
-refuses a file that does not load (truncated: the zip directory at its end is
-missing) or whose tensors do not match the manifest (bit rot, partial overwrite).
+Integrity: every checkpoint carries a ``manifest`` with a CRC-32 over everything in it --
+the bytes of every tensor and a canonical text of every other value (step counters,
+RNG lists, optimizer hyper-parameters, config) -- in a fixed order. :func:`load_checkpoint`
+refuses a file that does not load (truncated: the zip directory at its end is missing)
+or whose contents do not match the manifest (bit rot, a partial overwrite).
 
 Safety: files are read with ``torch.load(weights_only=True)``. A checkpoint is tensors
 and plain Python types; a pickle that would need code to load is refused, never run.
@@ -33,6 +34,9 @@ import torch
 from lmkit.errors import CheckpointError, first_line
 
 FORMAT = 2
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 _PREFIXES = ("_orig_mod.", "module.")
 TMP_PATTERN = re.compile(r"^\..+\.tmp$")
 
@@ -57,27 +61,32 @@ def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _tensors(value: Any, path: str = ""):
-    """Every tensor in a nested structure, with a stable path, in a fixed order."""
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif isinstance(value, dict):
+def _leaves(value: Any, path: str = ""):
+    """Every leaf of a nested structure with a stable path, in a fixed order."""
+    if isinstance(value, dict):
         for key in sorted(value, key=str):
-            yield from _tensors(value[key], f"{path}/{key}")
+            yield from _leaves(value[key], f"{path}/{key}")
     elif isinstance(value, (list, tuple)):
+        yield path, f"<{type(value).__name__}:{len(value)}>"
         for i, item in enumerate(value):
-            yield from _tensors(item, f"{path}/{i}")
+            yield from _leaves(item, f"{path}/{i}")
+    else:
+        yield path, value
 
 
 def tensor_checksum(state: dict[str, Any]) -> tuple[str, int]:
-    """CRC-32 over the raw bytes of every tensor in ``state`` (``manifest`` excluded), and
-    how many tensors there were."""
+    """CRC-32 over every leaf of ``state`` (``manifest`` excluded) -- raw bytes for tensors,
+    ``repr`` for plain values (exact for floats) -- and the number of tensors."""
     crc, count = 0, 0
-    for path, tensor in _tensors({k: v for k, v in state.items() if k != "manifest"}):
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    for path, leaf in _leaves({k: v for k, v in state.items() if k != "manifest"}):
         crc = zlib.crc32(path.encode(), crc)
-        crc = zlib.crc32(data, crc)
-        count += 1
+        if isinstance(leaf, torch.Tensor):
+            data = leaf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            crc = zlib.crc32(f"{leaf.dtype}{tuple(leaf.shape)}".encode(), crc)
+            crc = zlib.crc32(data, crc)
+            count += 1
+        else:
+            crc = zlib.crc32(repr(leaf).encode(), crc)
     return f"{crc:08x}", count
 
 
@@ -165,6 +174,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> int:
             os.fsync(f.fileno())
         _maybe_die(plan, "after_fsync")
         size = tmp.stat().st_size
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; checkpoints are ordinary files
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -188,8 +198,11 @@ def link_checkpoint(source: Path, target: Path) -> None:
         tmp.unlink()
         try:
             os.link(source, tmp)
-        except OSError:
+        except OSError:  # no hard links here: a durable copy instead
             shutil.copyfile(source, tmp)
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _FILE_MODE)
         _maybe_die(plan, "after_link")
         os.replace(tmp, target)
     except BaseException:
@@ -246,6 +259,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if checksum != manifest["checksum"] or count != manifest.get("tensors"):
         raise CheckpointError(f"{path}: corrupt (tensor checksum {checksum} != manifest {manifest['checksum']})")
     return state
+
+
+def peek_step(path: Path) -> int | None:
+    """The step stored in a checkpoint, read through a memory map (no full load);
+    ``None`` when the file cannot be read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 - any unreadable file
+        return None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,15 @@ from lmkit import __version__
 from lmkit.config import RunConfig
 from lmkit.data import PreparedData, make_train_batches, prepare_data
 from lmkit.data.batching import example_batches_in_order, sequential_windows
-from lmkit.errors import CheckpointError, DataError, DeviceError, Interrupted, TrainingError
+from lmkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeviceError,
+    Interrupted,
+    TrainingError,
+    first_line,
+)
 from lmkit.evaluation.arithmetic import arithmetic_metrics
 from lmkit.evaluation.lm import mean_loss, perplexity
 from lmkit.events import (
@@ -63,6 +71,7 @@ from lmkit.training.checkpoint import (
     link_checkpoint,
     load_checkpoint,
     newest_complete,
+    peek_step,
     remove_stale_temp_files,
     save_checkpoint,
 )
@@ -70,7 +79,7 @@ from lmkit.training.device import DevicePlan, plan_device
 from lmkit.training.optim import build_optimizer
 from lmkit.training.resume import resume_config
 from lmkit.training.schedule import build_scheduler
-from lmkit.training.signals import StopRequest
+from lmkit.training.signals import StopNow, StopRequest
 
 CHECKPOINT_FORMAT_KEYS = ("model", "optimizer", "scheduler", "step", "micro_step", "rng")
 
@@ -161,13 +170,19 @@ class Trainer:
         resume_state: dict[str, Any] | None = None
         if self.resume_dir is not None:
             self.run = RunDir(self.resume_dir)
+            self.run.lock()
             self.removed_temp = remove_stale_temp_files(self.run.checkpoints)
-            resume_state, self.resume_path, self.skipped = self._pick_checkpoint()
+            try:
+                resume_state, self.resume_path, self.skipped = self._pick_checkpoint()
+            except BaseException:
+                self.run.unlock()
+                raise
         else:
             self.run = RunDir.claim(cfg)
             cfg.name = self.run.name
         try:
-            self._build(resume_state)
+            with StopNow():
+                self._build(resume_state)
         except BaseException:
             self.run.release()
             raise
@@ -189,6 +204,8 @@ class Trainer:
             self.user_emit(event)
 
         self.data: PreparedData = prepare_data(cfg.data, emit_data)
+        if os.environ.get("LMKIT_TEST_SIGNAL_SETUP"):  # test hook: a signal during set-up
+            os.kill(os.getpid(), getattr(signal, os.environ["LMKIT_TEST_SIGNAL_SETUP"]))
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = self.data.tokenizer.vocab_size
         self.data.check_model(cfg.model)
@@ -225,18 +242,26 @@ class Trainer:
         self.last_val: EvalResult | None = None
         self.last_train_loss: float | None = None
         self.periodic: dict[str, list[Path]] = {"step": [], "epoch": []}
+        self.window = {"loss_sum": 0.0, "steps": 0}  # the log window in progress
         if resume_state is not None:
             self._restore(resume_state)
+            if self.max_steps <= self.step:
+                raise ConfigError(
+                    f"resume: {self.run.path} is already at step {self.step} of {self.max_steps}; "
+                    f"to train further pass --max-steps N with N > {self.step} (or a larger --epochs)"
+                )
         self.train_model = torch.compile(self.model) if tcfg.compile else self.model
         self.vocab_size = cfg.model.vocab_size
 
         self.run.create()
         self.run.write_config(cfg)
+        self.superseded: list[Path] = []
         if resume_state is None:
             self.data.tokenizer.save(self.run.tokenizer_dir)
             dropped = 0
         else:
             dropped, _ = self.run.drop_records_after(self.step)
+            self.superseded = self._align_checkpoints(resume_state)
         writers: list[Callable[[Event], None]] = [MetricsWriter(self.run.metrics_path),
                                                   EventsWriter(self.run.events_path)]
         if tcfg.tensorboard:
@@ -255,11 +280,16 @@ class Trainer:
                 self.emit(Notice(level="warning", message=f"skipped {path}: {why}; resuming from {self.resume_path}"))
             for path in self.removed_temp:
                 self.emit(Notice(level="info", message=f"removed {path}, left by an interrupted save"))
+            if self.superseded:
+                self.emit(Notice(level="info", message=(
+                    f"moved {len(self.superseded)} checkpoint(s) past step {self.step} or unreadable to "
+                    f"{self.superseded[0].parent} ({', '.join(p.name for p in self.superseded)})")))
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         missing = [k for k in CHECKPOINT_FORMAT_KEYS if k not in state]
         if missing:
             raise CheckpointError(f"{self.resume_path}: cannot resume from it (missing {', '.join(missing)})")
+        self._check_checkpoint_config(state)
         if int(state.get("world_size", 1)) != 1:
             raise CheckpointError(f"{self.resume_path}: written by {state['world_size']} processes; "
                                   "resume it with the same number of processes")
@@ -281,10 +311,65 @@ class Trainer:
                 self.version_notes.append(f"checkpoint written by {key.split('_')[0]} {then}, now {now}: "
                                           "the continuation may differ from an uninterrupted run in the last bits")
 
+    def _align_checkpoints(self, state: dict[str, Any]) -> list[Path]:
+        """Resuming from anything but a complete ``latest.pt`` of the newest step: move the
+        checkpoints of later steps (an abandoned continuation) and unreadable ones to
+        ``checkpoints/superseded/``, and make ``latest.pt`` the state resumed from, so that
+        a crash before the next save resumes from here again."""
+        latest = self.run.checkpoint_path("latest")
+        if self.resume_path == latest:
+            return []
+        aside = self.run.checkpoints / "superseded"
+        moved = []
+        for path in sorted(self.run.checkpoints.glob("*.pt")):
+            if path == self.resume_path:
+                continue
+            step = peek_step(path)
+            if step is None or step > self.step:
+                aside.mkdir(exist_ok=True)
+                target = aside / path.name
+                if target.exists():
+                    target = aside / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.pt"
+                os.replace(path, target)
+                moved.append(target)
+        if self.resume_path.parent == self.run.checkpoints:
+            link_checkpoint(self.resume_path, latest)
+        else:
+            save_checkpoint({k: v for k, v in state.items() if k != "manifest"}, latest)
+        return moved
+
+    def _check_checkpoint_config(self, state: dict[str, Any]) -> None:
+        """The checkpoint must come from this run's model, data and optimisation: a
+        hand-edited ``config.yaml`` or another run's checkpoint is refused, naming the keys."""
+        from lmkit.config import RunConfig
+        from lmkit.training.resume import SAFE_KEYS, config_changes
+
+        try:
+            saved = RunConfig.model_validate(state.get("config") or {})
+        except Exception:  # noqa: BLE001 - an incompatible or missing config
+            raise CheckpointError(f"{self.resume_path}: holds no config this lmkit can read") from None
+        ignore = {"name", "out_dir", "preset"}
+        unsafe = {k: v for k, v in config_changes(saved, self.config).items() if k not in SAFE_KEYS | ignore}
+        if unsafe:
+            listed = ", ".join(f"{k} = {old!r} (now {new!r})" for k, (old, new) in unsafe.items())
+            raise CheckpointError(
+                f"{self.resume_path}: was trained with {listed}; config.yaml was edited or the checkpoint is "
+                "from another run -- restore the config or start a new run"
+            )
+
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{self.resume_path}: does not fit this model ({first_line(exc, 160)})") from None
         self.scheduler.load_state_dict(state["scheduler"])
+        # A changed length re-targets the schedule: the next step must use the new
+        # schedule's LR (the saved one was computed for the old end).
+        for group, base_lr, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                      self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base_lr * fn(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # noqa: SLF001
         if state.get("scaler") and self.plan.use_scaler:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -295,9 +380,15 @@ class Trainer:
         self.nan_skips = int(state.get("nan_skips", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.last_train_loss = state.get("last_train_loss")
+        self.window = dict(state.get("log_window") or self.window)
+        last = state.get("last_val")
+        if last:
+            self.last_val = EvalResult(step=last["step"], epoch=last["epoch"], tokens=last["tokens"], split="val",
+                                       loss=last["loss"], metrics=dict(last["metrics"]), is_best=False, elapsed_s=0.0)
+        epoch_now = self.micro_step // self.micro_per_epoch
         for path in sorted(self.run.checkpoints.glob("*.pt")):
             match = _PERIODIC.match(path.name)
-            if match:
+            if match and int(match.group(2)) <= (self.step if match.group(1) == "step" else epoch_now):
                 self.periodic[match.group(1)].append(path)
         for kind in self.periodic:
             self.periodic[kind].sort(key=lambda p: int(_PERIODIC.match(p.name).group(2)))
@@ -372,6 +463,10 @@ class Trainer:
             "nan_skips": self.nan_skips,
             "elapsed_s": self.elapsed(),
             "last_train_loss": self.last_train_loss,
+            "log_window": dict(self.window),
+            "last_val": (None if self.last_val is None else {
+                "step": self.last_val.step, "epoch": self.last_val.epoch, "tokens": self.last_val.tokens,
+                "loss": self.last_val.loss, "metrics": dict(self.last_val.metrics)}),
             "data_fingerprint": self.data_fingerprint,
             "model": clean_state_dict(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
@@ -382,9 +477,13 @@ class Trainer:
         }
 
     def save(self, tags: list[str]) -> None:
-        """Write the checkpoint once and hard-link it under every other tag."""
+        """Write the checkpoint once and hard-link it under every tag, ``latest`` last: a
+        crash in between leaves ``latest`` at the previous step, consistent with its tags
+        (the new tag files hold this same deterministic step and are overwritten when the
+        resumed run gets here again)."""
         started = time.time()
-        paths = [self.run.checkpoint_path(tag) for tag in tags]
+        order = [t for t in tags if t != "latest"] + [t for t in tags if t == "latest"]
+        paths = [self.run.checkpoint_path(tag) for tag in order]
         save_checkpoint(self.state(), paths[0])
         for path in paths[1:]:
             link_checkpoint(paths[0], path)
@@ -393,11 +492,14 @@ class Trainer:
             match = _PERIODIC.match(path.name)
             if match:
                 kept = self.periodic[match.group(1)]
+                if path in kept:
+                    kept.remove(path)
                 kept.append(path)
                 while keep is not None and len(kept) > keep:
                     kept.pop(0).unlink(missing_ok=True)
         val = self.last_val.loss if self.last_val is not None and self.last_val.step == self.step else None
-        self.emit(CheckpointSaved(step=self.step, path=str(paths[0]), tags=tuple(tags), val_loss=val,
+        self.emit(CheckpointSaved(step=self.step, path=str(self.run.checkpoint_path(tags[0])), tags=tuple(tags),
+                                  val_loss=val,
                                   seconds=time.time() - started))
 
     # ------------------------------------------------------------------ one step
@@ -443,7 +545,8 @@ class Trainer:
                 raise TrainingError(
                     f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step {self.step + 1}; "
                     f"the update was not applied and nothing was saved; last good checkpoint: "
-                    f"{latest if latest.exists() else 'none'} (try a lower --lr, or --on-nan skip)"
+                    f"{latest if latest.exists() else 'none'} (resume it with --on-nan skip, or start a new run "
+                    "with a lower --lr)"
                 )
             self.scaler.update()
             self.nan_skips += 1
@@ -484,37 +587,43 @@ class Trainer:
             self.evaluate()
 
         self.model.train()
-        window_loss = torch.zeros((), device=self.plan.device)
-        window_steps, window_tokens = 0, 0
-        window_start, paused = time.time(), 0.0
+        # The mean loss of a log window survives a resume (its sum and length are in the
+        # checkpoint), so a resumed run logs the same numbers as an uninterrupted one;
+        # tokens/s and step time are measured over this session only.
+        window_loss = torch.tensor(float(self.window["loss_sum"]), device=self.plan.device)
+        window_steps = int(self.window["steps"])
+        rate_steps, rate_tokens = 0, 0
+        rate_start, paused = time.time(), 0.0
         while self.step < self.max_steps:
             prev_micro = self.micro_step
             loss, grad_norm, lr, n_targets = self.train_step()
             window_loss += loss
             window_steps += 1
-            window_tokens += n_targets
+            rate_steps += 1
+            rate_tokens += n_targets
             self.tokens += n_targets
 
             last = self.step == self.max_steps
-            if self.step % tcfg.log_interval == 0 or self.step == start_step + 1 or last:
+            if self.step % tcfg.log_interval == 0 or self.step == 1 or last:
                 mean = float(window_loss.item()) / window_steps
                 now = time.time()
-                seconds = max(1e-9, now - window_start - paused)
-                tok_per_s = window_tokens / seconds
+                seconds = max(1e-9, now - rate_start - paused)
+                tok_per_s = rate_tokens / seconds
                 self.last_train_loss = mean
                 self.emit(StepMetrics(
                     step=self.step, max_steps=self.max_steps, epoch=self.epoch(), tokens=self.tokens, loss=mean,
                     lr=lr, grad_norm=float(grad_norm.item()),
-                    tok_per_s=tok_per_s, step_time_s=seconds / window_steps,
+                    tok_per_s=tok_per_s, step_time_s=seconds / max(1, rate_steps),
                     mfu=(flops_per_token * tok_per_s / self.plan.peak_flops) if self.plan.peak_flops else None,
                     gpu_mem_gb=(torch.cuda.max_memory_allocated(self.plan.device) / 2**30
                                 if self.plan.device.type == "cuda" else None),
                     elapsed_s=self.elapsed(),
                 ))
                 window_loss = torch.zeros((), device=self.plan.device)
-                window_steps, window_tokens = 0, 0
-                window_start, paused = time.time(), 0.0
+                window_steps, rate_steps, rate_tokens = 0, 0, 0
+                rate_start, paused = time.time(), 0.0
 
+            stopping = stop.requested  # read once: a signal arriving later waits for the next step
             pause_start = time.time()
             evaluated = False
             if self._due(tcfg.eval_interval) or self._crossed(tcfg.eval_every_epochs, prev_micro) or last:
@@ -527,11 +636,12 @@ class Trainer:
                 tags.append(f"step_{self.step:07d}")
             if self._crossed(tcfg.checkpoint_every_epochs, prev_micro):
                 tags.append(f"epoch_{self.micro_step // self.micro_per_epoch:03d}")
-            if tags or evaluated or last or stop.requested:
+            if tags or evaluated or last or stopping:
+                self.window = {"loss_sum": float(window_loss.item()), "steps": window_steps}
                 self.save(["latest", *tags])
             paused += time.time() - pause_start
 
-            if stop.requested and not last:
+            if stopping and not last:
                 raise Interrupted(
                     f"stopped by {stop.name} at step {self.step}; saved {self.run.checkpoint_path('latest')}; "
                     f"resume with: lmkit resume {self.run.path}",
@@ -594,8 +704,10 @@ class Trainer:
             status = "interrupted"
             raise
         except KeyboardInterrupt:
-            status = "aborted"  # second Ctrl-C: nothing saved, the last checkpoint untouched
-            raise
+            status = "aborted"
+            raise Interrupted(
+                f"aborted by a second Ctrl-C at step {self.step}; nothing more was saved and the last checkpoint "
+                f"is untouched; resume with: lmkit resume {self.run.path}", exit_code=130) from None
         except BaseException as exc:
             if _is_memory_error(exc):
                 raise self._oom_error(exc) from None
@@ -604,6 +716,7 @@ class Trainer:
             summary = self.summary(status)
             self.run.write_summary(summary)
             self.emit(RunFinished(status=status, summary=summary))
+            self.run.unlock()
         return summary
 
     def _oom_error(self, exc: BaseException) -> DeviceError:

@@ -47,3 +47,29 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class StopNow:
+    """During set-up (data preparation, tokenizer training): SIGINT/SIGTERM stop at once
+    with :class:`~lmkit.errors.Interrupted` (exit 130/143) -- there is nothing to save yet,
+    and the claimed run folder is released by the caller."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        from lmkit.errors import Interrupted
+
+        name = signal.Signals(signum).name
+        raise Interrupted(f"stopped by {name} before training started; nothing was saved", exit_code=128 + signum)
+
+    def __enter__(self) -> StopNow:
+        if threading.current_thread() is threading.main_thread():
+            for sig in StopRequest.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
