@@ -191,3 +191,13 @@ def test_model_vocabulary_smaller_than_tokenizer(text_run):
     tmp_path, preset, _ = text_run
     result = run_cli("train", "--preset", str(preset), "--name", "vocab", "--set", "model.vocab_size=100", cwd=tmp_path)
     assert result.returncode == 2 and "model.vocab_size: 100 is smaller than the byte tokenizer" in result.stderr
+
+
+def test_split_shorter_than_a_window_exits_2_before_step_one(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("".join(f"line {i}\n" for i in range(20)))  # val: 2 lines, 14 bytes
+    result = run_cli("train", "--data", str(corpus), "--tokenizer", "byte", "--name", "short", "--max-steps", "2",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert "the val split has 14 tokens, fewer than block_size + 1 = 33" in result.stderr
+    assert "step 1/" not in result.stdout and not (tmp_path / "runs/short").exists()
