@@ -195,9 +195,9 @@ def test_model_vocabulary_smaller_than_tokenizer(text_run):
 
 def test_split_shorter_than_a_window_exits_2_before_step_one(tmp_path):
     corpus = tmp_path / "tiny.txt"
-    corpus.write_text("".join(f"line {i}\n" for i in range(20)))  # val: 2 lines, 14 bytes
+    corpus.write_text("".join(f"line {i}\n" for i in range(20)))  # val: "line 18\nline 19\n", 16 bytes
     result = run_cli("train", "--data", str(corpus), "--tokenizer", "byte", "--name", "short", "--max-steps", "2",
                      cwd=tmp_path)
     assert result.returncode == 2
-    assert "the val split has 14 tokens, fewer than block_size + 1 = 33" in result.stderr
+    assert "the val split has 16 tokens, fewer than block_size + 1 = 33" in result.stderr
     assert "step 1/" not in result.stdout and not (tmp_path / "runs/short").exists()
