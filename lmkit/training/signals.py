@@ -15,14 +15,37 @@ from types import FrameType
 from typing import Any
 
 
-class StopRequest:
-    """Context manager installing the handlers (main thread only; elsewhere a no-op)."""
+class _Handlers:
+    """Installs ``_handle`` for SIGINT and SIGTERM on entry (main thread only; elsewhere a
+    no-op) and restores the previous handlers on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class StopRequest(_Handlers):
+    """During training: the first signal is remembered (:attr:`signum`) for the loop to
+    act on after the current step; a second Ctrl-C raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signum: int | None = None
 
     @property
     def requested(self) -> bool:
@@ -37,39 +60,14 @@ class StopRequest:
             raise KeyboardInterrupt  # second Ctrl-C: abort now
         self.signum = signum
 
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-class StopNow:
+class StopNow(_Handlers):
     """During set-up (data preparation, tokenizer training): SIGINT/SIGTERM stop at once
     with :class:`~lmkit.errors.Interrupted` (exit 130/143) -- there is nothing to save yet,
     and the claimed run folder is released by the caller."""
-
-    def __init__(self) -> None:
-        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         from lmkit.errors import Interrupted
 
         name = signal.Signals(signum).name
         raise Interrupted(f"stopped by {name} before training started; nothing was saved", exit_code=128 + signum)
-
-    def __enter__(self) -> StopNow:
-        if threading.current_thread() is threading.main_thread():
-            for sig in StopRequest.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
