@@ -174,6 +174,7 @@ class Trainer:
             self.removed_temp = remove_stale_temp_files(self.run.checkpoints)
             try:
                 resume_state, self.resume_path, self.skipped = self._pick_checkpoint()
+                self._check_checkpoint_config(resume_state)  # before data preparation: fail fast
             except BaseException:
                 self.run.unlock()
                 raise
@@ -289,7 +290,6 @@ class Trainer:
         missing = [k for k in CHECKPOINT_FORMAT_KEYS if k not in state]
         if missing:
             raise CheckpointError(f"{self.resume_path}: cannot resume from it (missing {', '.join(missing)})")
-        self._check_checkpoint_config(state)
         if int(state.get("world_size", 1)) != 1:
             raise CheckpointError(f"{self.resume_path}: written by {state['world_size']} processes; "
                                   "resume it with the same number of processes")
