@@ -1,7 +1,6 @@
 """Crash matrix: SIGKILL at many moments inside checkpoint saving, then `lmkit resume`."""
 
-import subprocess
-import sys
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -41,11 +40,14 @@ def kill_plans(size: int) -> list[str]:
     return plans
 
 
+def killed_run(cwd, name: str, plan: str):
+    """`lmkit train` that SIGKILLs itself inside a checkpoint save, as `plan` says."""
+    return run_cli("train", "--preset", "p.yaml", "--name", name, cwd=cwd, env={**ENV, "LMKIT_TEST_CRASH": plan})
+
+
 def crash_and_resume(root, plan: str, index: int):
     name = f"c{index}"
-    killed = subprocess.run([sys.executable, "-m", "lmkit", "train", "--preset", "p.yaml", "--name", name], cwd=root,
-                            capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, **ENV, "LMKIT_TEST_CRASH": plan})
+    killed = killed_run(root, name, plan)
     resumed = run_cli("resume", f"runs/{name}", cwd=root, env=ENV)
     return plan, name, killed, resumed
 
@@ -67,7 +69,7 @@ def test_sigkill_inside_checkpoint_saving_never_loses_a_complete_checkpoint(refe
         final = torch.load(ckpts / "latest.pt", weights_only=True)
         assert final["step"] == 12, plan
         # the tags agree with the run's own records
-        summary = __import__("json").loads((root / "runs" / name / "summary.json").read_text())
+        summary = json.loads((root / "runs" / name / "summary.json").read_text())
         assert torch.load(ckpts / "best.pt", weights_only=True)["step"] == summary["best_step"], plan
         for path in ckpts.glob("step_*.pt"):
             assert torch.load(path, weights_only=True)["step"] == int(path.stem.split("_")[1]), (plan, path)
@@ -77,9 +79,7 @@ def test_sigkill_inside_checkpoint_saving_never_loses_a_complete_checkpoint(refe
 
 def test_crash_during_the_first_save_leaves_nothing_to_resume(tmp_path):
     (tmp_path / "p.yaml").write_text(PRESET)
-    killed = subprocess.run([sys.executable, "-m", "lmkit", "train", "--preset", "p.yaml", "--name", "first"],
-                            cwd=tmp_path, capture_output=True, text=True,
-                            env={**__import__("os").environ, **ENV, "LMKIT_TEST_CRASH": "save=1,at=after_fsync"})
+    killed = killed_run(tmp_path, "first", "save=1,at=after_fsync")
     assert killed.returncode == -9
     resumed = run_cli("resume", "runs/first", cwd=tmp_path, env=ENV)
     assert resumed.returncode == 2
@@ -128,14 +128,12 @@ def test_logs_hold_each_step_once_after_a_crash(tmp_path):
 
     (tmp_path / "p.yaml").write_text(PRESET)
     # Killed before the third save (step 9): the session logged steps 7-9 past its last checkpoint.
-    killed = subprocess.run([sys.executable, "-m", "lmkit", "train", "--preset", "p.yaml", "--name", "logs"],
-                            cwd=tmp_path, capture_output=True, text=True,
-                            env={**__import__("os").environ, **ENV, "LMKIT_TEST_CRASH": "save=3,at=before_write"})
+    killed = killed_run(tmp_path, "logs", "save=3,at=before_write")
     assert killed.returncode == -9
     resumed = run_cli("train", "--resume", "--name", "logs", cwd=tmp_path, env=ENV)  # = lmkit resume runs/logs
     assert resumed.returncode == 0, resumed.stderr
     run = tmp_path / "runs/logs"
-    rows = [__import__("json").loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
     assert [r["step"] for r in rows if r["split"] == "val"] == [0, 6, 12]
     tb = EventAccumulator(str(run / "tb"))
