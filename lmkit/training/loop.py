@@ -696,22 +696,23 @@ class Trainer:
             raise
         self.t_session = time.time()
         status = "failed"
+        stop = StopRequest()
         try:
-            with StopRequest() as stop:
+            with stop:
                 self.run_loop(stop)
             status = "completed"
         except Interrupted:
             status = "interrupted"
             raise
-        except KeyboardInterrupt:
+        except BaseException as exc:
+            if not (stop.aborted or isinstance(exc, KeyboardInterrupt)):
+                if _is_memory_error(exc):
+                    raise self._oom_error(exc) from None
+                raise
             status = "aborted"
             raise Interrupted(
                 f"aborted by a second Ctrl-C at step {self.step}; nothing more was saved and the last checkpoint "
                 f"is untouched; resume with: lmkit resume {self.run.path}", exit_code=130) from None
-        except BaseException as exc:
-            if _is_memory_error(exc):
-                raise self._oom_error(exc) from None
-            raise
         finally:
             summary = self.summary(status)
             self.run.write_summary(summary)

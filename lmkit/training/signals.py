@@ -46,6 +46,7 @@ class StopRequest(_Handlers):
     def __init__(self) -> None:
         super().__init__()
         self.signum: int | None = None
+        self.aborted = False
 
     @property
     def requested(self) -> bool:
@@ -57,7 +58,11 @@ class StopRequest(_Handlers):
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now
+            # Second Ctrl-C: abort now. The exception can be replaced on its way up: inside
+            # torch.save, the zip writer's __exit__ still finalises the file and raises a
+            # RuntimeError ("unexpected pos") instead, so the loop checks ``aborted`` too.
+            self.aborted = True
+            raise KeyboardInterrupt
         self.signum = signum
 
 
