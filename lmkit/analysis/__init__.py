@@ -1,0 +1,1 @@
+"""Analysis of models without training them: the memory estimator (later: SVD metrics)."""

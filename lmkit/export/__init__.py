@@ -1,0 +1,1 @@
+"""Export trained runs: Hugging Face folders (verified against the native model) and plain safetensors."""
