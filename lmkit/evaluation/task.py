@@ -1,0 +1,135 @@
+"""The contract between ``lmkit eval`` and the evaluation tasks.
+
+A task is a function ``evaluate(ctx: EvalContext) -> TaskResult`` in its own module,
+registered by name in :data:`TASKS` (imported lazily, so ``lmkit --help`` stays light).
+The command loads the run (:func:`lmkit.runs.load_run`), builds the context, calls the
+task and writes the result, adding the checkpoint, step, tokens and wall time.
+
+Result files (written by the command, read by ``lmkit compare``):
+
+- ``runs/NAME/eval/TASK.json`` -- the latest single-checkpoint evaluation of TASK;
+- ``runs/NAME/eval/TASK/step_XXXXXXX.json`` -- one per checkpoint of a sweep
+  (``--checkpoint all``), plus ``runs/NAME/eval/TASK/checkpoint_results.json`` (a list of
+  ``{"step", "tokens", "metrics"}`` in step order) and ``runs/NAME/eval/TASK/curve.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lmkit.config import RunConfig
+    from lmkit.data.tokenizers import Tokenizer
+
+#: task name -> "module:function"; the function takes an :class:`EvalContext`.
+TASKS: dict[str, str] = {
+    "perplexity": "lmkit.evaluation.perplexity:evaluate",
+    "arithmetic": "lmkit.evaluation.arithmetic:evaluate",
+    "hellaswag": "lmkit.evaluation.hellaswag:evaluate",
+    "gsm8k": "lmkit.evaluation.gsm8k:evaluate",
+    "arithmetic-probes": "lmkit.evaluation.probes:evaluate",
+    "sample": "lmkit.evaluation.sample:evaluate",
+}
+
+#: metric names where a smaller value is better (everything else: larger is better).
+LOWER_IS_BETTER = frozenset({"loss", "mean_loss", "perplexity", "bpb", "val_loss", "train_loss"})
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class EvalContext:
+    """What a task gets.
+
+    Attributes:
+        model: the run's model, eval mode, fp32, on ``device``. Call it as
+            ``model(idx)`` with ``idx`` of shape (B, T) int64 -> ``(logits (B, T, V), None)``.
+        tokenizer: the run's own tokenizer (``encode``/``decode``; ``eos_id`` may be ``None``).
+        config: the run config stored in the checkpoint.
+        run_dir: the run folder (``runs/NAME``).
+        device: where the model lives.
+        step: the checkpoint's optimizer step.
+        data: ``--data PATH`` when given (the task's own default otherwise).
+        limit: ``--limit N``: evaluate only the first N items (``None``: all).
+        batch_size: ``--batch-size`` (items or sequences per forward pass).
+        options: task-specific options from the command line (e.g. ``fewshot``,
+            ``legacy_eos_metric``, ``prompt``, ``temperature``, ``top_k``, ``max_new_tokens``, ``seed``).
+        progress: call ``progress(done, total)`` as items complete; the command draws the bar.
+    """
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    step: int
+    data: Path | None = None
+    limit: int | None = None
+    batch_size: int = 32
+    options: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[int, int], None] = _no_progress
+
+
+@dataclass
+class TaskResult:
+    """What a task returns.
+
+    Attributes:
+        task: the registry name.
+        version: bump it whenever what the task computes changes (results with different
+            versions are not comparable).
+        metrics: flat ``name -> float`` (e.g. ``{"acc": 0.29, "acc_norm": 0.30}``).
+        headline: the key of ``metrics`` that sweeps plot and ``compare`` ranks.
+        n_items: the number of items scored.
+        data_file: the file the items came from (or the hub dataset name), ``None`` for
+            tasks without data (``sample``).
+        data_sha256: SHA-256 of that file (:func:`file_sha256`), ``None`` for hub data.
+        details: anything else (per-split/per-category numbers, examples, generations).
+        notes: lines the command shows the user as they are (e.g. what a legacy metric is).
+    """
+
+    task: str
+    version: str
+    metrics: dict[str, float]
+    headline: str
+    n_items: int
+    data_file: str | None = None
+    data_sha256: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def get_task(name: str) -> Callable[[EvalContext], TaskResult]:
+    """The ``evaluate`` function of task ``name``.
+
+    Raises:
+        ConfigError: unknown task (the message lists the known ones).
+    """
+    if name not in TASKS:
+        raise ConfigError(f"--task {name}: unknown task; choose from {', '.join(TASKS)}")
+    module, _, func = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,104 @@
+"""Load a trained run back for evaluation, export or analysis.
+
+Everything that reads a finished (or running) run folder goes through :func:`load_run`:
+the model is rebuilt from the checkpoint's own config (so a run whose ``config.yaml``
+was edited afterwards still loads the architecture it was trained with), the weights are
+verified against the checkpoint's manifest, and the tokenizer is rebuilt offline from
+``runs/NAME/tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmkit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lmkit.config import RunConfig
+    from lmkit.data.tokenizers import Tokenizer
+    from lmkit.rundir import RunDir
+
+_TAGGED = re.compile(r"^(step|epoch)_(\d+)\.pt$")
+
+
+@dataclass
+class LoadedRun:
+    """A run's model (eval mode, on the requested device), tokenizer and checkpoint facts."""
+
+    run: RunDir
+    config: RunConfig  # the config stored in the checkpoint (vocab_size resolved)
+    model: nn.Module
+    tokenizer: Tokenizer
+    checkpoint: Path  # the file that was loaded
+    step: int  # optimizer steps done when the checkpoint was written
+    tokens: int  # training tokens seen at that step
+    val_loss: float | None  # the val loss measured at that step, if any (nats/token)
+    state: dict[str, Any]  # the remaining checkpoint fields (no model/optimizer tensors)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The distinct checkpoints of a run as ``(step, path)``, oldest first.
+
+    Periodic ``step_…``/``epoch_…`` files come first; ``latest``/``best`` are added only
+    when they hold a step no periodic file holds (they are hard links of one otherwise).
+    Unreadable files are skipped here; loading one later raises the usual error.
+    """
+    from lmkit.training.checkpoint import peek_step
+
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    by_step: dict[int, Path] = {}
+    files = sorted(p for p in directory.glob("*.pt") if not p.name.startswith("."))
+    for path in sorted(files, key=lambda p: (_TAGGED.match(p.name) is None, p.name)):
+        step = peek_step(path)
+        if step is not None and step not in by_step:
+            by_step[step] = path
+    return sorted(by_step.items())
+
+
+def load_run(run: str | Path, checkpoint: str = "best", *, device: str | torch.device = "cpu",
+             out_dir: str | Path = "runs") -> LoadedRun:
+    """Rebuild a run's model from one of its checkpoints.
+
+    Args:
+        run: a run folder, or a run name under ``out_dir``.
+        checkpoint: ``best``, ``latest``, ``step_…``/``epoch_…`` or a path to a ``.pt``
+            file. ``best`` falls back to ``latest`` when the run never evaluated.
+        device: where to put the model (it is returned in eval mode, fp32).
+
+    Raises:
+        ConfigError: no such run (exit 2; the message lists the runs that exist).
+        CheckpointError: the checkpoint is missing, corrupt or not an lmkit checkpoint.
+        DataError: the run's tokenizer folder is missing or unreadable.
+    """
+    from lmkit.config import RunConfig
+    from lmkit.data.tokenizers import load_tokenizer
+    from lmkit.models import build_model
+    from lmkit.rundir import RunDir
+    from lmkit.training.checkpoint import checkpoint_by_name, load_checkpoint
+
+    run_dir = RunDir.existing(run, out_dir)
+    path = checkpoint_by_name(run_dir.checkpoints, checkpoint)
+    if checkpoint == "best" and not path.is_file():
+        path = run_dir.checkpoints / "latest.pt"
+    if not path.is_file():
+        have = sorted(p.stem for p in run_dir.checkpoints.glob("*.pt")) if run_dir.checkpoints.is_dir() else []
+        raise CheckpointError(f"{path}: no such checkpoint in {run_dir.path} (have: {', '.join(have) or 'none'})")
+    state = load_checkpoint(path)
+    config = RunConfig.model_validate(state["config"])
+    model = build_model(config.model)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    tokenizer = load_tokenizer(run_dir.tokenizer_dir)
+    last_val = state.get("last_val") or {}
+    val_loss = last_val.get("loss") if last_val.get("step") == state["step"] else None
+    rest = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
+    return LoadedRun(run=run_dir, config=config, model=model, tokenizer=tokenizer, checkpoint=path,
+                     step=int(state["step"]), tokens=int(state.get("tokens", 0)), val_loss=val_loss, state=rest)
