@@ -15,6 +15,12 @@ References:
     "rotate half" arrangement of GPT-NeoX / HF Llama so the model exports to GPT-NeoX.
     Kaplan et al. 2020, "Scaling Laws", Table 1 and Chowdhery et al. 2022 (PaLM),
     Appendix B -- training FLOPs per token 6N + 12 * n_layer * n_embd * T.
+
+Inference extras (used by :mod:`lmkit.evaluation.generate`, never by training): a
+:class:`KVCache` of every layer's keys and values, explicit ``position_ids`` (so a
+left-padded row gets the positions it would have alone) and a boolean ``attn_mask``.
+Without them ``forward`` runs exactly the training computation (``is_causal=True``,
+positions ``0..T-1``), so training numerics do not change.
 """
 
 from __future__ import annotations
@@ -29,6 +35,55 @@ from torch.utils.checkpoint import checkpoint
 from lmkit.config import ModelConfig
 
 IGNORE_INDEX = -100
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    Per layer two buffers of shape ``(B, n_head, max_len, head_dim)`` are allocated on the
+    first write (dtype and device of the keys written). ``length`` is the number of
+    positions (columns) already stored; :meth:`GPT.forward` writes the ``T`` new columns
+    ``length..length+T-1`` in every layer and then advances ``length`` by ``T``. Columns
+    are buffer slots, not token positions: with left padding a row's position is given by
+    ``position_ids`` and its padding columns are hidden by ``attn_mask``.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.n_layer = n_layer
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` ``(B, n_head, T, head_dim)`` after the cached columns of ``layer``;
+        return all keys and values so far, ``(B, n_head, length + T, head_dim)`` each.
+
+        Raises:
+            ValueError: the buffer would overflow ``max_len``.
+        """
+        B, H, T, D = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(B, H, self.max_len, D)
+            self.v[layer] = v.new_empty(B, H, self.max_len, D)
+        kbuf, vbuf = self.k[layer], self.v[layer]
+        kbuf[:, :, self.length : end] = k
+        vbuf[:, :, self.length : end] = v
+        return kbuf[:, :, :end], vbuf[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark ``n`` more columns as written (called once per forward, after all layers)."""
+        self.length += n
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (int64 indices), e.g. after some rows finished."""
+        for i in range(self.n_layer):
+            if self.k[i] is not None:
+                self.k[i] = self.k[i].index_select(0, rows)
+                self.v[i] = self.v[i].index_select(0, rows)
 
 
 class RotaryEmbedding(nn.Module):
@@ -51,6 +106,11 @@ class RotaryEmbedding(nn.Module):
         """Float32 tables for positions ``0..seq_len-1``, each ``(seq_len, head_dim)``."""
         return self.cos[:seq_len], self.sin[:seq_len]
 
+    def at(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 tables for explicit positions ``(B, T)``: each ``(B, 1, T, head_dim)``
+        (broadcast over heads)."""
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -58,7 +118,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``(B, n_head, T, head_dim)`` by tables of shape ``(T, head_dim)``.
+    """Rotate ``x`` of shape ``(B, n_head, T, head_dim)`` by tables of shape ``(T, head_dim)``
+    (or ``(B, 1, T, head_dim)`` for per-row positions).
 
     The tables are cast to ``x.dtype`` so that under autocast q, k and v share a dtype.
     """
@@ -83,7 +144,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """``x`` ``(B, T, n_embd)`` -> ``(B, T, n_embd)``.
+
+        ``attn_mask`` (bool, ``(B, 1, T, S)``, True = may attend; ``S`` = cached columns + T)
+        replaces the causal mask; with ``kv_cache`` the new keys/values are appended to
+        layer ``layer``'s cache and attention runs over all cached columns.
+        """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -93,9 +162,23 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        if kv_cache is None and attn_mask is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
+        else:
+            past = 0
+            if kv_cache is not None:
+                past = kv_cache.length
+                k, v = kv_cache.update(layer, k, v)
+            if attn_mask is None and T > 1:
+                # causal over the new columns, everything cached before them visible
+                cols = torch.arange(past + T, device=x.device)
+                rows = torch.arange(past, past + T, device=x.device)
+                attn_mask = cols[None, :] <= rows[:, None]
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -124,8 +207,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -211,25 +296,47 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         last_only: bool = False,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(B, T, V)`` (``(B, 1, V)`` with ``last_only``) and the loss or ``None``.
 
+        Inference-only arguments (training passes none of them):
+
+        - ``position_ids`` ``(B, T)`` int64: each token's position (default
+          ``kv_cache.length + 0..T-1``, or ``0..T-1``); the caller keeps them below
+          ``block_size``.
+        - ``attn_mask`` ``(B, 1, T, S)`` bool, True where a query may attend to a key;
+          ``S = kv_cache.length + T`` (or ``T``). Default: causal.
+        - ``kv_cache``: keys/values of earlier columns; this call appends its ``T``
+          columns to it (see :class:`KVCache`).
+
         Raises:
-            ValueError: when ``T > block_size``.
+            ValueError: when ``T > block_size`` (or the cache would pass it without explicit
+                ``position_ids``).
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        past = kv_cache.length if kv_cache is not None else 0
+        if T > self.config.block_size or (position_ids is None and past + T > self.config.block_size):
+            raise ValueError(f"sequence length {past + T} exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
+        if position_ids is None and past:
+            position_ids = torch.arange(past, past + T, device=idx.device).expand(B, T)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+            pos = torch.arange(T, device=idx.device) if position_ids is None else position_ids
+            x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
-        rope = self.rotary(T) if self.rotary is not None else None
-        for block in self.transformer.h:
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(T) if position_ids is None else self.rotary.at(position_ids)
+        for i, block in enumerate(self.transformer.h):
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, attn_mask, kv_cache, i, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, attn_mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         x = self.transformer.ln_f(x)
         if last_only and targets is None:
             x = x[:, -1:, :]
