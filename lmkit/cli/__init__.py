@@ -67,6 +67,21 @@ app.command(
 )(resume_command)
 
 
+from lmkit.cli.compare import compare_command  # noqa: E402 - light module: torch/matplotlib load in its body
+
+app.command(
+    "compare",
+    help=compare_command.__doc__,
+    epilog=(
+        "Examples:\n\n"
+        "  lmkit compare baseline mul_tokens        # runs/baseline vs runs/mul_tokens\n\n"
+        "  lmkit compare s1 s2 s3 --out fig/seeds.png\n\n"
+        "  lmkit compare runs/a ../b --json-out r.json   # table + JSON report\n\n"
+        "  lmkit compare a b --json > r.json         # JSON report, no table"
+    ),
+)(compare_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
