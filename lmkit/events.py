@@ -21,7 +21,13 @@ from typing import Any, ClassVar, Protocol
 
 @dataclass(frozen=True)
 class Event:
+    """Base of every event. ``group_by`` names the field that tells events of one kind
+    apart in a live view keyed by kind (e.g. ``level`` for notices, ``layer`` for SVD
+    mode switches): the dashboard's "events by kind" panel keeps the latest event per
+    (kind, value of that field). ``None``: one row per kind."""
+
     kind: ClassVar[str] = "event"
+    group_by: ClassVar[str | None] = None
     time: float = field(default_factory=time.time, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +81,7 @@ class RunStarted(Event):
     steps_per_epoch: int
     tokens_per_step: int
     start_step: int = 0
+    device_uuid: str | None = None  # CUDA: the device's UUID, to match it with NVML's GPUs
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,13 @@ class StepMetrics(Event):
 
     ``tokens`` counts input tokens seen so far (padding included for example batches);
     ``tok_per_s`` is over the last log interval; ``mfu`` is model FLOPs utilisation in
-    [0, 1], ``None`` where the device's peak is unknown (CPU).
+    [0, 1], ``None`` where the device's peak is unknown (CPU). On CUDA, PyTorch's caching
+    allocator in GiB: ``gpu_mem_gb`` the peak allocated since the start
+    (``torch.cuda.max_memory_allocated``), ``gpu_alloc_gb`` allocated now,
+    ``gpu_reserved_gb`` reserved by the allocator now (``None`` elsewhere).
+    ``grad_scale`` is the fp16 GradScaler's scale (``None`` without one; a drop means
+    overflowing steps were skipped); ``nan_skips`` counts the steps skipped so far for a
+    non-finite loss or gradient norm (``on_nan: skip``).
     """
 
     kind: ClassVar[str] = "step"
@@ -99,6 +112,10 @@ class StepMetrics(Event):
     mfu: float | None
     gpu_mem_gb: float | None
     elapsed_s: float
+    gpu_alloc_gb: float | None = None
+    gpu_reserved_gb: float | None = None
+    grad_scale: float | None = None
+    nan_skips: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +166,7 @@ class Notice(Event):
     """Something the user should know (a warning, a fallback taken on purpose)."""
 
     kind: ClassVar[str] = "notice"
+    group_by: ClassVar[str | None] = "level"
     level: str
     message: str
 

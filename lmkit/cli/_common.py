@@ -8,6 +8,7 @@ its exit code; Ctrl-C exits 130; anything unexpected says so in one line and exi
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,16 +26,50 @@ def error_line(message: str) -> None:
     sys.stderr.flush()
 
 
-def render_run(job: Callable[[Callable], dict], *, no_tui: bool, json_out: bool) -> dict:
-    """Run ``job(emit)`` with the right renderer: a Rich progress line on a terminal,
-    plain lines otherwise (to stderr when ``--json`` owns stdout)."""
-    from lmkit.monitor.console import PlainLog, RichProgress
+def distributed_rank() -> int:
+    """This process's rank under torchrun (``RANK``, else ``LOCAL_RANK``); 0 when not
+    launched by torchrun or when the variable is not a number."""
+    for var in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(var)
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
 
+
+#: The smallest terminal the dashboard is drawn on; smaller ones get the progress line.
+DASHBOARD_MIN_SIZE = (80, 20)
+
+
+def render_run(job: Callable[[Callable], dict], *, no_tui: bool, json_out: bool) -> dict:
+    """Run ``job(emit)`` with the right renderer.
+
+    * rank != 0 under torchrun: only warnings, on stderr, prefixed ``[rank N]``;
+    * on a terminal (and not ``--no-tui``): the live dashboard
+      (:class:`lmkit.monitor.dashboard.Dashboard`), or a one-line progress bar when the
+      terminal is smaller than 80x20;
+    * otherwise (a pipe, a file, CI, SLURM logs): plain lines, one per log interval.
+
+    Plain output goes to stdout, or to stderr when ``--json`` owns stdout. The live
+    display is stopped and the cursor shown again however ``job`` ends (error, Ctrl-C)."""
+    from lmkit.monitor.console import PlainLog, RichProgress, WarningsOnly
+
+    rank = distributed_rank()
+    if rank != 0:
+        return job(WarningsOnly(sys.stderr, rank))
     stream = sys.stderr if json_out else sys.stdout
     if stream.isatty() and not no_tui:
         from rich.console import Console
 
-        renderer = RichProgress(Console(file=stream))
+        console = Console(file=stream)
+        if console.width >= DASHBOARD_MIN_SIZE[0] and console.height >= DASHBOARD_MIN_SIZE[1]:
+            from lmkit.monitor.dashboard import Dashboard
+
+            renderer: Any = Dashboard(console)
+        else:
+            renderer = RichProgress(console)
         try:
             return job(renderer)
         finally:

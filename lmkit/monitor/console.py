@@ -4,6 +4,8 @@
 ETA) with evaluations, checkpoints and notices printed above it.
 :class:`PlainLog` -- off a terminal (CI, SLURM logs, ``| tee``) or with ``--no-tui``:
 one plain line per log interval, evaluation and checkpoint.
+:class:`WarningsOnly` -- ranks other than 0 under torchrun: warnings only, on stderr.
+The full-screen live dashboard is :class:`lmkit.monitor.dashboard.Dashboard`.
 
 Both only read events; the training loop never prints.
 """
@@ -233,3 +235,20 @@ class RichProgress:
     def close(self) -> None:
         """Stop the live display (also on errors), restoring the terminal."""
         self._stop()
+
+
+class WarningsOnly:
+    """For the ranks other than 0 under torchrun: only warning and error notices, as
+    ``[rank N] warning: ...`` lines on ``stream`` (stderr by default); rank 0 renders the rest."""
+
+    def __init__(self, stream: TextIO | None = None, rank: int = 0):
+        self.stream = stream or sys.stderr
+        self.rank = rank
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Notice) and event.level in ("warning", "error"):
+            try:
+                self.stream.write(f"[rank {self.rank}] {event.level}: {event.message}\n")
+                self.stream.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                pass

@@ -130,6 +130,17 @@ def _is_memory_error(exc: BaseException) -> bool:
     )
 
 
+def _device_uuid(device: torch.device) -> str | None:
+    """The CUDA device's UUID (``GPU-…``, NVML's spelling), ``None`` off CUDA or when unknown."""
+    if device.type != "cuda":
+        return None
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+    except Exception:  # noqa: BLE001 - older drivers / builds
+        return None
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
 _PERIODIC = re.compile(r"^(step|epoch)_(\d+)\.pt$")
 
 
@@ -572,7 +583,7 @@ class Trainer:
             precision=self.plan.precision, compile=tcfg.compile, max_steps=self.max_steps,
             steps_per_epoch=self.steps_per_epoch,
             tokens_per_step=tcfg.batch_size * tcfg.grad_accum_steps * self.config.model.block_size,
-            start_step=start_step,
+            start_step=start_step, device_uuid=_device_uuid(self.plan.device),
         ))
         if self.plan.reason.startswith("auto"):
             self.emit(Notice(level="info", message=f"device {self.plan.device} ({self.plan.reason})"))
@@ -618,6 +629,14 @@ class Trainer:
                     gpu_mem_gb=(torch.cuda.max_memory_allocated(self.plan.device) / 2**30
                                 if self.plan.device.type == "cuda" else None),
                     elapsed_s=self.elapsed(),
+                    # allocator counters (host-side reads, no sync); the scale's .item() syncs,
+                    # but only here, where logging already synced on the loss
+                    gpu_alloc_gb=(torch.cuda.memory_allocated(self.plan.device) / 2**30
+                                  if self.plan.device.type == "cuda" else None),
+                    gpu_reserved_gb=(torch.cuda.memory_reserved(self.plan.device) / 2**30
+                                     if self.plan.device.type == "cuda" else None),
+                    grad_scale=float(self.scaler.get_scale()) if self.plan.use_scaler else None,
+                    nan_skips=self.nan_skips,
                 ))
                 window_loss = torch.zeros((), device=self.plan.device)
                 window_steps, rate_steps, rate_tokens = 0, 0, 0
