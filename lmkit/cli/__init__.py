@@ -82,6 +82,20 @@ app.command(
 )(compare_command)
 
 
+from lmkit.cli.export import export_command  # noqa: E402 - registered here to keep the edit in one place
+
+app.command(
+    "export",
+    help=export_command.__doc__,
+    epilog=(
+        "Examples:\n\n"
+        "  lmkit export runs/pilot-20261121-101500 --to hf hf/pilot          # GPT-NeoX folder, verified\n\n"
+        "  lmkit export runs/big --to hf hf/big --checkpoint step_0020000 --dtype bfloat16\n\n"
+        "  lmkit export runs/big --to safetensors weights/big                 # model.safetensors + config.yaml"
+    ),
+)(export_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,226 @@
+"""lmkit tokenizers as Hugging Face tokenizer files (``tokenizer.json`` + ``tokenizer_config.json``).
+
+Every lmkit tokenizer becomes a ``tokenizers.Tokenizer`` that gives the same ids as
+lmkit's own ``encode`` (checked on the run's validation text by the export's verification):
+
+* ``char`` -- a ``WordLevel`` model over ``<PAD> <BOS> <EOS> <UNK>`` + the alphabet, with a
+  pre-tokenizer that isolates every character; unknown characters map to ``<UNK>`` (id 3),
+  as in lmkit. A ``Fuse`` decoder joins characters without spaces.
+* ``byte`` -- a ``BPE`` model without merges over GPT-2's byte-to-unicode alphabet, so id
+  ``b`` is the byte ``b``; ``<|endoftext|>`` = 256.
+* ``bpe`` / ``hf:NAME`` -- already ``tokenizers`` tokenizers: their ``tokenizer.json`` is used as is.
+* ``gpt2`` -- the standard GPT-2 files (``vocab.json`` + ``merges.txt``, found in the run's
+  tokenizer folder or ``$LMKIT_GPT2_DIR``, used only when their vocabulary equals the run's),
+  otherwise ``vocab.json`` + ``merges.txt`` derived from the run's own tiktoken ranks; a
+  ``tokenizer.json`` is built from them with GPT-2's byte-level pre-tokenizer.
+
+Special tokens are registered as added tokens, so a Hugging Face tokenizer turns the literal
+text ``<|endoftext|>`` (or ``<EOS>`` for ``char``) into its special id, where lmkit's
+``encode`` spells it out character by character. That is the only difference, and
+validation text does not contain these strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lmkit.data.tokenizers import CHAR_SPECIALS, ENDOFTEXT, GPT2_PATTERN, Tokenizer
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character map (Radford et al. 2019,
+    ``encoder.py`` of openai/gpt-2)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """``{"bos_token": ..., "eos_token": ..., "pad_token": ..., "unk_token": ...}`` for the
+    ids the tokenizer defines (GPT-2 convention: ``bos = eos = unk = <|endoftext|>``)."""
+    kind = tokenizer.kind
+    if kind == "char":
+        pad, bos, eos, unk = CHAR_SPECIALS
+        return {"pad_token": pad, "bos_token": bos, "eos_token": eos, "unk_token": unk}
+    if kind in ("byte", "bpe", "gpt2"):
+        return {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    out: dict[str, str] = {}
+    backend = getattr(tokenizer, "backend", None)
+    for name, tid in (("eos_token", tokenizer.eos_id), ("bos_token", tokenizer.bos_id), ("pad_token", tokenizer.pad_id)):
+        if tid is not None and backend is not None:
+            token = backend.id_to_token(tid)
+            if token is not None:
+                out[name] = token
+    return out
+
+
+def _char_backend(tokenizer: Any) -> Any:
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    vocab = {token: i for i, token in enumerate(tokenizer.itos)}
+    backend = Backend(models.WordLevel(vocab, unk_token=CHAR_SPECIALS[3]))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in CHAR_SPECIALS])
+    return backend
+
+
+def _byte_backend() -> Any:
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    vocab[ENDOFTEXT] = 256
+    backend = Backend(models.BPE(vocab, [], fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])
+    return backend
+
+
+def _gpt2_files_from_ranks(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """``vocab.json`` and ``merges.txt`` contents equivalent to tiktoken's byte-pair ranks.
+
+    A token of rank ``r`` made of more than one byte comes from merging the split
+    ``(left, right)`` that tiktoken's own BPE reaches with ranks below ``r``: we rerun
+    tiktoken's merge loop on the token's bytes, stopping before rank ``r``, which leaves
+    exactly two parts. Merges are ordered by the rank of their result, as in GPT-2's file.
+    """
+    b2u = bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(b2u[b] for b in token)
+
+    def parts_below(token: bytes, max_rank: int) -> list[bytes]:
+        pieces = [bytes([b]) for b in token]
+        while True:
+            best_i, best_rank = None, None
+            for i in range(len(pieces) - 1):
+                rank = ranks.get(pieces[i] + pieces[i + 1])
+                if rank is not None and rank < max_rank and (best_rank is None or rank < best_rank):
+                    best_i, best_rank = i, rank
+            if best_i is None:
+                return pieces
+            pieces = pieces[:best_i] + [pieces[best_i] + pieces[best_i + 1]] + pieces[best_i + 2:]
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            parts = parts_below(token, rank)
+            if len(parts) == 2:
+                merges.append((text(parts[0]), text(parts[1])))
+    return vocab, merges
+
+
+def _standard_gpt2_files(candidates: list[Path], vocab: dict[str, int]) -> tuple[Path, Path] | None:
+    """The first folder holding ``vocab.json``/``encoder.json`` equal to ``vocab`` and a merges file."""
+    for directory in candidates:
+        for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            vocab_file, merges_file = directory / vocab_name, directory / merges_name
+            if vocab_file.is_file() and merges_file.is_file():
+                try:
+                    theirs = json.loads(vocab_file.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                theirs.pop(ENDOFTEXT, None)
+                if theirs == vocab:
+                    return vocab_file, merges_file
+    return None
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    merges = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#version") or not line.strip():
+            continue
+        left, right = line.split(" ")
+        merges.append((left, right))
+    return merges
+
+
+def _gpt2_backend(tokenizer: Any, run_tokenizer_dir: Path | None, directory: Path) -> tuple[Any, str]:
+    """Write ``vocab.json`` + ``merges.txt`` into ``directory`` and return the backend and
+    where the files came from."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    b2u = bytes_to_unicode()
+    ranks: dict[bytes, int] = tokenizer.mergeable_ranks
+    vocab = {"".join(b2u[b] for b in token): rank for token, rank in ranks.items()}
+    candidates = [p for p in (run_tokenizer_dir, Path(os.environ["LMKIT_GPT2_DIR"]).expanduser()
+                              if os.environ.get("LMKIT_GPT2_DIR") else None) if p is not None]
+    found = _standard_gpt2_files(candidates, vocab)
+    if found is not None:
+        merges = _read_merges(found[1])
+        origin = f"standard GPT-2 files from {found[0].parent}"
+    else:
+        vocab, merges = _gpt2_files_from_ranks(ranks)
+        origin = "derived from the run's tiktoken ranks"
+    full_vocab = {**vocab, ENDOFTEXT: tokenizer.eos_id}
+    (directory / "vocab.json").write_text(json.dumps(full_vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    backend = Backend(models.BPE(full_vocab, merges, fuse_unk=False))
+    # tiktoken splits with the GPT-2 regex, then byte-level BPE within each piece.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])
+    return backend, origin
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_dir: Path | None = None,
+                      model_max_length: int | None = None) -> dict[str, Any]:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
+    (plus ``vocab.json``/``merges.txt`` for ``gpt2``) into ``directory``.
+
+    Returns:
+        ``{"kind", "class", "special_tokens", "origin"}`` for ``lmkit_export.json``.
+
+    Raises:
+        ValueError: an lmkit tokenizer kind this function does not know.
+    """
+    kind = tokenizer.kind
+    tokenizer_class = "PreTrainedTokenizerFast"
+    origin = "built by lmkit"
+    if kind == "char":
+        backend = _char_backend(tokenizer)
+    elif kind == "byte":
+        backend = _byte_backend()
+    elif kind == "bpe" or kind.startswith("hf:"):
+        from tokenizers import Tokenizer as Backend
+
+        backend = Backend.from_str(tokenizer.backend.to_str())  # type: ignore[attr-defined]
+        origin = "the run's own tokenizer.json"
+    elif kind == "gpt2":
+        backend, origin = _gpt2_backend(tokenizer, run_tokenizer_dir, directory)
+        tokenizer_class = "GPT2Tokenizer"
+    else:
+        raise ValueError(f"no Hugging Face form for the {kind!r} tokenizer")
+    backend.save(str(directory / "tokenizer.json"))
+    specials = special_tokens(tokenizer)
+    config: dict[str, Any] = {
+        "tokenizer_class": tokenizer_class,
+        **specials,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "lmkit_tokenizer": kind,
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+    return {"kind": kind, "class": tokenizer_class, "special_tokens": specials, "origin": origin}
