@@ -93,11 +93,14 @@ class Row:
         label: what the table shows.
         section: the table section (``run``, ``loss``, ``training eval``, ``eval: TASK``).
         values: one per run, in run order; ``None`` when the run lacks it.
-        kind: ``int``, ``float``, ``tokens``, ``seconds``, ``rate`` (tokens/s) or ``text``.
+        kind: ``int``, ``float``, ``tokens``, ``seconds``, ``rate`` (tokens/s), ``step`` (an
+            int with no delta) or ``text``.
         lower_is_better: ``True``/``False``, or ``None`` when no value is better than another.
         tokenizer_dependent: a per-token quantity while the runs' tokenizers differ.
         headline: the task's headline metric.
         texts: for ``kind == "text"``: the strings shown (``values`` are then ``None``).
+        table: shown in the table (``False``: the report only, e.g. a split whose numbers
+            repeat a metric row).
     """
 
     key: str
@@ -109,6 +112,7 @@ class Row:
     tokenizer_dependent: bool = False
     headline: bool = False
     texts: list[str | None] | None = None
+    table: bool = True
 
     @property
     def base(self) -> float | None:
@@ -118,7 +122,7 @@ class Row:
     def deltas(self) -> list[float | None]:
         """``value - base`` per run (``None`` for the base itself and for missing values)."""
         base = self.base
-        return [None] + [None if (v is None or base is None or self.kind == "text") else v - base
+        return [None] + [None if (v is None or base is None or self.kind in ("text", "step")) else v - base
                          for v in self.values[1:]]
 
     @property
@@ -366,7 +370,7 @@ def build_comparison(runs: list[RunData]) -> Comparison:
                 per_token=metric in TOKENIZER_DEPENDENT)
 
     notes: list[str] = []
-    tasks = _ordered_keys([run.evals for run in runs])
+    tasks = sorted(_ordered_keys([run.evals for run in runs]), key=lambda t: (t != "perplexity", t))
     for task in tasks:
         results = [run.evals.get(task) for run in runs]
         section = f"eval: {task}"
@@ -380,16 +384,21 @@ def build_comparison(runs: list[RunData]) -> Comparison:
             if all(v is None for v in values):
                 continue
             label = f"{metric} (headline)" if metric == headline else metric
-            add(f"{task}.{metric}", label, section, values, lower=_direction(metric),
+            present = [v for v in values if v is not None]
+            kind = "int" if all(v.is_integer() for v in present) and max(abs(v) for v in present) > 1 else "float"
+            add(f"{task}.{metric}", label, section, values, kind, lower=_direction(metric),
                 per_token=metric in TOKENIZER_DEPENDENT, headline=metric == headline)
         groups = [_categories(r, headline) if r else {} for r in results]
+        shown = [row.values for row in rows if row.section == section]
         for cat in _ordered_keys(groups):
             values = [g.get(cat) for g in groups]
             add(f"{task}.by_category.{cat}", f"  {cat}", section, values,
                 lower=_direction(headline or "accuracy"))
+            if values in shown:  # the same numbers as a metric row (acc_flat = splits.test_flat): JSON only
+                rows[-1].table = False
         steps = [_number(r.get("step")) if r else None for r in results]
         if any(v is not None for v in steps):
-            add(f"{task}.step", "evaluated at step", section, steps, "int")
+            add(f"{task}.step", "evaluated at step", section, steps, "step")
         versions = {r.get("version") for r in results if r and r.get("version") is not None}
         hashes = {r.get("data_sha256") for r in results if r and r.get("data_sha256") is not None}
         if len(versions) > 1:
@@ -579,7 +588,8 @@ def _finite(value: Any) -> Any:
 def _categories(result: dict[str, Any], headline: str | None) -> dict[str, float]:
     """Per-split / per-category numbers from a result's ``details``: every details key
     naming splits or categories (``splits``, ``categories``, ``per_category`` ...) that maps
-    names to numbers or to dicts holding the headline (or accuracy / acc / exact_match)."""
+    names to numbers or to dicts holding the headline (or accuracy / acc / exact_match, or
+    ``correct`` and ``total``/``n``: their ratio)."""
     details = result.get("details")
     if not isinstance(details, dict):
         return {}
@@ -594,6 +604,10 @@ def _categories(result: dict[str, Any], headline: str | None) -> dict[str, float
                     if _number(inner.get(k)) is not None:
                         value = _number(inner.get(k))
                         break
+                else:
+                    correct, n = _number(inner.get("correct")), _number(inner.get("total", inner.get("n")))
+                    if correct is not None and n:
+                        value = correct / n
             if value is not None:
                 out[str(name)] = value
     return out

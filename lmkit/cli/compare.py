@@ -58,7 +58,7 @@ def compare_command(
     for note in comparison.notes:
         console.print(note, highlight=False, soft_wrap=True)
     console.print(f"[{BEST_STYLE}]*[/] better value of a row (lower loss / perplexity / bpb / time, higher "
-                  "accuracy / tokens/s); Δ = run − base, % relative to the base", highlight=False)
+                  "accuracy / tokens/s); Δ = run − base, % relative to the base", highlight=False, soft_wrap=True)
     if png is not None:
         console.print(f"plot: {png}", highlight=False, soft_wrap=True)
     if json_file is not None:
@@ -80,6 +80,8 @@ def build_table(comparison: Comparison) -> Table:
         table.add_column(f"Δ {name}", justify="right", no_wrap=True)
     section = None
     for row in comparison.rows:
+        if not row.table:
+            continue
         if row.section != section:
             if section is not None:
                 table.add_section()
@@ -108,7 +110,7 @@ def format_value(value: float | str | None, kind: str) -> str:
         return value
     if not math.isfinite(value):
         return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    if kind == "int":
+    if kind in ("int", "step"):
         return f"{value:,.0f}"
     if kind == "tokens":
         return _si(value)
