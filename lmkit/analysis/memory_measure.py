@@ -1,0 +1,163 @@
+"""Measure what :func:`lmkit.analysis.memory.estimate_memory` predicts, on a real model.
+
+* :func:`measure_saved` (any device, used on the CPU): one AdamW step, then a second forward under
+  ``torch.autograd.graph.saved_tensors_hooks`` recording every tensor autograd saves for backward.
+  Storages are de-duplicated by ``data_ptr`` and counted whole (a view keeps its whole storage
+  alive); parameters and buffers are left out (they are the weights). Parameter, gradient and
+  optimizer-state bytes are read from the tensors themselves.
+* :func:`measure_cuda_peak`: ``torch.cuda.max_memory_allocated()`` over a few real training steps
+  that follow :meth:`lmkit.training.loop.Trainer.train_step` (autocast, ``GradScaler`` for fp16,
+  ``clip_grad_norm_``, fused AdamW, ``zero_grad(set_to_none=True)``, the logits kept until the
+  step ends), plus the process's device memory as NVML sees it.
+
+Both import torch; :mod:`lmkit.analysis.memory` does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+
+from lmkit.config import ModelConfig
+from lmkit.models import build_model
+from lmkit.training.optim import param_groups
+
+
+def _storage_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
+    return _storage_bytes(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+def _attention_context(attention: str):
+    if attention == "eager":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
+def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "fp32",
+                  attention: str = "sdpa", device: str = "cpu", seed: int = 0) -> dict[str, int]:
+    """Bytes of one training step of lmkit's GPT, counted tensor by tensor.
+
+    Args:
+        cfg: model config with ``vocab_size`` set.
+        batch_size, seq_len: the micro-batch ``(B, T)``; ``T`` defaults to ``block_size``.
+        precision: ``fp32`` or ``bf16`` (autocast).
+        attention: ``sdpa`` (whatever kernel PyTorch picks: on the CPU with ``dropout > 0`` that is
+            the math kernel) or ``eager`` (the math SDPA kernel forced).
+        device: where to run.
+
+    Returns:
+        ``{"weights", "gradients", "optimizer_state", "saved_for_backward", "total"}`` in bytes.
+    """
+    torch.manual_seed(seed)
+    T = cfg.block_size if seq_len is None else seq_len
+    dev = torch.device(device)
+    model = build_model(cfg, device=device)
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, T), device=dev)
+    y = torch.randint(0, cfg.vocab_size, (batch_size, T), device=dev)
+
+    with _attention_context(attention):
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            if s.data_ptr() not in weights:
+                saved[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with autocast:
+                _, loss = model(x, y)
+        loss.backward()
+    out = {
+        "weights": _storage_bytes(model.parameters()),
+        "gradients": _storage_bytes(p.grad for p in model.parameters() if p.grad is not None),
+        "optimizer_state": _optimizer_bytes(opt),
+        "saved_for_backward": sum(saved.values()),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def measure_cuda_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "fp32",
+                      grad_checkpointing: bool = False, attention: str = "sdpa", steps: int = 3,
+                      device: str = "cuda", seed: int = 0) -> dict[str, Any]:
+    """Peak CUDA memory of ``steps`` real training steps (the first creates AdamW's state).
+
+    Returns:
+        ``{"max_allocated", "max_reserved", "process_used"}`` in bytes: PyTorch's allocator peak,
+        its reserved peak, and the device memory NVML reports in use after the steps (context
+        included; ``None`` without NVML). ``"oom": True`` when the step ran out of memory.
+
+    Raises:
+        RuntimeError: CUDA is not available.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("measure_cuda_peak needs CUDA")
+    from lmkit.monitor.nvml import query_gpus
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    T = cfg.block_size if seq_len is None else seq_len
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    model = build_model(cfg, device=device)
+    model.train()
+    model.grad_checkpointing = grad_checkpointing
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    x = torch.randint(0, cfg.vocab_size, (batch_size, T), device=dev)
+    y = torch.randint(0, cfg.vocab_size, (batch_size, T), device=dev)
+    oom = False
+    try:
+        with _attention_context(attention):
+            for _step in range(steps):
+                with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                    _, loss = model(x, y)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0 or math.inf)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                del _
+        torch.cuda.synchronize(dev)
+    except torch.OutOfMemoryError:
+        oom = True
+    stats = {
+        "max_allocated": torch.cuda.max_memory_allocated(dev),
+        "max_reserved": torch.cuda.max_memory_reserved(dev),
+        "process_used": None,
+        "oom": oom,
+    }
+    gpus = query_gpus()
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if len(gpus) > idx:
+        stats["process_used"] = gpus[idx].mem_used_bytes
+    del model, opt, x, y
+    torch.cuda.empty_cache()
+    return stats
