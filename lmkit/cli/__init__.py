@@ -96,6 +96,23 @@ app.command(
 )(export_command)
 
 
+from lmkit.cli.doctor import doctor_command  # noqa: E402 - registered here, next to its epilog
+
+app.command(
+    "doctor",
+    help=doctor_command.__doc__,
+    epilog=(
+        "Examples:\n\n"
+        "  lmkit doctor                                        # versions, GPUs, MPS, CPUs, RAM\n\n"
+        "  lmkit doctor --json > doctor.json                   # for a bug report\n\n"
+        "  lmkit doctor --preset small --batch-size 32 --gpu-memory 16GiB\n\n"
+        "  lmkit doctor --preset medium --bf16 --grad-checkpointing\n\n"
+        "  lmkit doctor --preset scale_10m                     # parameter count vs the 10M target\n\n"
+        "  lmkit doctor --preset medium --batch-size 8 --legacy-seed001"
+    ),
+)(doctor_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
