@@ -1,0 +1,293 @@
+"""``lmkit eval RUN --task T``: evaluate a run's checkpoint(s) and write ``runs/NAME/eval/``.
+
+The command loads the run (:func:`lmkit.runs.load_run`), gives every task an
+:class:`~lmkit.evaluation.task.EvalContext`, and writes what the task returns together
+with where it came from: checkpoint, step, tokens, wall time, items/s, lmkit version.
+File layout: see :mod:`lmkit.evaluation.task`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from lmkit.cli._common import handle_errors
+from lmkit.errors import CheckpointError, ConfigError
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe: non-finite floats become ``None`` (recursively)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def resolve_tasks(names: list[str]) -> dict[str, Any]:
+    """``name -> evaluate`` for every requested task, before any model is loaded.
+
+    Raises:
+        ConfigError: unknown task (listing the known ones), or a task whose module is not
+            part of this build.
+    """
+    from lmkit.evaluation.task import TASKS, get_task
+
+    funcs: dict[str, Any] = {}
+    for name in names:
+        if name in funcs:
+            continue
+        try:
+            funcs[name] = get_task(name)
+        except ModuleNotFoundError as exc:
+            module = TASKS[name].partition(":")[0]
+            if exc.name != module:
+                raise
+            raise ConfigError(f"--task {name}: not available in this build ({module} is missing); "
+                              f"available: {', '.join(t for t in TASKS if _importable(TASKS[t]))}") from None
+    return funcs
+
+
+def _importable(spec: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(spec.partition(":")[0]) is not None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+class _Progress:
+    """A Rich bar per (task, checkpoint) on a terminal; nothing in between off one."""
+
+    def __init__(self, stream, enabled: bool):
+        self.progress = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=Console(file=stream), transient=False)
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+
+    def bar(self, description: str):
+        """A ``progress(done, total)`` callback for one task."""
+        if self.progress is None:
+            return lambda done, total: None
+        task_id = self.progress.add_task(description, total=None, rate="")
+        started = time.perf_counter()
+
+        def update(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - started
+            rate = f"{done / elapsed:,.1f} items/s" if done and elapsed > 0 else ""
+            self.progress.update(task_id, completed=done, total=total, rate=rate)
+
+        return update
+
+    def print(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, highlight=False)
+
+
+@handle_errors
+def eval_command(
+    run: str = typer.Argument(..., help="Run directory (runs/NAME) or a run name under --out-dir."),
+    tasks: list[str] = typer.Option(..., "--task", "-t", help="Task to run (repeatable): perplexity, arithmetic, "
+                                    "hellaswag, gsm8k, arithmetic-probes, sample."),
+    checkpoint: str = typer.Option("best", "--checkpoint", "-c", help="best, latest, step_…, epoch_…, a path, or "
+                                   "'all' to sweep every checkpoint (writes a curve per task)."),
+    data: Path = typer.Option(None, "--data", help="Local data instead of the task's default (a text file for "
+                              "perplexity, a JSONL for hellaswag/gsm8k, seed 000's JSONL folder for arithmetic)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Evaluate only the first N items."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Items (or sequences) per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu."),
+    out_dir: str = typer.Option("runs", "--out-dir", help="Where run names are looked up."),
+    fewshot: int = typer.Option(None, "--fewshot", min=0, help="gsm8k: K worked examples from the train split."),
+    legacy_eos_metric: bool = typer.Option(False, "--legacy-eos-metric", help="arithmetic: also report seed 000's "
+                                           "own metric (argmax at the last label position, i.e. predicting EOS)."),
+    legacy_last_number: bool = typer.Option(False, "--legacy-last-number", help="arithmetic-probes: score the "
+                                            "LAST number of the response (seed 004's rule) instead of the first."),
+    prompts: list[str] = typer.Option([], "--prompt", help="sample: a prompt (repeatable)."),
+    temperature: float = typer.Option(None, "--temperature", min=0.0, help="sample: 0 = greedy."),
+    top_k: int = typer.Option(None, "--top-k", min=1, help="sample: keep the K most likely tokens."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Generation length limit."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (sampling, few-shot draws)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (human output "
+                                  "goes to stderr)."),
+) -> None:
+    """Evaluate a run: perplexity/bpb, seed 000's arithmetic (flat vs parenthesized), HellaSwag, GSM8K,
+    arithmetic probes, samples. Writes runs/NAME/eval/TASK.json, or with --checkpoint all one file per
+    checkpoint, checkpoint_results.json and curve.png under runs/NAME/eval/TASK/."""
+    funcs = resolve_tasks(tasks)
+    if data is not None and not data.exists():
+        raise ConfigError(f"--data {data}: no such file or folder")
+    options: dict[str, Any] = {}
+    for key, value in (("fewshot", fewshot), ("temperature", temperature), ("top_k", top_k),
+                       ("max_new_tokens", max_new_tokens), ("seed", seed)):
+        if value is not None:
+            options[key] = value
+    if legacy_eos_metric:
+        options["legacy_eos_metric"] = True
+    if legacy_last_number:
+        options["legacy_last_number"] = True
+    if prompts:
+        options["prompt"] = list(prompts)
+
+    import torch
+
+    from lmkit import __version__
+    from lmkit.evaluation.task import LOWER_IS_BETTER, EvalContext
+    from lmkit.rundir import RunDir
+    from lmkit.runs import list_checkpoints, load_run
+    from lmkit.training.device import resolve_device
+
+    run_dir = RunDir.existing(run, out_dir)
+    dev, _ = resolve_device(device)
+    sweep = checkpoint == "all"
+    if sweep:
+        points = list_checkpoints(run_dir.path)
+        if not points:
+            raise CheckpointError(f"{run_dir.path}: no checkpoints to sweep")
+        choices = [str(path) for _, path in points]
+    else:
+        choices = [checkpoint]
+
+    human = sys.stderr if json_out else sys.stdout
+    bars = _Progress(human, enabled=human.isatty())
+    records: list[dict[str, Any]] = []
+    sweeps: dict[str, list[dict[str, Any]]] = {name: [] for name in funcs}
+    files: list[str] = []
+    with bars:
+        for choice in choices:
+            loaded = load_run(run_dir.path, choice, device=dev)
+            for name, evaluate in funcs.items():
+                progress = bars.bar(f"{name} @ step {loaded.step}")
+                ctx = EvalContext(model=loaded.model, tokenizer=loaded.tokenizer, config=loaded.config,
+                                  run_dir=run_dir.path, device=dev, step=loaded.step, data=data, limit=limit,
+                                  batch_size=batch_size, options=dict(options), progress=progress)
+                started = time.perf_counter()
+                with torch.inference_mode() if dev.type != "mps" else nullcontext():
+                    result = evaluate(ctx)
+                wall = time.perf_counter() - started
+                record = {
+                    **result.to_dict(),
+                    "run": run_dir.name,
+                    "checkpoint": str(loaded.checkpoint),
+                    "step": loaded.step,
+                    "tokens": loaded.tokens,
+                    "wall_time_s": round(wall, 3),
+                    "items_per_s": round(result.n_items / wall, 3) if wall > 0 else None,
+                    "device": str(dev),
+                    "batch_size": batch_size,
+                    "limit": limit,
+                    "options": options,
+                    "lmkit_version": __version__,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+                if sweep:
+                    path = run_dir.eval_dir / name / f"step_{loaded.step:07d}.json"
+                    sweeps[name].append(record)
+                else:
+                    path = run_dir.eval_dir / f"{name}.json"
+                _write_json(path, record)
+                record["file"] = str(path)
+                files.append(str(path))
+                records.append(record)
+                head = result.metrics.get(result.headline)
+                line = (f"{name} @ step {loaded.step}: {result.headline} {_fmt(head)} "
+                        f"({result.n_items:,} items, {wall:.1f} s, {record['items_per_s'] or 0:,.1f} items/s) -> {path}")
+                if bars.progress is not None:
+                    bars.print(line)
+                else:
+                    human.write(line + "\n")
+            del loaded
+
+    for name, rows in sweeps.items():
+        if not rows:
+            continue
+        rows.sort(key=lambda r: r["step"])
+        headline = rows[-1]["headline"]
+        table = [{"step": r["step"], "tokens": r["tokens"], "checkpoint": r["checkpoint"], "headline": headline,
+                  "metrics": r["metrics"]} for r in rows]
+        summary_path = run_dir.eval_dir / name / "checkpoint_results.json"
+        _write_json(summary_path, table)
+        from lmkit.evaluation.curves import plot_sweep
+
+        chance = rows[-1].get("details", {}).get("chance")
+        png = plot_sweep(table, task=name, metric=headline, path=run_dir.eval_dir / name / "curve.png",
+                         title=f"{run_dir.name}: {name} {headline} "
+                               f"({'lower' if headline in LOWER_IS_BETTER else 'higher'} is better)",
+                         chance=chance)
+        files += [str(summary_path), str(png)]
+        human.write(f"{name}: sweep of {len(rows)} checkpoints -> {summary_path}, {png}\n")
+
+    _render_table(records, human)
+    if json_out:
+        out = {"run": run_dir.name, "run_dir": str(run_dir.path), "results": records, "files": files}
+        sys.stdout.write(json.dumps(_finite(out), indent=2) + "\n")
+
+
+def _render_table(records: list[dict[str, Any]], stream) -> None:
+    """A Rich table: one row per (task, checkpoint, metric); the headline in bold; then the notes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=stream, highlight=False, soft_wrap=True)
+    table = Table(title="lmkit eval", title_justify="left")
+    for col, justify in (("task", "left"), ("step", "right"), ("metric", "left"), ("value", "right"),
+                         ("items", "right"), ("wall s", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for rec in records:
+        first = True
+        for metric, value in rec["metrics"].items():
+            bold = metric == rec["headline"]
+            table.add_row(rec["task"] if first else "", str(rec["step"]) if first else "",
+                          f"[bold]{metric}[/bold]" if bold else metric,
+                          f"[bold]{_fmt(value)}[/bold]" if bold else _fmt(value),
+                          f"{rec['n_items']:,}" if first else "", f"{rec['wall_time_s']:.1f}" if first else "")
+            first = False
+    console.print(table)
+    seen: set[str] = set()
+    for rec in records:
+        for note in rec.get("notes", []):
+            if note not in seen:
+                seen.add(note)
+                console.print(f"note ({rec['task']}): {note}")
