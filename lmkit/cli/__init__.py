@@ -96,6 +96,21 @@ app.command(
 )(export_command)
 
 
+from lmkit.cli.eval import eval_command  # noqa: E402 - light module: torch loads in its body
+
+app.command(
+    "eval",
+    help=eval_command.__doc__,
+    epilog=(
+        "Examples:\n\n"
+        "  lmkit eval runs/pilot --task arithmetic --legacy-eos-metric   # exact match, flat vs paren\n\n"
+        "  lmkit eval runs/tiny --task perplexity --data wiki.test.raw   # loss, perplexity, bits per byte\n\n"
+        "  lmkit eval runs/gpt2 --task hellaswag --data hellaswag_val.jsonl --checkpoint all\n\n"
+        "  lmkit eval runs/gpt2 --task gsm8k --fewshot 5 --limit 200 --json > gsm8k.json"
+    ),
+)(eval_command)
+
+
 from lmkit.cli.doctor import doctor_command  # noqa: E402 - registered here, next to its epilog
 
 app.command(
