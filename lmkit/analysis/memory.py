@@ -626,7 +626,8 @@ def legacy_seed001(n_params: int, batch_size: int, seq_len: int, n_embd: int, n_
     params ``4P``, grads ``4P``, AdamW ``8P``; activations ``L · 4·(9·B·T·d + B·h·T²)`` bytes
     (9 = input 1 + QKV 3 + attention output 1 + FFN hidden 4; ``B·h·T²`` the attention
     scores); overhead 1.5 GB. GPT-2 small (P = 124,439,808, T 1024, d 768, h 12, L 12) gives
-    11.04 / 18.59 / 33.69 GB at B = 8 / 16 / 32. It leaves out the logits, the second copy of
+    11.04 / 18.59 / 33.69 GB at B = 8 / 16 / 32 (the seed's "0.99 GB" for AdamW is 0.9955
+    truncated; rounded it is 1.00). It leaves out the logits, the second copy of
     the GELU activations and the LayerNorm inputs, and counts the T² scores a fused kernel never
     stores; :func:`estimate_memory` is the one to trust.
     """

@@ -1,0 +1,138 @@
+"""`lmkit doctor`: environment report, parameter counts, memory table, verdicts, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmkit.cli import app
+from lmkit.config import build_run_config
+from lmkit.models import build_model
+
+from conftest import run_cli
+
+ENV = {"COLUMNS": "220"}
+
+
+def doctor(*args: str):
+    return CliRunner().invoke(app, ["doctor", *args], env=ENV)
+
+
+def test_environment_table_in_a_real_subprocess(tmp_path):
+    proc = run_cli("doctor", cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for item in ("Environment", "python", "torch", "CUDA (torch build)", "cuDNN", "NVIDIA driver (NVML)",
+                 "CUDA available", "Apple MPS", "CPUs", "RAM", torch.__version__):
+        assert item in out, item
+    if not torch.cuda.is_available():
+        assert "GPUs: none visible" in out
+
+
+def test_json_has_the_keys_of_a_bug_report():
+    result = doctor("--json", "--preset", "small", "--batch-size", "32", "--gpu-memory", "16GiB")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    env = report["environment"]
+    for key in ("python", "torch", "cuda", "cudnn", "driver", "cuda_available", "gpus", "mps_available",
+                "cpu_count", "ram_total_bytes", "ram_available_bytes"):
+        assert key in env, key
+    assert env["torch"] == torch.__version__
+    assert env["cpu_count"] >= 1 and env["ram_total_bytes"] > 0
+    assert set(report["params"]) >= {"total", "trainable", "embeddings", "non_embedding", "target"}
+    mem = report["memory"]
+    assert mem["batch_size"] == 32 and mem["seq_len"] == 512 and mem["precision"] == "fp32"
+    names = [row["name"] for row in mem["rows"]]
+    for name in ("weights", "gradients", "optimizer state", "activations", "  of which attention scores",
+                 "logits + loss"):
+        assert name in names
+    assert mem["total"] == mem["peak_allocated"] + mem["overhead"]
+    card = report["verdicts"][-1]
+    assert card["gpu"] == "--gpu-memory 16GiB" and card["capacity_bytes"] == 16 * 2**30
+    assert card["verdict"] in ("fits", "tight", "does not fit")
+
+
+@pytest.mark.parametrize("preset", ["scale_10m", "transformer-europarl"])
+def test_param_count_equals_the_models(preset):
+    report = json.loads(doctor("--json", "--preset", preset).stdout)
+    config = build_run_config(preset)
+    model_cfg = config.model.model_copy()
+    model_cfg.vocab_size = report["preset"]["vocab_size"]
+    model = build_model(model_cfg, device="meta")
+    assert report["params"]["total"] == sum(p.numel() for p in model.parameters())
+    assert report["params"]["trainable"] == report["params"]["total"]
+    embeddings = model.transformer.wte.weight.numel() + (
+        model.transformer.wpe.weight.numel() if "wpe" in model.transformer else 0)
+    assert report["params"]["embeddings"] == embeddings
+    untied = 0 if model_cfg.tie_embeddings else model.lm_head.weight.numel()
+    assert report["params"]["head"] == untied
+    assert report["params"]["non_embedding"] == report["params"]["total"] - embeddings - untied
+
+
+def test_scale_10m_reports_the_difference_from_its_target_like_seed_000():
+    result = doctor("--preset", "scale_10m")
+    assert result.exit_code == 0, result.stderr
+    assert "Total parameters: 10,651,776 (10.65M)" in result.stdout
+    assert "Difference from 10M target: 6.5%" in result.stdout
+
+
+def test_done_when_small_b32_on_a_16gib_card():
+    result = doctor("--preset", "small", "--batch-size", "32", "--gpu-memory", "16GiB")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "Memory of one training step: B=32, T=512, fp32" in out
+    for row in ("weights", "gradients", "optimizer state", "activations", "of which attention scores",
+                "logits + loss", "peak allocated", "framework overhead", "total"):
+        assert row in out, row
+    # fp32 small at B=32 needs ~17 GiB, dominated by the 50,257-way logits: not on a 16 GiB card ...
+    assert "--gpu-memory 16GiB" in out and "does not fit" in out
+    # ... and doctor says what would make it fit
+    assert "What to try on --gpu-memory 16GiB" in out and "--bf16" in out and "--grad-checkpointing" in out
+
+
+def test_largest_batch_in_the_verdict_is_consistent_with_the_estimate():
+    from lmkit.analysis.memory import estimate_memory
+
+    report = json.loads(doctor("--json", "--preset", "tiny", "--gpu-memory", "8GiB", "--bf16").stdout)
+    card = report["verdicts"][-1]
+    best = card["max_batch_size"]
+    config = build_run_config("tiny")
+    cfg = config.model.model_copy()
+    cfg.vocab_size = 50257
+    assert estimate_memory(cfg, best, precision="bf16").total <= 8 * 2**30
+    assert estimate_memory(cfg, best + 1, precision="bf16").total > 8 * 2**30
+
+
+def test_legacy_seed001_view_reproduces_the_seeds_table():
+    result = doctor("--preset", "medium", "--batch-size", "8", "--legacy-seed001")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "Seed 001's hand table" in out
+    for line in ("0.50 GB", "1.00 GB", "7.55 GB", "4.83 GB", "1.50 GB", "11.04 GB"):
+        assert line in out, line
+    assert "seed formula at B = 8 / 16 / 32: 11.04 / 18.59 / 33.69 GB" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_only_without_cuda_exits_3(tmp_path):
+    proc = run_cli("doctor", "--gpu-only", cwd=tmp_path, env=ENV)
+    assert proc.returncode == 3
+    assert proc.stderr.startswith("error: --gpu-only: CUDA is not available")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["lots", "16XB", "-4GiB", "0"])
+def test_bad_gpu_memory_is_one_line_and_exit_2(bad):
+    result = doctor("--preset", "small", "--gpu-memory", bad)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: --gpu-memory {bad!r}")
+    assert result.stderr.count("\n") == 1
+
+
+def test_estimate_flags_without_a_preset_are_bad_input():
+    result = doctor("--batch-size", "8")
+    assert result.exit_code == 2
+    assert "add --preset" in result.stderr
