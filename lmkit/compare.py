@@ -43,6 +43,10 @@ _NEUTRAL_PARTS = ("gap", "total", "count", "time", "length", "tokens", "per_seco
 _GROUP_KEY = re.compile(r"split|categor", re.IGNORECASE)
 #: Inner keys tried (after the task's headline) to pick one number per split/category.
 _PRIMARY_KEYS = ("accuracy", "acc", "exact_match", "acc_norm", "value")
+#: y-axis labels (with units) of eval curves, by metric name.
+_AXIS_LABELS = {"bpb": "bpb (bits per byte)", "mean_loss": "loss (nats/token)", "perplexity": "perplexity",
+                "acc_norm": "acc_norm (fraction correct)", "acc": "acc (fraction correct)",
+                "accuracy": "accuracy (fraction correct)", "acc_val": "acc_val (exact match, fraction)"}
 #: Largest weight of the exponential moving average drawn over the logged train loss.
 EMA_WEIGHT = 0.9
 
@@ -542,7 +546,7 @@ def plot_comparison(comparison: Comparison, path: str | Path, dpi: int = 150) ->
                         markersize=3.5, linewidth=1.4, label=run.name)
             metric = metric or m
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(metric or "metric")
+        ax.set_ylabel(_AXIS_LABELS.get(metric or "", metric or "metric"))
         ax.set_title(f"{task}: {metric or ''} over checkpoints", fontsize=10)
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(True, alpha=0.3)
