@@ -21,7 +21,9 @@ def _gib(n: int | None) -> str:
     """Bytes as GiB (or MiB below 1 GiB)."""
     if n is None:
         return "-"
-    return f"{n / _GiB:.2f} GiB" if n >= _GiB or n == 0 else f"{n / 2**20:.1f} MiB"
+    if n == 0:
+        return "0"
+    return f"{n / _GiB:.2f} GiB" if n >= _GiB else f"{n / 2**20:.1f} MiB"
 
 
 def _yes(flag: bool | None) -> str:
