@@ -575,7 +575,8 @@ def suggestions(cfg: ModelConfig, est: MemoryEstimate, capacity_bytes: int, *,
         micro = max(b for b in range(1, best + 1) if per_step % b == 0)  # keeps the sequences per step
         accum = per_step // micro
         try_(f"micro-batch {micro} × grad_accum_steps {accum} (same {per_step} sequences per step)",
-             f"--batch-size {micro} --set training.grad_accum_steps={accum}", batch_size=micro)
+             f"--batch-size {micro} --set training.grad_accum_steps={accum}", batch_size=micro,
+             grad_accum_steps=accum)
     return out
 
 
