@@ -4,19 +4,19 @@
 the training loop never prints, it emits :mod:`lmkit.events`; the dashboard turns them
 into panels::
 
-    ┌ header: run, preset, model params, device, precision, compile ────────────────┐
-    ┌ loss chart (train + val) ───────────────┐┌ stats: step/total, epoch, tokens, ┐
-    │ braille plot, bucketed so 100k steps    ││ lr, loss, val/best, tok/s, MFU,   │
-    │ stay readable                           ││ step time, elapsed, ETA           │
-    └─────────────────────────────────────────┘└───────────────────────────────────┘
-    ┌ events ─────────────┐┌ events by kind ──┐┌ GPU (NVML + torch allocator) or    ┐
-    │ evals, checkpoints, ││ latest per kind  ││ host (RSS, CPU %) on CPU/MPS       │
-    │ notices, NaN skips  ││ (+ group key)    ││                                    │
-    └─────────────────────┘└──────────────────┘└────────────────────────────────────┘
+    ┌ header: run, preset, model params, device, precision, compile ──── status ┐
+    ┌ loss (train + val) ───────────────────┐┌ stats: step/total, epoch, tokens, ┐
+    │ braille chart, bucketed: 100k steps   ││ lr, loss, val + best, tok/s, MFU,  │
+    │ stay readable                         ││ step time, elapsed, ETA            │
+    │                                       │┌ GPU: NVML per device + torch       ┐
+    │                                       ││ allocated/reserved/peak; or host:  │
+    │                                       ││ RSS, CPU % (CPU/MPS runs)          │
+    ┌ events: evals, checkpoints, notices, ┐┌ events by kind: latest per kind    ┐
+    │ NaN/overflow skips, newest at bottom ││ (and per group key, e.g. layer)    │
 
 Cost to the training loop: handling an event takes the state lock for a few
 microseconds (the loss series is bucketed in O(1) amortised per point). Rendering runs
-on a refresh thread at ``refresh_per_second`` (default 4 Hz, and only when something
+on a refresh thread at ``refresh_per_second`` (default 2 Hz, and only when something
 changed, or once a second for the clocks); system numbers come from
 :class:`~lmkit.monitor.sampler.Sampler` (~1 Hz, NVML + psutil, never a CUDA sync).
 """
@@ -183,18 +183,38 @@ class BrailleCanvas:
         for y in range(min(y0, y1), max(y0, y1) + 1):
             self.dot(cells, x, y)
 
+    def segment(self, cells: dict[tuple[int, int], int], x0: int, y0: int, x1: int, y1: int) -> None:
+        """A connected line from (x0, y0) to (x1, y1), ``x0 <= x1``: each column gets the
+        vertical run the line crosses in it, so steep falls have no gaps."""
+        if x1 <= x0:
+            self.vline(cells, x0, y0, y1)
+            return
+        slope = (y1 - y0) / (x1 - x0)
+        for x in range(x0, x1 + 1):
+            ya = y0 + slope * (max(x - 0.5, x0) - x0)
+            yb = y0 + slope * (min(x + 0.5, x1) - x0)
+            self.vline(cells, x, int(round(ya)), int(round(yb)))
+
     def lines(self) -> list[Text]:
+        """One :class:`~rich.text.Text` per row; runs of one style are appended together
+        (a row costs O(cols), not one Rich span per character)."""
+        grid: list[list[tuple[str, Style | None]]] = [[(" ", None)] * self.cols for _ in range(self.rows)]
+        for style, cells in self.layers:  # later layers overwrite earlier ones
+            for (row, col), bits in cells.items():
+                if bits and 0 <= row < self.rows and 0 <= col < self.cols:
+                    grid[row][col] = (chr(0x2800 + bits), style)
         out = []
-        for row in range(self.rows):
+        for cells in grid:
             text = Text()
-            for col in range(self.cols):
-                for style, cells in reversed(self.layers):
-                    bits = cells.get((row, col))
-                    if bits:
-                        text.append(chr(0x2800 + bits), style)
-                        break
-                else:
-                    text.append(" ")
+            run, run_style = [], None
+            for char, style in cells:
+                if style is not run_style and run:
+                    text.append("".join(run), run_style)
+                    run = []
+                run.append(char)
+                run_style = style
+            if run:
+                text.append("".join(run), run_style)
             out.append(text)
         return out
 
@@ -212,8 +232,8 @@ class LossChart:
 
     Args:
         train / val: the series (copies: the chart is rendered on another thread).
-        max_steps: the right end of the x axis (the run's length), so the curve grows
-            to the right as training goes on.
+        max_steps: the run's length (for the caption); the x axis spans the steps seen
+            so far, from ``start_step``, so an early curve is not squeezed to the left.
     """
 
     TRAIN = Style(color="cyan", bold=True)
@@ -221,12 +241,24 @@ class LossChart:
     VAL = Style(color="yellow", bold=True)
 
     def __init__(self, train: BucketSeries, val: BucketSeries, *, max_steps: int | None = None,
-                 start_step: int = 0):
+                 start_step: int = 0, cache: dict | None = None):
         self.train, self.val = train, val
         self.max_steps = max_steps
         self.start_step = start_step
+        self.cache = cache  # reuse the last drawing while the data and the size are the same
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        key = (options.max_width, options.height, self.train.count, self.train.last, self.val.count,
+               self.train.width, self.start_step)
+        if self.cache is not None and self.cache.get("key") == key:
+            yield from self.cache["lines"]
+            return
+        lines = list(self._draw(options))
+        if self.cache is not None:
+            self.cache.update(key=key, lines=lines)
+        yield from lines
+
+    def _draw(self, options: ConsoleOptions) -> Iterable[Text]:
         width = options.max_width
         height = options.height or 10
         train, val = self.train.points(), self.val.points()
@@ -236,7 +268,8 @@ class LossChart:
         rows = max(2, height - 1)  # the last line is the x axis
         steps = [p[0] for p in train] + [p[0] for p in val]
         x0 = min(min(steps), self.start_step)
-        x1 = max(max(steps), self.max_steps or 0, x0 + 1)
+        last = [series.last_step for series in (self.train, self.val) if series.last_step is not None]
+        x1 = max(max(steps), *last, x0 + 1)  # the axis grows with the run (the stats panel shows progress)
         # The y range: lowest min to highest mean. The first 5% of the x axis (the fall
         # from the initial loss) does not stretch the scale; it is clipped at the top (↑).
         settled = [p[2] for p in train + val if p[0] - x0 >= 0.05 * (x1 - x0)]
@@ -273,21 +306,14 @@ class LossChart:
             vmin, vmean, _ = cols_train[x]
             canvas.dot(band, x, py(vmin))
             y = py(vmean)
-            if prev is not None and x - prev[0] > 1:  # connect across empty columns
-                for xi in range(prev[0] + 1, x):
-                    t = (xi - prev[0]) / (x - prev[0])
-                    canvas.dot(line, xi, int(prev[1] + t * (y - prev[1]) + 0.5))
-            canvas.vline(line, x, prev[1] if prev is not None and x - prev[0] == 1 else y, y)
+            canvas.segment(line, *(prev or (x, y)), x, y)
             prev = (x, y)
         vlayer = canvas.layer(self.VAL)
         cols_val = columns(val)
         prev = None
         for x in sorted(cols_val):
             y = py(cols_val[x][1])
-            if prev is not None:
-                for xi in range(prev[0] + 1, x):
-                    t = (xi - prev[0]) / (x - prev[0])
-                    canvas.dot(vlayer, xi, int(prev[1] + t * (y - prev[1]) + 0.5))
+            canvas.segment(vlayer, *(prev or (x, y)), x, y)
             for dx in (-1, 0, 1):  # a visible marker at each evaluation
                 canvas.dot(vlayer, x + dx, y)
             canvas.vline(vlayer, x, y - 1, y + 1)
@@ -387,7 +413,7 @@ class Dashboard:
     renders on the refresh thread; all state is behind one lock, held briefly.
     """
 
-    def __init__(self, console: Console | None = None, *, refresh_per_second: float = 4.0,
+    def __init__(self, console: Console | None = None, *, refresh_per_second: float = 2.0,
                  sample_interval: float = 1.0, sampler: bool = True, live: bool = True, max_events: int = 200,
                  chart_buckets: int = 512):
         self.console = console or Console()
@@ -409,8 +435,11 @@ class Dashboard:
         self.system: SystemSample | None = None
         self.t_start = time.time()
         self.t_last_step = time.time()
-        self.renders = 0
+        self.renders = 0  # frames drawn
+        self.render_seconds = 0.0  # wall time the refresh thread spent drawing them
+        self.render_cpu_seconds = 0.0  # CPU time it spent (time.thread_time)
         self._dirty = True
+        self._chart_cache: dict = {}
         self._live = None
         self._sampler: Sampler | None = None
         self._ticker: threading.Thread | None = None
@@ -517,7 +546,10 @@ class Dashboard:
                 try:
                     live = self._live
                     if live is not None:
+                        cpu = time.thread_time()
                         live.refresh()
+                        self.render_seconds += time.monotonic() - now
+                        self.render_cpu_seconds += time.thread_time() - cpu
                     last = now
                 except Exception:  # noqa: BLE001 - a drawing problem must not stop training
                     pass
@@ -563,7 +595,7 @@ class Dashboard:
                 view: RenderableType = self._preparing()
                 height = None  # one line, not the whole screen
             else:
-                view = self.layout()
+                view = self.layout(height)
         if height is None:
             yield view
         else:
@@ -579,18 +611,23 @@ class Dashboard:
                      ProgressBar(total=d.total or None, completed=d.completed, width=30), Text(done, style="dim"))
         return grid
 
-    def layout(self) -> Layout:
-        """The whole dashboard (call with the lock held, or on a quiescent dashboard)."""
-        root = Layout(name="root")
-        root.split_column(Layout(self.header(), name="header", size=3), Layout(name="body"))
-        body = root["body"]
-        body.split_row(Layout(name="left", ratio=3), Layout(name="right", ratio=2, minimum_size=40))
-        body["left"].split_column(Layout(self.chart_panel(), name="chart", ratio=3),
-                                  Layout(self.events_panel(), name="events", ratio=2, minimum_size=4))
+    def layout(self, height: int | None = None) -> Layout:
+        """The whole dashboard for a screen of ``height`` rows (call with the lock held, or
+        on a quiescent dashboard): header; loss chart beside stats + system; events beside
+        events by kind."""
         system, system_rows = self.system_panel()
-        body["right"].split_column(Layout(self.stats_panel(), name="stats", size=14),
-                                   Layout(system, name="system", size=system_rows + 2),
-                                   Layout(self.kinds_panel(), name="kinds", minimum_size=4))
+        top = 14 + system_rows + 2
+        if height is not None:
+            top = max(8, min(top, height - 3 - 6))  # leave the bottom row at least 6 lines
+        root = Layout(name="root")
+        root.split_column(Layout(self.header(), name="header", size=3), Layout(name="top", size=top),
+                          Layout(name="bottom", minimum_size=4))
+        root["top"].split_row(Layout(self.chart_panel(), name="chart", ratio=3),
+                              Layout(name="right", ratio=2, minimum_size=40))
+        root["top"]["right"].split_column(Layout(self.stats_panel(), name="stats", size=14),
+                                          Layout(system, name="system"))
+        root["bottom"].split_row(Layout(self.events_panel(), name="events", ratio=1),
+                                 Layout(self.kinds_panel(), name="kinds", ratio=1))
         return root
 
     # ---------------------------------------------------------------- panels
@@ -617,7 +654,7 @@ class Dashboard:
     def chart_panel(self) -> Panel:
         s = self.started
         chart = LossChart(self.train.copy(), self.val.copy(), max_steps=s.max_steps if s else None,
-                          start_step=s.start_step if s else 0)
+                          start_step=s.start_step if s else 0, cache=self._chart_cache)
         title = Text.assemble(("loss  ", "bold"), ("━ train", LossChart.TRAIN), (" (mean, ", "dim"),
                               ("⠄ min", LossChart.BAND), (" per bucket)  ", "dim"), ("◆ val", LossChart.VAL))
         width = self.train.width

@@ -105,6 +105,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.samples = 0
+        self.cpu_seconds = 0.0  # CPU time of this thread (time.thread_time), for overhead checks
 
     def _run(self) -> None:
         probe: HostProbe | None = None
@@ -114,12 +115,13 @@ class Sampler:
             except Exception:  # noqa: BLE001 - no psutil / no /proc: GPUs only
                 probe = None
         while not self._stop.is_set():
-            started = time.monotonic()
+            started, cpu = time.monotonic(), time.thread_time()
             try:
                 self.on_sample(sample_system(probe, self.gpus))
                 self.samples += 1
             except Exception:  # noqa: BLE001
                 pass
+            self.cpu_seconds += time.thread_time() - cpu
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def start(self) -> Sampler:
