@@ -11,8 +11,9 @@ How a batch runs:
    float rounding of the differently shaped matmuls; the greedy tokens are tested equal).
 3. One forward pass over the whole prompt fills the :class:`~lmkit.models.gpt.KVCache`
    (prefill); after that each step feeds one token per row.
-4. A row stops at ``eos_id``, at the end of any ``stop_sequences``, after
-   ``max_new_tokens`` tokens, or when its context is full. Finished rows are dropped
+4. A row stops at ``eos_id``, at the end of any ``stop_sequences`` (token ids), when its
+   decoded text contains any ``stop_strings`` (tokenizer-independent: ``"\n\n"`` may be one
+   token or two), after ``max_new_tokens`` tokens, or when its context is full. Finished rows are dropped
    from the batch (and from the cache), so they cost nothing afterwards.
 
 Context limit (``block_size``): the model never sees more than ``block_size`` tokens of a
@@ -82,6 +83,20 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(probs, 1, generator=generator).view(-1)
 
 
+def _cut_at_string(g: list[int], stop_strings: Sequence[str], decode: Callable[[list[int]], str],
+                   window: int) -> bool:
+    """If the text of ``g`` now contains a stop string, drop the trailing tokens that lie
+    wholly inside it (tokens straddling its start stay) and return True."""
+    if not any(s in decode(g[-window:]) for s in stop_strings):
+        return False
+    text = decode(g)
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    start = min(hits, default=len(text))
+    while g and len(decode(g[:-1])) >= start:
+        g.pop()
+    return True
+
+
 def _ends_with(seq: list[int], stops: Sequence[Sequence[int]]) -> int:
     """Length of the first stop sequence ``seq`` ends with (0 if none)."""
     for stop in stops:
@@ -105,6 +120,8 @@ def generate_ex(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
     use_cache: bool = True,
+    stop_strings: Sequence[str] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> Generation:
     """Continue each prompt; see the module docstring for batching and limits.
 
@@ -122,6 +139,10 @@ def generate_ex(
         generator: random source for sampling (same seed, same inputs -> same outputs).
         batch_size: prompts per forward pass.
         progress: called as ``progress(done, total)`` each time a prompt finishes.
+        stop_strings: end a row as soon as ``decode(its generated ids)`` contains one of
+            these; the trailing tokens that lie wholly inside the stop string are dropped
+            (a token straddling its start is kept: cut the decoded text at the string).
+        decode: ids -> text, needed with ``stop_strings`` (e.g. ``tokenizer.decode``).
         use_cache: ``False`` recomputes the whole padded sequence every step (same masks and
             positions, no cache): the reference for tests and speed measurements.
 
@@ -130,7 +151,8 @@ def generate_ex(
 
     Raises:
         ValueError: bad arguments (``max_new_tokens < 1``, ``temperature < 0``,
-            ``top_k < 1``, ``batch_size < 1``, an empty prompt without ``eos_id``).
+            ``top_k < 1``, ``batch_size < 1``, an empty prompt without ``eos_id``,
+            ``stop_strings`` without ``decode``).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -143,6 +165,10 @@ def generate_ex(
     block_size = _block_size(model)
     device = next(model.parameters()).device
     stops = [list(s) for s in (stop_sequences or []) if len(s)]
+    texts = [s for s in (stop_strings or []) if s]
+    if texts and decode is None:
+        raise ValueError("stop_strings need decode (ids -> text)")
+    window = 4 * max((len(s) for s in texts), default=0) + 8
     total = len(prompts)
 
     cut: list[list[int]] = []
@@ -218,6 +244,8 @@ def generate_ex(
                 elif stops and (n := _ends_with(g, stops)):
                     del g[-n:]
                     reason = "stop"
+                elif texts and _cut_at_string(g, texts, decode, window):
+                    reason = "stop"
                 elif len(g) >= budgets[r]:
                     reason = "length" if budgets[r] == max_new_tokens else "context"
                 if reason:
@@ -251,6 +279,8 @@ def generate(
     generator: torch.Generator | None = None,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> list[list[int]]:
     """Each prompt's continuation ids (stop token / stop sequence excluded), in input order.
 
@@ -259,4 +289,5 @@ def generate(
     """
     return generate_ex(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
                        stop_sequences=stop_sequences, temperature=temperature, top_k=top_k,
-                       generator=generator, batch_size=batch_size, progress=progress).tokens
+                       generator=generator, batch_size=batch_size, progress=progress,
+                       stop_strings=stop_strings, decode=decode).tokens

@@ -1,0 +1,275 @@
+"""GSM8K (Cobbe et al. 2021, arXiv 2110.14168): greedy generation, exact match of the final number.
+
+What is computed (SEEDS_SPEC §1.4, the seed-004 ``eval/run_gsm8k.py`` + ``rl/rewards.py``):
+
+- Items: the test split, 1319 problems -- the hub's ``openai/gsm8k`` (config ``main``)
+  through ``datasets.load_dataset``, or ``--data PATH``, a JSONL with ``question`` and
+  ``answer`` per line (``../shared/data/gsm8k/test.jsonl``).
+- Prompt, zero-shot: ``User: {question}\\nAssistant:`` (question stripped). With
+  ``fewshot = K``, K solved problems drawn once (``random.Random(seed).sample``) from the
+  train split come first as earlier turns, each ``User: {q}\\nAssistant: {answer}``, turns
+  joined by a blank line (``\\n\\n``). The train split is the hub's, or with ``--data PATH``
+  ``train.jsonl`` next to PATH (or PATH's name with ``test`` replaced by ``train``).
+- Generation: :func:`lmkit.evaluation.generate.generate_ex` -- greedy, KV cache, batched
+  with left padding, at most ``max_new_tokens`` (256) new tokens; a response ends at EOS,
+  at the next turn (``\\nUser:``) or at a blank line (``\\n\\n``), whichever comes first; the
+  text is cut there. Prompts longer than the model's ``block_size`` are cut from the left
+  (counted in ``details["n_prompts_truncated"]``).
+- Answer: :func:`extract_answer` then :func:`normalize_answer`, the same functions for the
+  response and for the gold solution; correct iff both normalised strings are equal and
+  the prediction is not empty.
+
+Metrics: ``accuracy`` (headline), ``correct``, ``total``, ``mean_response_tokens``
+(generated tokens up to the stop, EOS and the stop string not counted). Details: the
+first 50 examples (question, response, prediction, gold, correct, n_tokens), finish
+reasons, the few-shot ids.
+
+Options read from ``ctx.options``:
+    fewshot (int, default 0): number of solved train problems in the prompt.
+    max_new_tokens (int, default 256): generation budget per problem.
+    seed (int, default 1234): the few-shot draw.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lmkit.errors import ConfigError, DataError
+from lmkit.evaluation.task import EvalContext, TaskResult, file_sha256
+
+VERSION = "1"
+HUB_NAME = "openai/gsm8k"
+HUB_CONFIG = "main"
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_FEWSHOT_SEED = 1234
+#: The response ends at the first of these (after the EOS token).
+STOP_STRINGS = ("\nUser:", "\n\n")
+N_EXAMPLES = 50
+
+_HASH_ANSWER = re.compile(r"####\s*(-?\d+(?:\.\d+)?(?:,\d{3})*)")
+_THE_ANSWER_IS = re.compile(r"[Tt]he answer is\s*(-?\d+(?:\.\d+)?)")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a GSM8K-style text, or ``None`` (SEEDS_SPEC §1.4, rules in order):
+
+    1. ``####`` then a number ``-?\\d+(\\.\\d+)?(,\\d{3})*`` -> that number, commas removed;
+    2. else ``The answer is`` / ``the answer is`` then ``-?\\d+(\\.\\d+)?`` -> that number
+       (commas are NOT read here: ``The answer is 1,234`` gives ``1``, as in the seed);
+    3. else the LAST match of ``-?\\d+(\\.\\d+)?`` anywhere (``1,234`` gives ``234``);
+    4. else ``None``.
+    """
+    text = text.strip()
+    match = _HASH_ANSWER.search(text)
+    if match:
+        return match.group(1).replace(",", "")
+    match = _THE_ANSWER_IS.search(text)
+    if match:
+        return match.group(1)
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def normalize_answer(answer: str | None) -> str:
+    """Canonical string of an extracted answer (SEEDS_SPEC §1.4).
+
+    ``None`` -> ``""``. Otherwise strip, remove commas and parse as a float: an integral
+    value prints as an int (``"18.0"`` -> ``"18"``, ``"-0"`` -> ``"0"``), any other as
+    ``str(float)`` (``"3.50"`` -> ``"3.5"``); a string that does not parse, or a value with
+    ``|x| >= 1e15``, is returned as it is after stripping and removing commas.
+    """
+    if answer is None:
+        return ""
+    answer = str(answer).strip().replace(",", "")
+    try:
+        value = float(answer)
+    except (ValueError, OverflowError):
+        return answer
+    if not (-1e15 < value < 1e15):
+        return answer
+    if value == int(value):
+        return str(int(value))
+    return str(value)
+
+
+def is_correct(prediction: str, gold: str) -> bool:
+    """Normalised exact match; an empty prediction is never correct."""
+    return prediction != "" and prediction == gold
+
+
+def score(response: str, gold_solution: str) -> tuple[str, str, bool]:
+    """``(prediction, gold, correct)`` for a response and a gold solution text."""
+    prediction = normalize_answer(extract_answer(response))
+    gold = normalize_answer(extract_answer(gold_solution))
+    return prediction, gold, is_correct(prediction, gold)
+
+
+def format_prompt(question: str, shots: list[dict[str, str]] | None = None) -> str:
+    """``User: {q}\\nAssistant:`` after the few-shot turns (each ``User: …\\nAssistant: …``,
+    joined by a blank line)."""
+    turns = [f"User: {s['question'].strip()}\nAssistant: {s['answer'].strip()}" for s in (shots or [])]
+    turns.append(f"User: {question.strip()}\nAssistant:")
+    return "\n\n".join(turns)
+
+
+def cut_response(text: str) -> str:
+    """The response up to the first stop string (``\\nUser:`` or a blank line)."""
+    cut = min((i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if limit is not None and len(rows) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise DataError(f"{path}:{lineno}: not a JSON object") from None
+                if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
+                        or not isinstance(row.get("answer"), str):
+                    raise DataError(f"{path}:{lineno}: a GSM8K row needs string fields 'question' and 'answer'")
+                rows.append({"question": row["question"], "answer": row["answer"]})
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--data {path}: cannot read ({exc})") from None
+    if not rows:
+        raise DataError(f"--data {path}: no GSM8K problems")
+    return rows
+
+
+def _load_hub(split: str, limit: int | None = None) -> list[dict[str, str]]:
+    from lmkit.data.sources import _offline_if_unreachable
+    from lmkit.errors import first_line
+
+    with _offline_if_unreachable() as online:
+        try:
+            from datasets import load_dataset
+
+            rows = load_dataset(HUB_NAME, HUB_CONFIG, split=split if limit is None else f"{split}[:{limit}]")
+        except Exception as exc:  # noqa: BLE001 - network, auth, missing package: one line
+            why = "no network and no cached copy" if not online else first_line(exc)
+            raise DataError(f"cannot load {HUB_NAME} ({split}) from the hub ({why}); offline, pass --data "
+                            f"path/to/gsm8k/test.jsonl (question/answer per line; train.jsonl beside it "
+                            f"for --fewshot)") from None
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+
+
+def train_file_for(path: Path) -> Path:
+    """The train JSONL that goes with a local test file (for few-shot examples).
+
+    Raises:
+        DataError: neither ``train.jsonl`` next to it nor its name with ``test`` -> ``train`` exists.
+    """
+    candidates = [path.with_name("train.jsonl")]
+    if "test" in path.name:
+        candidates.append(path.with_name(path.name.replace("test", "train")))
+    for candidate in candidates:
+        if candidate.is_file() and candidate.resolve() != path.resolve():
+            return candidate
+    raise DataError(f"--fewshot needs the train split next to --data {path}: looked for "
+                    f"{', '.join(str(c) for c in candidates)}")
+
+
+def load_items(path: Path | None, limit: int | None = None) -> tuple[list[dict[str, str]], str, str | None]:
+    """Test problems, the data's name and its SHA-256 (``None`` for the hub).
+
+    Raises:
+        DataError: unreadable/invalid file, or the hub unreachable (naming the local alternative).
+    """
+    if path is None:
+        return _load_hub("test", limit), f"hub:{HUB_NAME}/{HUB_CONFIG} (test)", None
+    path = Path(path)
+    return _read_jsonl(path, limit), str(path), file_sha256(path)
+
+
+def fewshot_examples(k: int, seed: int, test_path: Path | None) -> tuple[list[dict[str, str]], list[int], str]:
+    """``k`` train problems drawn with ``random.Random(seed).sample``, their indices and source."""
+    if k == 0:
+        return [], [], ""
+    if test_path is None:
+        train, source = _load_hub("train"), f"hub:{HUB_NAME}/{HUB_CONFIG} (train)"
+    else:
+        train_path = train_file_for(Path(test_path))
+        train, source = _read_jsonl(train_path), str(train_path)
+    if k > len(train):
+        raise ConfigError(f"--fewshot {k}: the train split has only {len(train)} problems")
+    ids = random.Random(seed).sample(range(len(train)), k)
+    return [train[i] for i in ids], ids, source
+
+
+def _int_option(options: dict[str, Any], name: str, default: int, minimum: int) -> int:
+    value = options.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def evaluate(ctx: EvalContext) -> TaskResult:
+    """Run GSM8K on ``ctx.model`` (see the module docstring).
+
+    Raises:
+        ConfigError: bad options (``fewshot`` < 0 or larger than the train split,
+            ``max_new_tokens`` < 1).
+        DataError: the data cannot be read (or the hub reached).
+    """
+    from lmkit.evaluation.generate import generate_ex
+
+    fewshot = _int_option(ctx.options, "fewshot", 0, 0)
+    max_new = _int_option(ctx.options, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, 1)
+    seed = _int_option(ctx.options, "seed", DEFAULT_FEWSHOT_SEED, 0)
+
+    items, data_name, sha = load_items(ctx.data, ctx.limit)
+    shots, shot_ids, shot_source = fewshot_examples(fewshot, seed, ctx.data)
+    tok = ctx.tokenizer
+    prompts = [tok.encode(format_prompt(item["question"], shots)) for item in items]
+    gen = generate_ex(ctx.model, prompts, max_new_tokens=max_new, eos_id=tok.eos_id,
+                      stop_strings=STOP_STRINGS, decode=tok.decode, batch_size=ctx.batch_size,
+                      progress=ctx.progress)
+
+    correct = 0
+    n_tokens = 0
+    examples = []
+    for i, (item, ids) in enumerate(zip(items, gen.tokens, strict=True)):
+        response = cut_response(tok.decode(ids))
+        prediction, gold, ok = score(response, item["answer"])
+        correct += ok
+        n_tokens += len(ids)
+        if i < N_EXAMPLES:
+            examples.append({"question": item["question"], "response": response, "prediction": prediction,
+                             "gold": gold, "correct": ok, "n_tokens": len(ids)})
+    total = len(items)
+    n_truncated = sum(gen.prompt_truncated)
+    notes = []
+    if n_truncated:
+        notes.append(f"{n_truncated} of {total} prompts were longer than block_size "
+                     f"{ctx.model.config.block_size} and were cut from the left")
+    return TaskResult(
+        task="gsm8k",
+        version=VERSION,
+        metrics={"accuracy": correct / total, "correct": float(correct), "total": float(total),
+                 "mean_response_tokens": n_tokens / total},
+        headline="accuracy",
+        n_items=total,
+        data_file=data_name,
+        data_sha256=sha,
+        details={
+            "fewshot": fewshot, "fewshot_seed": seed if fewshot else None, "fewshot_ids": shot_ids,
+            "fewshot_source": shot_source or None, "max_new_tokens": max_new,
+            "stop": ["eos", *STOP_STRINGS], "finish_reasons": dict(Counter(gen.finish)),
+            "n_prompts_truncated": n_truncated, "examples": examples,
+        },
+        notes=notes,
+    )
