@@ -63,11 +63,17 @@ def export_command(
     if result.status == "verified":
         diffs = ", ".join(f"{k} {_fmt(v)}" for k, v in check.get("max_abs_diff", {}).items())
         tok = "; tokenizer ids equal" if check.get("tokenizer_ids_equal") else ""
-        verdict = f"verified: max |Δ logit| {diffs} (< {check.get('tolerance', 0):g}){tok}"
+        if meta["kind"] == "safetensors":
+            verdict = "verified: the reloaded folder gives bit-identical logits"
+        else:
+            verdict = f"verified: max |Δ logit| {diffs} (< {check.get('tolerance', 0):g}){tok}"
+        if check.get("rounding_max_abs_diff") is not None:
+            verdict += (f"\n{meta['dtype']} weights move the logits by up to "
+                        f"{_fmt(check['rounding_max_abs_diff'])} from the float32 model (reported, not judged)")
     else:
         verdict = "UNVERIFIED (--no-verify): nothing checked that this folder computes what the run computes"
     stream.write(f"exported {source['run_name']} {source['checkpoint_name']} (step {source['step']:,}, "
-                 f"val loss {_fmt(source['val_loss'])}) -> {result.out} [{meta.get('hf_class', 'safetensors')}, "
+                 f"val loss {'n/a' if source['val_loss'] is None else format(source['val_loss'], '.4f')}) -> {result.out} [{meta.get('hf_class', 'safetensors')}, "
                  f"{meta['dtype']}]\n{verdict}\n")
     if json_out:
         sys.stdout.write(json.dumps(meta, indent=2) + "\n")
