@@ -214,8 +214,9 @@ def test_fp16_overflow_and_resume_show_in_events():
     base = dict(max_steps=N_STEPS, epoch=0.5, tokens=1, lr=1e-4, grad_norm=1.0, tok_per_s=1.0, step_time_s=0.1, mfu=None,
                 gpu_mem_gb=None, elapsed_s=1.0)
     dash(StepMetrics(step=525, loss=2.0, grad_scale=65536.0, **base))
-    dash(StepMetrics(step=550, loss=1.9, grad_scale=32768.0, **base))
+    dash(StepMetrics(step=550, loss=1.9, grad_scale=32768.0, nan_skips=2, **base))
     text = render(dash)
+    assert "1.9000  ‖g‖ 1  2 NaN skips" in text
     assert "resumed at step 500" in text and "resumed from runs/demo/checkpoints/latest.pt" in text
     assert "fp16 overflow: loss scale 65536 → 32768" in text
 

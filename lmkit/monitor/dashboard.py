@@ -452,11 +452,11 @@ class Dashboard:
         with self._lock:
             self._handle(event)
             self._dirty = True
+        if isinstance(event, RunStarted) and self._sampler is None and self.use_sampler and not self._closed:
+            self._start_sampler(event.device.startswith("cuda"))
         if self.use_live and not self._closed:
             if self._live is None:
                 self._start_live()
-            if isinstance(event, RunStarted) and self._sampler is None and self.use_sampler:
-                self._start_sampler(event.device.startswith("cuda"))
             if isinstance(event, DataReady):
                 self.console.print(data_line(event), highlight=False, style="dim")
         if isinstance(event, RunFinished):
@@ -683,6 +683,8 @@ class Dashboard:
         loss = Text(f"{m.loss:.4f}", style="bold cyan")
         if m.grad_norm is not None:
             loss.append(f"  ‖g‖ {m.grad_norm:.3g}", style="dim")
+        if m.nan_skips:
+            loss.append(f"  {m.nan_skips} NaN skip{'s' if m.nan_skips > 1 else ''}", style="bold red")
         grid.add_row("loss", loss)
         if self.last_val is not None:
             v = self.last_val
