@@ -53,16 +53,30 @@ def train_arith_run(root: Path, pos: str = "rope", steps: int = 40) -> Path:
 
 
 def chat_corpus(n: int = 3000, seed: int = 0) -> str:
-    """Dialogue turns about small products and sums, one blank line between turns."""
+    """Dialogue turns about small products and sums, a blank line between turns; half the
+    answers in the probe style (``The answer is c.``), half GSM8K-style (``… #### c``)."""
     rng = random.Random(seed)
-    lines = []
+    turns = []
     for _ in range(n):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
+        word, op, c = ("times", "*", a * b) if rng.random() < 0.5 else ("plus", "+", a + b)
         if rng.random() < 0.5:
-            lines.append(f"User: What is {a} times {b}?\nAssistant: The answer is {a * b}.\n")
+            answer = f"The answer is {c}."
         else:
-            lines.append(f"User: What is {a} plus {b}?\nAssistant: The answer is {a + b}.\n")
-    return "\n".join(lines)
+            answer = f"{a}{op}{b}=<<{a}{op}{b}={c}>>{c}\n#### {c}"
+        turns.append(f"User: What is {a} {word} {b}?\nAssistant: {answer}")
+    return "\n\n".join(turns) + "\n"
+
+
+_RUNS: dict[tuple[str, str], Path] = {}
+
+
+def shared_chat_run(tmp_path_factory, pos: str = "rope") -> Path:
+    """:func:`train_chat_run` once per test session (memoised), in a session temp folder."""
+    key = ("chat", pos)
+    if key not in _RUNS:
+        _RUNS[key] = train_chat_run(tmp_path_factory.mktemp(f"chat_{pos}"), pos)
+    return _RUNS[key]
 
 
 def train_chat_run(root: Path, pos: str = "rope", steps: int = 150) -> Path:

@@ -146,3 +146,66 @@ def test_bad_arguments_are_value_errors(run):
         generate(run.model, [[]], max_new_tokens=3)
     with pytest.raises(ValueError, match="temperature"):
         generate(run.model, [[1]], max_new_tokens=3, temperature=-1.0)
+
+
+def test_stop_strings_cut_on_decoded_text(run):
+    model, tok = run.model, run.tokenizer
+    prompts = _prompts(tok)
+
+    def decode(ids):  # one character per id (the char tokenizer hides its specials)
+        return "".join(chr(0x100 + i) for i in ids)
+
+    free = generate(model, prompts, max_new_tokens=30)
+    text = decode(free[0])
+    assert len(text) >= 6
+    stop = text[2:4]
+    got = generate_ex(model, prompts[:1], max_new_tokens=30, stop_strings=["never", stop], decode=decode)
+    # the tokens that make up the stop string are dropped
+    assert got.finish == ["stop"] and decode(got.tokens[0]) == text[: text.find(stop)]
+    with pytest.raises(ValueError, match="decode"):
+        generate(model, prompts, max_new_tokens=3, stop_strings=["x"])
+
+
+# --------------------------------------------------------------------------------------
+# the `sample` task
+# --------------------------------------------------------------------------------------
+
+
+def _ctx(run, **kw):
+    from pathlib import Path
+
+    from lmkit.evaluation.task import EvalContext
+
+    return EvalContext(model=run.model, tokenizer=run.tokenizer, config=run.config, run_dir=Path("."),
+                       device=torch.device("cpu"), step=run.step, **kw)
+
+
+def test_sample_task_is_seeded_and_reports_its_texts(run):
+    from lmkit.evaluation.sample import evaluate, prompt_ids
+
+    tok = run.tokenizer
+    opts = {"prompt": ["1+2 = ", "", "(3*4)-"], "temperature": 1.0, "top_k": 10, "max_new_tokens": 12, "seed": 5}
+    a = evaluate(_ctx(run, options=opts))
+    assert a == evaluate(_ctx(run, options=opts))
+    b = evaluate(_ctx(run, options={**opts, "seed": 6}))
+    assert [s["text"] for s in a.details["samples"]] != [s["text"] for s in b.details["samples"]]
+    samples = a.details["samples"]
+    assert [s["prompt"] for s in samples] == opts["prompt"] and a.n_items == 3
+    assert a.metrics == {"n_samples": 3.0, "mean_new_tokens": sum(s["n_new_tokens"] for s in samples) / 3}
+    assert all(s["n_new_tokens"] <= 12 for s in samples)
+    # an empty prompt starts from BOS (what training sequences start with)
+    assert prompt_ids(tok, "") == [tok.bos_id] and prompt_ids(tok, "1") == [tok.bos_id, *tok.encode("1")]
+    # temperature 0 is greedy decoding
+    greedy = evaluate(_ctx(run, options={"prompt": ["1+2 = "], "temperature": 0, "max_new_tokens": 8}))
+    expected = generate(run.model, [prompt_ids(tok, "1+2 = ")], max_new_tokens=8, eos_id=tok.eos_id)[0]
+    assert greedy.details["samples"][0]["text"] == tok.decode(expected)
+
+
+@pytest.mark.parametrize("options", [{"temperature": -1.0}, {"top_k": 0}, {"max_new_tokens": 0}, {"prompt": []},
+                                     {"seed": "x"}])
+def test_sample_task_rejects_bad_options(run, options):
+    from lmkit.errors import ConfigError
+    from lmkit.evaluation.sample import evaluate
+
+    with pytest.raises(ConfigError):
+        evaluate(_ctx(run, options=options))
