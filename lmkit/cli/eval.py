@@ -74,6 +74,8 @@ def _importable(spec: str) -> bool:
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2:
+        return f"{int(value):,}"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
     return str(value)
@@ -269,6 +271,7 @@ def _render_table(records: list[dict[str, Any]], stream) -> None:
     """A Rich table: one row per (task, checkpoint, metric); the headline in bold; then the notes."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console(file=stream, highlight=False, soft_wrap=True)
     table = Table(title="lmkit eval", title_justify="left")
@@ -285,9 +288,13 @@ def _render_table(records: list[dict[str, Any]], stream) -> None:
                           f"{rec['n_items']:,}" if first else "", f"{rec['wall_time_s']:.1f}" if first else "")
             first = False
     console.print(table)
+    for rec in records:  # generations (the sample task) are what the user came for: show them
+        for sample in (rec.get("details") or {}).get("samples", [])[:20]:
+            if isinstance(sample, dict) and "text" in sample:
+                console.print(Text.assemble((str(sample.get("prompt", "")), "bold"), str(sample["text"])))
     seen: set[str] = set()
     for rec in records:
         for note in rec.get("notes", []):
             if note not in seen:
                 seen.add(note)
-                console.print(f"note ({rec['task']}): {note}")
+                console.print(Text(f"note ({rec['task']}): {note}"))
