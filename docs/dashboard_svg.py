@@ -4,12 +4,14 @@ Trains a preset in this process with the dashboard as an observer (drawing into 
 recorded console instead of a terminal; the host/GPU sampler thread runs as in
 ``lmkit train``), then exports the final frame with Rich's ``Console.export_svg``.
 
-    python docs/dashboard_svg.py --preset pilot --max-steps 400 --out docs/dashboard.svg
+    OMP_NUM_THREADS=1 python docs/dashboard_svg.py --preset pilot --max-steps 630 \
+        --set training.log_interval=5 --set training.eval_every_epochs=1 --out docs/dashboard.svg
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def main() -> None:
     from lmkit.training.loop import train
 
     console = Console(record=True, width=args.width, height=args.height, force_terminal=True,
-                      color_system="truecolor")
+                      color_system="truecolor", file=io.StringIO())
     dashboard = Dashboard(console, live=False)  # the sampler thread still runs
     with tempfile.TemporaryDirectory() as tmp:
         config = build_run_config(args.preset, args.overrides, {
@@ -41,7 +43,8 @@ def main() -> None:
             "training.max_steps": ("--max-steps", args.max_steps), "training.epochs": ("--max-steps", None)})
         train(config, emit=dashboard)
     console.print(dashboard, height=args.height - 1)
-    command = f"lmkit train --preset {args.preset} --max-steps {args.max_steps} --name {args.name}"
+    command = " ".join([f"lmkit train --preset {args.preset} --max-steps {args.max_steps} --name {args.name}",
+                        *(f"--set {o}" for o in args.overrides)])
     args.out.write_text(console.export_svg(title=command, theme=MONOKAI))
     print(f"wrote {args.out}")
 
