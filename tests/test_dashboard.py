@@ -399,6 +399,31 @@ def test_render_run_restores_the_terminal_when_the_job_fails(monkeypatch):
     assert screen.rfind(SHOW_CURSOR) > screen.rfind(HIDE_CURSOR)
 
 
+def test_a_small_terminal_gets_the_progress_line(monkeypatch):
+    master, slave = os.openpty()
+    tty = os.fdopen(slave, "w", encoding="utf-8", buffering=1)
+    monkeypatch.setattr(sys, "stdout", tty)
+    monkeypatch.setenv("COLUMNS", "70")
+    monkeypatch.setenv("LINES", "15")
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+    def job(emit):
+        emit(started())
+        emit(step_event(10))
+        return {}
+
+    render_run(job, no_tui=False, json_out=False)
+    tty.flush()
+    out = b""
+    while select.select([master], [], [], 0.2)[0]:
+        out += os.read(master, 65536)
+    tty.close()
+    os.close(master)
+    screen = plain(out.decode("utf-8", "replace"))
+    assert "model gpt (pilot): 664,192 params" in screen and "train" in screen and "─ stats " not in screen
+
+
 def test_other_ranks_print_only_warnings(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "2")
 
