@@ -44,6 +44,8 @@ def fmt_count(n: float) -> str:
 def fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
+    if seconds < 9.95:
+        return f"{seconds:.1f}s"  # short runs: "0.4s", not "0s"
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
