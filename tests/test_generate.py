@@ -209,3 +209,18 @@ def test_sample_task_rejects_bad_options(run, options):
 
     with pytest.raises(ConfigError):
         evaluate(_ctx(run, options=options))
+
+
+@pytest.mark.gpu
+def test_cached_generation_on_cuda_matches_full_recompute(run):
+    import copy
+
+    model = copy.deepcopy(run.model).cuda()
+    prompts = _prompts(run.tokenizer)
+    cached = generate_ex(model, prompts, max_new_tokens=24, batch_size=len(prompts))
+    full = generate_ex(model, prompts, max_new_tokens=24, batch_size=len(prompts), use_cache=False)
+    assert cached.tokens == full.tokens
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = generate(model, prompts, max_new_tokens=8, temperature=1.0, generator=g)
+    g.manual_seed(0)
+    assert generate(model, prompts, max_new_tokens=8, temperature=1.0, generator=g) == a
