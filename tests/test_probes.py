@@ -113,7 +113,9 @@ def test_evaluate_reports_overall_and_per_category(run_dir):
     assert result.details["extraction"] == "first_number" and not result.notes
     assert all(len(r["response"]) > 0 for r in rows)
 
-    legacy = evaluate(_ctx(loaded, batch_size=64, limit=81, options={"legacy_last_number": True}))
+    legacy = evaluate(_ctx(loaded, batch_size=64, limit=81, options={"legacy_last_number": True},
+                           data=Path("ignored.jsonl")))
+    assert any("is not used" in note for note in legacy.notes)
     assert legacy.n_items == 81 and set(legacy.details["per_category"]) == {"mul_table"}
     assert legacy.details["extraction"] == "legacy_last_number" and "LAST number" in legacy.notes[0]
     for row in legacy.details["probes"]:

@@ -172,6 +172,8 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     if legacy:
         notes.append("legacy_last_number: scored with the seed's rule (#### / 'The answer is' / LAST number "
                      "of the response), which can read a later number than the answer")
+    if ctx.data is not None:
+        notes.append(f"--data {ctx.data} is not used: the probes are generated (random.seed({SEED}) per set)")
     n_truncated = sum(gen.prompt_truncated)
     if n_truncated:
         notes.append(f"{n_truncated} of {total} prompts were longer than block_size "
