@@ -32,7 +32,6 @@ Options read from ``ctx.options``:
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lmkit.errors import ConfigError, DataError
-from lmkit.evaluation.task import EvalContext, TaskResult, file_sha256
+from lmkit.evaluation.task import EvalContext, TaskResult, file_sha256, iter_jsonl, load_hub_rows
 
 VERSION = "1"
 HUB_NAME = "openai/gsm8k"
@@ -126,42 +125,19 @@ def cut_response(text: str) -> str:
 
 def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if limit is not None and len(rows) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    raise DataError(f"{path}:{lineno}: not a JSON object") from None
-                if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
-                        or not isinstance(row.get("answer"), str):
-                    raise DataError(f"{path}:{lineno}: a GSM8K row needs string fields 'question' and 'answer'")
-                rows.append({"question": row["question"], "answer": row["answer"]})
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"--data {path}: cannot read ({exc})") from None
+    for lineno, row in iter_jsonl(path, limit):
+        if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+            raise DataError(f"{path}:{lineno}: a GSM8K row needs string fields 'question' and 'answer'")
+        rows.append({"question": row["question"], "answer": row["answer"]})
     if not rows:
         raise DataError(f"--data {path}: no GSM8K problems")
     return rows
 
 
 def _load_hub(split: str, limit: int | None = None) -> list[dict[str, str]]:
-    from lmkit.data.sources import _offline_if_unreachable
-    from lmkit.errors import first_line
-
-    with _offline_if_unreachable() as online:
-        try:
-            from datasets import load_dataset
-
-            rows = load_dataset(HUB_NAME, HUB_CONFIG, split=split if limit is None else f"{split}[:{limit}]")
-        except Exception as exc:  # noqa: BLE001 - network, auth, missing package: one line
-            why = "no network and no cached copy" if not online else first_line(exc)
-            raise DataError(f"cannot load {HUB_NAME} ({split}) from the hub ({why}); offline, pass --data "
-                            f"path/to/gsm8k/test.jsonl (question/answer per line; train.jsonl beside it "
-                            f"for --fewshot)") from None
+    rows = load_hub_rows(HUB_NAME, HUB_CONFIG, split, limit,
+                         "pass --data path/to/gsm8k/test.jsonl (question/answer per line; train.jsonl beside it "
+                         "for --fewshot)")
     return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
 

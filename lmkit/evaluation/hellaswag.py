@@ -29,7 +29,6 @@ the left; the count is reported.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from lmkit.errors import DataError
-from lmkit.evaluation.task import EvalContext, TaskResult, file_sha256
+from lmkit.evaluation.task import EvalContext, TaskResult, file_sha256, iter_jsonl, load_hub_rows
 
 VERSION = "1"
 HUB_NAME = "Rowan/hellaswag"
@@ -102,34 +101,12 @@ def load_items(path: Path | None = None, limit: int | None = None) -> tuple[list
         DataError: unreadable file, bad rows, or the hub unreachable (naming the local alternative).
     """
     if path is None:
-        try:
-            from datasets import load_dataset
-
-            split = "validation" if limit is None else f"validation[:{limit}]"
-            rows = load_dataset(HUB_NAME, split=split)
-        except Exception as exc:  # noqa: BLE001 - network, auth, missing package: one line
-            from lmkit.errors import first_line
-
-            raise DataError(f"cannot load {HUB_NAME} from the hub ({first_line(exc)}); offline, pass --data "
-                            "path/to/hellaswag_val.jsonl (the hub's columns, one JSON object per line)") from None
-        items = [_item(dict(row), f"{HUB_NAME}[{i}]") for i, row in enumerate(rows)]
-        return items[:limit] if limit is not None else items, f"hub:{HUB_NAME} (validation)", None
+        rows = load_hub_rows(HUB_NAME, None, "validation", limit,
+                             "pass --data path/to/hellaswag_val.jsonl (the hub's columns, one JSON object per line)")
+        items = [_item(row, f"{HUB_NAME}[{i}]") for i, row in enumerate(rows)]
+        return items, f"hub:{HUB_NAME} (validation)", None
     path = Path(path)
-    items: list[HellaSwagItem] = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if limit is not None and len(items) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    raise DataError(f"{path}:{lineno}: not a JSON object") from None
-                items.append(_item(row, f"{path}:{lineno}"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"--data {path}: cannot read ({exc})") from None
+    items: list[HellaSwagItem] = [_item(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path, limit)]
     if not items:
         raise DataError(f"--data {path}: no HellaSwag items")
     return items, str(path), file_sha256(path)

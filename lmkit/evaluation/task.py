@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmkit.errors import ConfigError
+from lmkit.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
@@ -133,3 +134,52 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def iter_jsonl(path: Path, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file, at most ``limit``.
+
+    Raises:
+        DataError: the file cannot be read, or a line is not a JSON object (naming file:line).
+    """
+    count = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if limit is not None and count >= limit:
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: not a JSON object")
+                count += 1
+                yield lineno, row
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--data {path}: cannot read ({exc})") from None
+
+
+def load_hub_rows(name: str, config: str | None, split: str, limit: int | None, local_hint: str) -> list[dict[str, Any]]:
+    """Rows of a hub dataset split via ``datasets.load_dataset`` (the first ``limit`` rows).
+
+    Offline, the hub is probed first so the failure takes about a second, not ~25 s of retries.
+
+    Raises:
+        DataError: the hub or a cached copy is unavailable; the message ends with ``local_hint``
+            (how to pass a local file instead).
+    """
+    from lmkit.data.sources import _offline_if_unreachable
+    from lmkit.errors import first_line
+
+    with _offline_if_unreachable() as online:
+        try:
+            from datasets import load_dataset
+
+            rows = load_dataset(name, config, split=split if limit is None else f"{split}[:{limit}]")
+        except Exception as exc:  # noqa: BLE001 - network, auth, missing package: one line
+            why = "no network and no cached copy" if not online else first_line(exc)
+            raise DataError(f"cannot load {name} ({split}) from the hub ({why}); offline, {local_hint}") from None
+    return [dict(row) for row in rows]
