@@ -223,3 +223,17 @@ def test_arithmetic_task_on_a_text_run_says_what_to_pass(tmp_path):
     ctx = EvalContext(model=None, tokenizer=tok, config=None, run_dir=tmp_path, device=torch.device("cpu"), step=0)
     with pytest.raises(DataError, match="no <BOS>/<EOS>"):
         evaluate(ctx)
+
+
+def test_trained_bpe_byte_table_sums_to_the_utf8_length():
+    """Byte-level BPE pieces are counted in raw bytes: over any text, the table's sum over the
+    ids equals the text's UTF-8 length (accents and a CJK character included)."""
+    from lmkit.data.tokenizers import HFTokenizer
+
+    corpus = ["Zoë's café serves crème brûlée; 東京 is far. " * 3, "plain ascii words and more words " * 5]
+    tok = HFTokenizer.train_bpe(corpus, vocab_size=300)
+    table = token_byte_lengths(tok)
+    for text in ("Zoë's café, 東京.", "more words"):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert sum(int(table[i]) for i in ids) == len(text.encode("utf-8"))
