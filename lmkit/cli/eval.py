@@ -147,6 +147,9 @@ def eval_command(
                                            "own metric (argmax at the last label position, i.e. predicting EOS)."),
     legacy_last_number: bool = typer.Option(False, "--legacy-last-number", help="arithmetic-probes: score the "
                                             "LAST number of the response (seed 004's rule) instead of the first."),
+    legacy_extraction: bool = typer.Option(False, "--legacy-extraction", help="gsm8k: also report accuracy_legacy, "
+                                           "scored with the original answer extraction (domain-token-gpt2), which "
+                                           "drops thousands separators ('1,234' reads 1)."),
     prompts: list[str] = typer.Option([], "--prompt", help="sample: a prompt (repeatable)."),
     temperature: float = typer.Option(None, "--temperature", min=0.0, help="sample: 0 = greedy."),
     top_k: int = typer.Option(None, "--top-k", min=1, help="sample: keep the K most likely tokens."),
@@ -170,6 +173,8 @@ def eval_command(
         options["legacy_eos_metric"] = True
     if legacy_last_number:
         options["legacy_last_number"] = True
+    if legacy_extraction:
+        options["legacy_extraction"] = True
     if prompts:
         options["prompt"] = list(prompts)
 

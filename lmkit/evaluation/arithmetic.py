@@ -117,6 +117,10 @@ def arithmetic_metrics(model: nn.Module, tokenizer: Tokenizer, splits: dict[str,
 VERSION = "1"
 #: Prefix of the teacher-forced and the legacy metrics.
 TF_PREFIX, LEGACY_PREFIX = "tf_", "legacy_"
+#: Metric directions (see :class:`lmkit.evaluation.task.TaskResult`): the accuracies are
+#: higher-better; ``paren_gap`` (acc_paren - acc_flat) measures a difference, neither.
+DIRECTIONS = {prefix + name: "higher" for prefix in ("", TF_PREFIX, LEGACY_PREFIX) for name in SPLIT_METRICS.values()}
+DIRECTIONS.update({prefix + "paren_gap": "neither" for prefix in ("", TF_PREFIX, LEGACY_PREFIX)})
 MAX_ANSWER_TOKENS = 16
 
 
@@ -251,4 +255,4 @@ def evaluate(ctx: EvalContext) -> TaskResult:
                      "acc_* (exact match of the generated answer) is the real accuracy")
     headline = "acc_val" if "acc_val" in metrics else SPLIT_METRICS[next(iter(splits))]
     return TaskResult(task="arithmetic", version=VERSION, metrics=metrics, headline=headline, n_items=total,
-                      data_file=data_file, data_sha256=sha, details=details, notes=notes)
+                      data_file=data_file, data_sha256=sha, details=details, notes=notes, directions=DIRECTIONS)

@@ -1,6 +1,7 @@
 """GSM8K (Cobbe et al. 2021, arXiv 2110.14168): greedy generation, exact match of the final number.
 
-What is computed (SEEDS_SPEC §1.4, the seed-004 ``eval/run_gsm8k.py`` + ``rl/rewards.py``):
+What is computed (SEEDS_SPEC §1.4: the GSM8K evaluation of
+``zhengpu-berkeley/domain-token-gpt2``, ``eval/run_gsm8k.py`` + ``rl/rewards.py``):
 
 - Items: the test split, 1319 problems -- the hub's ``openai/gsm8k`` (config ``main``)
   through ``datasets.load_dataset``, or ``--data PATH``, a JSONL with ``question`` and
@@ -17,17 +18,29 @@ What is computed (SEEDS_SPEC §1.4, the seed-004 ``eval/run_gsm8k.py`` + ``rl/re
   (counted in ``details["n_prompts_truncated"]``).
 - Answer: :func:`extract_answer` then :func:`normalize_answer`, the same functions for the
   response and for the gold solution; correct iff both normalised strings are equal and
-  the prediction is not empty.
+  the prediction is not empty. :func:`extract_answer` reads a number with its thousands
+  separators and decimals (``1,234.5``), after ``####`` / ``the answer is`` and in the
+  last-number fallback alike; :func:`extract_answer_legacy` is the original
+  ``rl/rewards.py`` rule, which reads ``The answer is 1,234`` as ``1``, ``#### 1,234.5``
+  as ``1234`` and a last ``$1,234.`` as ``234`` (the 1,319 test and 7,473 train gold
+  solutions give the same answer under both).
 
 Metrics: ``accuracy`` (headline), ``correct``, ``total``, ``mean_response_tokens``
-(generated tokens up to the stop, EOS and the stop string not counted). Details: the
-first 50 examples (question, response, prediction, gold, correct, n_tokens), finish
+(generated tokens up to the stop, EOS and the stop string not counted); with
+``legacy_extraction`` also ``accuracy_legacy`` and ``correct_legacy``, the same responses
+scored with :func:`extract_answer_legacy` (for prediction and gold, as the original
+does). Details: the first 50 examples (question, response, prediction, gold, correct,
+n_tokens; ``prediction_legacy``/``correct_legacy`` with the legacy metric), finish
 reasons, the few-shot ids.
 
 Options read from ``ctx.options``:
     fewshot (int, default 0): number of solved train problems in the prompt.
     max_new_tokens (int, default 256): generation budget per problem.
     seed (int, default 1234): the few-shot draw.
+    legacy_extraction (bool, default False): also report the original rule's accuracy.
+
+Version history: 1 -- the original extraction; 2 -- thousands separators and decimals
+read in every rule (:func:`extract_answer`).
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ from typing import Any
 from lmkit.errors import ConfigError, DataError
 from lmkit.evaluation.task import EvalContext, TaskResult, file_sha256, iter_jsonl, load_hub_rows
 
-VERSION = "1"
+VERSION = "2"
 HUB_NAME = "openai/gsm8k"
 HUB_CONFIG = "main"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -50,28 +63,66 @@ DEFAULT_FEWSHOT_SEED = 1234
 STOP_STRINGS = ("\nUser:", "\n\n")
 N_EXAMPLES = 50
 
-_HASH_ANSWER = re.compile(r"####\s*(-?\d+(?:\.\d+)?(?:,\d{3})*)")
-_THE_ANSWER_IS = re.compile(r"[Tt]he answer is\s*(-?\d+(?:\.\d+)?)")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+#: Metric directions (see :class:`lmkit.evaluation.task.TaskResult`).
+DIRECTIONS = {"accuracy": "higher", "correct": "higher", "total": "neither", "mean_response_tokens": "neither",
+              "accuracy_legacy": "higher", "correct_legacy": "higher"}
+
+# A number: an optional sign (not a hyphen between two words/numbers: "5-3" reads 3), digits
+# with optional thousands groups ("1,234,567"; a comma not followed by exactly three digits
+# ends the number: "1,23" is 1 then 23), an optional decimal part (a trailing period is not one).
+_NUM = r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?"
+_HASH_ANSWER = re.compile(r"####[\s$]*(" + _NUM + ")")
+_THE_ANSWER_IS = re.compile(r"[Tt]he answer is[\s:*$]*(" + _NUM + ")")
+_NUMBER = re.compile(_NUM)
+
+# The original rules (SEEDS_SPEC §1.4), kept for --legacy-extraction.
+_LEGACY_HASH_ANSWER = re.compile(r"####\s*(-?\d+(?:\.\d+)?(?:,\d{3})*)")
+_LEGACY_THE_ANSWER_IS = re.compile(r"[Tt]he answer is\s*(-?\d+(?:\.\d+)?)")
+_LEGACY_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer in a GSM8K-style text, or ``None`` (SEEDS_SPEC §1.4, rules in order):
+    """The final answer in a GSM8K-style text (commas removed), or ``None``; rules in order:
 
-    1. ``####`` then a number ``-?\\d+(\\.\\d+)?(,\\d{3})*`` -> that number, commas removed;
+    1. ``####`` (then spaces or ``$``) and a number -> that number;
+    2. else ``The answer is`` / ``the answer is`` (then spaces, ``:``, ``*`` or ``$``) and
+       a number -> that number;
+    3. else the LAST number anywhere;
+    4. else ``None``.
+
+    A number is ``-?`` + digits with optional thousands groups + an optional decimal part:
+    ``The answer is 1,234`` -> ``1234``, ``#### 1,234.5`` -> ``1234.5``, ``costs $1,234.``
+    -> ``1234``, ``from 3 down to -12`` -> ``-12``. A ``-`` directly after a letter, digit or
+    closing bracket is a hyphen, not a sign (``5-3`` -> ``3``). A comma not followed by exactly
+    three digits is not a separator (``1,23`` -> ``23``; ``1,2345`` -> ``2345``).
+    """
+    text = text.strip()
+    match = _HASH_ANSWER.search(text) or _THE_ANSWER_IS.search(text)
+    if match:
+        return match.group(1).replace(",", "")
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def extract_answer_legacy(text: str) -> str | None:
+    """The original extraction (``rl/rewards.py``, SEEDS_SPEC §1.4), kept to reproduce
+    published numbers (``--legacy-extraction``); rules in order:
+
+    1. ``####`` then a number ``-?\\d+(\\.\\d+)?(,\\d{3})*`` -> that number, commas removed
+       (``#### 1,234.5`` gives ``1234``);
     2. else ``The answer is`` / ``the answer is`` then ``-?\\d+(\\.\\d+)?`` -> that number
-       (commas are NOT read here: ``The answer is 1,234`` gives ``1``, as in the seed);
-    3. else the LAST match of ``-?\\d+(\\.\\d+)?`` anywhere (``1,234`` gives ``234``);
+       (``The answer is 1,234`` gives ``1``);
+    3. else the LAST match of ``-?\\d+(\\.\\d+)?`` anywhere (``$1,234.`` gives ``234``);
     4. else ``None``.
     """
     text = text.strip()
-    match = _HASH_ANSWER.search(text)
+    match = _LEGACY_HASH_ANSWER.search(text)
     if match:
         return match.group(1).replace(",", "")
-    match = _THE_ANSWER_IS.search(text)
+    match = _LEGACY_THE_ANSWER_IS.search(text)
     if match:
         return match.group(1)
-    numbers = _NUMBER.findall(text)
+    numbers = _LEGACY_NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
 
@@ -102,10 +153,12 @@ def is_correct(prediction: str, gold: str) -> bool:
     return prediction != "" and prediction == gold
 
 
-def score(response: str, gold_solution: str) -> tuple[str, str, bool]:
-    """``(prediction, gold, correct)`` for a response and a gold solution text."""
-    prediction = normalize_answer(extract_answer(response))
-    gold = normalize_answer(extract_answer(gold_solution))
+def score(response: str, gold_solution: str, *, legacy: bool = False) -> tuple[str, str, bool]:
+    """``(prediction, gold, correct)`` for a response and a gold solution text, with
+    :func:`extract_answer` (or :func:`extract_answer_legacy` for both with ``legacy``)."""
+    extract = extract_answer_legacy if legacy else extract_answer
+    prediction = normalize_answer(extract(response))
+    gold = normalize_answer(extract(gold_solution))
     return prediction, gold, is_correct(prediction, gold)
 
 
@@ -206,6 +259,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     fewshot = _int_option(ctx.options, "fewshot", 0, 0)
     max_new = _int_option(ctx.options, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, 1)
     seed = _int_option(ctx.options, "seed", DEFAULT_FEWSHOT_SEED, 0)
+    legacy = bool(ctx.options.get("legacy_extraction", False))
 
     items, data_name, sha = load_items(ctx.data, ctx.limit)
     shots, shot_ids, shot_source = fewshot_examples(fewshot, seed, ctx.data)
@@ -215,7 +269,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
                       stop_strings=STOP_STRINGS, decode=tok.decode, batch_size=ctx.batch_size,
                       progress=ctx.progress)
 
-    correct = 0
+    correct = correct_legacy = 0
     n_tokens = 0
     examples = []
     for i, (item, ids) in enumerate(zip(items, gen.tokens, strict=True)):
@@ -223,27 +277,38 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         prediction, gold, ok = score(response, item["answer"])
         correct += ok
         n_tokens += len(ids)
+        example = {"question": item["question"], "response": response, "prediction": prediction,
+                   "gold": gold, "correct": ok, "n_tokens": len(ids)}
+        if legacy:
+            legacy_prediction, _, legacy_ok = score(response, item["answer"], legacy=True)
+            correct_legacy += legacy_ok
+            example.update(prediction_legacy=legacy_prediction, correct_legacy=legacy_ok)
         if i < N_EXAMPLES:
-            examples.append({"question": item["question"], "response": response, "prediction": prediction,
-                             "gold": gold, "correct": ok, "n_tokens": len(ids)})
+            examples.append(example)
     total = len(items)
+    metrics = {"accuracy": correct / total, "correct": float(correct), "total": float(total),
+               "mean_response_tokens": n_tokens / total}
     n_truncated = sum(gen.prompt_truncated)
     notes = []
     if n_truncated:
         notes.append(f"{n_truncated} of {total} prompts were longer than block_size "
                      f"{ctx.model.config.block_size} and were cut from the left")
+    if legacy:
+        metrics.update(accuracy_legacy=correct_legacy / total, correct_legacy=float(correct_legacy))
+        notes.append("accuracy_legacy: the original extraction (domain-token-gpt2 rl/rewards.py), which drops "
+                     "thousands separators ('The answer is 1,234' reads 1); accuracy reads them")
     return TaskResult(
         task="gsm8k",
         version=VERSION,
-        metrics={"accuracy": correct / total, "correct": float(correct), "total": float(total),
-                 "mean_response_tokens": n_tokens / total},
+        metrics=metrics,
+        directions=DIRECTIONS,
         headline="accuracy",
         n_items=total,
         data_file=data_name,
         data_sha256=sha,
         details={
             "fewshot": fewshot, "fewshot_seed": seed if fewshot else None, "fewshot_ids": shot_ids,
-            "fewshot_source": shot_source or None, "max_new_tokens": max_new,
+            "fewshot_source": shot_source or None, "max_new_tokens": max_new, "legacy_extraction": legacy,
             "stop": ["eos", *STOP_STRINGS], "finish_reasons": dict(Counter(gen.finish)),
             "n_prompts_truncated": n_truncated, "examples": examples,
         },

@@ -39,6 +39,8 @@ from lmkit.errors import DataError
 from lmkit.evaluation.task import EvalContext, TaskResult, file_sha256, iter_jsonl, load_hub_rows
 
 VERSION = "1"
+#: Metric directions (see :class:`lmkit.evaluation.task.TaskResult`): accuracies, higher is better.
+DIRECTIONS = {"acc": "higher", "acc_norm": "higher", "acc_norm_chars": "higher", "acc_harness": "higher"}
 HUB_NAME = "Rowan/hellaswag"
 N_ENDINGS = 4
 
@@ -221,4 +223,4 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         ],
     }
     return TaskResult(task="hellaswag", version=VERSION, metrics=metrics, headline="acc_norm", n_items=total,
-                      data_file=data_file, data_sha256=sha, details=details, notes=notes)
+                      data_file=data_file, data_sha256=sha, details=details, notes=notes, directions=DIRECTIONS)

@@ -21,7 +21,7 @@ Scoring -- the response's answer, normalised with
 - default, :func:`first_number`: the FIRST number in the response (``-?\\d+(,\\d{3})*(\\.\\d+)?``,
   commas dropped). A mul-token string ``<MUL_a_b_c>`` counts as the number ``c`` (the
   product it stands for), not as its first digit ``a``.
-- ``legacy_last_number``: the seed's rule, :func:`lmkit.evaluation.gsm8k.extract_answer`
+- ``legacy_last_number``: the original rule, :func:`lmkit.evaluation.gsm8k.extract_answer_legacy`
   (``####`` -> ``The answer is`` -> LAST number). Since the prompt already ends with "The
   answer is", this almost always reads the last number of the response, e.g. ``54`` in
   ``" 6. 6*9=54"`` and the inner number of a mul-token string.
@@ -46,12 +46,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from lmkit.errors import ConfigError
-from lmkit.evaluation.gsm8k import extract_answer, normalize_answer
+from lmkit.evaluation.gsm8k import extract_answer_legacy, normalize_answer
 from lmkit.evaluation.task import EvalContext, TaskResult
 
 VERSION = "1"
 SEED = 42
 CATEGORIES = ("mul_table", "mul_multidigit", "addition")
+#: Metric directions (see :class:`lmkit.evaluation.task.TaskResult`): every accuracy is higher-better.
+DIRECTIONS = {"accuracy": "higher", **{f"acc_{cat}": "higher" for cat in CATEGORIES}}
 PROMPT = "User: {question}\nAssistant: The answer is"
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -123,7 +125,7 @@ def first_number(response: str) -> str | None:
 
 def predict(response: str, legacy_last_number: bool = False) -> str:
     """The normalised prediction for a response ("" when it has no number)."""
-    raw = extract_answer(response) if legacy_last_number else first_number(response)
+    raw = extract_answer_legacy(response) if legacy_last_number else first_number(response)
     return normalize_answer(raw) if raw else ""
 
 
@@ -182,6 +184,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         task="arithmetic-probes",
         version=VERSION,
         metrics=metrics,
+        directions=DIRECTIONS,
         headline="accuracy",
         n_items=total,
         data_file=f"generated: seed 004 probes, random.seed({SEED}) per set",

@@ -28,6 +28,8 @@ from lmkit.errors import ConfigError
 from lmkit.evaluation.task import EvalContext, TaskResult
 
 VERSION = "1"
+#: Metric directions (see :class:`lmkit.evaluation.task.TaskResult`): counts, no better value.
+DIRECTIONS = {"n_samples": "neither", "mean_new_tokens": "neither"}
 DEFAULTS: dict[str, Any] = {"prompt": [""], "temperature": 0.8, "top_k": 200, "max_new_tokens": 200,
                             "seed": 1337}
 
@@ -95,6 +97,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         version=VERSION,
         metrics={"n_samples": float(n), "mean_new_tokens": sum(s["n_new_tokens"] for s in samples) / n},
         headline="mean_new_tokens",
+        directions=DIRECTIONS,
         n_items=n,
         details={"temperature": float(temperature), "top_k": top_k, "max_new_tokens": max_new, "seed": seed,
                  "samples": samples},

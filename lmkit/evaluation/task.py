@@ -42,8 +42,29 @@ TASKS: dict[str, str] = {
     "sample": "lmkit.evaluation.sample:evaluate",
 }
 
-#: metric names where a smaller value is better (everything else: larger is better).
+#: What a metric's direction may be (:attr:`TaskResult.directions`): a larger value is
+#: better, a smaller one is, or neither (counts, sizes, times, gaps).
+DIRECTIONS = ("higher", "lower", "neither")
+
+#: metric names where a smaller value is better. Only the fallback for result files written
+#: before results declared their directions (see :func:`fallback_direction`).
 LOWER_IS_BETTER = frozenset({"loss", "mean_loss", "perplexity", "bpb", "val_loss", "train_loss"})
+#: Parts of metric names that the fallback reads as "no better direction".
+_NEUTRAL_PARTS = ("gap", "total", "count", "time", "length", "tokens", "per_second", "n_items", "step")
+
+
+def fallback_direction(metric: str) -> str:
+    """A metric's direction guessed from its name, for results that do not declare one
+    (files written before ``directions`` existed, or a task that declares none): the names
+    in :data:`LOWER_IS_BETTER`, ``ppl`` and ``*_loss`` -> ``"lower"``; names containing
+    gap/total/count/time/length/tokens/per_second/n_items/step or starting with ``n_``/``num_``
+    -> ``"neither"``; anything else -> ``"higher"``. It can be wrong (``error_rate`` reads
+    "higher"): tasks declare their directions instead."""
+    if metric in LOWER_IS_BETTER or metric == "ppl" or metric.endswith("_loss"):
+        return "lower"
+    if any(part in metric for part in _NEUTRAL_PARTS) or metric.startswith(("n_", "num_")):
+        return "neither"
+    return "higher"
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -93,6 +114,10 @@ class TaskResult:
             versions are not comparable).
         metrics: flat ``name -> float`` (e.g. ``{"acc": 0.29, "acc_norm": 0.30}``).
         headline: the key of ``metrics`` that sweeps plot and ``compare`` ranks.
+        directions: metric name -> ``"higher"``, ``"lower"`` or ``"neither"`` (which value
+            is better; ``compare`` reads it from the result file). A task declares every
+            metric it can report (a superset is fine: only the metrics present are kept);
+            an undeclared metric falls back to :func:`fallback_direction` of its name.
         n_items: the number of items scored.
         data_file: the file the items came from (or the hub dataset name), ``None`` for
             tasks without data (``sample``).
@@ -110,6 +135,17 @@ class TaskResult:
     data_sha256: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    directions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.directions.items() if v not in DIRECTIONS}
+        if bad:
+            raise ValueError(f"{self.task}: metric directions must be one of {', '.join(DIRECTIONS)}, got {bad}")
+        self.directions = {k: self.directions[k] for k in self.metrics if k in self.directions}
+
+    def direction(self, metric: str) -> str:
+        """The declared direction of ``metric``, else :func:`fallback_direction` of its name."""
+        return self.directions.get(metric) or fallback_direction(metric)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
