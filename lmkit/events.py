@@ -172,6 +172,36 @@ class Notice(Event):
 
 
 @dataclass(frozen=True)
+class NaNSkipped(Event):
+    """Optimizer updates skipped for a non-finite loss or gradient norm (``on_nan: skip``);
+    the weights were left as they were.
+
+    ``step``: the optimizer step whose update was skipped (1-based: the step that would have
+    been done), or, where skips are counted on the device and reported at a log line, the
+    last step of that window; ``skipped``: updates skipped since the previous such event;
+    ``total``: skipped so far in the run (also in :class:`StepMetrics` ``nan_skips``).
+    A warning: renderers show :attr:`message` with ``level`` ``"warning"``.
+    """
+
+    kind: ClassVar[str] = "nan_skipped"
+    level: ClassVar[str] = "warning"
+    step: int
+    total: int
+    skipped: int = 1
+
+    @property
+    def message(self) -> str:
+        if self.skipped == 1:
+            return f"step {self.step}: non-finite loss or gradient norm; update skipped ({self.total} so far)"
+        return (f"steps up to {self.step}: {self.skipped} updates skipped for a non-finite loss or gradient norm "
+                f"({self.total} so far)")
+
+
+#: Events a renderer shows as a ``level: message`` line (each has ``level`` and ``message``).
+MESSAGE_EVENTS = (Notice, NaNSkipped)
+
+
+@dataclass(frozen=True)
 class RunFinished(Event):
     """The end of a run: ``status`` is ``completed``, ``interrupted`` or ``failed``."""
 

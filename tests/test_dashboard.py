@@ -30,6 +30,7 @@ from lmkit.events import (
     DataReady,
     EvalResult,
     Event,
+    NaNSkipped,
     Notice,
     Resumed,
     RunFinished,
@@ -81,7 +82,7 @@ def scripted_run(dash: Dashboard, device: str = "cpu", steps: int = N_STEPS) -> 
                             metrics={"ppl": math.exp(loss_at(step) + 0.1)}, is_best=True, elapsed_s=0.3))
             dash(CheckpointSaved(step=step, path="runs/demo/checkpoints/best.pt", tags=("latest", "best"),
                                  val_loss=loss_at(step) + 0.1, seconds=0.04))
-    dash(Notice(level="warning", message="step 4242: non-finite loss or gradient norm; update skipped (1 so far)"))
+    dash(NaNSkipped(step=4242, total=1))
 
 
 def render(dash: Dashboard, width: int = 140, height: int = 42) -> str:
@@ -178,7 +179,8 @@ def test_dashboard_from_a_scripted_100k_step_run_on_cpu():
     kinds = panel(text, "events by kind")
     assert re.search(r"checkpoint\s+10\s+100,000\s+tags=latest,b", kinds)
     assert re.search(r"eval\s+10\s+100,000\s+split=val", kinds)
-    assert re.search(r"notice\s+warning\s+1\s", kinds) and re.search(r"data_ready\s+1\s", kinds)
+    assert re.search(r"nan_skipped\s+1\s+4,242\s+step 4242: non-finite", kinds)
+    assert re.search(r"data_ready\s+1\s", kinds)
     # handling an event costs the training thread microseconds, not milliseconds
     assert per_event_us < 200, per_event_us
 
@@ -219,6 +221,25 @@ def test_fp16_overflow_and_resume_show_in_events():
     assert "1.9000  ‖g‖ 1  2 NaN skips" in text
     assert "resumed at step 500" in text and "resumed from runs/demo/checkpoints/latest.pt" in text
     assert "fp16 overflow: loss scale 65536 → 32768" in text
+
+
+def test_nan_skips_are_recognised_by_type_not_by_message_text():
+    dash = Dashboard(live=False, sampler=False)
+    dash(started())
+    dash(NaNSkipped(step=7, total=1))
+    dash(NaNSkipped(step=40, total=4, skipped=3))  # counted on the device, reported at a log line
+    # a notice that merely mentions the words is an ordinary notice
+    dash(Notice(level="info", message="eval: 2 non-finite losses in the data were ignored"))
+    # the trainer's NaN notice from before NaNSkipped still shows as one (until it switches)
+    dash(Notice(level="warning", message="step 9: non-finite loss or gradient norm; update skipped (5 so far)"))
+    styles = {text: (step, style) for _, step, style, text in dash.events}
+    assert styles["warning: step 7: non-finite loss or gradient norm; update skipped (1 so far)"] == (7, "bold red")
+    assert styles["warning: steps up to 40: 3 updates skipped for a non-finite loss or gradient norm (4 so far)"] \
+        == (40, "bold red")
+    assert styles["info: eval: 2 non-finite losses in the data were ignored"] == (None, "dim")
+    assert styles["warning: step 9: non-finite loss or gradient norm; update skipped (5 so far)"][1] == "bold red"
+    kinds = panel(render(dash, width=160), "events by kind")
+    assert re.search(r"nan_skipped\s+2\s+40\s+steps up to 40: 3 updates skipped", kinds)
 
 
 @dataclass(frozen=True)
@@ -429,10 +450,11 @@ def test_other_ranks_print_only_warnings(monkeypatch, capsys):
 
     def job(emit):
         for event in (started(), step_event(1), Notice(level="info", message="device cpu"),
-                      Notice(level="warning", message="something to know")):
+                      Notice(level="warning", message="something to know"), NaNSkipped(step=3, total=1)):
             emit(event)
         return {"steps": 1}
 
     assert render_run(job, no_tui=False, json_out=False) == {"steps": 1}
     out, err = capsys.readouterr()
-    assert out == "" and err == "[rank 2] warning: something to know\n"
+    assert out == "" and err == ("[rank 2] warning: something to know\n"
+                                 "[rank 2] warning: step 3: non-finite loss or gradient norm; update skipped (1 so far)\n")

@@ -2,14 +2,21 @@
 
 import io
 import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 from rich.console import Console
 
 from lmkit.events import (
     CheckpointSaved,
     DataProgress,
+    DataReady,
     EvalResult,
+    Event,
+    NaNSkipped,
     Notice,
+    Resumed,
     RunFinished,
     RunStarted,
     StepMetrics,
@@ -90,3 +97,51 @@ def test_metrics_and_events_writers(tmp_path):
     assert rows[0]["loss"] == 2.5 and rows[1]["acc_paren"] == 0.01 and rows[1]["is_best"]
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert kinds == ["run_started", "checkpoint", "notice", "run_finished"]
+
+
+@dataclass(frozen=True)
+class SVDModeSwitch(Event):
+    """An event type the writer has never heard of (a later issue's SVD mode switch)."""
+
+    kind: ClassVar[str] = "svd_mode_switch"
+    step: int
+    layer: str
+    mode: str
+    rank: int
+    alignment: float
+    factors: Path  # not a JSON type: written as its text
+
+
+def test_events_jsonl_records_every_non_metric_event_kind(tmp_path):
+    switch = SVDModeSwitch(step=300, layer="h.0.mlp.c_fc", mode="lowrank", rank=32, alignment=float("nan"),
+                           factors=Path("runs/demo/svd/h.0.pt"), time=1.5)
+    resumed = Resumed(step=50, checkpoint="runs/demo/checkpoints/step_0000050.pt", skipped=[("a.pt", "corrupt")],
+                      config_changes={"training.lr": [1e-4, 2e-4]}, dropped_metrics=3, removed_temp_files=[])
+    ready = DataReady(description="arithmetic", tokenizer="char", vocab_size=35, split_sizes={"train": 8},
+                      unit="examples", cache_dir=None, reused=True)
+    stream = [DataProgress(stage="tokenize", completed=1, total=2), ready, STARTED, STEP, resumed, switch,
+              NaNSkipped(step=51, total=1), EVAL, FINISHED]
+    events = EventsWriter(tmp_path / "events.jsonl")
+    for event in stream:
+        events(event)
+    rows = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["data_ready", "run_started", "resumed", "svd_mode_switch", "nan_skipped",
+                                         "run_finished"]
+    assert rows[3] == {"kind": "svd_mode_switch", "step": 300, "layer": "h.0.mlp.c_fc", "mode": "lowrank", "rank": 32,
+                       "alignment": "nan", "factors": "runs/demo/svd/h.0.pt", "time": 1.5}
+    assert rows[4]["step"] == 51 and rows[4]["total"] == 1 and rows[4]["skipped"] == 1
+    assert rows[2]["skipped"] == [["a.pt", "corrupt"]] and rows[2]["config_changes"] == {"training.lr": [1e-4, 2e-4]}
+    events(NaNSkipped(step=52, total=2))  # after the run's end: appended, not lost
+    assert json.loads((tmp_path / "events.jsonl").read_text().splitlines()[-1])["step"] == 52
+
+
+def test_nan_skips_print_as_warnings():
+    out = io.StringIO()
+    PlainLog(out)(NaNSkipped(step=12, total=3))
+    assert out.getvalue() == "warning: step 12: non-finite loss or gradient norm; update skipped (3 so far)\n"
+    console = Console(record=True, width=120, force_terminal=True)
+    view = RichProgress(console)
+    view(NaNSkipped(step=20, total=5, skipped=2))
+    view.close()
+    assert "warning: steps up to 20: 2 updates skipped for a non-finite loss or gradient norm (5 so far)" \
+        in console.export_text()

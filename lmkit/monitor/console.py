@@ -21,12 +21,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from lmkit.events import (
+    MESSAGE_EVENTS,
     CheckpointSaved,
     DataProgress,
     DataReady,
     EvalResult,
     Event,
-    Notice,
     RunFinished,
     RunStarted,
     StepMetrics,
@@ -161,7 +161,7 @@ class PlainLog:
             self._line(eval_line(event))
         elif isinstance(event, CheckpointSaved):
             self._line(f"saved {', '.join(event.tags)} -> {event.path} ({event.seconds:.2f}s)")
-        elif isinstance(event, Notice):
+        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped
             self._line(f"{event.level}: {event.message}")
         elif isinstance(event, RunFinished):
             for line in finished_lines(event):
@@ -224,7 +224,7 @@ class RichProgress:
         elif isinstance(event, CheckpointSaved):
             print_(f"saved {', '.join(event.tags)} -> {event.path} ({event.seconds:.2f}s)", style="dim",
                    highlight=False)
-        elif isinstance(event, Notice):
+        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped
             print_(f"{event.level}: {event.message}", style="yellow", highlight=False)
         elif isinstance(event, RunFinished):
             self._stop()
@@ -248,7 +248,7 @@ class WarningsOnly:
         self.rank = rank
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, Notice) and event.level in ("warning", "error"):
+        if isinstance(event, MESSAGE_EVENTS) and event.level in ("warning", "error"):
             try:
                 self.stream.write(f"[rank {self.rank}] {event.level}: {event.message}\n")
                 self.stream.flush()

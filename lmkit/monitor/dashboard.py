@@ -40,11 +40,13 @@ from rich.table import Table
 from rich.text import Text
 
 from lmkit.events import (
+    MESSAGE_EVENTS,
     CheckpointSaved,
     DataProgress,
     DataReady,
     EvalResult,
     Event,
+    NaNSkipped,
     Notice,
     Resumed,
     RunFinished,
@@ -362,8 +364,9 @@ def _summarise_value(value: Any) -> str:
 
 
 def summarise_event(event: Event, skip: Iterable[str] = ()) -> str:
-    """``key=value`` pairs of an event's fields (``message`` alone for notices), short."""
-    if isinstance(event, Notice):
+    """``key=value`` pairs of an event's fields (``message`` alone for notices and other
+    :data:`~lmkit.events.MESSAGE_EVENTS`), short."""
+    if isinstance(event, MESSAGE_EVENTS):
         return event.message
     skipped = {"time", "step", "epoch", "tokens", "elapsed_s", *skip}
     short, long = [], []
@@ -391,6 +394,12 @@ class KindRow:
     step: int | None
     summary: str
     time: float
+
+
+def _legacy_nan_notice(e: Notice) -> bool:
+    """A NaN skip from a trainer that still reports it as a ``Notice`` (before it emitted
+    :class:`~lmkit.events.NaNSkipped`). Transitional: remove once no emitter does."""
+    return e.level == "warning" and e.message.startswith("step ") and "non-finite" in e.message
 
 
 NOT_BY_KIND = ("step", "data_progress", "run_started")  # the stream itself, shown elsewhere
@@ -503,9 +512,11 @@ class Dashboard:
             self._note(e.step, "cyan", f"eval {e.split} {e.loss:.4f}{' (best)' if e.is_best else ''} {metrics}")
         elif isinstance(e, CheckpointSaved):
             self._note(e.step, "green", f"saved {', '.join(e.tags)} ({e.seconds:.2f}s)")
+        elif isinstance(e, NaNSkipped):
+            self._note(e.step, "bold red", f"{e.level}: {e.message}")
         elif isinstance(e, Notice):
             style = {"warning": "yellow", "error": "bold red"}.get(e.level, "dim")
-            if "non-finite" in e.message:
+            if _legacy_nan_notice(e):
                 style = "bold red"
             self._note(None, style, f"{e.level}: {e.message}")
         elif isinstance(e, Resumed):

@@ -2,8 +2,11 @@
 
 ``metrics.jsonl`` holds one object per logged train step (``"split": "train"``) or
 evaluation (``"split": "val"``) with ``step``, ``tokens``, ``epoch``, ``loss`` and the
-rest of the numbers; ``events.jsonl`` the other events (run start/end, data,
-checkpoints, notices). Lines are flushed as written, so ``tail -f`` works.
+rest of the numbers; ``events.jsonl`` every other event, whatever its type (run start/end,
+data, checkpoints, resumes, notices, NaN skips, and any event type added later: there is no
+list to extend), except :class:`~lmkit.events.DataProgress`, which is transient progress
+(many per second while data is prepared) whose outcome :class:`~lmkit.events.DataReady`
+records. Lines are flushed as written, so ``tail -f`` works.
 """
 
 from __future__ import annotations
@@ -13,17 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmkit.events import (
-    CheckpointSaved,
-    DataReady,
-    EvalResult,
-    Event,
-    Notice,
-    Resumed,
-    RunFinished,
-    RunStarted,
-    StepMetrics,
-)
+from lmkit.events import DataProgress, EvalResult, Event, RunFinished, StepMetrics
 
 
 def _jsonable(value: Any) -> Any:
@@ -42,7 +35,14 @@ class _JsonlWriter:
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        # default=str: a field of a type JSON lacks (a Path, an enum) is written as its text
+        # instead of stopping the run.
+        line = json.dumps(_jsonable(record), default=str) + "\n"
+        if self._file.closed:  # a record after RunFinished: appended, not lost
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
+            return
+        self._file.write(line)
         self._file.flush()
 
     def close(self) -> None:
@@ -69,12 +69,17 @@ class MetricsWriter(_JsonlWriter):
 
 
 class EventsWriter(_JsonlWriter):
-    """``events.jsonl``: everything that is not a metric."""
+    """``events.jsonl``: every event that is not a metric (no list of kinds: a new event
+    type is recorded as it is, one ``Event.to_dict()`` object a line).
 
-    KINDS = (RunStarted, DataReady, CheckpointSaved, Resumed, Notice, RunFinished)
+    Not written: :data:`NOT_RECORDED` -- the metrics (``metrics.jsonl`` has them) and
+    ``DataProgress`` (transient progress; ``DataReady`` records the outcome).
+    """
+
+    NOT_RECORDED: tuple[type[Event], ...] = (StepMetrics, EvalResult, DataProgress)
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, self.KINDS):
+        if not isinstance(event, self.NOT_RECORDED):
             self.write(event.to_dict())
         if isinstance(event, RunFinished):
             self.close()
