@@ -1,7 +1,7 @@
 """Run configuration: pydantic models, YAML presets and ``--set`` overrides.
 
 A run is described by one :class:`RunConfig` with four parts -- ``model``
-(:class:`ModelConfig`), ``data`` (:class:`DataConfig`), ``training``
+(the family's config, :class:`GPTConfig` for ``gpt``), ``data`` (:class:`DataConfig`), ``training``
 (:class:`TrainConfig`) and a few run-level fields. Every model uses
 ``extra="forbid"``, so a misspelt key is an error, never silently ignored.
 
@@ -16,6 +16,23 @@ Keys use the nanoGPT / HF GPT-2 spelling (``n_layer``, ``n_head``, ``n_embd``,
 configs (``d_model``, ``num_heads``, ``num_layers``, ``max_seq_len``, ``depth``,
 ``tie_weights``, ``use_rope``) are accepted and rewritten to the canonical names.
 
+Model families: ``model`` is a pydantic discriminated union on ``model.type`` (absent:
+``gpt``), one config class per family, each ``extra="forbid"``: a key that only another
+family has is an unknown key, with the usual one-line error. :class:`GPTConfig` (also
+importable as ``ModelConfig``) is the ``gpt`` family's. A new family is one registration::
+
+    class BackpackConfig(GPTConfig):          # or ModelConfigBase, with block_size/vocab_size
+        type: Literal["backpack"] = "backpack"
+        n_senses: int = Field(16, gt=0)
+
+    register_model_family("backpack", "lmkit.models.backpack:Backpack", BackpackConfig)
+
+which fills :data:`MODEL_FAMILIES` (name -> ``"module:Class"`` of the model, built by
+:func:`lmkit.models.build_model`) and :data:`MODEL_CONFIGS` (name -> config class) and
+rebuilds :class:`RunConfig`'s union, so presets, ``--set model.n_senses=4``, error messages
+and ``config.yaml`` round trips work for it with no other change. The model class implements
+:class:`lmkit.models.base.LanguageModel`.
+
 This module never imports torch.
 """
 
@@ -26,10 +43,20 @@ import re
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from lmkit.errors import ConfigError
 
@@ -39,9 +66,15 @@ from lmkit.errors import ConfigError
 
 #: model.type -> "module:attribute" of the class built by :func:`lmkit.models.build_model`.
 #: Kept here (as strings) so config validation knows the families without importing torch.
-MODEL_FAMILIES: dict[str, str] = {
-    "gpt": "lmkit.models.gpt:GPT",
-}
+#: Filled by :func:`register_model_family` (``gpt`` -> ``lmkit.models.gpt:GPT``).
+MODEL_FAMILIES: dict[str, str] = {}
+
+#: model.type -> its config class (a :class:`ModelConfigBase`); filled by
+#: :func:`register_model_family`. ``RunConfig.model`` is the discriminated union of these.
+MODEL_CONFIGS: dict[str, type[BaseModel]] = {}
+
+#: The family of a ``model`` section without a ``type`` key.
+DEFAULT_MODEL_TYPE = "gpt"
 
 #: Tokenizer names accepted by ``data.tokenizer`` (plus ``hf:NAME_OR_PATH``).
 TOKENIZERS = ("char", "byte", "bpe", "gpt2")
@@ -76,8 +109,29 @@ class _Strict(BaseModel):
 # --------------------------------------------------------------------------------------
 
 
-class ModelConfig(_Strict):
-    """Architecture of the network.
+class ModelConfigBase(_Strict):
+    """What every model family's config has in common.
+
+    ``type`` is the family's name; each family's subclass narrows it to a ``Literal`` (the
+    tag of the discriminated union, see :func:`register_model_family`). Each family also
+    declares ``block_size`` (the longest context, tokens) and ``vocab_size`` (``None`` until
+    the tokenizer sets it), which data preparation, training and generation read. Other
+    spellings of keys (``d_model`` ...) are rewritten before validation
+    (:func:`normalise_model_keys`).
+    """
+
+    type: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise_spellings(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return normalise_model_keys(dict(data))
+        return data
+
+
+class GPTConfig(ModelConfigBase):
+    """Architecture of the ``gpt`` family (:class:`lmkit.models.gpt.GPT`).
 
     Shapes: token ids ``(B, T)`` with ``T <= block_size`` map to logits
     ``(B, T, vocab_size)``. ``d_ff`` defaults to ``4 * n_embd``; ``vocab_size`` defaults
@@ -88,7 +142,7 @@ class ModelConfig(_Strict):
     how seed 000's model (no attention biases, MLP biases) is expressed.
     """
 
-    type: str = "gpt"
+    type: Literal["gpt"] = "gpt"
     n_layer: int = Field(4, gt=0)
     n_head: int = Field(4, gt=0)
     n_embd: int = Field(128, gt=0)
@@ -106,22 +160,8 @@ class ModelConfig(_Strict):
     layer_norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _normalise_spellings(cls, data: Any) -> Any:
-        if isinstance(data, Mapping):
-            return normalise_model_keys(dict(data))
-        return data
-
-    @field_validator("type")
-    @classmethod
-    def _known_family(cls, value: str) -> str:
-        if value not in MODEL_FAMILIES:
-            raise ValueError(f"unknown model type {value!r} (known: {', '.join(MODEL_FAMILIES)})")
-        return value
-
     @model_validator(mode="after")
-    def _check_shapes(self) -> ModelConfig:
+    def _check_shapes(self) -> GPTConfig:
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -149,6 +189,76 @@ class ModelConfig(_Strict):
     @property
     def use_mlp_bias(self) -> bool:
         return self.bias if self.mlp_bias is None else self.mlp_bias
+
+
+#: The GPT family's config under its historical name (``from lmkit.config import ModelConfig``).
+ModelConfig = GPTConfig
+
+
+def _model_type(value: Any) -> str | None:
+    """The union's discriminator: ``model.type`` of a mapping (``gpt`` when absent) or of a
+    config object; ``None`` (pydantic: "no tag") for anything else."""
+    if isinstance(value, Mapping):
+        return value.get("type", DEFAULT_MODEL_TYPE)
+    return getattr(value, "type", None)
+
+
+def _model_union() -> Any:
+    """``Annotated[Union[Annotated[Cls, Tag(name)], ...], Discriminator(_model_type)]`` over
+    :data:`MODEL_CONFIGS`."""
+    members = tuple(Annotated[cls, Tag(name)] for name, cls in MODEL_CONFIGS.items())
+    return Annotated[Union[members], Discriminator(_model_type)]  # noqa: UP007 - a runtime tuple
+
+
+def register_model_family(name: str, model_class: str, config_class: type[ModelConfigBase]) -> None:
+    """Make ``model.type: NAME`` build ``model_class`` from ``config_class``.
+
+    Args:
+        name: the family's ``model.type``.
+        model_class: ``"module:Class"`` of a :class:`lmkit.models.base.LanguageModel`
+            subclass taking the config (imported only when a model is built).
+        config_class: a :class:`ModelConfigBase` subclass whose ``type`` field is
+            ``Literal[NAME] = NAME`` and which has ``block_size`` and ``vocab_size`` fields.
+
+    Raises:
+        ValueError: the config class does not follow those rules.
+    """
+    field = config_class.model_fields.get("type")
+    if field is None or field.default != name:
+        raise ValueError(f"{config_class.__name__}.type must be Literal[{name!r}] = {name!r}")
+    missing = [k for k in ("block_size", "vocab_size") if k not in config_class.model_fields]
+    if missing:
+        raise ValueError(f"{config_class.__name__} lacks {', '.join(missing)} (every family has them)")
+    MODEL_FAMILIES[name] = model_class
+    MODEL_CONFIGS[name] = config_class
+    _rebuild_run_config()
+
+
+def unregister_model_family(name: str) -> None:
+    """Undo :func:`register_model_family` (for tests and plugins); ``gpt`` cannot be removed.
+
+    Raises:
+        ValueError: ``name`` is the default family.
+    """
+    if name == DEFAULT_MODEL_TYPE:
+        raise ValueError(f"the default family {name!r} cannot be unregistered")
+    MODEL_FAMILIES.pop(name, None)
+    MODEL_CONFIGS.pop(name, None)
+    _rebuild_run_config()
+
+
+def _rebuild_run_config() -> None:
+    """Point ``RunConfig.model`` at the union of the registered families (no-op before
+    :class:`RunConfig` exists: its class body reads the registry itself)."""
+    run = globals().get("RunConfig")
+    if run is None:
+        return
+    fields = run.__pydantic_fields__
+    fields["model"] = FieldInfo.from_annotated_attribute(_model_union(), Field(default_factory=GPTConfig))
+    run.model_rebuild(force=True)
+
+
+register_model_family("gpt", "lmkit.models.gpt:GPT", GPTConfig)
 
 
 def _nearest_divisor(n: int, near: int) -> int:
@@ -273,6 +383,9 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = Field(1.0, ge=0.0)
+    #: The fused AdamW kernel (one launch for all parameters; it also skips a non-finite
+    #: update on the device, without a host sync). ``None``: on CUDA only.
+    fused_optimizer: bool | None = None
     precision: Precision = "fp32"
     device: str = "auto"
     gpu_only: bool = False
@@ -328,7 +441,7 @@ class RunConfig(_Strict):
     description: str | None = None
     source: str | None = None
     target_params: int | None = Field(None, gt=0)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: _model_union() = Field(default_factory=GPTConfig)  # type: ignore[valid-type]
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainConfig
 
@@ -578,10 +691,18 @@ _SECTION_CHECKS: dict[str, tuple[str, ...]] = {
 def format_validation_error(
     exc: ValidationError, default_source: str, sources: Mapping[str, str]
 ) -> str:
-    """One line per problem joined by '; ': ``SOURCE: KEY: what is wrong``."""
+    """One line per problem joined by '; ': ``SOURCE: KEY: what is wrong``.
+
+    The model union's tag (``model.gpt.n_layer`` in pydantic's location) is left out of the key.
+    """
     parts = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        family = None
+        if len(loc) >= 2 and loc[0] == "model" and loc[1] in MODEL_CONFIGS:
+            family = loc.pop(1)
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found") and loc == ["model"]:
+            loc.append("type")
         key = ".".join(loc)
         source = default_source
         for n in range(len(loc), 0, -1):
@@ -600,7 +721,11 @@ def format_validation_error(
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if err["type"] == "extra_forbidden":
-            msg = _unknown_key_message(loc)
+            msg = _unknown_key_message(loc, family)
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown model type {err['ctx']['tag']!r} (known: {', '.join(MODEL_CONFIGS)})"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"expected a mapping of model keys, got {err.get('input')!r}"
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] in ("greater_than", "greater_than_equal") and "input" in err:
@@ -611,9 +736,9 @@ def format_validation_error(
     return "; ".join(parts)
 
 
-def _unknown_key_message(loc: list[str]) -> str:
+def _unknown_key_message(loc: list[str], family: str | None = None) -> str:
     section_models: dict[str, type[BaseModel]] = {
-        "model": ModelConfig,
+        "model": MODEL_CONFIGS.get(family or DEFAULT_MODEL_TYPE, GPTConfig),
         "data": DataConfig,
         "training": TrainConfig,
         "arithmetic": ArithmeticConfig,
