@@ -163,3 +163,87 @@ def test_config_yaml_round_trip(tmp_path):
     path.write_text(config.to_yaml())
     assert load_run_config(path) == config
     assert isinstance(load_run_config(path), RunConfig)
+
+
+# --------------------------------------------------------------------------------------
+# Model families: a discriminated union on model.type
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def toy_family():
+    """A second family with a key GPT lacks (as Backpack's n_senses), registered for one test."""
+    from typing import Literal
+
+    from pydantic import Field
+
+    from lmkit.config import MODEL_CONFIGS, MODEL_FAMILIES, GPTConfig, register_model_family, unregister_model_family
+
+    class ToyConfig(GPTConfig):
+        type: Literal["toy"] = "toy"
+        n_senses: int = Field(16, gt=0)
+
+    register_model_family("toy", "lmkit.models.gpt:GPT", ToyConfig)
+    try:
+        yield ToyConfig
+    finally:
+        unregister_model_family("toy")
+    assert "toy" not in MODEL_FAMILIES and "toy" not in MODEL_CONFIGS
+
+
+def test_a_family_key_is_accepted_by_its_family_only(toy_family, tmp_path):
+    config = build_run_config("pilot", ["model.type=toy", "model.n_senses=4"])
+    assert isinstance(config.model, toy_family) and config.model.n_senses == 4
+    assert config.model.n_layer == 4  # the preset's other keys still apply
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    assert load_run_config(path) == config and isinstance(load_run_config(path).model, toy_family)
+    # the same key on a GPT is an unknown key, blamed on the override, one line
+    message = _error(overrides=["model.n_senses=4"])
+    assert message.startswith("--set model.n_senses=4: model.n_senses: unknown key")
+    # the family's own checks name the key without the union's tag
+    message = _error(overrides=["model.type=toy", "model.n_senses=0"])
+    assert message.startswith("--set model.n_senses=0: model.n_senses: must be greater than 0")
+    assert "toy" not in message.split(":")[1]
+
+
+def test_a_misspelt_family_key_gets_a_suggestion_from_that_family(toy_family):
+    message = _error(overrides=["model.type=toy", "model.n_sense=4"])
+    assert "model.n_sense: unknown key (did you mean model.n_senses?)" in message
+
+
+def test_unknown_model_type_names_the_key_and_the_families(tmp_path):
+    message = _error(overrides=["model.type=lstm"])
+    assert message == "--set model.type=lstm: model.type: unknown model type 'lstm' (known: gpt)"
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  type: lstm\ntraining:\n  max_steps: 1\n")
+    assert _error(str(path)).endswith("bad.yaml: model.type: unknown model type 'lstm' (known: gpt)")
+    path.write_text("model: 5\ntraining:\n  max_steps: 1\n")
+    assert "bad.yaml: model.type: expected a mapping of model keys" in _error(str(path))
+
+
+def test_model_section_without_type_is_gpt():
+    from lmkit.config import GPTConfig
+
+    config = RunConfig.model_validate({"model": {"n_layer": 2}, "training": {"max_steps": 1}})
+    assert type(config.model) is GPTConfig is ModelConfig and config.model.type == "gpt"
+    assert type(RunConfig.model_validate({"training": {"max_steps": 1}}).model) is GPTConfig
+
+
+def test_register_model_family_checks_the_config_class():
+    from pydantic import Field
+
+    from lmkit.config import GPTConfig, ModelConfigBase, register_model_family
+
+    class NoLiteral(GPTConfig):
+        pass
+
+    with pytest.raises(ValueError, match="must be Literal"):
+        register_model_family("nolit", "x:Y", NoLiteral)
+
+    class NoSizes(ModelConfigBase):
+        type: str = "nosizes"
+        width: int = Field(1)
+
+    with pytest.raises(ValueError, match="block_size, vocab_size"):
+        register_model_family("nosizes", "x:Y", NoSizes)
