@@ -22,12 +22,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from lmkit.config import RunConfig
 from lmkit.errors import ConfigError
+
+#: The file name of a periodic checkpoint: ``step_0002000.pt`` (every
+#: ``training.checkpoint_interval`` steps) or ``epoch_005.pt`` (every
+#: ``training.checkpoint_every_epochs`` epochs). Groups: the kind, the number.
+CHECKPOINT_TAG = re.compile(r"^(step|epoch)_(\d+)\.pt$")
+
+
+def parse_checkpoint_tag(name: str) -> tuple[str, int] | None:
+    """``"step_0002000.pt" -> ("step", 2000)``, ``"epoch_005.pt" -> ("epoch", 5)``; ``None``
+    for any other file name (``latest.pt``, ``best.pt``, a temporary file)."""
+    match = CHECKPOINT_TAG.match(name)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 class RunDir:

@@ -9,7 +9,6 @@ verified against the checkpoint's manifest, and the tokenizer is rebuilt offline
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +22,6 @@ if TYPE_CHECKING:
     from lmkit.config import RunConfig
     from lmkit.data.tokenizers import Tokenizer
     from lmkit.rundir import RunDir
-
-_TAGGED = re.compile(r"^(step|epoch)_(\d+)\.pt$")
 
 
 @dataclass
@@ -49,6 +46,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     when they hold a step no periodic file holds (they are hard links of one otherwise).
     Unreadable files are skipped here; loading one later raises the usual error.
     """
+    from lmkit.rundir import parse_checkpoint_tag
     from lmkit.training.checkpoint import peek_step
 
     directory = run_dir / "checkpoints"
@@ -56,7 +54,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         return []
     by_step: dict[int, Path] = {}
     files = sorted(p for p in directory.glob("*.pt") if not p.name.startswith("."))
-    for path in sorted(files, key=lambda p: (_TAGGED.match(p.name) is None, p.name)):
+    for path in sorted(files, key=lambda p: (parse_checkpoint_tag(p.name) is None, p.name)):
         step = peek_step(path)
         if step is not None and step not in by_step:
             by_step[step] = path
