@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from lmkit.errors import ConfigError
-from lmkit.evaluation.task import LOWER_IS_BETTER
+from lmkit.evaluation.task import fallback_direction
+from lmkit.numbers import finite
 from lmkit.rundir import RunDir
 
 #: Metric names measured per token: not comparable between different tokenizers.
 TOKENIZER_DEPENDENT = frozenset({"loss", "mean_loss", "perplexity", "ppl", "val_loss", "train_loss"})
-#: Parts of metric names that have no better direction (counts, sizes, times, gaps).
-_NEUTRAL_PARTS = ("gap", "total", "count", "time", "length", "tokens", "per_second", "n_items", "step")
 #: Keys of a result's ``details`` that hold per-split / per-category numbers.
 _GROUP_KEY = re.compile(r"split|categor", re.IGNORECASE)
 #: Inner keys tried (after the task's headline) to pick one number per split/category.
@@ -244,7 +243,7 @@ class Comparison:
         usage = {run.name: u for run in self.runs if (u := mul_token_usage(run))}
         if usage:
             comparison["mul_token_usage"] = usage
-        return _finite({
+        return finite({
             "lmkit_version": _version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "base": names[0],
@@ -300,9 +299,11 @@ def load_run_data(run_dir: RunDir, name: str | None = None) -> RunData:
             data.sweeps[task] = points
             if task not in data.evals:
                 last = points[-1]
+                headline, directions = _sweep_declarations(file.parent, points)
                 data.evals[task] = {"task": task, "metrics": last["metrics"], "step": last["step"],
-                                    "tokens": last.get("tokens"), "headline": _sweep_headline(file.parent, points),
-                                    "from_sweep": True}
+                                    "tokens": last.get("tokens"), "headline": headline, "from_sweep": True}
+                if directions:
+                    data.evals[task]["directions"] = directions
     return data
 
 
@@ -379,6 +380,7 @@ def build_comparison(runs: list[RunData]) -> Comparison:
         results = [run.evals.get(task) for run in runs]
         section = f"eval: {task}"
         headline = next((r.get("headline") for r in results if r and r.get("headline")), None)
+        declared = _declared_directions(results)
         metrics = _ordered_keys([r.get("metrics", {}) if r else {} for r in results])
         if headline in metrics:
             metrics.remove(headline)
@@ -390,14 +392,14 @@ def build_comparison(runs: list[RunData]) -> Comparison:
             label = f"{metric} (headline)" if metric == headline else metric
             present = [v for v in values if v is not None]
             kind = "int" if all(v.is_integer() for v in present) and max(abs(v) for v in present) > 1 else "float"
-            add(f"{task}.{metric}", label, section, values, kind, lower=_direction(metric),
+            add(f"{task}.{metric}", label, section, values, kind, lower=_direction(metric, declared),
                 per_token=metric in TOKENIZER_DEPENDENT, headline=metric == headline)
         groups = [_categories(r, headline) if r else {} for r in results]
         shown = [row.values for row in rows if row.section == section]
         for cat in _ordered_keys(groups):
             values = [g.get(cat) for g in groups]
             add(f"{task}.by_category.{cat}", f"  {cat}", section, values,
-                lower=_direction(headline or "accuracy"))
+                lower=_direction(headline or "accuracy", declared))
             if values in shown:  # the same numbers as a metric row (acc_flat = splits.test_flat): JSON only
                 rows[-1].table = False
         steps = [_number(r.get("step")) if r else None for r in results]
@@ -565,7 +567,7 @@ def plot_comparison(comparison: Comparison, path: str | Path, dpi: int = 150) ->
 def _run_report(run: RunData) -> dict[str, Any]:
     evals = {}
     for task, result in run.evals.items():
-        evals[task] = {k: result.get(k) for k in ("metrics", "headline", "version", "n_items", "data_file",
+        evals[task] = {k: result.get(k) for k in ("metrics", "headline", "directions", "version", "n_items", "data_file",
                                                    "data_sha256", "checkpoint", "step", "tokens", "wall_time_s")
                        if k in result}
         if result.get("from_sweep"):
@@ -576,17 +578,6 @@ def _run_report(run: RunData) -> dict[str, Any]:
     return {"path": str(run.path), "summary": run.summary, "tokenizer": run.tokenizer, "evals": evals,
             "sweeps": {task: [{"step": p["step"], "tokens": p.get("tokens"), "metrics": p["metrics"]}
                               for p in points] for task, points in run.sweeps.items()}}
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by ``None`` (JSON has no inf/nan)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _categories(result: dict[str, Any], headline: str | None) -> dict[str, float]:
@@ -617,13 +608,25 @@ def _categories(result: dict[str, Any], headline: str | None) -> dict[str, float
     return out
 
 
-def _direction(metric: str) -> bool | None:
-    """True when lower is better, False when higher is, None when neither (counts, times, gaps)."""
-    if metric in LOWER_IS_BETTER or metric in TOKENIZER_DEPENDENT or metric.endswith("_loss"):
-        return True
-    if any(part in metric for part in _NEUTRAL_PARTS) or metric.startswith(("n_", "num_")):
-        return None
-    return False
+def _direction(metric: str, declared: dict[str, str] | None = None) -> bool | None:
+    """True when lower is better, False when higher is, None when neither: the direction the
+    task declared in its result (``directions``), else the fallback guess from the metric's
+    name (:func:`lmkit.evaluation.task.fallback_direction`; result files written before
+    tasks declared directions)."""
+    direction = (declared or {}).get(metric) or fallback_direction(metric)
+    return {"lower": True, "higher": False}.get(direction)
+
+
+def _declared_directions(results: Sequence[dict[str, Any] | None]) -> dict[str, str]:
+    """metric -> direction from the results' ``directions`` (the first run declaring a metric wins)."""
+    out: dict[str, str] = {}
+    for result in results:
+        declared = result.get("directions") if result else None
+        if isinstance(declared, dict):
+            for metric, direction in declared.items():
+                if direction in ("higher", "lower", "neither"):
+                    out.setdefault(str(metric), direction)
+    return out
 
 
 def _tokenizer_info(directory: Path) -> dict[str, Any]:
@@ -640,12 +643,15 @@ def _tokenizer_info(directory: Path) -> dict[str, Any]:
     return info
 
 
-def _sweep_headline(folder: Path, points: list[dict[str, Any]]) -> str | None:
-    for file in sorted(folder.glob("step_*.json")):
+def _sweep_declarations(folder: Path, points: list[dict[str, Any]]) -> tuple[str | None, dict[str, str]]:
+    """The headline and metric directions of a sweep, from its last ``step_*.json`` that has
+    them (``checkpoint_results.json`` holds only the numbers); headline fallback: the first metric."""
+    for file in sorted(folder.glob("step_*.json"), reverse=True):
         result = _read_json(file)
         if isinstance(result, dict) and result.get("headline"):
-            return str(result["headline"])
-    return next(iter(points[-1]["metrics"]), None)
+            directions = result.get("directions")
+            return str(result["headline"]), directions if isinstance(directions, dict) else {}
+    return next(iter(points[-1]["metrics"]), None), {}
 
 
 def _unique_names(dirs: Sequence[RunDir]) -> list[str]:

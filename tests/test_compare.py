@@ -211,11 +211,7 @@ def test_better_value_follows_the_metric_direction(root):
     assert probes.lower_is_better is False and probes.best_index == 1
     multidigit = comp.row("arithmetic-probes.by_category.mul_multidigit")  # base 1/100 > other 0/100
     assert multidigit.best_index == 0
-    bpb = comp.row("perplexity.bpb")
-    assert bpb.lower_is_better is True
-    assert bpb.best_index == min((0, 1), key=lambda i: bpb.values[i])
-    val = comp.row("final_val_loss")
-    assert val.best_index == min((0, 1), key=lambda i: val.values[i])
+    assert comp.row("perplexity.bpb").lower_is_better is True  # which run wins: see the hand-written runs below
     assert comp.row("wall_time_s").lower_is_better is True and comp.row("tok_per_s").lower_is_better is False
     for key in ("params", "steps", "tokens", "arithmetic.paren_gap", "perplexity.step"):
         assert comp.row(key).best_index is None, key
@@ -296,3 +292,108 @@ def test_png_default_path_and_sweep_panel(root, cli_base_other):
     assert proc.returncode == 0, proc.stderr
     width_one, _ = _assert_png(root / "compare" / "bytes_vs_empty.png")
     assert width_one * 2 == width_sweep
+
+
+# --------------------------------------------------------------------------------------
+# Hand-written run folders: every value, and so every "better" verdict, is set here by hand.
+# --------------------------------------------------------------------------------------
+
+
+def _hand_run(runs: Path, name: str, summary: dict, evals: dict[str, dict]) -> None:
+    folder = runs / name
+    (folder / "eval").mkdir(parents=True)
+    (folder / "config.yaml").write_text("name: " + name + "\n")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    for task, record in evals.items():
+        (folder / "eval" / f"{task}.json").write_text(json.dumps({"task": task, "version": "1", **record}))
+
+
+def test_better_values_of_hand_written_runs(tmp_path):
+    runs = tmp_path / "runs"
+    # base: val loss 2.0, bpb 1.20, accuracy 0.40; other: 1.5, 1.35, 0.30
+    for name, loss, bpb, acc in (("base", 2.0, 1.20, 0.40), ("other", 1.5, 1.35, 0.30)):
+        _hand_run(runs, name, {"params": 1000, "final_val_loss": loss, "wall_time_s": 10.0 if name == "base" else 8.0},
+                  {"perplexity": {"metrics": {"bpb": bpb}, "headline": "bpb"},
+                   "gsm8k": {"metrics": {"accuracy": acc, "total": 100.0}, "headline": "accuracy",
+                             "directions": {"accuracy": "higher", "total": "neither"}}})
+    comp = compare_runs(["base", "other"], runs)
+    assert comp.row("final_val_loss").best_index == 1      # 1.5 < 2.0
+    assert comp.row("best_val_ppl").best_index is None      # no val rows logged: no value
+    assert comp.row("perplexity.bpb").best_index == 0      # 1.20 < 1.35
+    assert comp.row("gsm8k.accuracy").best_index == 0      # 0.40 > 0.30
+    assert comp.row("gsm8k.total").best_index is None      # a count: neither
+    assert comp.row("wall_time_s").best_index == 1         # 8 s < 10 s
+    report = comp.to_report()["comparison"]
+    assert report["perplexity"]["better"] == "base"
+    assert report["perplexity"]["relative_improvement"]["other"] == pytest.approx(-(1.35 - 1.20) / 1.20)
+    assert report["gsm8k"]["relative_improvement"]["other"] == pytest.approx((0.30 - 0.40) / 0.40)
+
+
+def test_direction_comes_from_the_result_file_not_the_metric_name(tmp_path):
+    """error_rate reads 'higher is better' and total_solved 'no direction' by their names; the
+    task's declaration in the result file says otherwise, and compare follows it. A result
+    file without declarations (written before they existed) keeps the name rule."""
+    runs = tmp_path / "runs"
+    declared = {"error_rate": "lower", "total_solved": "higher", "mean_loss": "lower"}
+    values = {"base": {"error_rate": 0.30, "total_solved": 70.0, "mean_loss": 2.0},
+              "other": {"error_rate": 0.10, "total_solved": 90.0, "mean_loss": 1.8}}
+    for name in ("base", "other"):
+        _hand_run(runs, name, {}, {
+            "quiz": {"metrics": values[name], "headline": "error_rate", "directions": declared},
+            "quiz_old": {"metrics": values[name], "headline": "error_rate"},  # an old file: no directions
+        })
+    comp = compare_runs(["base", "other"], runs)
+    assert comp.row("quiz.error_rate").lower_is_better is True and comp.row("quiz.error_rate").best_index == 1
+    assert comp.row("quiz.total_solved").lower_is_better is False and comp.row("quiz.total_solved").best_index == 1
+    report = comp.to_report()
+    assert report["comparison"]["quiz"]["better"] == "other"
+    assert report["comparison"]["quiz"]["relative_improvement"]["other"] == pytest.approx((0.30 - 0.10) / 0.30)
+    assert report["runs"]["base"]["evals"]["quiz"]["directions"] == declared
+    # the fallback for old files: by name, error_rate "higher" (wrong, hence the declarations), a total "neither"
+    assert comp.row("quiz_old.error_rate").lower_is_better is False and comp.row("quiz_old.error_rate").best_index == 0
+    assert comp.row("quiz_old.total_solved").best_index is None
+    assert comp.row("quiz_old.mean_loss").best_index == 1
+
+
+def test_a_sweep_only_task_takes_its_directions_from_the_step_files(tmp_path):
+    runs = tmp_path / "runs"
+    for name, final in (("base", 0.25), ("other", 0.15)):
+        _hand_run(runs, name, {}, {})
+        folder = runs / name / "eval" / "quiz"
+        folder.mkdir()
+        points = [{"step": 10, "tokens": 100, "metrics": {"error_rate": 0.5}},
+                  {"step": 20, "tokens": 200, "metrics": {"error_rate": final}}]
+        (folder / "checkpoint_results.json").write_text(json.dumps(points))
+        for p in points:
+            (folder / f"step_{p['step']:07d}.json").write_text(json.dumps(
+                {"task": "quiz", "headline": "error_rate", "metrics": p["metrics"],
+                 "directions": {"error_rate": "lower"}}))
+    row = compare_runs(["base", "other"], runs).row("quiz.error_rate")
+    assert row.values == [0.25, 0.15] and row.lower_is_better is True and row.best_index == 1
+
+
+def test_task_results_declare_a_direction_for_every_metric():
+    from lmkit.evaluation import arithmetic, gsm8k, hellaswag, probes, sample
+    from lmkit.evaluation.task import TaskResult
+
+    assert gsm8k.DIRECTIONS["accuracy"] == gsm8k.DIRECTIONS["accuracy_legacy"] == "higher"
+    assert gsm8k.DIRECTIONS["mean_response_tokens"] == "neither"
+    assert arithmetic.DIRECTIONS["paren_gap"] == "neither" and arithmetic.DIRECTIONS["legacy_acc_flat"] == "higher"
+    assert hellaswag.DIRECTIONS == dict.fromkeys(("acc", "acc_norm", "acc_norm_chars", "acc_harness"), "higher")
+    assert set(probes.DIRECTIONS) == {"accuracy", "acc_mul_table", "acc_mul_multidigit", "acc_addition"}
+    assert set(sample.DIRECTIONS.values()) == {"neither"}
+    result = TaskResult(task="t", version="1", metrics={"a": 1.0, "b": 2.0}, headline="a", n_items=1,
+                        directions={"a": "lower", "unused": "higher"})
+    assert result.to_dict()["directions"] == {"a": "lower"}  # only the metrics reported
+    assert result.direction("a") == "lower" and result.direction("b") == "higher"  # b: the name fallback
+    with pytest.raises(ValueError, match="higher, lower, neither"):
+        TaskResult(task="t", version="1", metrics={"a": 1.0}, headline="a", n_items=1, directions={"a": "up"})
+
+
+def test_finite_is_one_function_used_by_compare():
+    import lmkit.compare
+    from lmkit.numbers import finite
+
+    value = {"ppl": float("inf"), "xs": (1.0, float("nan"), -float("inf")), "n": 3, "s": "inf", "ok": 2.5}
+    assert finite(value) == {"ppl": None, "xs": [1.0, None, None], "n": 3, "s": "inf", "ok": 2.5}
+    assert lmkit.compare.finite is finite and not hasattr(lmkit.compare, "_finite")
