@@ -148,8 +148,10 @@ class Resumed(Event):
     """A run continues from ``checkpoint`` at ``step``.
 
     ``skipped`` lists checkpoints passed over as incomplete or corrupt (path, reason);
-    ``config_changes`` the allowed changes (key -> [old, new]); ``dropped_metrics`` the
-    metrics records of later steps, written by the interrupted session, that were removed.
+    ``config_changes`` the allowed changes (key -> [old, new]); ``dropped_metrics`` counts
+    the ``metrics.jsonl`` records of later steps (written by the abandoned continuation) and
+    lines cut short by a crash, moved out of the log into ``superseded_metrics`` (a file in
+    ``runs/NAME/superseded/``, ``None`` when nothing was moved); never deleted.
     """
 
     kind: ClassVar[str] = "resumed"
@@ -159,6 +161,7 @@ class Resumed(Event):
     config_changes: dict[str, list[Any]]
     dropped_metrics: int
     removed_temp_files: list[str]
+    superseded_metrics: str | None = None
 
 
 @dataclass(frozen=True)

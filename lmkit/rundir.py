@@ -5,12 +5,13 @@
     runs/NAME/
       config.yaml        the fully resolved config (what resume and eval rebuild from)
       metrics.jsonl      one JSON object per logged step or eval
-      events.jsonl       run start/end, data, checkpoints, resumes, notices
+      events.jsonl       every non-metric event: run start/end, data, checkpoints, resumes, notices
       tb/                TensorBoard event files
       checkpoints/       latest.pt, best.pt, step_0002000.pt / epoch_005.pt
       tokenizer/         what is needed to rebuild the tokenizer offline
       eval/              eval results (lmkit eval)
       summary.json       params, steps, tokens, best/final val loss, wall time
+      superseded/        log records of abandoned continuations, moved aside on a resume
 
 A new run claims its folder atomically (an exclusive create of ``config.yaml``), so two
 runs started at once never share one; a training process holds an exclusive lock on
@@ -21,9 +22,11 @@ is refused instead of interleaving its writes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,36 +195,116 @@ class RunDir:
     def checkpoint_path(self, tag: str) -> Path:
         return self.checkpoints / f"{tag}.pt"
 
-    def drop_records_after(self, step: int) -> tuple[int, int]:
-        """For a resume from ``step``: remove ``metrics.jsonl`` records of later steps and
-        mark later ``events.jsonl`` records ``"superseded": true``. Returns the counts."""
-        dropped = marked = 0
+    @property
+    def superseded_dir(self) -> Path:
+        """``runs/NAME/superseded/``: log records of abandoned continuations, moved aside by
+        :meth:`supersede_records_after` (checkpoints go to ``checkpoints/superseded/``)."""
+        return self.path / "superseded"
+
+    def supersede_records_after(self, step: int) -> SupersededRecords:
+        """For a resume from ``step``: move the ``metrics.jsonl`` records of later steps (an
+        abandoned continuation) and lines cut short by a crash out of ``metrics.jsonl`` into
+        ``superseded/metrics.jsonl``, byte for byte, in their order; mark later
+        ``events.jsonl`` records ``"superseded": true`` in place (unreadable lines there go to
+        ``superseded/events.jsonl``). Nothing is deleted: where the file in ``superseded/``
+        exists already (an earlier resume), a new one is named with the time,
+        ``metrics.YYYYmmdd-HHMMSS.jsonl``. The moved lines are written and fsynced before the
+        log is rewritten, so a crash in between leaves them twice, never nowhere.
+        """
+        moved_metrics, metrics_aside = 0, None
         if self.metrics_path.exists():
-            kept = []
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    dropped += 1  # a line cut short by a crash
+            kept, later = [], []
+            for line in self.metrics_path.read_bytes().splitlines(keepends=True):
+                record = _record(line)
+                if record is _BLANK:
                     continue
-                if int(record.get("step", 0)) > step:
-                    dropped += 1
+                if isinstance(record, dict) and _step_of(record) <= step:
+                    kept.append(line if line.endswith(b"\n") else line + b"\n")
                 else:
-                    kept.append(line)
-            _atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
+                    later.append(line)  # a later step, or a line cut short by a crash
+            if later:
+                metrics_aside = self._set_aside(self.metrics_path.name, later)
+                moved_metrics = len(later)
+                _atomic_write_bytes(self.metrics_path, b"".join(kept))
+        marked, events_aside = 0, None
         if self.events_path.exists():
-            lines = []
-            for line in self.events_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
+            lines, unreadable = [], []
+            for line in self.events_path.read_bytes().splitlines(keepends=True):
+                record = _record(line)
+                if record is _BLANK:
+                    continue
+                if not isinstance(record, dict):
+                    unreadable.append(line)
                     continue
                 if isinstance(record.get("step"), int) and record["step"] > step and not record.get("superseded"):
                     record["superseded"] = True
                     marked += 1
-                lines.append(json.dumps(record))
-            _atomic_write_text(self.events_path, "".join(f"{line}\n" for line in lines))
-        return dropped, marked
+                    line = (json.dumps(record) + "\n").encode()
+                lines.append(line if line.endswith(b"\n") else line + b"\n")
+            if unreadable:
+                events_aside = self._set_aside(self.events_path.name, unreadable)
+            if marked or unreadable:
+                _atomic_write_bytes(self.events_path, b"".join(lines))
+        return SupersededRecords(moved_metrics, marked, metrics_aside, events_aside)
+
+    def drop_records_after(self, step: int) -> tuple[int, int]:
+        """Deprecated name of :meth:`supersede_records_after` (the records are moved aside,
+        not dropped): returns ``(metrics records moved aside, events records marked)``."""
+        result = self.supersede_records_after(step)
+        return result.metrics, result.events
+
+    def _set_aside(self, name: str, lines: list[bytes]) -> Path:
+        """Write ``lines`` (bytes, as read) to a new file in ``superseded/``, fsynced."""
+        self.superseded_dir.mkdir(exist_ok=True)
+        stem, suffix = os.path.splitext(name)
+        target = self.superseded_dir / name
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while target.exists():
+            target = self.superseded_dir / f"{stem}.{stamp}{'' if n == 1 else f'-{n}'}{suffix}"
+            n += 1
+        with target.open("xb") as f:
+            f.write(b"".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.superseded_dir)
+        return target
+
+
+@dataclass(frozen=True)
+class SupersededRecords:
+    """What :meth:`RunDir.supersede_records_after` did.
+
+    ``metrics``: lines moved out of ``metrics.jsonl`` (records of later steps, and lines cut
+    short by a crash) into ``metrics_path`` (``None`` when there were none); ``events``:
+    ``events.jsonl`` records of later steps marked ``"superseded": true`` (they stay in
+    place); ``events_path``: where unreadable ``events.jsonl`` lines went (``None``: none).
+    """
+
+    metrics: int
+    events: int
+    metrics_path: Path | None
+    events_path: Path | None
+
+
+_BLANK = object()
+
+
+def _record(line: bytes) -> Any:
+    """The JSON value of one log line; ``_BLANK`` for an empty line; ``None`` if unreadable."""
+    if not line.strip():
+        return _BLANK
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _step_of(record: dict[str, Any]) -> float:
+    try:
+        return int(record.get("step", 0))
+    except (TypeError, ValueError):
+        return math.inf  # no readable step: not provably before the checkpoint, so moved aside
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -231,18 +314,26 @@ def default_run_name(config: RunConfig) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
+        with tmp.open("wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
     try:
-        fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

@@ -66,11 +66,15 @@ def test_resume_from_an_older_checkpoint_moves_the_later_ones_aside(cwd):
     assert train(cwd, "old").returncode == 0
     ckpts = cwd / "runs/old/checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000010.pt", "step_0000015.pt", "step_0000020.pt"]
+    logged = (cwd / "runs/old/metrics.jsonl").read_bytes().splitlines(keepends=True)
     # Going back to step 10, killed before its first save: the next plain resume must start
     # from step 10 again, not from the abandoned step 20.
     crashed = run_cli("resume", "runs/old", "--checkpoint", "step_0000010", cwd=cwd,
                       env={**ENV, "LMKIT_TEST_CRASH": "save=1,at=before_write"})
     assert crashed.returncode == -9
+    # the abandoned steps 11-20 are moved aside, byte for byte, never deleted
+    later = [line for line in logged if json.loads(line)["step"] > 10]
+    assert len(later) >= 4 and (cwd / "runs/old/superseded/metrics.jsonl").read_bytes() == b"".join(later)
     assert torch.load(ckpts / "latest.pt", weights_only=True)["step"] == 10
     aside = sorted(p.name for p in (ckpts / "superseded").iterdir())
     assert "step_0000015.pt" in aside and "step_0000020.pt" in aside
