@@ -368,7 +368,9 @@ class TrainConfig(_Strict):
     Length: exactly one of ``max_steps`` (optimizer steps) or ``epochs`` (passes over
     the training split). One optimizer step sees ``batch_size * grad_accum_steps``
     sequences. Intervals are in optimizer steps unless named ``*_every_epochs``.
-    Learning-rate schedules are described in :mod:`lmkit.training.schedule`.
+    Learning-rate schedules are described in :mod:`lmkit.training.schedule`;
+    ``warmup_form`` is the warmup's multiplier after ``s`` of ``W`` steps: ``"s/W"`` (LR 0 at
+    the first step; HF ``get_cosine_schedule_with_warmup``) or ``"(s+1)/W"`` (nanoGPT; the default).
     """
 
     batch_size: int = Field(32, gt=0)
@@ -378,6 +380,7 @@ class TrainConfig(_Strict):
     lr: float = Field(3e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    warmup_form: Literal["s/W", "(s+1)/W"] = "(s+1)/W"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.1, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
