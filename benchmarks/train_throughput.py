@@ -133,7 +133,7 @@ def main() -> None:
         gpt_medians, _ = time_models({"lmkit": lambda: lmkit_model(**big)}, device=device, dtype=torch.bfloat16,
                                      batch=16, block=1024, vocab=big["vocab"], rounds=args.rounds, steps=args.steps,
                                      warmup=args.warmup)
-        peak = peak_flops(device)
+        peak, _ = peak_flops(device, "bf16")
         report["gpt2_124m_bf16"] = {
             "tok_per_s": gpt_medians["lmkit"],
             "flops_per_token": model_flops,

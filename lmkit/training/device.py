@@ -18,25 +18,32 @@ import torch
 from lmkit.config import TrainConfig
 from lmkit.errors import ConfigError, DeviceError
 
-#: Dense 16-bit tensor-core peak FLOP/s by GPU name fragment (vendor data sheets), used
-#: for MFU. Checked in order, so more specific names come first.
-PEAK_FLOPS_16BIT: tuple[tuple[str, float], ...] = (
-    ("H200", 989.5e12),
-    ("H100 PCIe", 756.0e12),
-    ("H100", 989.5e12),
-    ("GH200", 989.5e12),
-    ("A100", 312.0e12),
-    ("A800", 312.0e12),
-    ("L40S", 362.1e12),
-    ("L40", 181.0e12),
-    ("L4", 121.0e12),
-    ("A10G", 125.0e12),
-    ("A10", 125.0e12),
-    ("RTX 4090", 165.2e12),
-    ("RTX 3090", 71.0e12),
-    ("V100", 125.0e12),
-    ("T4", 65.0e12),
+#: Dense peak FLOP/s by GPU name fragment (vendor data sheets, without sparsity), used for
+#: MFU: ``(fp32, tf32, bf16/fp16 tensor cores)``. A run is scored against the peak of the
+#: precision it actually uses: fp32 matmuls with TF32 allowed run on the TF32 tensor cores,
+#: without it on the fp32 units; autocast to bf16/fp16 on the 16-bit tensor cores. GPUs
+#: without TF32 (V100, T4, consumer Turing) list their fp32 peak there. Checked in order,
+#: so more specific names come first.
+PEAK_FLOPS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("H200", (66.9e12, 494.7e12, 989.5e12)),
+    ("H100 PCIe", (51.2e12, 378.0e12, 756.0e12)),
+    ("H100", (66.9e12, 494.7e12, 989.5e12)),
+    ("GH200", (66.9e12, 494.7e12, 989.5e12)),
+    ("A100", (19.5e12, 156.0e12, 312.0e12)),
+    ("A800", (19.5e12, 156.0e12, 312.0e12)),
+    ("L40S", (91.6e12, 183.0e12, 362.1e12)),
+    ("L40", (90.5e12, 90.5e12, 181.0e12)),
+    ("L4", (30.3e12, 60.0e12, 121.0e12)),
+    ("A10G", (31.2e12, 62.5e12, 125.0e12)),
+    ("A10", (31.2e12, 62.5e12, 125.0e12)),
+    ("RTX 4090", (82.6e12, 82.6e12, 165.2e12)),
+    ("RTX 3090", (35.6e12, 35.6e12, 71.0e12)),
+    ("V100", (15.7e12, 15.7e12, 125.0e12)),
+    ("T4", (8.1e12, 8.1e12, 65.0e12)),
 )
+
+#: The 16-bit column of :data:`PEAK_FLOPS` (what ``doctor`` and older code read).
+PEAK_FLOPS_16BIT: tuple[tuple[str, float], ...] = tuple((name, peaks[2]) for name, peaks in PEAK_FLOPS)
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,9 @@ class DevicePlan:
         precision: ``fp32``, ``fp16`` or ``bf16``.
         autocast_dtype: the autocast dtype, ``None`` for fp32.
         use_scaler: fp16 gradient scaling.
-        peak_flops: the device's dense 16-bit peak in FLOP/s, ``None`` when unknown.
+        peak_flops: the device's dense peak in FLOP/s for this precision (MFU's
+            denominator), ``None`` when unknown.
+        peak_basis: what ``peak_flops`` is, e.g. ``"NVIDIA H200, bf16 dense"``.
     """
 
     device: torch.device
@@ -60,6 +69,7 @@ class DevicePlan:
     autocast_dtype: torch.dtype | None
     use_scaler: bool
     peak_flops: float | None
+    peak_basis: str | None = None
 
     def autocast(self):
         """A context manager: autocast to ``autocast_dtype``, or a no-op for fp32."""
@@ -129,19 +139,22 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Dense 16-bit peak FLOP/s of a CUDA device from :data:`PEAK_FLOPS_16BIT`, or
-    ``$LMKIT_PEAK_FLOPS``; ``None`` for unknown GPUs and for CPU/MPS."""
+def peak_flops(device: torch.device, precision: str = "bf16", tf32: bool = False) -> tuple[float | None, str | None]:
+    """The dense peak FLOP/s of a CUDA device for ``precision`` (``fp32``/``fp16``/``bf16``;
+    ``tf32``: fp32 matmuls may use TF32) from :data:`PEAK_FLOPS`, with what it is; or
+    ``$LMKIT_PEAK_FLOPS`` (FLOP/s) when set. ``(None, None)`` for unknown GPUs and CPU/MPS."""
     env = os.environ.get("LMKIT_PEAK_FLOPS")
     if env:
-        return float(env)
+        return float(env), "LMKIT_PEAK_FLOPS"
     if device.type != "cuda":
-        return None
+        return None, None
     name = torch.cuda.get_device_name(device)
-    for fragment, flops in PEAK_FLOPS_16BIT:
+    column, label = (2, f"{precision} dense") if precision in ("fp16", "bf16") else \
+        ((1, "tf32 dense") if tf32 else (0, "fp32"))
+    for fragment, peaks in PEAK_FLOPS:
         if fragment in name:
-            return flops
-    return None
+            return peaks[column], f"{name}, {label}"
+    return None, None
 
 
 def plan_device(training: TrainConfig) -> DevicePlan:
@@ -168,6 +181,7 @@ def plan_device(training: TrainConfig) -> DevicePlan:
     if device.type == "cuda" and training.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    peak = peak_flops(device, precision, tf32=device.type == "cuda" and training.tf32)
     return DevicePlan(
         device=device,
         description=describe_device(device),
@@ -175,5 +189,6 @@ def plan_device(training: TrainConfig) -> DevicePlan:
         precision=precision,
         autocast_dtype=dtype,
         use_scaler=precision == "fp16",
-        peak_flops=peak_flops(device),
+        peak_flops=peak[0],
+        peak_basis=peak[1],
     )

@@ -6,16 +6,22 @@ before anything is written: device and precision (exit 3 / 2), the run directory
 run claims its folder; a resume picks and verifies its checkpoint), data (exit 2), model
 and data agreement (exit 2); only then is the first step taken.
 
-One optimizer step = ``grad_accum_steps`` micro-batches of ``batch_size`` sequences.
-Batches are a pure function of the micro-batch index (:mod:`lmkit.data.batching`), and
-checkpoints hold every piece of state that affects the next step -- weights, optimizer,
-LR schedule, GradScaler, counters, best val loss, and the python/numpy/torch/CUDA RNG
-states -- so a resumed run takes bitwise the same steps as one that never stopped.
+One optimizer step = ``grad_accum_steps`` micro-batches of ``batch_size`` sequences. The
+step's loss is the mean over *all* its target tokens: each micro-batch's mean loss is
+weighted by its share of the step's targets (a short or padded micro-batch does not get
+the weight of a full one -- the bug transformers fixed in 4.46), so accumulating 2 x B
+equals one batch of 2B. Batches are a pure function of the micro-batch index
+(:mod:`lmkit.data.batching`), and checkpoints hold every piece of state that affects the
+next step -- weights, optimizer, LR schedule, GradScaler, counters, best val loss, the
+hooks' state and the python/numpy/torch/CUDA RNG states -- so a resumed run takes
+bitwise the same steps as one that never stopped.
+
+Everything around the step is a training hook (:mod:`lmkit.training.hooks`): the
+throughput meter and log line, the non-finite guard, evaluation and the checkpoint
+policy; features add theirs with :meth:`Trainer.add_hook`.
 
 Stopping: SIGINT and SIGTERM finish the current step, save ``latest`` and exit 130 /
-143 (:mod:`lmkit.training.signals`). Non-finite loss or gradient norm is caught before
-``optimizer.step()`` (one host-device sync per step, the only one outside logging):
-``on_nan: abort`` stops with exit 1 and writes nothing new; ``skip`` drops the update.
+143 (:mod:`lmkit.training.signals`). Non-finite steps: :mod:`lmkit.training.nan_guard`.
 """
 
 from __future__ import annotations
@@ -23,8 +29,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import random
-import re
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,20 +41,8 @@ import torch
 from lmkit import __version__
 from lmkit.config import RunConfig
 from lmkit.data import PreparedData, make_train_batches, prepare_data
-from lmkit.data.batching import example_batches_in_order, sequential_windows
-from lmkit.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    DeviceError,
-    Interrupted,
-    TrainingError,
-    first_line,
-)
-from lmkit.evaluation.arithmetic import arithmetic_metrics
-from lmkit.evaluation.lm import mean_loss, perplexity
+from lmkit.errors import ConfigError, DeviceError, Interrupted
 from lmkit.events import (
-    CheckpointSaved,
     DataReady,
     EvalResult,
     Event,
@@ -58,7 +50,6 @@ from lmkit.events import (
     Resumed,
     RunFinished,
     RunStarted,
-    StepMetrics,
     broadcast,
     null_emit,
 )
@@ -71,57 +62,22 @@ from lmkit.training.checkpoint import (
     link_checkpoint,
     load_checkpoint,
     newest_complete,
-    peek_step,
     remove_stale_temp_files,
     save_checkpoint,
 )
+from lmkit.training.checkpointing import CheckpointPolicy
 from lmkit.training.device import DevicePlan, plan_device
+from lmkit.training.evaluator import Evaluator
+from lmkit.training.hooks import Hooks, StepOutput, TrainingHook
+from lmkit.training.nan_guard import NaNGuard, skips_on_device
 from lmkit.training.optim import build_optimizer
-from lmkit.training.resume import resume_config
+from lmkit.training.resume import align_checkpoints, check_checkpoint_config, check_resumable, resume_config
+from lmkit.training.rng import rng_state, seed_everything, set_rng_state
 from lmkit.training.schedule import build_scheduler
 from lmkit.training.signals import StopNow, StopRequest
+from lmkit.training.throughput import ThroughputMeter
 
-CHECKPOINT_FORMAT_KEYS = ("model", "optimizer", "scheduler", "step", "micro_step", "rng")
-
-
-# --------------------------------------------------------------------------------------
-# RNG state as tensors and plain types
-# --------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain types (loadable with ``weights_only=True``)."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states when the device count matches)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+IGNORE_INDEX = -100
 
 
 def _is_memory_error(exc: BaseException) -> bool:
@@ -139,9 +95,6 @@ def _device_uuid(device: torch.device) -> str | None:
     except Exception:  # noqa: BLE001 - older drivers / builds
         return None
     return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-
-
-_PERIODIC = re.compile(r"^(step|epoch)_(\d+)\.pt$")
 
 
 class Trainer:
@@ -169,6 +122,7 @@ class Trainer:
         self.config_changes = dict(config_changes or {})
         # Test hook: LMKIT_TEST_SIGNAL="MICRO:SIGNAME" sends the signal to this process right
         # after micro-batch MICRO, to place an interruption mid-accumulation deterministically.
+        self.hooks = Hooks()
         hook = os.environ.get("LMKIT_TEST_SIGNAL", "")
         self._test_signal = (int(hook.split(":")[0]), getattr(signal, hook.split(":")[1])) if ":" in hook else None
 
@@ -185,7 +139,7 @@ class Trainer:
             self.removed_temp = remove_stale_temp_files(self.run.checkpoints)
             try:
                 resume_state, self.resume_path, self.skipped = self._pick_checkpoint()
-                self._check_checkpoint_config(resume_state)  # before data preparation: fail fast
+                check_checkpoint_config(resume_state, self.config, self.resume_path)  # before data: fail fast
             except BaseException:
                 self.run.unlock()
                 raise
@@ -222,8 +176,12 @@ class Trainer:
             cfg.model.vocab_size = self.data.tokenizer.vocab_size
         self.data.check_model(cfg.model)
         self.data_fingerprint = self.data.fingerprint()
+        self.version_notes: list[str] = []
         if resume_state is not None:
-            self._check_resumable(resume_state)
+            self.version_notes = check_resumable(
+                resume_state, self.resume_path, data_fingerprint=self.data_fingerprint, dataset=cfg.data.dataset,
+                run_path=self.run.path, tokenizer_fingerprint=self.data.tokenizer.fingerprint(),
+                tokenizer_dir=self.run.tokenizer_dir)
 
         seed_everything(tcfg.seed)
         self.model = build_model(cfg.model).to(self.plan.device)
@@ -240,8 +198,7 @@ class Trainer:
             self.max_steps = max(1, math.ceil(tcfg.epochs * self.micro_per_epoch / accum))
 
         self.optimizer = build_optimizer(self.model, tcfg, self.plan.device)
-        self.scheduler = build_scheduler(self.optimizer, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
-                                         total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio)
+        self.scheduler = self._new_scheduler(self.optimizer)
         self.scaler = torch.amp.GradScaler(self.plan.device.type, enabled=self.plan.use_scaler)
 
         self.step = 0
@@ -249,12 +206,19 @@ class Trainer:
         self.tokens = 0
         self.best_val_loss = math.inf
         self.best_step: int | None = None
-        self.nan_skips = 0
         self.elapsed_before = 0.0
         self.last_val: EvalResult | None = None
         self.last_train_loss: float | None = None
-        self.periodic: dict[str, list[Path]] = {"step": [], "epoch": []}
-        self.window = {"loss_sum": 0.0, "steps": 0}  # the log window in progress
+        self.stopping = False
+        self.flops_per_token = self.model.flops_per_token()
+        self.meter = ThroughputMeter(self.plan.device, self.flops_per_token, self.plan.peak_flops)
+        self.nan_guard = NaNGuard(tcfg.on_nan, self.plan.use_scaler, self.plan.device)
+        self.evaluator = Evaluator()
+        self.checkpoint_policy = CheckpointPolicy()
+        # order matters: the log line first (its sync ends the step's training time), then the
+        # guard (which reads its device counter at log lines), evaluation, and saving last
+        self.hooks.hooks[:0] = [self.meter, self.nan_guard, self.evaluator, self.checkpoint_policy]
+        self.rng_notes: list[str] = []
         if resume_state is not None:
             self._restore(resume_state)
             if self.max_steps <= self.step:
@@ -273,7 +237,7 @@ class Trainer:
             dropped = 0
         else:
             dropped, _ = self.run.drop_records_after(self.step)
-            self.superseded = self._align_checkpoints(resume_state)
+            self.superseded = align_checkpoints(self.run.checkpoints, self.resume_path, self.step, resume_state)
         writers: list[Callable[[Event], None]] = [MetricsWriter(self.run.metrics_path),
                                                   EventsWriter(self.run.events_path)]
         if tcfg.tensorboard:
@@ -282,93 +246,61 @@ class Trainer:
             broadcast(writers)(event)
         self.emit = broadcast([*writers, self.user_emit])
         if resume_state is not None:
-            self.emit(Resumed(
-                step=self.step, checkpoint=str(self.resume_path),
-                skipped=[(str(p), why) for p, why in self.skipped],
-                config_changes={k: list(v) for k, v in self.config_changes.items()},
-                dropped_metrics=dropped, removed_temp_files=[str(p) for p in self.removed_temp],
-            ))
-            for path, why in self.skipped:
-                self.emit(Notice(level="warning", message=f"skipped {path}: {why}; resuming from {self.resume_path}"))
-            for path in self.removed_temp:
-                self.emit(Notice(level="info", message=f"removed {path}, left by an interrupted save"))
-            if self.superseded:
-                self.emit(Notice(level="info", message=(
-                    f"moved {len(self.superseded)} checkpoint(s) past step {self.step} or unreadable to "
-                    f"{self.superseded[0].parent} ({', '.join(p.name for p in self.superseded)})")))
+            self._announce_resume(dropped)
 
-    def _check_resumable(self, state: dict[str, Any]) -> None:
-        missing = [k for k in CHECKPOINT_FORMAT_KEYS if k not in state]
-        if missing:
-            raise CheckpointError(f"{self.resume_path}: cannot resume from it (missing {', '.join(missing)})")
-        if int(state.get("world_size", 1)) != 1:
-            raise CheckpointError(f"{self.resume_path}: written by {state['world_size']} processes; "
-                                  "resume it with the same number of processes")
-        if state.get("data_fingerprint") not in (None, self.data_fingerprint):
-            raise DataError(
-                f"resume: the data of {self.run.path} changed since the checkpoint "
-                f"({self.config.data.dataset} now tokenises differently); restore the original files or start a new run"
-            )
-        from lmkit.data.tokenizers import load_tokenizer
+    def _announce_resume(self, dropped: int) -> None:
+        self.emit(Resumed(
+            step=self.step, checkpoint=str(self.resume_path),
+            skipped=[(str(p), why) for p, why in self.skipped],
+            config_changes={k: list(v) for k, v in self.config_changes.items()},
+            dropped_metrics=dropped, removed_temp_files=[str(p) for p in self.removed_temp],
+        ))
+        for path, why in self.skipped:
+            self.emit(Notice(level="warning", message=f"skipped {path}: {why}; resuming from {self.resume_path}"))
+        for path in self.removed_temp:
+            self.emit(Notice(level="info", message=f"removed {path}, left by an interrupted save"))
+        if self.superseded:
+            self.emit(Notice(level="info", message=(
+                f"moved {len(self.superseded)} checkpoint(s) past step {self.step} or unreadable to "
+                f"{self.superseded[0].parent} ({', '.join(p.name for p in self.superseded)})")))
+        for note in self.rng_notes:
+            self.emit(Notice(level="warning", message=note))
 
-        saved = load_tokenizer(self.run.tokenizer_dir)
-        if saved.fingerprint() != self.data.tokenizer.fingerprint():
-            raise DataError(f"resume: {self.run.tokenizer_dir} differs from the tokenizer the data was "
-                            "prepared with; the run cannot continue on these ids")
-        self.version_notes = []
-        for key, now in (("lmkit_version", __version__), ("torch_version", str(torch.__version__))):
-            then = state.get(key)
-            if then is not None and then != now:
-                self.version_notes.append(f"checkpoint written by {key.split('_')[0]} {then}, now {now}: "
-                                          "the continuation may differ from an uninterrupted run in the last bits")
+    def _new_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        tcfg = self.config.training
+        return build_scheduler(optimizer, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
+                               total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio)
 
-    def _align_checkpoints(self, state: dict[str, Any]) -> list[Path]:
-        """Resuming from anything but a complete ``latest.pt`` of the newest step: move the
-        checkpoints of later steps (an abandoned continuation) and unreadable ones to
-        ``checkpoints/superseded/``, and make ``latest.pt`` the state resumed from, so that
-        a crash before the next save resumes from here again."""
-        latest = self.run.checkpoint_path("latest")
-        if self.resume_path == latest:
-            return []
-        aside = self.run.checkpoints / "superseded"
-        moved = []
-        for path in sorted(self.run.checkpoints.glob("*.pt")):
-            if path == self.resume_path:
-                continue
-            step = peek_step(path)
-            if step is None or step > self.step:
-                aside.mkdir(exist_ok=True)
-                target = aside / path.name
-                if target.exists():
-                    target = aside / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.pt"
-                os.replace(path, target)
-                moved.append(target)
-        if self.resume_path.parent == self.run.checkpoints:
-            link_checkpoint(self.resume_path, latest)
-        else:
-            save_checkpoint({k: v for k, v in state.items() if k != "manifest"}, latest)
-        return moved
+    def _position_schedule(self, steps_taken: int) -> None:
+        """Put the schedule at ``steps_taken`` and set every group's LR to what the next step
+        uses (after a restore, a changed run length or a rebuilt optimizer)."""
+        self.scheduler.last_epoch = steps_taken
+        for group, base_lr, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                      self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base_lr * fn(steps_taken)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # noqa: SLF001
 
-    def _check_checkpoint_config(self, state: dict[str, Any]) -> None:
-        """The checkpoint must come from this run's model, data and optimisation: a
-        hand-edited ``config.yaml`` or another run's checkpoint is refused, naming the keys."""
-        from lmkit.config import RunConfig
-        from lmkit.training.resume import SAFE_KEYS, config_changes
+    def rebuild_optimizer(self) -> None:
+        """Build the optimizer anew over the parameters that now require grad (a hook froze
+        or unfroze some, or swapped modules), keeping the state of parameters that stay and
+        the LR schedule's position. Call between steps (e.g. from ``after_step``)."""
+        old = self.optimizer
+        self.optimizer = build_optimizer(self.model, self.config.training, self.plan.device)
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if param in old.state:
+                    self.optimizer.state[param] = old.state[param]
+        self.scheduler = self._new_scheduler(self.optimizer)
+        self._position_schedule(self.step)
+        self.nan_guard.on_device = skips_on_device(self.optimizer)
 
-        try:
-            saved = RunConfig.model_validate(state.get("config") or {})
-        except Exception:  # noqa: BLE001 - an incompatible or missing config
-            raise CheckpointError(f"{self.resume_path}: holds no config this lmkit can read") from None
-        ignore = {"name", "out_dir", "preset"}
-        unsafe = {k: v for k, v in config_changes(saved, self.config).items() if k not in SAFE_KEYS | ignore}
-        if unsafe:
-            listed = ", ".join(f"{k} = {old!r} (now {new!r})" for k, (old, new) in unsafe.items())
-            raise CheckpointError(
-                f"{self.resume_path}: was trained with {listed}; config.yaml was edited or the checkpoint is "
-                "from another run -- restore the config or start a new run"
-            )
+    def add_hook(self, hook: TrainingHook) -> TrainingHook:
+        """Add a training component (before :meth:`run`); it is called after the built-in ones."""
+        return self.hooks.add(hook)
 
     def _restore(self, state: dict[str, Any]) -> None:
+        from lmkit.errors import CheckpointError, first_line
+
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -377,10 +309,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         # A changed length re-targets the schedule: the next step must use the new
         # schedule's LR (the saved one was computed for the old end).
-        for group, base_lr, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                      self.scheduler.lr_lambdas, strict=True):
-            group["lr"] = base_lr * fn(self.scheduler.last_epoch)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # noqa: SLF001
+        self._position_schedule(self.scheduler.last_epoch)
         if state.get("scaler") and self.plan.use_scaler:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -388,27 +317,32 @@ class Trainer:
         self.tokens = int(state["tokens"])
         self.best_val_loss = float(state["best_val_loss"])
         self.best_step = state.get("best_step")
-        self.nan_skips = int(state.get("nan_skips", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.last_train_loss = state.get("last_train_loss")
-        self.window = dict(state.get("log_window") or self.window)
         last = state.get("last_val")
         if last:
             self.last_val = EvalResult(step=last["step"], epoch=last["epoch"], tokens=last["tokens"], split="val",
                                        loss=last["loss"], metrics=dict(last["metrics"]), is_best=False, elapsed_s=0.0)
-        epoch_now = self.micro_step // self.micro_per_epoch
-        for path in sorted(self.run.checkpoints.glob("*.pt")):
-            match = _PERIODIC.match(path.name)
-            if match and int(match.group(2)) <= (self.step if match.group(1) == "step" else epoch_now):
-                self.periodic[match.group(1)].append(path)
-        for kind in self.periodic:
-            self.periodic[kind].sort(key=lambda p: int(_PERIODIC.match(p.name).group(2)))
-        set_rng_state(state["rng"])
+        hooks = dict(state.get("hooks") or {})
+        # checkpoints of format 2 kept these at the top level
+        hooks.setdefault("throughput", {"log_window": state.get("log_window")})
+        hooks.setdefault("nan_guard", {"skipped": state.get("nan_skips", 0)})
+        self.hooks.load_state_dict(hooks)
+        self.rng_notes = set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ helpers
 
+    @property
+    def nan_skips(self) -> int:
+        """Steps whose update was skipped as non-finite (reads the guard's device counter)."""
+        return self.nan_guard.count()
+
     def epoch(self) -> float:
         return self.micro_step / self.micro_per_epoch
+
+    def is_log_step(self, step: int) -> bool:
+        """Whether step ``step`` ends with a log line (every ``log_interval``, the first, the last)."""
+        return step % self.config.training.log_interval == 0 or step == 1 or step == self.max_steps
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
@@ -416,52 +350,31 @@ class Trainer:
             return tensor.pin_memory().to(self.plan.device, non_blocking=True)
         return tensor.to(self.plan.device)
 
-    def _crossed(self, every_epochs: int | None, prev_micro: int) -> bool:
+    def crossed(self, every_epochs: int | None, prev_micro: int) -> bool:
+        """Whether the last step crossed a multiple of ``every_epochs`` epochs."""
         if not every_epochs:
             return False
         before = prev_micro // self.micro_per_epoch // every_epochs
         after = self.micro_step // self.micro_per_epoch // every_epochs
         return after > before
 
-    def _due(self, interval: int | None) -> bool:
+    def due(self, interval: int | None) -> bool:
+        """Whether the current step is a multiple of ``interval`` (``None``: never)."""
         return bool(interval) and self.step % interval == 0
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.time() - self.t_session)
 
-    # ------------------------------------------------------------------ evaluation
-
     def evaluate(self) -> EvalResult:
-        cfg, plan = self.config, self.plan
-        started = time.time()
-        if self.data.task == "lm":
-            batches = sequential_windows(self.data.tokens("val"), cfg.model.block_size, cfg.training.batch_size,
-                                         cfg.training.eval_iters)
-            loss, _ = mean_loss(self.model, batches, plan)
-            metrics = {"ppl": perplexity(loss)}
-        else:
-            pad = self.data.tokenizer.pad_id or 0
-            batches = example_batches_in_order(self.data.sequences["val"], cfg.training.batch_size, pad)
-            loss, _ = mean_loss(self.model, batches, plan)
-            metrics = {"ppl": perplexity(loss), **arithmetic_metrics(
-                self.model, self.data.tokenizer, self.data.examples, plan, cfg.model.block_size)}
-        if not math.isfinite(loss):
-            raise TrainingError(f"validation loss is {loss} at step {self.step}; see {self.run.path}")
-        # The step-0 evaluation of the untrained model is a baseline, not a "best".
-        is_best = self.step > 0 and loss < self.best_val_loss
-        if is_best:
-            self.best_val_loss, self.best_step = loss, self.step
-        result = EvalResult(step=self.step, epoch=self.epoch(), tokens=self.tokens, split="val", loss=loss,
-                            metrics=metrics, is_best=is_best, elapsed_s=time.time() - started)
-        self.last_val = result
-        self.emit(result)
-        return result
+        """Evaluate on the validation split now (see :class:`~lmkit.training.evaluator.Evaluator`)."""
+        return self.evaluator.evaluate(self)
 
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict[str, Any]:
+        """Everything the next step depends on (tensors and plain types only)."""
         return {
-            "format": 2,
+            "format": 3,
             "lmkit_version": __version__,
             "torch_version": str(torch.__version__),
             "world_size": 1,
@@ -471,10 +384,9 @@ class Trainer:
             "tokens": self.tokens,
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
-            "nan_skips": self.nan_skips,
+            "nan_skips": self.nan_skips,  # also in hooks/nan_guard; kept here for readers
             "elapsed_s": self.elapsed(),
             "last_train_loss": self.last_train_loss,
-            "log_window": dict(self.window),
             "last_val": (None if self.last_val is None else {
                 "step": self.last_val.step, "epoch": self.last_val.epoch, "tokens": self.last_val.tokens,
                 "loss": self.last_val.loss, "metrics": dict(self.last_val.metrics)}),
@@ -483,99 +395,86 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.plan.use_scaler else None,
+            "hooks": self.hooks.state_dict(),
             "rng": rng_state(),
             "config": self.config.model_dump(mode="json"),
         }
 
-    def save(self, tags: list[str]) -> None:
+    def save(self, tags: list[str]) -> list[Path]:
         """Write the checkpoint once and hard-link it under every tag, ``latest`` last: a
         crash in between leaves ``latest`` at the previous step, consistent with its tags
         (the new tag files hold this same deterministic step and are overwritten when the
-        resumed run gets here again)."""
+        resumed run gets here again). Returns the paths written."""
+        from lmkit.events import CheckpointSaved
+
         started = time.time()
         order = [t for t in tags if t != "latest"] + [t for t in tags if t == "latest"]
         paths = [self.run.checkpoint_path(tag) for tag in order]
         save_checkpoint(self.state(), paths[0])
         for path in paths[1:]:
             link_checkpoint(paths[0], path)
-        keep = self.config.training.keep_last
-        for path in paths:
-            match = _PERIODIC.match(path.name)
-            if match:
-                kept = self.periodic[match.group(1)]
-                if path in kept:
-                    kept.remove(path)
-                kept.append(path)
-                while keep is not None and len(kept) > keep:
-                    kept.pop(0).unlink(missing_ok=True)
         val = self.last_val.loss if self.last_val is not None and self.last_val.step == self.step else None
         self.emit(CheckpointSaved(step=self.step, path=str(self.run.checkpoint_path(tags[0])), tags=tuple(tags),
-                                  val_loss=val,
-                                  seconds=time.time() - started))
+                                  val_loss=val, seconds=time.time() - started))
+        return paths
 
     # ------------------------------------------------------------------ one step
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-        """One optimizer step: the mean loss and grad norm (device tensors), the LR the
-        step used, and the number of targets it saw.
+    def train_step(self) -> StepOutput:
+        """One optimizer step over ``grad_accum_steps`` micro-batches.
+
+        The loss is the mean over the step's target tokens: micro-batch ``i`` with ``n_i``
+        targets and mean loss ``l_i`` contributes ``l_i * n_i / sum(n)`` (a micro-batch with
+        no targets contributes nothing). Under data parallelism ``sum(n)`` must be the
+        global count (summed across ranks) for the same weighting.
 
         Raises:
-            TrainingError: non-finite loss or gradient norm with ``on_nan: abort`` --
-                raised before ``optimizer.step()``, so the weights never take the update.
+            TrainingError: a non-finite step with ``on_nan: abort`` (see the guard).
             DataError: a batch holds an id >= ``vocab_size`` (a corrupt shard).
         """
+        from lmkit.errors import DataError
+
         tcfg = self.config.training
-        accum = tcfg.grad_accum_steps
+        self.hooks.call("before_step", self)
+        prev_micro = self.micro_step
+        micro = [self.batches.batch(prev_micro + i) for i in range(tcfg.grad_accum_steps)]
+        counts = [int((y_np != IGNORE_INDEX).sum()) for _, y_np in micro]
+        total = sum(counts)
         loss_sum = torch.zeros((), device=self.plan.device)
-        n_targets = 0
-        for _ in range(accum):
-            x_np, y_np = self.batches.batch(self.micro_step)
+        for (x_np, y_np), n in zip(micro, counts, strict=True):
             if int(x_np.max()) >= self.vocab_size or int(y_np.max()) >= self.vocab_size:
                 raise DataError(f"micro-batch {self.micro_step} holds a token id >= vocab_size {self.vocab_size}: "
                                 "the token shards are corrupt; delete the token cache to rebuild them")
-            n_targets += int((y_np != -100).sum())
-            x, y = self._to_device(x_np), self._to_device(y_np)
-            with self.plan.autocast():
-                _, loss = self.train_model(x, y)
-            self.scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach().float()
+            if n > 0 or total == 0:
+                weight = n / total if total else 1.0 / len(micro)
+                x, y = self._to_device(x_np), self._to_device(y_np)
+                with self.plan.autocast():
+                    _, loss = self.train_model(x, y)
+                self.scaler.scale(loss * weight).backward()
+                loss_sum += loss.detach().float() * weight
             self.micro_step += 1
             if self._test_signal is not None and self._test_signal[0] == self.micro_step:
                 os.kill(os.getpid(), self._test_signal[1])
-        loss = loss_sum / accum
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip or math.inf)
-        lr = self.optimizer.param_groups[0]["lr"]
-        # fp16: overflowing gradients are the GradScaler's business (it skips the step);
-        # a non-finite *loss* is a real divergence in every precision.
-        bad = ~torch.isfinite(loss) if self.plan.use_scaler else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if bool(bad):  # the one host-device sync of a step
-            self.optimizer.zero_grad(set_to_none=True)
-            if tcfg.on_nan == "abort":
-                latest = self.run.checkpoint_path("latest")
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step {self.step + 1}; "
-                    f"the update was not applied and nothing was saved; last good checkpoint: "
-                    f"{latest if latest.exists() else 'none'} (resume it with --on-nan skip, or start a new run "
-                    "with a lower --lr)"
-                )
+        out = StepOutput(step=self.step + 1, loss=loss_sum, grad_norm=grad_norm,
+                         lr=self.optimizer.param_groups[0]["lr"], n_targets=total, prev_micro_step=prev_micro)
+        self.hooks.call("after_backward", self, out)
+        if out.applied is False:
             self.scaler.update()
-            self.nan_skips += 1
-            self.emit(Notice(level="warning", message=f"step {self.step + 1}: non-finite loss or gradient norm; "
-                                                      f"update skipped ({self.nan_skips} so far)"))
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return loss, grad_norm, lr, n_targets
+        self.tokens += total
+        return out
 
     # ------------------------------------------------------------------ the loop
 
     def run_loop(self, stop: StopRequest) -> None:
         tcfg = self.config.training
-        flops_per_token = self.model.flops_per_token()
         start_step = self.step
         self.emit(RunStarted(
             name=self.run.name, run_dir=str(self.run.path), preset=self.config.preset, model_type=self.config.model.type,
@@ -587,80 +486,25 @@ class Trainer:
         ))
         if self.plan.reason.startswith("auto"):
             self.emit(Notice(level="info", message=f"device {self.plan.device} ({self.plan.reason})"))
-        for note in getattr(self, "version_notes", []):
+        if self.plan.peak_flops:
+            self.emit(Notice(level="info", message=(
+                f"MFU against {self.plan.peak_flops / 1e12:.1f} TFLOP/s ({self.plan.peak_basis}); "
+                f"{self.flops_per_token / 1e6:.2f} MFLOP per token")))
+        for note in self.version_notes:
             self.emit(Notice(level="warning", message=note))
         if tcfg.warmup_steps >= self.max_steps:
             peak = tcfg.lr * (self.max_steps - 1) / tcfg.warmup_steps
             self.emit(Notice(level="warning", message=(
                 f"training.warmup_steps ({tcfg.warmup_steps}) >= the run's {self.max_steps} steps: the LR only "
                 f"reaches {peak:.2e} of its {tcfg.lr:.2e} peak; lower it with --set training.warmup_steps=N")))
-        if tcfg.eval_at_start and start_step == 0:
-            self.evaluate()
+        self.hooks.call("on_start", self)
 
         self.model.train()
-        # The mean loss of a log window survives a resume (its sum and length are in the
-        # checkpoint), so a resumed run logs the same numbers as an uninterrupted one;
-        # tokens/s and step time are measured over this session only.
-        window_loss = torch.tensor(float(self.window["loss_sum"]), device=self.plan.device)
-        window_steps = int(self.window["steps"])
-        rate_steps, rate_tokens = 0, 0
-        rate_start, paused = time.time(), 0.0
         while self.step < self.max_steps:
-            prev_micro = self.micro_step
-            loss, grad_norm, lr, n_targets = self.train_step()
-            window_loss += loss
-            window_steps += 1
-            rate_steps += 1
-            rate_tokens += n_targets
-            self.tokens += n_targets
-
-            last = self.step == self.max_steps
-            if self.step % tcfg.log_interval == 0 or self.step == 1 or last:
-                mean = float(window_loss.item()) / window_steps
-                now = time.time()
-                seconds = max(1e-9, now - rate_start - paused)
-                tok_per_s = rate_tokens / seconds
-                self.last_train_loss = mean
-                self.emit(StepMetrics(
-                    step=self.step, max_steps=self.max_steps, epoch=self.epoch(), tokens=self.tokens, loss=mean,
-                    lr=lr, grad_norm=float(grad_norm.item()),
-                    tok_per_s=tok_per_s, step_time_s=seconds / max(1, rate_steps),
-                    mfu=(flops_per_token * tok_per_s / self.plan.peak_flops) if self.plan.peak_flops else None,
-                    gpu_mem_gb=(torch.cuda.max_memory_allocated(self.plan.device) / 2**30
-                                if self.plan.device.type == "cuda" else None),
-                    elapsed_s=self.elapsed(),
-                    # allocator counters (host-side reads, no sync); the scale's .item() syncs,
-                    # but only here, where logging already synced on the loss
-                    gpu_alloc_gb=(torch.cuda.memory_allocated(self.plan.device) / 2**30
-                                  if self.plan.device.type == "cuda" else None),
-                    gpu_reserved_gb=(torch.cuda.memory_reserved(self.plan.device) / 2**30
-                                     if self.plan.device.type == "cuda" else None),
-                    grad_scale=float(self.scaler.get_scale()) if self.plan.use_scaler else None,
-                    nan_skips=self.nan_skips,
-                ))
-                window_loss = torch.zeros((), device=self.plan.device)
-                window_steps, rate_steps, rate_tokens = 0, 0, 0
-                rate_start, paused = time.time(), 0.0
-
-            stopping = stop.requested  # read once: a signal arriving later waits for the next step
-            pause_start = time.time()
-            evaluated = False
-            if self._due(tcfg.eval_interval) or self._crossed(tcfg.eval_every_epochs, prev_micro) or last:
-                self.evaluate()
-                evaluated = True
-            tags: list[str] = []
-            if evaluated and self.last_val is not None and self.last_val.is_best:
-                tags.append("best")
-            if self._due(tcfg.checkpoint_interval):
-                tags.append(f"step_{self.step:07d}")
-            if self._crossed(tcfg.checkpoint_every_epochs, prev_micro):
-                tags.append(f"epoch_{self.micro_step // self.micro_per_epoch:03d}")
-            if tags or evaluated or last or stopping:
-                self.window = {"loss_sum": float(window_loss.item()), "steps": window_steps}
-                self.save(["latest", *tags])
-            paused += time.time() - pause_start
-
-            if stopping and not last:
+            out = self.train_step()
+            self.stopping = stop.requested  # read once: a signal arriving later waits for the next step
+            self.hooks.call("after_step", self, out)
+            if self.stopping and self.step < self.max_steps:
                 raise Interrupted(
                     f"stopped by {stop.name} at step {self.step}; saved {self.run.checkpoint_path('latest')}; "
                     f"resume with: lmkit resume {self.run.path}",
@@ -689,7 +533,11 @@ class Trainer:
             "final_metrics": dict(val.metrics) if val else {},
             "nan_skips": self.nan_skips,
             "wall_time_s": round(wall, 3),
-            "tok_per_s": round(self.tokens / wall, 1) if wall > 0 else None,
+            "train_time_s": round(self.meter.train_time_s, 3),
+            **self.meter.rates(self.tokens, wall),
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.plan.peak_flops,
+            "peak_flops_basis": self.plan.peak_basis,
             "device": str(self.plan.device),
             "device_name": self.plan.description,
             "precision": self.plan.precision,
@@ -733,6 +581,7 @@ class Trainer:
                 f"aborted by a second Ctrl-C at step {self.step}; nothing more was saved and the last checkpoint "
                 f"is untouched; resume with: lmkit resume {self.run.path}", exit_code=130) from None
         finally:
+            self.hooks.call("on_end", self, status)
             summary = self.summary(status)
             self.run.write_summary(summary)
             self.emit(RunFinished(status=status, summary=summary))

@@ -29,11 +29,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, training: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with ``training.lr``, ``betas``, ``eps`` and ``weight_decay``; the fused
-    kernel on CUDA (one launch for all parameters)."""
+    kernel (one launch for all parameters, and non-finite steps skipped on the device)
+    when ``training.fused_optimizer`` says so, by default on CUDA only."""
+    fused = training.fused_optimizer if training.fused_optimizer is not None else device.type == "cuda"
     return torch.optim.AdamW(
         param_groups(model, training.weight_decay),
         lr=training.lr,
         betas=training.betas,
         eps=training.eps,
-        fused=device.type == "cuda",
+        fused=fused,
     )

@@ -10,12 +10,21 @@ run, so it is an error naming the keys.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lmkit import __version__
 from lmkit.config import RunConfig, build_run_config
-from lmkit.errors import ConfigError
+from lmkit.errors import CheckpointError, ConfigError, DataError
+from lmkit.training.checkpoint import link_checkpoint, peek_step, save_checkpoint
+
+#: What a checkpoint must hold to be resumed from.
+CHECKPOINT_FORMAT_KEYS = ("model", "optimizer", "scheduler", "step", "micro_step", "rng")
 
 #: Keys a resume may change. Changing the length re-targets the LR schedule's end.
 SAFE_KEYS = frozenset({
@@ -79,3 +88,91 @@ def resume_config(config_path: Path, overrides: Iterable[str] = (),
             f"start a new run instead (lmkit train --preset {config_path} --name NEW_NAME ...)"
         )
     return new, changes
+
+
+# --------------------------------------------------------------------------------------
+# Checks of a checkpoint against the run it resumes
+# --------------------------------------------------------------------------------------
+
+
+def check_checkpoint_config(state: Mapping[str, Any], config: RunConfig, path: Path) -> None:
+    """The checkpoint must come from this run's model, data and optimisation: a
+    hand-edited ``config.yaml`` or another run's checkpoint is refused, naming the keys.
+
+    Raises:
+        CheckpointError: no readable config in the checkpoint, or unsafe differences.
+    """
+    try:
+        saved = RunConfig.model_validate(state.get("config") or {})
+    except Exception:  # noqa: BLE001 - an incompatible or missing config
+        raise CheckpointError(f"{path}: holds no config this lmkit can read") from None
+    ignore = {"name", "out_dir", "preset"}
+    unsafe = {k: v for k, v in config_changes(saved, config).items() if k not in SAFE_KEYS | ignore}
+    if unsafe:
+        listed = ", ".join(f"{k} = {old!r} (now {new!r})" for k, (old, new) in unsafe.items())
+        raise CheckpointError(
+            f"{path}: was trained with {listed}; config.yaml was edited or the checkpoint is "
+            "from another run -- restore the config or start a new run"
+        )
+
+
+def check_resumable(state: Mapping[str, Any], path: Path, *, data_fingerprint: str, dataset: str,
+                    run_path: Path, tokenizer_fingerprint: str, tokenizer_dir: Path) -> list[str]:
+    """Refuse a checkpoint this data or tokenizer cannot continue; return notes on version
+    changes (the continuation may then differ in the last bits).
+
+    Raises:
+        CheckpointError: keys missing, or written by several processes.
+        DataError: the data or the tokenizer changed since the checkpoint.
+    """
+    missing = [k for k in CHECKPOINT_FORMAT_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume from it (missing {', '.join(missing)})")
+    if int(state.get("world_size", 1)) != 1:
+        raise CheckpointError(f"{path}: written by {state['world_size']} processes; "
+                              "resume it with the same number of processes")
+    if state.get("data_fingerprint") not in (None, data_fingerprint):
+        raise DataError(
+            f"resume: the data of {run_path} changed since the checkpoint "
+            f"({dataset} now tokenises differently); restore the original files or start a new run"
+        )
+    from lmkit.data.tokenizers import load_tokenizer
+
+    if load_tokenizer(tokenizer_dir).fingerprint() != tokenizer_fingerprint:
+        raise DataError(f"resume: {tokenizer_dir} differs from the tokenizer the data was "
+                        "prepared with; the run cannot continue on these ids")
+    notes = []
+    for key, now in (("lmkit_version", __version__), ("torch_version", str(torch.__version__))):
+        then = state.get(key)
+        if then is not None and then != now:
+            notes.append(f"checkpoint written by {key.split('_')[0]} {then}, now {now}: "
+                         "the continuation may differ from an uninterrupted run in the last bits")
+    return notes
+
+
+def align_checkpoints(checkpoints: Path, resume_path: Path, step: int, state: Mapping[str, Any]) -> list[Path]:
+    """Resuming from anything but a complete ``latest.pt`` of the newest step: move the
+    checkpoints of later steps (an abandoned continuation) and unreadable ones to
+    ``checkpoints/superseded/``, and make ``latest.pt`` the state resumed from, so that
+    a crash before the next save resumes from here again. Returns the moved paths."""
+    latest = checkpoints / "latest.pt"
+    if resume_path == latest:
+        return []
+    aside = checkpoints / "superseded"
+    moved = []
+    for path in sorted(checkpoints.glob("*.pt")):
+        if path == resume_path:
+            continue
+        saved_step = peek_step(path)
+        if saved_step is None or saved_step > step:
+            aside.mkdir(exist_ok=True)
+            target = aside / path.name
+            if target.exists():
+                target = aside / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.pt"
+            os.replace(path, target)
+            moved.append(target)
+    if resume_path.parent == checkpoints:
+        link_checkpoint(resume_path, latest)
+    else:
+        save_checkpoint({k: v for k, v in state.items() if k != "manifest"}, latest)
+    return moved
