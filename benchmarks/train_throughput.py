@@ -27,7 +27,7 @@ import torch
 
 from lmkit.config import ModelConfig
 from lmkit.models import build_model
-from lmkit.training.device import peak_flops, resolve_device
+from lmkit.device import peak_flops, resolve_device
 from lmkit.training.optim import param_groups
 
 

@@ -47,7 +47,7 @@ def test_gpu_only_runs_on_cuda_and_reports_memory(tmp_path, tiny_preset):
 
 
 def test_mfu_is_reported_on_a_known_gpu(tmp_path, tiny_preset):
-    from lmkit.training.device import peak_flops
+    from lmkit.device import peak_flops
 
     if peak_flops(torch.device("cuda"))[0] is None:
         pytest.skip(f"no peak FLOP/s known for {torch.cuda.get_device_name()}")

@@ -137,16 +137,18 @@ def eval_command(
     checkpoint: str = typer.Option("best", "--checkpoint", "-c", help="best, latest, step_…, epoch_…, a path, or "
                                    "'all' to sweep every checkpoint (writes a curve per task)."),
     data: Path = typer.Option(None, "--data", help="Local data instead of the task's default (a text file for "
-                              "perplexity, a JSONL for hellaswag/gsm8k, seed 000's JSONL folder for arithmetic)."),
+                              "perplexity, a JSONL for hellaswag/gsm8k, a folder of pilot_*.jsonl files for arithmetic)."),
+    encoding: str = typer.Option(None, "--encoding", help="perplexity: text encoding of --data (default utf-8), "
+                                 "as train's --encoding."),
     limit: int = typer.Option(None, "--limit", min=1, help="Evaluate only the first N items."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Items (or sequences) per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu."),
     out_dir: str = typer.Option("runs", "--out-dir", help="Where run names are looked up."),
     fewshot: int = typer.Option(None, "--fewshot", min=0, help="gsm8k: K worked examples from the train split."),
-    legacy_eos_metric: bool = typer.Option(False, "--legacy-eos-metric", help="arithmetic: also report seed 000's "
-                                           "own metric (argmax at the last label position, i.e. predicting EOS)."),
+    legacy_eos_metric: bool = typer.Option(False, "--legacy-eos-metric", help="arithmetic: also report the "
+                                           "original metric (argmax at the last label position, i.e. predicting EOS)."),
     legacy_last_number: bool = typer.Option(False, "--legacy-last-number", help="arithmetic-probes: score the "
-                                            "LAST number of the response (seed 004's rule) instead of the first."),
+                                            "LAST number of the response (domain-token-gpt2's rule) instead of the first."),
     legacy_extraction: bool = typer.Option(False, "--legacy-extraction", help="gsm8k: also report accuracy_legacy, "
                                            "scored with the original answer extraction (domain-token-gpt2), which "
                                            "drops thousands separators ('1,234' reads 1)."),
@@ -158,13 +160,21 @@ def eval_command(
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (human output "
                                   "goes to stderr)."),
 ) -> None:
-    """Evaluate a run: perplexity/bpb, seed 000's arithmetic (flat vs parenthesized), HellaSwag, GSM8K,
+    """Evaluate a run: perplexity/bpb, parenthesised arithmetic (flat vs parenthesised), HellaSwag, GSM8K,
     arithmetic probes, samples. Writes runs/NAME/eval/TASK.json, or with --checkpoint all one file per
     checkpoint, checkpoint_results.json and curve.png under runs/NAME/eval/TASK/."""
     funcs = resolve_tasks(tasks)
     if data is not None and not data.exists():
         raise ConfigError(f"--data {data}: no such file or folder")
     options: dict[str, Any] = {}
+    if encoding is not None:
+        import codecs
+
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ConfigError(f"--encoding {encoding}: unknown text encoding (e.g. utf-8, latin-1)") from None
+        options["encoding"] = encoding
     for key, value in (("fewshot", fewshot), ("temperature", temperature), ("top_k", top_k),
                        ("max_new_tokens", max_new_tokens), ("seed", seed)):
         if value is not None:
@@ -184,7 +194,7 @@ def eval_command(
     from lmkit.evaluation.task import LOWER_IS_BETTER, EvalContext
     from lmkit.rundir import RunDir
     from lmkit.runs import list_checkpoints, load_run
-    from lmkit.training.device import resolve_device
+    from lmkit.device import resolve_device
 
     run_dir = RunDir.existing(run, out_dir)
     dev, _ = resolve_device(device)
@@ -209,7 +219,9 @@ def eval_command(
                 progress = bars.bar(f"{name} @ step {loaded.step}")
                 ctx = EvalContext(model=loaded.model, tokenizer=loaded.tokenizer, config=loaded.config,
                                   run_dir=run_dir.path, device=dev, step=loaded.step, data=data, limit=limit,
-                                  batch_size=batch_size, options=dict(options), progress=progress)
+                                  batch_size=batch_size, progress=progress,
+                                  # the checkpoint's data fingerprint: tasks that rebuild the run's data check it
+                                  options={**options, "data_fingerprint": loaded.state.get("data_fingerprint")})
                 started = time.perf_counter()
                 with torch.inference_mode() if dev.type != "mps" else nullcontext():
                     result = evaluate(ctx)

@@ -1,6 +1,7 @@
-"""Seed 000's arithmetic metric, done right (SEEDS_SPEC 3.5).
+"""The parenthesised-arithmetic accuracy (Nishal14/Step-free-arithmetic-transformers), done
+right (SEEDS_SPEC 3.5).
 
-The seed's "accuracy" compared the teacher-forced argmax at the last label position,
+The original "accuracy" compared the teacher-forced argmax at the last label position,
 which is ``<EOS>``: it measured "predicts the end of the sequence", not the answer.
 Here an example is correct when greedy generation from ``<BOS> expr " = "`` produces
 exactly the answer's characters followed by ``<EOS>``. Reported per split: ``acc_val``,
@@ -9,7 +10,7 @@ exactly the answer's characters followed by ``<EOS>``. Reported per split: ``acc
 
 :func:`evaluate` (the ``arithmetic`` task of ``lmkit eval``) adds the other two metrics
 SEEDS_SPEC 3.5 asks for: teacher-forced "every answer character is the argmax"
-(``tf_acc_*``) and, with ``--legacy-eos-metric``, the seed's own number
+(``tf_acc_*``) and, with ``--legacy-eos-metric``, the original number
 (``legacy_acc_*``) to reproduce what it reported.
 """
 
@@ -24,7 +25,7 @@ from torch import nn
 from lmkit.data.arithmetic import ArithmeticExample
 from lmkit.data.tokenizers import Tokenizer
 from lmkit.evaluation.task import EvalContext, TaskResult
-from lmkit.training.device import DevicePlan
+from lmkit.device import DevicePlan
 
 #: Metric name for each split that has one.
 SPLIT_METRICS = {"val": "acc_val", "test_flat": "acc_flat", "test_paren": "acc_paren"}
@@ -154,7 +155,7 @@ def teacher_forced(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Ar
         ``(all_answer, legacy)``: ``all_answer[i]`` -- the argmax after ``<BOS> expr " = "``
         and each true answer prefix is the next answer character, for every answer
         character (``<EOS>`` not included); ``legacy[i]`` -- the argmax at the last label
-        position, i.e. after the full answer, is ``<EOS>`` (seed 000's "accuracy").
+        position, i.e. after the full answer, is ``<EOS>`` (the original "accuracy").
     """
     from lmkit.evaluation.lm import continuation_logprobs
 
@@ -189,18 +190,18 @@ def _splits_for(ctx: EvalContext) -> tuple[dict[str, list[ArithmeticExample]], s
     data = prepare_data(ctx.config.data)
     if data.task != "arithmetic":
         raise DataError(f"{ctx.run_dir}: the run was trained on {ctx.config.data.dataset}, not arithmetic; "
-                        "pass --data with seed 000's JSONL files (pilot_val.jsonl, pilot_test_flat.jsonl ...)")
+                        "pass --data with a folder of the arithmetic JSONL files (pilot_val.jsonl, pilot_test_flat.jsonl ...)")
     return {s: v for s, v in data.examples.items() if s in SPLIT_METRICS}, \
         f"{ctx.config.data.dataset} ({', '.join(s for s in SPLIT_METRICS if data.examples.get(s))})", None
 
 
 def evaluate(ctx: EvalContext) -> TaskResult:
-    """Seed 000's accuracy, per split (``val``, ``test_flat``, ``test_paren``).
+    """The arithmetic accuracy, per split (``val``, ``test_flat``, ``test_paren``).
 
     Metrics: ``acc_*`` -- exact match of the greedily generated answer followed by
     ``<EOS>`` (the headline is ``acc_val``, else the first split present); ``paren_gap =
     acc_paren - acc_flat``; ``tf_acc_*`` -- teacher-forced, every answer character is the
-    argmax; with ``options["legacy_eos_metric"]``, ``legacy_acc_*`` -- the seed's own number,
+    argmax; with ``options["legacy_eos_metric"]``, ``legacy_acc_*`` -- the original number,
     the argmax at the last label position (which is ``<EOS>``).
 
     Raises:
@@ -250,7 +251,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
             metrics[prefix + "paren_gap"] = metrics[prefix + "acc_paren"] - metrics[prefix + "acc_flat"]
     notes = []
     if legacy:
-        notes.append("legacy_acc_* is seed 000's own metric: the teacher-forced argmax at the last label position, "
+        notes.append("legacy_acc_* is the original metric of Step-free-arithmetic-transformers: the teacher-forced argmax at the last label position, "
                      "which is <EOS> -- it measures 'predicts end-of-sequence after the true answer', not the answer; "
                      "acc_* (exact match of the generated answer) is the real accuracy")
     headline = "acc_val" if "acc_val" in metrics else SPLIT_METRICS[next(iter(splits))]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit.training.device import DevicePlan
-
-IGNORE_INDEX = -100
+from lmkit.data.batching import IGNORE_INDEX
+from lmkit.device import DevicePlan
 
 
 @torch.no_grad()
@@ -76,20 +74,25 @@ class ContinuationScore:
     truncated: bool
 
 
-@contextmanager
-def _hidden_states_only(model: nn.Module):
-    """Make ``model(idx)`` return the final hidden states ``(B, T, n_embd)`` instead of logits,
-    by swapping its ``lm_head`` for an identity for the duration; yields the real head
-    (``None`` when the model has no ``lm_head``: then logits come back unchanged)."""
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear):
-        yield None
-        return
-    model.lm_head = nn.Identity()
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The output head of a model that can return its final hidden states
+    (:class:`~lmkit.models.base.LanguageModel`: ``forward(..., return_hidden=True)`` and
+    ``output_head()``), so that the head runs only at the scored positions; ``None`` for
+    other models (then their logits are used as they come)."""
+    get_head = getattr(model, "output_head", None)
+    if not callable(get_head):
+        return None
     try:
-        yield head
-    finally:
-        model.lm_head = head
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return get_head() if "return_hidden" in params else None
+
+
+def _forward(model: nn.Module, head: nn.Module | None, idx: torch.Tensor, **kw) -> torch.Tensor:
+    """Hidden states ``(B, T, d)`` when ``head`` is given, else logits ``(B, T, V)``."""
+    out, _ = model(idx, return_hidden=True, **kw) if head is not None else model(idx, **kw)
+    return out
 
 
 @torch.no_grad()
@@ -108,8 +111,8 @@ def continuation_logprobs(model: nn.Module, requests: Sequence[tuple[Sequence[in
     the context is truncated from the left (``truncated=True``).
 
     Args:
-        model: ``model(idx (B, T)) -> (logits (B, T, V), _)``; models with an ``nn.Linear``
-            ``lm_head`` get the head-at-scored-positions-only path.
+        model: ``model(idx (B, T)) -> (logits (B, T, V), _)``; lmkit models (``return_hidden``
+            and ``output_head()``) get the head-at-scored-positions-only path.
         requests: ``(context, continuation)`` id lists; both non-empty, the continuation at
             most ``block_size`` ids.
 
@@ -135,47 +138,57 @@ def continuation_logprobs(model: nn.Module, requests: Sequence[tuple[Sequence[in
     out: list[ContinuationScore | None] = [None] * len(rows)
     was_training = model.training
     model.eval()
+    head = _output_head(model)
+    vocab = _vocab_size(model, head)
     try:
-        with _hidden_states_only(model) as head:
-            start = 0
-            while start < len(order):
-                width = len(rows[order[start]]) - 1
-                n = max(1, max_tokens // max(width, 1))
-                if max_rows is not None:
-                    n = min(n, max_rows)
-                batch = order[start:start + n]
-                start += n
-                idx = torch.zeros((len(batch), width), dtype=torch.long)
-                b_idx, t_idx, targets = [], [], []
-                for r, i in enumerate(batch):
-                    seq = rows[i]
-                    idx[r, : len(seq) - 1] = torch.tensor(seq[:-1])
-                    k = n_cont[i]
-                    first = len(seq) - 1 - k
-                    b_idx.extend([r] * k)
-                    t_idx.extend(range(first, first + k))
-                    targets.extend(seq[-k:])
-                out_h, _ = model(idx.to(device))
-                picked = out_h[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]
-                tgt = torch.tensor(targets, device=device)
-                logp, hit = _target_logprobs(picked, tgt, head)
-                logp, hit = logp.double().cpu(), hit.cpu()
-                pos = 0
-                for i in batch:
-                    k = n_cont[i]
-                    out[i] = ContinuationScore(float(logp[pos:pos + k].sum()), k, bool(hit[pos:pos + k].all()),
-                                               truncated[i])
-                    pos += k
+        start = 0
+        while start < len(order):
+            width = len(rows[order[start]]) - 1
+            n = max(1, max_tokens // max(width, 1))
+            if max_rows is not None:
+                n = min(n, max_rows)
+            batch = order[start:start + n]
+            start += n
+            idx = torch.zeros((len(batch), width), dtype=torch.long)
+            b_idx, t_idx, targets = [], [], []
+            for r, i in enumerate(batch):
+                seq = rows[i]
+                idx[r, : len(seq) - 1] = torch.tensor(seq[:-1])
+                k = n_cont[i]
+                first = len(seq) - 1 - k
+                b_idx.extend([r] * k)
+                t_idx.extend(range(first, first + k))
+                targets.extend(seq[-k:])
+            out_h = _forward(model, head, idx.to(device))
+            picked = out_h[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]
+            tgt = torch.tensor(targets, device=device)
+            logp, hit = _target_logprobs(picked, tgt, head, vocab)
+            logp, hit = logp.double().cpu(), hit.cpu()
+            pos = 0
+            for i in batch:
+                k = n_cont[i]
+                out[i] = ContinuationScore(float(logp[pos:pos + k].sum()), k, bool(hit[pos:pos + k].all()),
+                                           truncated[i])
+                pos += k
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
 
 
+def _vocab_size(model: nn.Module, head: nn.Module | None) -> int | None:
+    """Logits per position of ``head`` (``None`` without a head: read from the logits)."""
+    if head is None:
+        return None
+    size = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if size else None
+
+
 def _target_logprobs(picked: torch.Tensor, targets: torch.Tensor, head: nn.Module | None,
-                     chunk_elems: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+                     vocab: int | None = None, chunk_elems: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
     """``log p(target)`` and ``argmax == target`` per position, in chunks bounded by
-    ``chunk_elems`` logits (fp32 log-softmax)."""
-    vocab = head.out_features if head is not None else picked.size(-1)
+    ``chunk_elems`` logits (fp32 log-softmax). ``picked`` holds hidden states when ``head`` is
+    given (``vocab`` logits each), else logits."""
+    vocab = vocab or picked.size(-1)
     chunk = max(1, chunk_elems // vocab)
     logps, hits = [], []
     for s in range(0, picked.size(0), chunk):
@@ -189,15 +202,14 @@ def _target_logprobs(picked: torch.Tensor, targets: torch.Tensor, head: nn.Modul
 
 
 def supports_packing(model: nn.Module) -> bool:
-    """Whether ``model.forward`` takes explicit ``position_ids`` and a boolean ``attn_mask``
-    (lmkit's GPT does), which :func:`choice_logprobs` needs to share a context between
-    continuations."""
+    """Whether ``model.forward`` takes explicit ``position_ids`` and a boolean ``attn_mask`` and
+    the model returns hidden states for its ``output_head()`` (every lmkit model does), which
+    :func:`choice_logprobs` needs to share a context between continuations."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    return "position_ids" in params and "attn_mask" in params and isinstance(getattr(model, "lm_head", None),
-                                                                             nn.Linear)
+    return "position_ids" in params and "attn_mask" in params and _output_head(model) is not None
 
 
 @torch.no_grad()
@@ -260,53 +272,54 @@ def choice_logprobs(model: nn.Module, groups: Sequence[tuple[Sequence[int], Sequ
     order = sorted(range(len(rows)), key=lambda i: -length[i])
     was_training = model.training
     model.eval()
+    head = _output_head(model)
+    vocab = _vocab_size(model, head)
     try:
-        with _hidden_states_only(model) as head:
-            start = 0
-            while start < len(order):
-                width = length[order[start]]
-                n = max(1, max_tokens // width)
-                batch = order[start:start + n]
-                start += n
-                B = len(batch)
-                idx = torch.zeros((B, width), dtype=torch.long)
-                pos = torch.zeros((B, width), dtype=torch.long)
-                seg = torch.full((B, width), -1, dtype=torch.long)
-                b_idx, t_idx, targets, owners = [], [], [], []
-                for r, i in enumerate(batch):
-                    g, ctx, conts, _ = rows[i]
-                    n_ctx = len(ctx)
-                    idx[r, :n_ctx] = torch.tensor(ctx)
-                    pos[r, :n_ctx] = torch.arange(n_ctx)
-                    seg[r, :n_ctx] = 0
-                    col = n_ctx
-                    for s, (k, cont) in enumerate(conts, start=1):
-                        m = len(cont)
-                        idx[r, col:col + m] = torch.tensor(cont)
-                        pos[r, col:col + m] = torch.arange(n_ctx, n_ctx + m)
-                        seg[r, col:col + m] = s
-                        # token t of this continuation is predicted at the previous column of
-                        # its own segment, or at the context's last column for t = 0
-                        b_idx.extend([r] * m)
-                        t_idx.extend([n_ctx - 1, *range(col, col + m - 1)])
-                        targets.extend(cont)
-                        owners.append((g, k, m, rows[i][3]))
-                        col += m
-                seg_d = seg.to(device)
-                ar = torch.arange(width, device=device)
-                causal = ar[:, None] >= ar[None, :]
-                keys = seg_d[:, None, :]
-                queries = seg_d[:, :, None]
-                mask = causal[None] & ((keys == 0) | (keys == queries)) & (queries >= 0)
-                mask |= torch.eye(width, dtype=torch.bool, device=device)[None]  # padding sees itself
-                hidden, _ = model(idx.to(device), position_ids=pos.to(device), attn_mask=mask[:, None])
-                picked = hidden[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]
-                logp, hit = _target_logprobs(picked, torch.tensor(targets, device=device), head)
-                logp, hit = logp.double().cpu(), hit.cpu()
-                p = 0
-                for g, k, m, trunc in owners:
-                    out_groups[g][k] = ContinuationScore(float(logp[p:p + m].sum()), m, bool(hit[p:p + m].all()), trunc)
-                    p += m
+        start = 0
+        while start < len(order):
+            width = length[order[start]]
+            n = max(1, max_tokens // width)
+            batch = order[start:start + n]
+            start += n
+            B = len(batch)
+            idx = torch.zeros((B, width), dtype=torch.long)
+            pos = torch.zeros((B, width), dtype=torch.long)
+            seg = torch.full((B, width), -1, dtype=torch.long)
+            b_idx, t_idx, targets, owners = [], [], [], []
+            for r, i in enumerate(batch):
+                g, ctx, conts, _ = rows[i]
+                n_ctx = len(ctx)
+                idx[r, :n_ctx] = torch.tensor(ctx)
+                pos[r, :n_ctx] = torch.arange(n_ctx)
+                seg[r, :n_ctx] = 0
+                col = n_ctx
+                for s, (k, cont) in enumerate(conts, start=1):
+                    m = len(cont)
+                    idx[r, col:col + m] = torch.tensor(cont)
+                    pos[r, col:col + m] = torch.arange(n_ctx, n_ctx + m)
+                    seg[r, col:col + m] = s
+                    # token t of this continuation is predicted at the previous column of
+                    # its own segment, or at the context's last column for t = 0
+                    b_idx.extend([r] * m)
+                    t_idx.extend([n_ctx - 1, *range(col, col + m - 1)])
+                    targets.extend(cont)
+                    owners.append((g, k, m, rows[i][3]))
+                    col += m
+            seg_d = seg.to(device)
+            ar = torch.arange(width, device=device)
+            causal = ar[:, None] >= ar[None, :]
+            keys = seg_d[:, None, :]
+            queries = seg_d[:, :, None]
+            mask = causal[None] & ((keys == 0) | (keys == queries)) & (queries >= 0)
+            mask |= torch.eye(width, dtype=torch.bool, device=device)[None]  # padding sees itself
+            hidden = _forward(model, head, idx.to(device), position_ids=pos.to(device), attn_mask=mask[:, None])
+            picked = hidden[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]
+            logp, hit = _target_logprobs(picked, torch.tensor(targets, device=device), head, vocab)
+            logp, hit = logp.double().cpu(), hit.cpu()
+            p = 0
+            for g, k, m, trunc in owners:
+                out_groups[g][k] = ContinuationScore(float(logp[p:p + m].sum()), m, bool(hit[p:p + m].all()), trunc)
+                p += m
     finally:
         model.train(was_training)
     return out_groups  # type: ignore[return-value]

@@ -11,6 +11,12 @@ RNG lists, optimizer hyper-parameters, config) -- in a fixed order. :func:`load_
 refuses a file that does not load (truncated: the zip directory at its end is missing)
 or whose contents do not match the manifest (bit rot, a partial overwrite).
 
+Cost of a save: the state is brought to host memory once (:func:`host_copy`: one copy of
+each distinct device storage, none for tensors already on the CPU), and both the CRC and
+``torch.save`` read that copy; the CRC runs in zlib (C) over each tensor's bytes in
+place. Host memory holds the whole state during the save (for a GPU run, about the size
+of the checkpoint file).
+
 Safety: files are read with ``torch.load(weights_only=True)``. A checkpoint is tensors
 and plain Python types; a pickle that would need code to load is refused, never run.
 
@@ -25,6 +31,7 @@ import re
 import signal
 import tempfile
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +79,31 @@ def _leaves(value: Any, path: str = ""):
             yield from _leaves(item, f"{path}/{i}")
     else:
         yield path, value
+
+
+def host_copy(value: Any, _memo: dict[tuple[str, int], torch.UntypedStorage] | None = None) -> Any:
+    """``value`` (nested dicts, lists, tuples) with every tensor in host memory: a tensor
+    already on the CPU is returned as is (no copy); each distinct device storage is copied
+    to the host once, and every tensor on it becomes a view of that copy with the same
+    offset, shape and strides (so tied weights stay one storage in the file, as
+    ``torch.save`` writes them from the device)."""
+    memo = {} if _memo is None else _memo
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu":
+            return value
+        storage = value.untyped_storage()
+        key = (str(value.device), storage.data_ptr())
+        if key not in memo:
+            memo[key] = storage.cpu()
+        out = torch.empty(0, dtype=value.dtype)
+        out.set_(memo[key], value.storage_offset(), value.size(), value.stride())
+        return out
+    if isinstance(value, dict):
+        items = [(k, host_copy(v, memo)) for k, v in value.items()]
+        return type(value)(items) if isinstance(value, OrderedDict) else dict(items)
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(host_copy(v, memo) for v in value)
+    return value
 
 
 def tensor_checksum(state: dict[str, Any]) -> tuple[str, int]:
@@ -154,10 +186,14 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> int:
-    """Write ``state`` (plus its manifest) to ``path`` atomically; return the size in bytes."""
+    """Write ``state`` (plus its manifest) to ``path`` atomically; return the size in bytes.
+
+    ``state``: nested dicts/lists/tuples of tensors (any device) and plain values; the file
+    holds them on the CPU. A ``manifest`` key in ``state`` is replaced by a new one."""
     global _saves_in_process
     _saves_in_process += 1
     plan = _crash_plan()
+    state = host_copy({k: v for k, v in state.items() if k != "manifest"})  # the one device -> host copy
     checksum, count = tensor_checksum(state)
     state = {**state, "manifest": {"format": FORMAT, "checksum": checksum, "tensors": count,
                                    "step": state.get("step")}}

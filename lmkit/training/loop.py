@@ -41,6 +41,7 @@ import torch
 from lmkit import __version__
 from lmkit.config import RunConfig
 from lmkit.data import PreparedData, make_train_batches, prepare_data
+from lmkit.device import DevicePlan, plan_device
 from lmkit.errors import ConfigError, DeviceError, Interrupted
 from lmkit.events import (
     DataReady,
@@ -66,7 +67,6 @@ from lmkit.training.checkpoint import (
     save_checkpoint,
 )
 from lmkit.training.checkpointing import CheckpointPolicy
-from lmkit.training.device import DevicePlan, plan_device
 from lmkit.training.evaluator import Evaluator
 from lmkit.training.hooks import Hooks, StepOutput, TrainingHook
 from lmkit.training.nan_guard import NaNGuard, skips_on_device

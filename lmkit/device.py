@@ -6,6 +6,9 @@
 * ``fp16`` needs a GPU (CUDA or MPS) and uses a ``GradScaler``; on the CPU it is a
   config error (exit 2), never a silent fp32 run. ``bf16`` needs a device that supports
   it (exit 3 otherwise). TF32 matmuls are enabled on CUDA when ``training.tf32``.
+
+A low-layer module (beside :mod:`lmkit.config`): training and evaluation both run models
+under a :class:`DevicePlan`, and neither imports the other for it.
 """
 
 from __future__ import annotations
