@@ -7,8 +7,8 @@
 quantity with every run's value, the delta of each run against the first run (the
 *base*), the relative change and the index of the better value. Nothing here prints;
 :func:`plot_comparison` draws the figure and :meth:`Comparison.to_report` gives the JSON
-report whose ``comparison`` block follows seed 004's ``comparison_report_10b.json``
-(SEEDS_SPEC 1.7).
+report whose ``comparison`` block follows ``comparison_report_10b.json`` of
+zhengpu-berkeley/domain-token-gpt2 (SEEDS_SPEC 1.7).
 
 Missing files or values are ``None`` (shown as "—" by the command), never an error: a
 run that has logged nothing yet still compares.
@@ -205,13 +205,13 @@ class Comparison:
     def to_report(self, png: str | Path | None = None) -> dict[str, Any]:
         """The JSON report.
 
-        ``comparison`` follows seed 004 (SEEDS_SPEC 1.7), generalised to N runs: per eval task
+        ``comparison`` follows domain-token-gpt2's report (SEEDS_SPEC 1.7), generalised to N runs: per eval task
         the headline metric with ``<run>_<metric>`` values, ``delta`` (run − base) and
         ``relative_improvement`` (delta / |base|, signed so that positive is better; ``null``
         when the base is 0) keyed by run, every metric (the headline too) under ``metrics``,
         the checkpoint step each run was evaluated at under ``step``; per-split /
         per-category numbers under ``<task>_by_category`` (``arithmetic_by_category`` holds
-        seed 000's val / test_flat / test_paren, ``arithmetic-probes_by_category`` seed 004's
+        the arithmetic splits val / test_flat / test_paren, ``arithmetic-probes_by_category`` the
         probe categories); ``training`` holds the run rows (params, tokens, losses ...);
         ``mul_token_usage`` appears only when a run's gsm8k or probe results count mul tokens.
         Non-finite numbers (an overflowing perplexity) become ``null``.
@@ -363,7 +363,7 @@ def build_comparison(runs: list[RunData]) -> Comparison:
     add("final_val_ppl", "val perplexity (final)", "loss", [_exp(v) for v in final_val], lower=True, per_token=True)
     add("best_val_ppl", "val perplexity (best)", "loss", [_exp(v) for v in best_val], lower=True, per_token=True)
 
-    # the last in-training evaluation's extra metrics (e.g. seed 000's acc_flat / acc_paren)
+    # the last in-training evaluation's extra metrics (e.g. the arithmetic acc_flat / acc_paren)
     finals = [r.summary.get("final_metrics") if isinstance(r.summary.get("final_metrics"), dict) else {}
               for r in runs]
     for metric in _ordered_keys(finals):
@@ -428,7 +428,7 @@ def build_comparison(runs: list[RunData]) -> Comparison:
 
 
 def mul_token_usage(run: RunData) -> dict[str, Any] | None:
-    """Mul-token counts (seed 004) from a run's gsm8k or arithmetic-probes result, or ``None``.
+    """Mul-token counts (the multiplication-tokens experiment) from a run's gsm8k or arithmetic-probes result, or ``None``.
 
     Looks for ``mul_token_count``/``total_mul_tokens`` and ``mul_tokens_per_response``/
     ``mul_tokens_per_probe`` in the result's metrics, then its details.

@@ -48,7 +48,7 @@ app.command(
         "Examples:\n\n"
         "  lmkit train                                   # pilot preset on the built-in arithmetic task\n\n"
         "  lmkit train --preset tiny --data input.txt --tokenizer bpe --max-steps 300\n\n"
-        "  lmkit train --preset scale_10m --gpu-only      # seed 000's 10M run: CUDA + fp16 or exit 3\n\n"
+        "  lmkit train --preset scale_10m --gpu-only      # the 10M arithmetic run: CUDA + fp16 or exit 3\n\n"
         "  lmkit train --preset small --set training.lr=6e-4 --set training.warmup_steps=2000"
     ),
     no_args_is_help=False,

@@ -58,7 +58,8 @@ def doctor_command(
     gpu_memory: str = typer.Option(None, "--gpu-memory", help="Also judge a card of this size, e.g. 16GiB, "
                                    "24GB, 81920MiB (a bare number is GiB)."),
     gpu_only: bool = typer.Option(False, "--gpu-only", help="Exit 3 unless CUDA is available."),
-    legacy_seed001: bool = typer.Option(False, "--legacy-seed001", help="Also show seed 001's hand table "
+    legacy_seed001: bool = typer.Option(False, "--legacy-seed001", help="Also show the hand table of the WikiText "
+                                        "GPT training guide (oonisim/python-programs) "
                                         "(fp32, 1.5 GB overhead, activations 4·(9·B·T·d + B·h·T²) per layer)."),
     json_out: bool = typer.Option(False, "--json", help="Print everything as one JSON object (for bug reports)."),
 ) -> None:

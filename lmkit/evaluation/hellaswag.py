@@ -3,7 +3,7 @@
 Every item is scored two ways, because the two tools people quote differ
 (GPT-2 124M: 0.2955 vs 0.3114):
 
-* build-nanogpt / seed 004 (SEEDS_SPEC 1.5): context ``ctx`` as given, continuation
+* build-nanogpt / domain-token-gpt2 (SEEDS_SPEC 1.5): context ``ctx`` as given, continuation
   ``" " + ending``. ``acc`` picks the ending with the largest summed log-likelihood,
   ``acc_norm`` (the headline) the largest mean log-likelihood per ending *token*.
 * lm-evaluation-harness (``tasks/hellaswag/utils.py``): context
@@ -211,7 +211,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         "chance": 1 / N_ENDINGS,
         "definitions": {
             "acc": "argmax of the summed log-likelihood of ' ' + ending after ctx (build-nanogpt)",
-            "acc_norm": "argmax of the mean log-likelihood per ending token (build-nanogpt / seed 004)",
+            "acc_norm": "argmax of the mean log-likelihood per ending token (build-nanogpt / domain-token-gpt2)",
             "acc_norm_chars": "argmax of log-likelihood / len(ending chars), harness preprocessing "
                               "(lm-evaluation-harness acc_norm)",
             "acc_harness": "argmax of the summed log-likelihood, harness preprocessing (lm-evaluation-harness acc)",

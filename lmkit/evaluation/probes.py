@@ -1,6 +1,7 @@
-"""Seed 004's arithmetic probes: 281 questions, greedy answers, exact match (SEEDS_SPEC §1.3).
+"""The multiplication-tokens experiment's arithmetic probes (zhengpu-berkeley/domain-token-gpt2):
+281 questions, greedy answers, exact match (SEEDS_SPEC §1.3).
 
-The probe sets are generated exactly as the seed's ``eval/run_arithmetic_probes.py`` does:
+The probe sets are generated exactly as its ``eval/run_arithmetic_probes.py`` does:
 
 - ``mul_table`` (81): every ordered pair ``a, b`` in 1..9 (``for a: for b:``), question
   ``What is {a} times {b}?``; no randomness.
@@ -31,7 +32,7 @@ Metrics: ``accuracy`` (headline, overall) and ``acc_mul_table``, ``acc_mul_multi
 length in tokens, and every probe's response and prediction.
 
 Options read from ``ctx.options``:
-    legacy_last_number (bool, default False): score with the seed's last-number rule.
+    legacy_last_number (bool, default False): score with the original last-number rule.
     max_new_tokens (int, default 32): generation budget per probe.
 ``ctx.limit`` keeps the first N probes (in the order above); ``ctx.data`` is not used.
 """
@@ -98,9 +99,9 @@ def _addition(n: int = 100, seed: int = SEED) -> list[Probe]:
 
 
 def generate_probes(seed: int = SEED) -> list[Probe]:
-    """The 281 probes in the seed's order: 81 table pairs, 100 two-digit × one-digit, 100 additions.
+    """The 281 probes in the original order: 81 table pairs, 100 two-digit × one-digit, 100 additions.
 
-    Uses (and then restores) the global ``random`` state, because the seed reseeds the
+    Uses (and then restores) the global ``random`` state, because the original reseeds the
     global generator (``random.seed(seed)``) before each random set.
     """
     state = random.getstate()
@@ -172,7 +173,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     rule = "legacy_last_number" if legacy else "first_number"
     notes = []
     if legacy:
-        notes.append("legacy_last_number: scored with the seed's rule (#### / 'The answer is' / LAST number "
+        notes.append("legacy_last_number: scored with the original rule (#### / 'The answer is' / LAST number "
                      "of the response), which can read a later number than the answer")
     if ctx.data is not None:
         notes.append(f"--data {ctx.data} is not used: the probes are generated (random.seed({SEED}) per set)")
@@ -187,7 +188,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         directions=DIRECTIONS,
         headline="accuracy",
         n_items=total,
-        data_file=f"generated: seed 004 probes, random.seed({SEED}) per set",
+        data_file=f"generated: domain-token-gpt2 probes, random.seed({SEED}) per set",
         data_sha256=None,
         details={
             "extraction": rule, "seed": SEED, "probes_sha256": probes_sha256(probes), "max_new_tokens": max_new,
