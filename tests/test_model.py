@@ -1,4 +1,5 @@
-"""The GPT model: shapes, causality, weight tying, checkpointing, init, FLOPs."""
+"""The GPT model: shapes, causality, weight tying, checkpointing, init (FLOPs: test_flops.py;
+the interface: test_model_interface.py)."""
 
 import math
 
@@ -22,12 +23,19 @@ def test_shapes_and_loss(pos):
     model = build_model(cfg(pos_encoding=pos))
     idx = torch.randint(0, 50, (3, 16))
     targets = torch.randint(0, 50, (3, 16))
-    logits, loss = model(idx, targets)
-    assert logits.shape == (3, 16, 50)
+    no_logits, loss = model(idx, targets)
+    assert no_logits is None  # with targets the (B, T, V) logits are neither returned nor kept
     assert loss.ndim == 0 and abs(loss.item() - math.log(50)) < 0.3  # near-uniform at init
+    logits, none = model(idx)
+    assert logits.shape == (3, 16, 50) and none is None
     last, none = model(idx, last_only=True)
     assert last.shape == (3, 1, 50) and none is None
     torch.testing.assert_close(last[:, 0], logits[:, -1])
+    hidden, _ = model(idx, return_hidden=True)
+    assert hidden.shape == (3, 16, 32)
+    torch.testing.assert_close(model.output_head()(hidden), logits)
+    with pytest.raises(ValueError, match="return_hidden"):
+        model(idx, targets, return_hidden=True)
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
@@ -63,10 +71,15 @@ def test_ignore_index_positions_do_not_count():
 
 def test_tied_and_untied_heads():
     tied = build_model(cfg(tie_embeddings=True))
-    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert tied.output_head().weight is tied.input_embedding().weight and tied.tied_embeddings
     untied = build_model(cfg(tie_embeddings=False))
-    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.output_head().weight is not untied.input_embedding().weight and not untied.tied_embeddings
     assert untied.num_params() - tied.num_params() == 50 * 32
+    # without the token and position tables: a tied head goes with wte, an untied one stays
+    blocks = sum(p.numel() for name, p in tied.named_parameters() if not name.startswith("transformer.w"))
+    assert tied.num_params(exclude_embeddings=True) == blocks
+    assert untied.num_params(exclude_embeddings=True) == blocks + 50 * 32
+    assert tied.num_params(exclude_position_embeddings=True) == tied.num_params() - 16 * 32
 
 
 def test_bias_switches_match_seed_000_layout():
@@ -102,12 +115,6 @@ def test_residual_projections_get_scaled_init():
     c_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
     assert c_fc == pytest.approx(0.02, rel=0.05)
     assert c_proj == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
-
-
-def test_flops_per_token_formula():
-    model = build_model(cfg(), device="meta")
-    n = model.num_params() - 16 * 32  # without position embeddings
-    assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 16
 
 
 def test_too_long_sequence_raises():

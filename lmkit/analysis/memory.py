@@ -34,12 +34,15 @@ no ``torch.compile``):
 * **embeddings and final norm**: token ids and targets (int64), the embedding dropout mask,
   ``ln_f``'s input and ``lm_head``'s input.
 * **logits and loss**: ``F.cross_entropy`` is ``log_softmax`` (autocast runs it in fp32 and it
-  saves its fp32 output, ``4·B·T·V``) then ``nll_loss``; the training loop keeps the logits
-  (``a·B·T·V``, ``a`` = 4 fp32 / 2 AMP) alive until the step ends; and the first thing backward
-  does is allocate the gradient of the log-probabilities and of the logits, ``4·B·T·V`` each.
-  With GPT-2's 50,257-token vocabulary this term is larger than all layers together for short
-  models -- the seed's table (below) leaves it out. The spec's "3.3 GB at B=32, T=512" is one
-  fp32 ``B·T·V`` copy.
+  saves its fp32 output, ``4·B·T·V``) then ``nll_loss``. With targets the model returns no
+  logits and keeps none (:meth:`lmkit.models.base.LanguageModel.forward`), so the logits
+  (``a·B·T·V``, ``a`` = 4 fp32 / 2 AMP) and autocast's fp32 copy of them live only inside the
+  forward, below the backward peak; the first thing backward does is allocate the gradient of
+  the log-probabilities and of the logits, ``4·B·T·V`` each. With GPT-2's 50,257-token
+  vocabulary this term is larger than all layers together for short models -- the seed's
+  table (below) leaves it out. The spec's "3.3 GB at B=32, T=512" is one fp32 ``B·T·V`` copy,
+  the one the training loop used to keep alive (``_, loss = model(x, y)`` held the logits
+  until the step ended).
 * **framework overhead**: the CUDA context (driver, kernels; not seen by PyTorch's allocator) and
   the caching allocator's slack (reserved but not allocated: block rounding, fragmentation) as a
   fraction of the peak allocated bytes (:class:`FrameworkOverhead`).
@@ -282,7 +285,7 @@ class MemoryEstimate:
             autocast copies, embeddings + final norm, logits + loss, backward temporaries).
         per_layer: :func:`layer_activations` of one block.
         saved_for_backward: bytes of all non-parameter tensors saved for backward after the
-            forward (what ``saved_tensors_hooks`` sees; excludes the logits the loop holds).
+            forward (what ``saved_tensors_hooks`` sees).
         peak_allocated: the largest ``torch.cuda.max_memory_allocated()`` of a step.
         peak_phase: where in the step that peak falls.
         overhead: CUDA context + allocator slack.
@@ -384,15 +387,14 @@ def estimate_memory(
     E = sum(emb_final.values())
     head_copy = 2 * V * d if amp else 0
     layer_copies = 2 * pc.layer_matmul_weights if amp else 0
-    logits_held = a * tok * V
-    log_probs = 4 * tok * V
+    log_probs = 4 * tok * V  # log_softmax's saved fp32 output; the logits themselves are not kept
 
     # --- forward end: everything saved ------------------------------------------------
     acts_live = L * block_input if grad_checkpointing else L * A_layer
     copies_live = head_copy + (0 if grad_checkpointing else L * layer_copies)
     pre_grads = grads_full if grad_accum_steps > 1 else 0
     live = {"gradients": pre_grads, "activations": acts_live, "autocast copies": copies_live,
-            "embeddings + final norm": E, "logits + loss": logits_held + log_probs, "temporaries": 0}
+            "embeddings + final norm": E, "logits + loss": log_probs, "temporaries": 0}
     saved_for_backward = (L * A_layer + L * layer_copies + head_copy + E + log_probs + 4
                           if not grad_checkpointing else acts_live + copies_live + E + log_probs + 4)
     events: list[tuple[str, dict[str, int]]] = []
@@ -408,13 +410,13 @@ def estimate_memory(
             live["gradients"] += 4 * numel
 
     # --- backward: loss -> head --------------------------------------------------------
-    live["logits + loss"] = logits_held + log_probs + 8 * tok * V  # d(log-probs), d(logits) fp32
+    live["logits + loss"] = log_probs + 8 * tok * V  # d(log-probs), d(logits) fp32
     record("loss backward (log_softmax)")
-    live["logits + loss"] = logits_held + 4 * tok * V + (2 * tok * V if amp else 0)
+    live["logits + loss"] = 4 * tok * V + (2 * tok * V if amp else 0)
     live["temporaries"] = a * tok * d + (2 * V * d if amp else 0)
     add_grads(V * d if pc.head == 0 else pc.head)
     record("lm_head backward")
-    live["logits + loss"] = logits_held
+    live["logits + loss"] = 0
     live["autocast copies"] -= head_copy
     live["temporaries"] = 0
     live["embeddings + final norm"] = E - emb_final["lm_head input"] - emb_final["ln_f input + stats"]
@@ -475,8 +477,8 @@ def estimate_memory(
                   "2 B × Linear weights (tied head included)" if amp else "none in fp32"),
         MemoryRow("embeddings + final norm", E, at_peak["embeddings + final norm"],
                   "ids, targets, ln_f input, lm_head input"),
-        MemoryRow("logits + loss", logits_held + log_probs + 8 * tok * V, at_peak["logits + loss"],
-                  f"logits {a}·B·T·V + fp32 log-probs 4·B·T·V + their grads 8·B·T·V"),
+        MemoryRow("logits + loss", log_probs + 8 * tok * V, at_peak["logits + loss"],
+                  "fp32 log-probs 4·B·T·V + their grads 8·B·T·V (the logits are not kept)"),
         MemoryRow("backward temporaries", max(e[1]["temporaries"] for e in events), at_peak["temporaries"],
                   "largest gradient buffers alive inside one op" + ("" if fused else "; foreach AdamW 4 B × params")),
     ]

@@ -7,8 +7,8 @@
   optimizer-state bytes are read from the tensors themselves.
 * :func:`measure_cuda_peak`: ``torch.cuda.max_memory_allocated()`` over a few real training steps
   that follow :meth:`lmkit.training.loop.Trainer.train_step` (autocast, ``GradScaler`` for fp16,
-  ``clip_grad_norm_``, fused AdamW, ``zero_grad(set_to_none=True)``, the logits kept until the
-  step ends), plus the process's device memory as NVML sees it.
+  ``clip_grad_norm_``, fused AdamW, ``zero_grad(set_to_none=True)``; with targets the model
+  returns no logits, so none are held), plus the process's device memory as NVML sees it.
 
 Both import torch; :mod:`lmkit.analysis.memory` does not.
 """
@@ -126,7 +126,7 @@ def measure_cuda_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = N
     torch.cuda.reset_peak_memory_stats(dev)
     model = build_model(cfg, device=device)
     model.train()
-    model.grad_checkpointing = grad_checkpointing
+    model.set_grad_checkpointing(grad_checkpointing)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -144,7 +144,7 @@ def measure_cuda_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = N
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
-                del _
+                del loss
         torch.cuda.synchronize(dev)
     except torch.OutOfMemoryError:
         oom = True

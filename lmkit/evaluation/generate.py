@@ -9,8 +9,10 @@ How a batch runs:
    would have alone (``0..len-1`` for its real tokens) and an attention mask that hides
    the padding columns, so a padded row computes what the prompt alone computes (up to
    float rounding of the differently shaped matmuls; the greedy tokens are tested equal).
-3. One forward pass over the whole prompt fills the :class:`~lmkit.models.gpt.KVCache`
-   (prefill); after that each step feeds one token per row.
+3. One forward pass over the whole prompt fills the model's KV cache
+   (:meth:`~lmkit.models.base.LanguageModel.new_kv_cache`; prefill); after that each step
+   feeds one token per row. A model without ``new_kv_cache`` is run without a cache (the
+   whole padded sequence each step, as ``use_cache=False``).
 4. A row stops at ``eos_id``, at the end of any ``stop_sequences`` (token ids), when its
    decoded text contains any ``stop_strings`` (tokenizer-independent: ``"\n\n"`` may be one
    token or two), after ``max_new_tokens`` tokens, or when its context is full. Finished rows are dropped
@@ -38,8 +40,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmkit.models.gpt import KVCache
-
 #: Why a row stopped.
 FINISH_REASONS = ("eos", "stop", "length", "context")
 
@@ -64,7 +64,7 @@ def _block_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     size = getattr(config, "block_size", None)
     if size is None:
-        raise ValueError("generate needs a model with config.block_size (an lmkit GPT)")
+        raise ValueError("generate needs a model with config.block_size (an lmkit model)")
     return int(size)
 
 
@@ -144,7 +144,8 @@ def generate_ex(
             (a token straddling its start is kept: cut the decoded text at the string).
         decode: ids -> text, needed with ``stop_strings`` (e.g. ``tokenizer.decode``).
         use_cache: ``False`` recomputes the whole padded sequence every step (same masks and
-            positions, no cache): the reference for tests and speed measurements.
+            positions, no cache): the reference for tests and speed measurements. Models
+            without ``new_kv_cache`` always run so.
 
     Returns:
         :class:`Generation` (ids, finish reasons, truncation flags) in input order.
@@ -164,6 +165,8 @@ def generate_ex(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     block_size = _block_size(model)
     device = next(model.parameters()).device
+    new_cache = getattr(model, "new_kv_cache", None)
+    use_cache = use_cache and callable(new_cache)
     stops = [list(s) for s in (stop_sequences or []) if len(s)]
     texts = [s for s in (stop_strings or []) if s]
     if texts and decode is None:
@@ -209,7 +212,7 @@ def generate_ex(
         active = list(range(B))  # batch rows still running (indices into rows)
         alive = torch.arange(B, device=device)
         generated: list[list[int]] = [[] for _ in range(B)]
-        cache = KVCache(len(model.transformer.h), n_cols) if use_cache else None
+        cache = new_cache(B, n_cols) if use_cache else None
 
         for step in range(steps):
             cur = width + step  # columns filled so far

@@ -1,8 +1,14 @@
 """Model families and :func:`build_model`.
 
-A family is registered by name in :data:`lmkit.config.MODEL_FAMILIES` as
-``"module:Class"``; the class takes a :class:`~lmkit.config.ModelConfig` whose
-``vocab_size`` is set. Later families (Backpack, adaptive-SVD GPT) add one line there
+Every family implements the model interface :class:`lmkit.models.base.LanguageModel`
+(forward with ``(logits | None, loss | None)``, FLOPs, parameter counts, KV-cache
+generation, gradient checkpointing, per-head capture, target modules, flexible checkpoint
+loading); code outside this package uses only that interface.
+
+A family is registered with :func:`lmkit.config.register_model_family`, which records
+``model.type`` -> ``"module:Class"`` in :data:`lmkit.config.MODEL_FAMILIES` and the
+family's config class in :data:`lmkit.config.MODEL_CONFIGS`; the class takes that config
+with ``vocab_size`` set. Later families (Backpack, adaptive-SVD GPT) add one registration
 and a module here.
 """
 
@@ -11,14 +17,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from lmkit.config import MODEL_FAMILIES, ModelConfig
+from lmkit.config import MODEL_FAMILIES, ModelConfigBase
 from lmkit.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
+    from lmkit.models.base import LanguageModel
 
 
-def model_class(name: str) -> type[nn.Module]:
+def model_class(name: str) -> type[LanguageModel]:
     """The class registered for ``model.type == name``.
 
     Raises:
@@ -32,7 +38,7 @@ def model_class(name: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def build_model(config: ModelConfig, *, device: str | None = None) -> nn.Module:
+def build_model(config: ModelConfigBase, *, device: str | None = None) -> LanguageModel:
     """Build the model ``config.type`` names, with freshly initialised weights.
 
     Args:

@@ -14,76 +14,38 @@ References:
     Su et al. 2021, "RoFormer" (arXiv 2104.09864), eq. 34 -- rotary positions; we use the
     "rotate half" arrangement of GPT-NeoX / HF Llama so the model exports to GPT-NeoX.
     Kaplan et al. 2020, "Scaling Laws", Table 1 and Chowdhery et al. 2022 (PaLM),
-    Appendix B -- training FLOPs per token 6N + 12 * n_layer * n_embd * T.
+    Appendix B -- training FLOPs per token 6N + 12 * n_layer * n_embd * T, N the weights a
+    token multiplies (see :meth:`GPT.flops_per_token`).
+
+:class:`GPT` implements the model interface :class:`lmkit.models.base.LanguageModel`; code
+outside ``lmkit/models`` uses that interface, never these module names.
 
 Inference extras (used by :mod:`lmkit.evaluation.generate`, never by training): a
-:class:`KVCache` of every layer's keys and values, explicit ``position_ids`` (so a
-left-padded row gets the positions it would have alone) and a boolean ``attn_mask``.
-Without them ``forward`` runs exactly the training computation (``is_causal=True``,
-positions ``0..T-1``), so training numerics do not change.
+:class:`~lmkit.models.base.KVCache` of every layer's keys and values
+(:meth:`GPT.new_kv_cache`), explicit ``position_ids`` (so a left-padded row gets the
+positions it would have alone) and a boolean ``attn_mask``. Without them ``forward`` runs
+exactly the training computation (``is_causal=True``, positions ``0..T-1``), so training
+numerics do not change. Analyses: :meth:`GPT.capture` records per-head outputs and (through
+an exact math path) attention probabilities.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmkit.config import ModelConfig
+from lmkit.config import GPTConfig
+from lmkit.models.base import IGNORE_INDEX, Capture, HeadEdit, KVCache, LanguageModel, math_attention
 
-IGNORE_INDEX = -100
+ModelConfig = GPTConfig
 
-
-class KVCache:
-    """Keys and values of every layer for incremental decoding.
-
-    Per layer two buffers of shape ``(B, n_head, max_len, head_dim)`` are allocated on the
-    first write (dtype and device of the keys written). ``length`` is the number of
-    positions (columns) already stored; :meth:`GPT.forward` writes the ``T`` new columns
-    ``length..length+T-1`` in every layer and then advances ``length`` by ``T``. Columns
-    are buffer slots, not token positions: with left padding a row's position is given by
-    ``position_ids`` and its padding columns are hidden by ``attn_mask``.
-    """
-
-    def __init__(self, n_layer: int, max_len: int):
-        self.n_layer = n_layer
-        self.max_len = max_len
-        self.length = 0
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``, ``v`` ``(B, n_head, T, head_dim)`` after the cached columns of ``layer``;
-        return all keys and values so far, ``(B, n_head, length + T, head_dim)`` each.
-
-        Raises:
-            ValueError: the buffer would overflow ``max_len``.
-        """
-        B, H, T, D = k.shape
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
-        if self.k[layer] is None:
-            self.k[layer] = k.new_empty(B, H, self.max_len, D)
-            self.v[layer] = v.new_empty(B, H, self.max_len, D)
-        kbuf, vbuf = self.k[layer], self.v[layer]
-        kbuf[:, :, self.length : end] = k
-        vbuf[:, :, self.length : end] = v
-        return kbuf[:, :, :end], vbuf[:, :, :end]
-
-    def advance(self, n: int) -> None:
-        """Mark ``n`` more columns as written (called once per forward, after all layers)."""
-        self.length += n
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows ``rows`` (int64 indices), e.g. after some rows finished."""
-        for i in range(self.n_layer):
-            if self.k[i] is not None:
-                self.k[i] = self.k[i].index_select(0, rows)
-                self.v[i] = self.v[i].index_select(0, rows)
+__all__ = ["GPT", "IGNORE_INDEX", "KVCache", "RotaryEmbedding", "apply_rotary", "math_attention"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -131,10 +93,13 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``F.scaled_dot_product_attention``.
 
     Input and output ``(B, T, n_embd)``. ``c_attn`` holds Q, K and V stacked along the
-    output dimension (``[q | k | v]``, heads contiguous within each).
+    output dimension (``[q | k | v]``, heads contiguous within each). ``capture`` (set by
+    :meth:`GPT.capture`, else ``None``) records the per-head outputs ``(B, n_head, T,
+    head_dim)`` before ``c_proj`` and, when asked, the attention probabilities, computed by
+    :func:`math_attention` instead of the fused kernel.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
         d = config.n_embd
         self.n_head = config.n_head
@@ -143,6 +108,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(d, d, bias=config.use_attn_bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.capture: Capture | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
@@ -162,11 +128,8 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
-        if kv_cache is None and attn_mask is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-            )
-        else:
+        causal = kv_cache is None and attn_mask is None
+        if not causal:
             past = 0
             if kv_cache is not None:
                 past = kv_cache.length
@@ -176,9 +139,19 @@ class CausalSelfAttention(nn.Module):
                 cols = torch.arange(past + T, device=x.device)
                 rows = torch.arange(past, past + T, device=x.device)
                 attn_mask = cols[None, :] <= rows[:, None]
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-            )
+        dropout_p = self.dropout if self.training else 0.0
+        cap = self.capture
+        probs = None
+        if cap is not None and cap.want_probs:
+            y, probs = math_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout_p)
+        elif causal:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        if cap is not None:
+            if cap.edit_heads is not None:
+                y = cap.edit_heads(layer, y)
+            cap.record(layer, y, probs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -186,7 +159,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """``c_proj(GELU(c_fc(x)))`` with hidden size ``d_ff``; input/output ``(B, T, n_embd)``."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.ff_dim, bias=config.use_mlp_bias)
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
@@ -200,7 +173,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN residual block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
@@ -214,20 +187,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    """Decoder-only language model.
+class GPT(LanguageModel):
+    """Decoder-only language model (the ``gpt`` family); the interface is
+    :class:`~lmkit.models.base.LanguageModel`.
 
     ``forward(idx)`` maps token ids ``(B, T)`` (``T <= block_size``) to logits
-    ``(B, T, vocab_size)``; with ``targets`` ``(B, T)`` (``-100`` = ignored) it also
-    returns the mean cross-entropy in nats per target token.
+    ``(B, T, vocab_size)``; with ``targets`` ``(B, T)`` (``-100`` = ignored) it returns
+    ``(None, loss)``, the mean cross-entropy in nats per target token, without keeping the
+    logits.
 
     Attributes:
         grad_checkpointing: recompute each block in backward instead of storing its
-            activations (``torch.utils.checkpoint``), trading ~30% more compute for
-            memory that no longer grows with ``n_layer``.
+            activations (``torch.utils.checkpoint``), trading ~30% more compute for memory
+            that no longer grows with ``n_layer``.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("config.vocab_size must be set")
@@ -271,24 +246,85 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=resid_std)
 
-    def num_params(self, *, exclude_position_embeddings: bool = False) -> int:
-        """Number of distinct parameters (a tied head counts once)."""
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_position_embeddings and "wpe" in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
-        return n
+    # --- the interface: accessors ------------------------------------------------------
+
+    def output_head(self) -> nn.Module:
+        """``lm_head``: ``(..., n_embd) -> (..., vocab_size)``, no bias."""
+        return self.lm_head
+
+    def input_embedding(self) -> nn.Embedding:
+        """``transformer.wte``, ``(vocab_size, n_embd)``."""
+        return self.transformer.wte
+
+    def position_embedding(self) -> nn.Embedding | None:
+        """``transformer.wpe`` with learned positions, else ``None``."""
+        return self.transformer.wpe if "wpe" in self.transformer else None
+
+    def target_modules(self, kind: str = "all") -> dict[str, nn.Module]:
+        """``transformer.h.{i}.attn.c_attn`` / ``.attn.c_proj`` (``attention``),
+        ``transformer.h.{i}.mlp.c_fc`` / ``.mlp.c_proj`` (``mlp``), ``lm_head`` (``head``), in
+        layer order; see :meth:`LanguageModel.target_modules`."""
+        self._check_kind(kind)
+        out: dict[str, nn.Module] = {}
+        if kind != "head":
+            for i, block in enumerate(self.transformer.h):
+                prefix = f"transformer.h.{i}."
+                if kind != "mlp":
+                    out[prefix + "attn.c_attn"] = block.attn.c_attn
+                    out[prefix + "attn.c_proj"] = block.attn.c_proj
+                if kind != "attention":
+                    out[prefix + "mlp.c_fc"] = block.mlp.c_fc
+                    out[prefix + "mlp.c_proj"] = block.mlp.c_proj
+        if kind in ("head", "all"):
+            out["lm_head"] = self.lm_head
+        return out
+
+    def _attention_modules(self) -> Iterator[CausalSelfAttention]:
+        return (m for m in self.modules() if isinstance(m, CausalSelfAttention))
+
+    # --- the interface: sizes ------------------------------------------------------------
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: ``6 N + 12 * n_layer * n_embd * T``.
 
-        ``N`` counts parameters without position embeddings; ``T`` is the attention
-        context (``block_size`` unless given). 6N covers the forward (2N) and backward
-        (4N) matmuls; the second term the attention scores and weighted sums
-        (Kaplan et al. 2020 Table 1; PaLM Appendix B). Used for MFU.
+        ``N`` counts the weights a token is multiplied by: every Linear in the blocks and the
+        output head's ``V * n_embd`` once, tied to ``wte`` or not. Embedding lookups (``wte``,
+        ``wpe``) are not matmuls and are not counted; nor are LayerNorms and biases
+        (elementwise, under 0.5% of the total at any preset). ``T`` is the attention context
+        (``block_size`` unless given). 6N covers the forward (2N) and backward (4N) matmuls;
+        the second term the attention scores and weighted sums without causal savings
+        (Kaplan et al. 2020 Table 1; PaLM Appendix B). Equals what
+        ``torch.utils.flop_counter.FlopCounterMode`` counts for a forward and backward with
+        the math attention kernel. Used for MFU.
         """
         t = self.config.block_size if seq_len is None else seq_len
-        n = self.num_params(exclude_position_embeddings=True)
+        n = sum(self._matmul_params(m) for m in self.target_modules("all").values())
         return 6.0 * n + 12.0 * self.config.n_layer * self.config.n_embd * t
+
+    # --- the interface: generation and analyses --------------------------------------------
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty :class:`~lmkit.models.base.KVCache` for ``n_layer`` layers and ``max_len``
+        columns (buffers are allocated on the first write, so ``batch_size`` only documents)."""
+        return KVCache(len(self.transformer.h), max_len)
+
+    @contextmanager
+    def capture(self, *, heads: bool = False, attn_probs: bool = False,
+                edit_heads: HeadEdit | None = None) -> Iterator[Capture]:
+        """See :meth:`LanguageModel.capture`; per layer ``heads`` are ``(B, n_head, T, head_dim)``
+        and ``attn_probs`` ``(B, n_head, T, S)``."""
+        cap = Capture(want_heads=heads, want_probs=attn_probs, edit_heads=edit_heads)
+        modules = list(self._attention_modules())
+        before = [m.capture for m in modules]
+        for m in modules:
+            m.capture = cap
+        try:
+            yield cap
+        finally:
+            for m, old in zip(modules, before, strict=True):
+                m.capture = old
+
+    # --- forward ---------------------------------------------------------------------------
 
     def forward(
         self,
@@ -299,8 +335,14 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits ``(B, T, V)`` (``(B, 1, V)`` with ``last_only``) and the loss or ``None``.
+        return_hidden: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(logits, None)``, or ``(None, loss)`` when ``targets`` are given.
+
+        Logits are ``(B, T, V)`` (``(B, 1, V)`` with ``last_only``). With ``targets`` the loss
+        is the mean cross-entropy over targets that are not ``-100``; the logits are not
+        returned and nothing keeps them (backward needs only the log-softmax output), so
+        they are freed before backward.
 
         Inference-only arguments (training passes none of them):
 
@@ -310,16 +352,20 @@ class GPT(nn.Module):
         - ``attn_mask`` ``(B, 1, T, S)`` bool, True where a query may attend to a key;
           ``S = kv_cache.length + T`` (or ``T``). Default: causal.
         - ``kv_cache``: keys/values of earlier columns; this call appends its ``T``
-          columns to it (see :class:`KVCache`).
+          columns to it (see :class:`~lmkit.models.base.KVCache`).
+        - ``return_hidden``: the final hidden states ``(B, T, n_embd)`` (after ``ln_f``)
+          instead of logits; ``output_head()`` maps them to logits.
 
         Raises:
             ValueError: when ``T > block_size`` (or the cache would pass it without explicit
-                ``position_ids``).
+                ``position_ids``), or ``return_hidden`` with ``targets``.
         """
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
         if T > self.config.block_size or (position_ids is None and past + T > self.config.block_size):
             raise ValueError(f"sequence length {past + T} exceeds block_size {self.config.block_size}")
+        if return_hidden and targets is not None:
+            raise ValueError("return_hidden gives hidden states, not a loss: pass targets=None")
         x = self.transformer.wte(idx)
         if position_ids is None and past:
             position_ids = torch.arange(past, past + T, device=idx.device).expand(B, T)
@@ -338,12 +384,16 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.transformer.ln_f(x)
-        if last_only and targets is None:
-            x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
-        return logits, loss
+        if targets is None:
+            if last_only:
+                x = x[:, -1:, :]
+            return (x if return_hidden else self.lm_head(x)), None
+        return None, _cross_entropy(self.lm_head(x), targets)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` ``(B, T, V)`` against ``targets`` ``(B, T)``. A separate
+    function so that the caller holds no reference to the logits: ``log_softmax`` saves only its
+    output for backward, so the ``(B, T, V)`` logits (and under autocast their fp32 copy) are
+    freed as soon as this returns."""
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
