@@ -118,11 +118,11 @@ def _preset_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, gra
     model = build_model(model_cfg, device="meta")
     seen: set[int] = set()
     params = [p for p in model.parameters() if not (id(p) in seen or seen.add(id(p)))]
-    total = sum(p.numel() for p in params)
+    total = model.num_params()
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    embeddings = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("transformer.wte",
-                                                                                     "transformer.wpe")))
-    head = 0 if model_cfg.tie_embeddings else model.lm_head.weight.numel()
+    # the token (and position) tables; an untied output head apart, a tied one is the token table
+    head = 0 if model.tied_embeddings else sum(p.numel() for p in model.output_head().parameters())
+    embeddings = total - model.num_params(exclude_embeddings=True)
     out: dict[str, Any] = {
         "preset": {"name": config.preset, "description": config.description, "n_layer": model_cfg.n_layer,
                    "n_head": model_cfg.n_head, "n_embd": model_cfg.n_embd, "d_ff": model_cfg.ff_dim,
