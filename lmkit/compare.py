@@ -428,7 +428,8 @@ def build_comparison(runs: list[RunData]) -> Comparison:
 
 
 def mul_token_usage(run: RunData) -> dict[str, Any] | None:
-    """Mul-token counts (the multiplication-tokens experiment) from a run's gsm8k or arithmetic-probes result, or ``None``.
+    """Mul-token counts (the multiplication-tokens experiment) from a run's gsm8k or
+    arithmetic-probes result, or ``None``.
 
     Looks for ``mul_token_count``/``total_mul_tokens`` and ``mul_tokens_per_response``/
     ``mul_tokens_per_probe`` in the result's metrics, then its details.

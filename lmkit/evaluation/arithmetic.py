@@ -190,7 +190,8 @@ def _splits_for(ctx: EvalContext) -> tuple[dict[str, list[ArithmeticExample]], s
     data = prepare_data(ctx.config.data)
     if data.task != "arithmetic":
         raise DataError(f"{ctx.run_dir}: the run was trained on {ctx.config.data.dataset}, not arithmetic; "
-                        "pass --data with a folder of the arithmetic JSONL files (pilot_val.jsonl, pilot_test_flat.jsonl ...)")
+                        "pass --data with a folder of the arithmetic JSONL files (pilot_val.jsonl, "
+                        "pilot_test_flat.jsonl ...)")
     return {s: v for s, v in data.examples.items() if s in SPLIT_METRICS}, \
         f"{ctx.config.data.dataset} ({', '.join(s for s in SPLIT_METRICS if data.examples.get(s))})", None
 
@@ -251,9 +252,10 @@ def evaluate(ctx: EvalContext) -> TaskResult:
             metrics[prefix + "paren_gap"] = metrics[prefix + "acc_paren"] - metrics[prefix + "acc_flat"]
     notes = []
     if legacy:
-        notes.append("legacy_acc_* is the original metric of Step-free-arithmetic-transformers: the teacher-forced argmax at the last label position, "
-                     "which is <EOS> -- it measures 'predicts end-of-sequence after the true answer', not the answer; "
-                     "acc_* (exact match of the generated answer) is the real accuracy")
+        notes.append("legacy_acc_* is the original metric of Step-free-arithmetic-transformers: the teacher-forced "
+                     "argmax at the last label position, which is <EOS> -- it measures 'predicts end-of-sequence "
+                     "after the true answer', not the answer; acc_* (exact match of the generated answer) is the "
+                     "real accuracy")
     headline = "acc_val" if "acc_val" in metrics else SPLIT_METRICS[next(iter(splits))]
     return TaskResult(task="arithmetic", version=VERSION, metrics=metrics, headline=headline, n_items=total,
                       data_file=data_file, data_sha256=sha, details=details, notes=notes, directions=DIRECTIONS)
