@@ -53,8 +53,10 @@ def load_safetensors_export(folder: str | Path, *, dtype: Any = None) -> tuple[n
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: cannot be read ({first_line(exc)})") from None
     if config.model.tie_embeddings:
         state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    state = {k: v.to(torch.float32) for k, v in state.items()}
     try:
-        model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        model.prepare_load(state)  # a layer-swapping feature's adapters (the model interface)
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{folder}: weights do not fit config.yaml ({first_line(exc)})") from None
     if dtype is not None:
