@@ -7,7 +7,6 @@ import torch
 from gen_fixtures import train_arith_run
 
 from lmkit.evaluation.generate import generate, generate_ex
-from lmkit.models.gpt import KVCache
 from lmkit.runs import load_run
 
 EXPRS = ["1+2", "(3*4)-5", "7", "12+(3*(4-1))", "9*9", "((2+3)*4)-(6*7)", "5-8", "4*(1+1)"]
@@ -84,7 +83,7 @@ def test_cache_in_chunks_matches_one_forward(run):
     ids = torch.tensor([_prompts(tok)[5]])
     with torch.no_grad():
         full, _ = model(ids)
-        cache = KVCache(model.config.n_layer, ids.size(1))
+        cache = model.new_kv_cache(1, ids.size(1))
         a, _ = model(ids[:, :5], kv_cache=cache)
         b, _ = model(ids[:, 5:9], kv_cache=cache)  # causal within the chunk, all cached visible
         c, _ = model(ids[:, 9:10], kv_cache=cache)
@@ -224,3 +223,20 @@ def test_cached_generation_on_cuda_matches_full_recompute(run):
     a = generate(model, prompts, max_new_tokens=8, temperature=1.0, generator=g)
     g.manual_seed(0)
     assert generate(model, prompts, max_new_tokens=8, temperature=1.0, generator=g) == a
+
+
+class NoCache(torch.nn.Module):
+    """A model without ``new_kv_cache`` (not an lmkit LanguageModel): generate recomputes."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, idx, targets=None, *, last_only=False, position_ids=None, attn_mask=None, kv_cache=None):
+        assert kv_cache is None
+        return self.inner(idx, last_only=last_only, position_ids=position_ids, attn_mask=attn_mask)
+
+
+def test_a_model_without_a_kv_cache_is_generated_from_by_recomputation(run):
+    prompts = _prompts(run.tokenizer)
+    assert generate(NoCache(run.model), prompts, max_new_tokens=8) == generate(run.model, prompts, max_new_tokens=8)
