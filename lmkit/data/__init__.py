@@ -27,7 +27,8 @@ from lmkit.data.arithmetic import (
 from lmkit.data.batching import ExampleBatches, TokenWindows
 from lmkit.data.shards import TokenShards, prepare_shards
 from lmkit.data.sources import load_text_source
-from lmkit.data.tokenizers import CharTokenizer, Tokenizer
+from lmkit.data.token_bytes import token_byte_table
+from lmkit.data.tokenizers import AddedToken, CharTokenizer, Tokenizer
 from lmkit.errors import ConfigError, DataError
 from lmkit.events import DataReady, Event, null_emit
 
@@ -52,6 +53,7 @@ class PreparedData:
     shards: TokenShards | None = None
     examples: dict[str, list[ArithmeticExample]] = field(default_factory=dict)
     sequences: dict[str, list[list[int]]] = field(default_factory=dict)
+    _table_bytes: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def unit(self) -> str:
@@ -68,6 +70,57 @@ class PreparedData:
         if split not in self.shards.splits:
             raise DataError(f"the data has no {split} split (splits: {', '.join(self.shards.splits)})")
         return self.shards.tokens(split)
+
+    def token_bytes(self, split: str) -> np.ndarray:
+        """Per token of :meth:`tokens` ``(split)``, the UTF-8 bytes of the text it covers
+        (0 for separators and other special tokens): a 1-D array of the same length, whose
+        sum over a range of targets is the denominator of bits per byte.
+
+        The counts come from the shard (per occurrence, exact: see
+        :mod:`lmkit.data.token_bytes`); a cache entry written before they existed falls
+        back to the per-id table (:func:`~lmkit.data.token_bytes.token_byte_table`),
+        computed here over the whole split (:meth:`bytes_source` says which).
+
+        Raises:
+            DataError: no token stream (``arithmetic``), no such split, or a damaged file.
+        """
+        tokens = self.tokens(split)
+        assert self.shards is not None
+        stored = self.shards.token_bytes(split)
+        if stored is not None:
+            return stored
+        if split not in self._table_bytes:
+            table = token_byte_table(self.tokenizer)
+            out = np.empty(len(tokens), dtype=np.uint16)
+            for start in range(0, len(tokens), 1 << 24):
+                chunk = np.asarray(tokens[start : start + (1 << 24)], dtype=np.int64)
+                out[start : start + len(chunk)] = table[np.minimum(chunk, len(table) - 1)]
+            self._table_bytes[split] = out
+        return self._table_bytes[split]
+
+    def bytes_source(self, split: str) -> str:
+        """``"per token"`` (counts stored with the shard) or ``"per-id table"`` (older shard)."""
+        self.tokens(split)
+        assert self.shards is not None
+        return "per token" if "bytes_file" in self.shards.meta["splits"][split] else "per-id table"
+
+    def text_sha256(self, split: str) -> str:
+        """SHA-256 of the UTF-8 text of ``split``: identifies the data whatever the tokenizer.
+
+        Text data: the rows as tokenized (from the shard's meta.json; for an older entry,
+        of the decoded ids, which is the same text for the lossless byte/gpt2/bpe/char
+        tokenizers). Arithmetic: of the split's examples, one ``expr=result`` per line.
+        """
+        import hashlib
+
+        if self.shards is None:
+            lines = "".join(f"{ex.expr}={ex.result}\n" for ex in self.examples.get(split, []))
+            return hashlib.sha256(lines.encode()).hexdigest()
+        stored = self.shards.text_sha256(split)
+        if stored is not None:
+            return stored
+        text = self.tokenizer.decode(np.asarray(self.tokens(split), dtype=np.int64).tolist())
+        return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
     def fingerprint(self) -> str:
         """Identifies the exact token ids of every split (tokenizer + source content), so a
@@ -130,13 +183,21 @@ class PreparedData:
                 )
 
 
-def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit) -> PreparedData:
+def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit, *,
+                 added_tokens: tuple[AddedToken, ...] = ()) -> PreparedData:
     """Load, tokenise (or reuse cached shards) and describe the data of a run.
+
+    Args:
+        config: the run's data settings.
+        emit: receives data events.
+        added_tokens: tokens added to the tokenizer at fixed ids (text data only).
 
     Raises:
         DataError: any problem with the source (one line naming the file or name).
     """
     dataset = config.dataset
+    if added_tokens and (dataset == "arithmetic" or _is_arithmetic_jsonl(dataset)):
+        raise DataError("added tokens apply to text data, not to the arithmetic task's fixed vocabulary")
     if dataset == "arithmetic":
         splits = generate_arithmetic(config.arithmetic)
         data = _arithmetic_data(splits, "built-in arithmetic task (seed "
@@ -146,7 +207,7 @@ def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit) 
         data = _arithmetic_data(splits, f"arithmetic examples from {dataset}", config)
     else:
         source = load_text_source(config)
-        shards, tokenizer = prepare_shards(source, config, emit)
+        shards, tokenizer = prepare_shards(source, config, emit, added_tokens=tuple(added_tokens))
         max_id = max(shards.max_id(s) for s in shards.splits)
         data = PreparedData("lm", tokenizer, source.description, max_id, shards=shards)
         emit(DataReady(description=source.description, tokenizer=tokenizer.kind,
@@ -205,6 +266,7 @@ def make_train_batches(data: PreparedData, block_size: int, batch_size: int, see
 
 
 __all__ = [
+    "AddedToken",
     "PreparedData",
     "make_train_batches",
     "prepare_data",

@@ -6,12 +6,21 @@ Layout of one cache entry (``$LMKIT_CACHE_DIR`` or ``~/.cache/lmkit``, then
     meta.json        tokenizer kind + fingerprint, vocab_size, dtype, per split: tokens,
                      max id, file; the source's fingerprint; lmkit version
     train.bin        raw uint16 (vocab <= 65,536) or uint32 token ids, no header
-    val.bin
-    test.bin         when the source has a test split
+    train.bytes      per token, the UTF-8 bytes of the text it covers (raw uint8, or uint16
+                     when a token covers more than 255 bytes; see meta.json), no header
+    val.bin, val.bytes
+    test.bin, ...    when the source has a test split
     tokenizer/       the tokenizer that made them (trained BPE / text char alphabets)
 
+``meta.json`` also records per split the number of text bytes and the SHA-256 of the
+UTF-8 text that was tokenized (``text_sha256``: rows as tokenized, newlines included, no
+separators), which identifies the data independently of the tokenizer. Entries written
+before the ``.bytes`` files existed still load: :meth:`TokenShards.token_bytes` is then
+``None`` and bits per byte falls back to a per-id table.
+
 ``key`` hashes the source fingerprint (file contents or hub fingerprint) and every
-setting that changes the ids, so editing a file or changing the tokenizer rebuilds.
+setting that changes the ids (added tokens and a local ``hf:`` tokenizer file's contents
+included), so editing a file or changing the tokenizer rebuilds.
 An entry is written to a temporary folder and renamed into place, so an interrupted
 build never leaves a half-written cache that looks complete.
 """
@@ -35,7 +44,8 @@ import numpy as np
 from lmkit import __version__
 from lmkit.config import DataConfig
 from lmkit.data.sources import TextSource
-from lmkit.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from lmkit.data.token_bytes import UINT8_MAX, UINT16_MAX
+from lmkit.data.tokenizers import AddedToken, Tokenizer, build_tokenizer, load_tokenizer
 from lmkit.errors import DataError
 from lmkit.events import DataProgress, Event
 
@@ -118,8 +128,54 @@ class TokenShards:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(path, dtype=self.dtype, mode="r")
 
+    def has_token_bytes(self) -> bool:
+        """Every split has its per-token byte counts (entries written since they exist)."""
+        return all("bytes_file" in self.meta["splits"][s] for s in self.splits)
 
-def cache_key(source: TextSource, config: DataConfig) -> str:
+    def token_bytes(self, split: str) -> np.ndarray | None:
+        """Per token of ``split``, the UTF-8 bytes of the text it covers: a 1-D read-only
+        memmap aligned with :meth:`tokens` (``uint8`` or ``uint16``), or ``None`` for an
+        entry written before these counts existed.
+
+        Raises:
+            DataError: the file is missing or its size does not match ``meta.json``.
+        """
+        info = self.meta["splits"][split]
+        if "bytes_file" not in info:
+            return None
+        path = self.directory / info["bytes_file"]
+        dtype = np.dtype(info["bytes_dtype"])
+        expected = int(info["tokens"]) * dtype.itemsize
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise DataError(f"{path}: byte counts are missing; delete {self.directory} to rebuild it") from None
+        if size != expected:
+            raise DataError(f"{path}: {size} bytes but meta.json says {info['tokens']} {dtype} counts; "
+                            f"the file is truncated or corrupt -- delete {self.directory} to rebuild")
+        if expected == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    def text_sha256(self, split: str) -> str | None:
+        """SHA-256 of the UTF-8 text tokenized into ``split`` (``None`` for older entries)."""
+        return self.meta["splits"][split].get("text_sha256")
+
+
+def added_tokens_key(added: tuple[AddedToken, ...] | list[AddedToken]) -> str:
+    """A short hash of added tokens (``-`` for none), for cache keys."""
+    if not added:
+        return "-"
+    blob = json.dumps([[t.text, t.id, t.special] for t in sorted(added, key=lambda t: t.id)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_key(source: TextSource, config: DataConfig, added_tokens: tuple[AddedToken, ...] = ()) -> str:
+    """The cache entry's key: the source fingerprint and every setting that changes the ids.
+
+    Raises:
+        DataError: a local ``hf:`` tokenizer file that cannot be read.
+    """
     parts = [
         f"format={SHARD_FORMAT}",
         f"source={source.fingerprint}",
@@ -128,7 +184,26 @@ def cache_key(source: TextSource, config: DataConfig) -> str:
         f"max_tokens={config.max_tokens}",
         f"val_fraction={config.val_fraction if source.streaming else '-'}",
     ]
+    # Parts that older entries lack are only added when they apply, so those entries stay valid.
+    local = _local_tokenizer_file(config.tokenizer)
+    if local is not None:
+        try:
+            parts.append(f"tokenizer_file={hashlib.sha256(local.read_bytes()).hexdigest()[:16]}")
+        except OSError as exc:
+            raise DataError(f"data.tokenizer: cannot read {local} ({exc.strerror})") from None
+    if added_tokens:
+        parts.append(f"added={added_tokens_key(added_tokens)}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _local_tokenizer_file(name: str) -> Path | None:
+    """The ``tokenizer.json`` of a local ``hf:PATH`` tokenizer (``None`` for hub names and other kinds)."""
+    if not name.startswith("hf:"):
+        return None
+    path = Path(name[3:]).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    return path if path.is_file() else None
 
 
 def _slug(text: str) -> str:
@@ -136,21 +211,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base)[:40] or "data"
 
 
-def prepare_shards(source: TextSource, config: DataConfig, emit: Callable[[Event], None]) -> tuple[TokenShards, Tokenizer]:
+def prepare_shards(source: TextSource, config: DataConfig, emit: Callable[[Event], None],
+                   added_tokens: tuple[AddedToken, ...] = ()) -> tuple[TokenShards, Tokenizer]:
     """Tokenise ``source`` into shards, or reuse the cache entry made from the same input.
 
+    Args:
+        source: the text.
+        config: the data settings (tokenizer, budget, cache folder).
+        emit: receives :class:`~lmkit.events.DataProgress` events.
+        added_tokens: tokens added to the tokenizer (after training it, for ``bpe``/``char``).
+
     Raises:
-        DataError: a split with no tokens, or an unusable cache folder.
+        DataError: a split with no tokens, bad added tokens, or an unusable cache folder.
     """
+    added_tokens = tuple(added_tokens)
     root = cache_root(config) / "tokens"
-    directory = root / f"{_slug(config.dataset)}-{cache_key(source, config)}"
+    directory = root / f"{_slug(config.dataset)}-{cache_key(source, config, added_tokens)}"
     shards = _load_existing(directory)
     if shards is not None:
-        tokenizer_dir = directory / "tokenizer"
-        tokenizer = load_tokenizer(tokenizer_dir)
-        return shards, tokenizer
+        tokenizer = load_tokenizer(directory / "tokenizer")
+        if added_tokens_key(tokenizer.added_tokens) == added_tokens_key(added_tokens):
+            return shards, tokenizer
+        # Only a hand-edited entry gets here (its tokenizer is not the one asked for): rebuild it.
+        shutil.rmtree(directory, ignore_errors=True)
 
     tokenizer = _make_tokenizer(source, config, emit)
+    if added_tokens:
+        tokenizer.add_tokens(added_tokens)
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=root))
@@ -191,6 +278,7 @@ def _load_existing(directory: Path) -> TokenShards | None:
     shards = TokenShards(directory, meta, reused=True)
     for split in shards.splits:
         shards.tokens(split)  # raises DataError with the file name when it does not match
+        shards.token_bytes(split)
     return shards
 
 
@@ -257,19 +345,28 @@ def _write_shards(source: TextSource, config: DataConfig, tokenizer: Tokenizer, 
             budget = config.max_tokens if split == "train" else None
         total_rows = source.n_rows.get(split)
         path = tmp / f"{split}.bin"
+        counts = _ByteCountWriter(tmp / f"{split}.bytes")
+        text_hash = hashlib.sha256()
         count, max_id, done_rows = 0, -1, 0
         leftover: list[str] = []
-        with path.open("wb") as out:
+        with path.open("wb") as out, counts:
             for batch in _batched(rows, _BATCH_ROWS):
-                encoded = _encode_rows(tokenizer, batch, source.separator, eos)
+                texts, encoded = _encode_rows(tokenizer, batch, source.separator, eos)
+                used = len(batch)
                 if budget is not None:
                     encoded, used = _take_budget(encoded, budget - count)
                     leftover = batch[used:]
-                flat = (np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded])
-                        if encoded else np.zeros(0, dtype=np.int64))
+                for text in texts[:used]:
+                    text_hash.update(text.encode("utf-8", errors="surrogatepass"))
+                if encoded:
+                    flat = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in encoded])
+                    flat_bytes = np.concatenate([np.asarray(b, dtype=np.int64) for _, b in encoded])
+                else:
+                    flat = flat_bytes = np.zeros(0, dtype=np.int64)
                 if flat.size:
                     max_id = max(max_id, int(flat.max()))
                     out.write(flat.astype(dtype).tobytes())
+                    counts.write(flat_bytes)
                     count += int(flat.size)
                 done_rows += len(batch)
                 emit(DataProgress(stage=f"tokenize {split}", completed=done_rows if budget is None else count,
@@ -282,7 +379,9 @@ def _write_shards(source: TextSource, config: DataConfig, tokenizer: Tokenizer, 
             shared_train_iter = itertools.chain(leftover, shared_train_iter)
         if count == 0:
             raise DataError(f"data.dataset: the {split} split of {source.description} has no tokens")
-        splits_meta[split] = {"file": path.name, "tokens": count, "max_id": max_id}
+        splits_meta[split] = {"file": path.name, "tokens": count, "max_id": max_id,
+                              "bytes_file": counts.path.name, "bytes_dtype": counts.dtype.name,
+                              "n_bytes": counts.total, "text_sha256": text_hash.hexdigest()}
 
     return {
         "format": SHARD_FORMAT,
@@ -298,23 +397,59 @@ def _write_shards(source: TextSource, config: DataConfig, tokenizer: Tokenizer, 
     }
 
 
-def _encode_rows(tokenizer: Tokenizer, rows: list[str], separator: str, eos: int | None) -> list[list[int]]:
-    """Ids per row: lines keep (or get) their newline; documents are followed by EOS."""
+Encoded = list[tuple[list[int], np.ndarray]]
+
+
+def _encode_rows(tokenizer: Tokenizer, rows: list[str], separator: str,
+                 eos: int | None) -> tuple[list[str], Encoded]:
+    """The texts tokenized and, per row, ``(ids, byte counts)``: lines keep (or get) their
+    newline; documents are followed by EOS (0 bytes)."""
     if separator == "newline":
         texts = [t if t.endswith("\n") else t + "\n" for t in rows]
-        return tokenizer.encode_batch(texts) if texts else []
-    return [ids + [eos] for ids in tokenizer.encode_batch(rows)]
+        return texts, (tokenizer.encode_batch_with_bytes(texts) if texts else [])
+    encoded = tokenizer.encode_batch_with_bytes(rows) if rows else []
+    return rows, [(ids + [eos], np.append(np.asarray(b, dtype=np.int64), 0)) for ids, b in encoded]
 
 
-def _take_budget(encoded: list[list[int]], remaining: int) -> tuple[list[list[int]], int]:
+def _take_budget(encoded: Encoded, remaining: int) -> tuple[Encoded, int]:
     """The rows' ids that fit in ``remaining`` tokens (the last one cut) and how many rows were used."""
-    taken: list[list[int]] = []
-    for used, ids in enumerate(encoded):
+    taken: Encoded = []
+    for used, (ids, n_bytes) in enumerate(encoded):
         if remaining <= 0:
             return taken, used
-        taken.append(ids[:remaining])
+        taken.append((ids[:remaining], n_bytes[:remaining]))
         remaining -= len(ids)
     return taken, len(encoded)
+
+
+class _ByteCountWriter:
+    """Writes per-token byte counts as raw ``uint8``; the first count above 255 rewrites
+    what was written as ``uint16`` and continues so (counts above 65,535 are clipped)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.dtype = np.dtype(np.uint8)
+        self.total = 0
+        self._file = None
+
+    def __enter__(self) -> _ByteCountWriter:
+        self._file = self.path.open("wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self._file is not None
+        self._file.close()
+
+    def write(self, counts: np.ndarray) -> None:
+        assert self._file is not None
+        self.total += int(counts.sum())
+        if self.dtype == np.uint8 and counts.size and int(counts.max()) > UINT8_MAX:
+            self._file.close()
+            widened = np.fromfile(self.path, dtype=np.uint8).astype(np.uint16)
+            self.dtype = np.dtype(np.uint16)
+            self._file = self.path.open("wb")
+            self._file.write(widened.tobytes())
+        self._file.write(np.clip(counts, 0, UINT16_MAX).astype(self.dtype).tobytes())
 
 
 def _stream_val_tokens(config: DataConfig) -> int:

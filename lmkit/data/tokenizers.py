@@ -14,22 +14,33 @@ Every tokenizer saves itself into a folder (``runs/NAME/tokenizer/``) with a
   it is built from OpenAI's ``encoder.json`` + ``vocab.bpe`` in ``$LMKIT_GPT2_DIR``.
 * ``hf:NAME_OR_PATH`` -- a pretrained ``tokenizers`` tokenizer (``tokenizer.json`` path or
   hub name, e.g. ``hf:xlm-roberta-base``).
+
+Every kind takes **added tokens** at fixed ids (:meth:`Tokenizer.add_tokens`), e.g. the
+45 ``<MUL_a_b_c>`` tokens at 50304..50348 on GPT-2's vocabulary (ids 50257..50303 stay
+unused). ``encode`` matches their strings in the text first (leftmost, longest first; the
+text between goes through the base tokenizer, as Hugging Face's added vocabulary does),
+``decode`` writes text tokens as their text and drops special ones, and they are saved,
+reloaded, part of :meth:`~Tokenizer.fingerprint` and exported.
+
+``encode_batch_with_bytes`` also gives every token the UTF-8 bytes of the original text it
+covers (see :mod:`lmkit.data.token_bytes`): what bits per byte divides by.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from lmkit.data.token_bytes import bytes_from_char_ends, char_utf8_lengths, hf_piece_bytes
+from lmkit.data.tokenizer_base import META_FILE, AddedToken, BytesEncoding, Tokenizer, _sha
 from lmkit.errors import DataError, first_line
 
-META_FILE = "tokenizer_meta.json"
 ENDOFTEXT = "<|endoftext|>"
 CHAR_SPECIALS = ("<PAD>", "<BOS>", "<EOS>", "<UNK>")
 #: Seed 000's character set (SimpleTokenizer in src/train.py): 31 symbols + 4 specials.
@@ -41,50 +52,8 @@ GPT2_VOCAB_SIZE = 50257
 #: Vocabulary sizes known without loading anything (for parameter counts and doctor).
 KNOWN_VOCAB_SIZES = {"byte": 257, "gpt2": GPT2_VOCAB_SIZE, "hf:xlm-roberta-base": 250002}
 
-
-class Tokenizer(ABC):
-    """Text <-> token ids. ``vocab_size`` is the number of ids (max id + 1)."""
-
-    kind: str
-    vocab_size: int
-    eos_id: int | None = None
-    bos_id: int | None = None
-    pad_id: int | None = None
-
-    @abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Ids of ``text`` with no special tokens added."""
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """:meth:`encode` of each text (parallel where the backend supports it)."""
-        return [self.encode(t) for t in texts]
-
-    @abstractmethod
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; special tokens are dropped."""
-
-    @abstractmethod
-    def _save_files(self, directory: Path) -> dict[str, Any]:
-        """Write the files needed to rebuild; return extra fields for the meta file."""
-
-    def save(self, directory: Path) -> None:
-        """Write everything needed to rebuild this tokenizer offline into ``directory``."""
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                "bos_id": self.bos_id, "pad_id": self.pad_id}
-        meta.update(self._save_files(directory))
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-    @abstractmethod
-    def fingerprint(self) -> str:
-        """A short hash of the vocabulary, so caches notice a different tokenizer."""
-
-
-def _sha(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode("utf-8") if isinstance(part, str) else part)
-    return h.hexdigest()[:16]
+__all__ = ["META_FILE", "AddedToken", "ByteTokenizer", "CharTokenizer", "GPT2Tokenizer", "HFTokenizer", "Tokenizer",
+           "build_tokenizer", "load_tokenizer"]
 
 
 class CharTokenizer(Tokenizer):
@@ -98,7 +67,7 @@ class CharTokenizer(Tokenizer):
         self.alphabet = alphabet
         self.itos = list(CHAR_SPECIALS) + list(alphabet)
         self.stoi = {ch: i for i, ch in enumerate(alphabet, start=len(CHAR_SPECIALS))}
-        self.vocab_size = len(self.itos)
+        self.base_vocab_size = len(self.itos)
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
 
     @classmethod
@@ -109,18 +78,28 @@ class CharTokenizer(Tokenizer):
             chars.update(text)
         return cls("".join(sorted(chars)))
 
-    def encode(self, text: str) -> list[int]:
-        unk = self.unk_id
-        return [self.stoi.get(ch, unk) for ch in text]
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        unk, stoi = self.unk_id, self.stoi
+        return [[stoi.get(ch, unk) for ch in text] for text in texts]
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def _encode_batch_bytes(self, texts: list[str]) -> list[BytesEncoding]:
+        # one token per character, <UNK> included: each counts the character it stands for
+        return [(ids, char_utf8_lengths(text)) for ids, text in zip(self._encode_batch(texts), texts, strict=True)]
+
+    def _decode(self, ids: list[int]) -> str:
         n_special = len(CHAR_SPECIALS)
-        return "".join(self.itos[i] for i in ids if n_special <= i < self.vocab_size)
+        return "".join(self.itos[i] for i in ids if n_special <= i < self.base_vocab_size)
+
+    def _has_token(self, text: str) -> bool:
+        return text in self.stoi or text in CHAR_SPECIALS
+
+    def base_piece_bytes(self) -> np.ndarray:
+        return np.array([0] * len(CHAR_SPECIALS) + [len(ch.encode("utf-8")) for ch in self.alphabet], dtype=np.int64)
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         return {"alphabet": self.alphabet, "specials": list(CHAR_SPECIALS)}
 
-    def fingerprint(self) -> str:
+    def _fingerprint(self) -> str:
         return _sha("char", self.alphabet)
 
 
@@ -130,19 +109,28 @@ class ByteTokenizer(Tokenizer):
     kind = "byte"
 
     def __init__(self) -> None:
-        self.vocab_size = 257
+        self.base_vocab_size = 257
         self.eos_id = 256
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(text.encode("utf-8")) for text in texts]
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def _encode_batch_bytes(self, texts: list[str]) -> list[BytesEncoding]:
+        return [(ids, np.ones(len(ids), dtype=np.int64)) for ids in self._encode_batch(texts)]
+
+    def _decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def _has_token(self, text: str) -> bool:
+        return text == ENDOFTEXT
+
+    def base_piece_bytes(self) -> np.ndarray:
+        return np.array([1] * 256 + [0], dtype=np.int64)
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         return {}
 
-    def fingerprint(self) -> str:
+    def _fingerprint(self) -> str:
         return _sha("byte")
 
 
@@ -153,7 +141,7 @@ class HFTokenizer(Tokenizer):
         self.backend = backend
         self.kind = kind
         self.name = name
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.base_vocab_size = backend.get_vocab_size(with_added_tokens=True)
         for token in (ENDOFTEXT, "</s>", "<eos>", "[SEP]"):
             tid = backend.token_to_id(token)
             if tid is not None:
@@ -206,20 +194,40 @@ class HFTokenizer(Tokenizer):
             ) from None
         return cls(backend, f"hf:{name}", name)
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+    def _encode_batch_bytes(self, texts: list[str]) -> list[BytesEncoding]:
+        if not texts:
+            return []
+        out: list[BytesEncoding] = []
+        for text, enc in zip(texts, self.backend.encode_batch(texts, add_special_tokens=False), strict=True):
+            ends = [end for _, end in enc.offsets]  # character offsets into ``text``
+            out.append((enc.ids, bytes_from_char_ends(text, ends)))
+        return out
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=True)
+    def _decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+    def _has_token(self, text: str) -> bool:
+        return self.backend.token_to_id(text) is not None
+
+    def special_ids(self) -> frozenset[int]:
+        backend_specials = {i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special}
+        return super().special_ids() | backend_specials
+
+    def base_piece_bytes(self) -> np.ndarray:
+        if getattr(self, "_piece_bytes", None) is None:
+            self._piece_bytes, _ = hf_piece_bytes(self.backend)
+        return self._piece_bytes
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         self.backend.save(str(directory / "tokenizer.json"))
         return {"file": "tokenizer.json", "name": self.name}
 
-    def fingerprint(self) -> str:
+    def _fingerprint(self) -> str:
         return _sha(self.kind, self.backend.to_str())
 
 
@@ -243,7 +251,8 @@ class GPT2Tokenizer(Tokenizer):
             mergeable_ranks=mergeable_ranks,
             special_tokens={ENDOFTEXT: self.eos_id},
         )
-        self.vocab_size = self.enc.n_vocab
+        self.base_vocab_size = self.enc.n_vocab
+        self._piece_bytes: np.ndarray | None = None
 
     @classmethod
     def from_files(cls, directory: Path) -> GPT2Tokenizer:
@@ -288,14 +297,27 @@ class GPT2Tokenizer(Tokenizer):
                 "or use --tokenizer bpe or byte"
             ) from None
 
-    def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts) if texts else []
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(list(texts))
+    def _encode_batch_bytes(self, texts: list[str]) -> list[BytesEncoding]:
+        # byte-level: every token's own raw bytes (a piece of a multi-byte character counts its part)
+        table = self.base_piece_bytes()
+        return [(ids, table[np.asarray(ids, dtype=np.int64)]) for ids in self._encode_batch(texts)]
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def _decode(self, ids: list[int]) -> str:
         return self.enc.decode([i for i in ids if i != self.eos_id])
+
+    def _has_token(self, text: str) -> bool:
+        return text == ENDOFTEXT or text.encode("utf-8") in self.mergeable_ranks
+
+    def base_piece_bytes(self) -> np.ndarray:
+        if self._piece_bytes is None:
+            table = np.zeros(self.base_vocab_size, dtype=np.int64)
+            for token, rank in self.mergeable_ranks.items():
+                table[rank] = len(token)
+            self._piece_bytes = table
+        return self._piece_bytes
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         lines = (
@@ -305,7 +327,7 @@ class GPT2Tokenizer(Tokenizer):
         (directory / "gpt2.tiktoken").write_text("".join(lines), encoding="ascii")
         return {"file": "gpt2.tiktoken"}
 
-    def fingerprint(self) -> str:
+    def _fingerprint(self) -> str:
         return "gpt2-r50k"
 
 
@@ -331,21 +353,27 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         kind = meta["kind"]
     except (OSError, ValueError, KeyError):
         raise DataError(f"{meta_path}: missing or unreadable tokenizer description") from None
+    tokenizer: Tokenizer
     try:
         if kind == "char":
-            return CharTokenizer(meta["alphabet"])
-        if kind == "byte":
-            return ByteTokenizer()
-        if kind == "gpt2":
-            return GPT2Tokenizer.from_files(directory)
-        if kind == "bpe" or kind.startswith("hf:"):
+            tokenizer = CharTokenizer(meta["alphabet"])
+        elif kind == "byte":
+            tokenizer = ByteTokenizer()
+        elif kind == "gpt2":
+            tokenizer = GPT2Tokenizer.from_files(directory)
+        elif kind == "bpe" or kind.startswith("hf:"):
             from tokenizers import Tokenizer as Backend
 
             backend = Backend.from_file(str(directory / meta.get("file", "tokenizer.json")))
-            return HFTokenizer(backend, kind, meta.get("name"))
-    except (OSError, ValueError, KeyError, Exception) as exc:
+            tokenizer = HFTokenizer(backend, kind, meta.get("name"))
+        else:
+            raise DataError(f"{meta_path}: unknown tokenizer kind {kind!r}")
+        tokenizer.add_tokens(AddedToken(**t) for t in meta.get("added_tokens", []))
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable files, bad JSON: one line
         raise DataError(f"{directory}: cannot rebuild the {kind} tokenizer ({first_line(exc)})") from None
-    raise DataError(f"{meta_path}: unknown tokenizer kind {kind!r}")
+    return tokenizer
 
 
 def build_tokenizer(name: str, *, train_texts: Iterator[str] | None = None, bpe_vocab_size: int = 8192,

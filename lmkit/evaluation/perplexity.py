@@ -1,26 +1,36 @@
 """The ``perplexity`` task: mean loss (nats/token), perplexity and bits per byte.
 
 Data: the run's own validation split, rebuilt from its data config (the prepared token
-shards for text runs, the val examples for arithmetic runs), or ``--data FILE``, a UTF-8
-text file tokenized with the run's tokenizer. A token stream is cut into
-non-overlapping ``block_size`` windows from its start (the tail shorter than a window is
-not scored); ``--limit N`` scores the first N windows (or examples).
+shards for text runs, the val examples for arithmetic runs) and checked against the
+checkpoint's ``data_fingerprint``; or ``--data FILE``, a text file (``--encoding``, as
+``train`` has; UTF-8 by default) tokenized line by line with the run's tokenizer, as
+training tokenizes text files. A token stream is scored whole: non-overlapping
+``block_size`` windows from its start, then the tail shorter than a window as a final
+short window, so every token but the first is predicted once. ``--limit N`` scores the
+first N windows (or examples).
 
-Bits per byte follows nanochat's ``evaluate_bpb`` (SEEDS_SPEC 2.6)::
+Bits per byte (after nanochat's ``evaluate_bpb``, SEEDS_SPEC 2.6)::
 
-    bpb = sum_t CE_t * [bytes(y_t) > 0] / (ln 2 * sum_t bytes(y_t))
+    bpb = sum_t CE_t * scored_t / (ln 2 * sum_t bytes_t)
 
-where ``bytes(v)`` is the UTF-8 length of token ``v`` and special tokens count 0 bytes
-(and so 0 nats). Unlike nanochat, byte-level BPE tokens use their raw bytes
-(``tiktoken``'s single-token bytes), so a token holding part of a multi-byte character
-counts its real bytes, not the 3 bytes of U+FFFD. bpb does not depend on the tokenizer,
-so it compares runs whose tokenizers differ; loss and perplexity do not.
+where ``bytes_t`` is the UTF-8 length of the original text target ``t`` covers, from the
+end of the previous token to its own end (stored per token with the shards and computed
+from the tokenizer's offsets: see :mod:`lmkit.data.token_bytes`), so ``sum_t bytes_t`` is
+the UTF-8 length of the text predicted. ``scored_t`` drops only special tokens that stand
+for no text (separators: 0 bytes, 0 nats). Shards written before the per-token counts
+existed fall back to a per-id table (``▁`` counted as a space, special tokens 0, byte-level
+pieces their raw bytes). bpb does not depend on the tokenizer, so it compares runs whose
+tokenizers differ; loss and perplexity do not.
+
+``data_sha256`` is the SHA-256 of the ``--data`` file, or of the val split's UTF-8 text,
+so ``compare`` can tell when two runs were scored on different text.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,78 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkit.data.batching import IGNORE_INDEX
+from lmkit.data.token_bytes import special_id_mask, token_byte_table
 from lmkit.data.tokenizers import Tokenizer
 from lmkit.errors import DataError
 from lmkit.evaluation.task import EvalContext, TaskResult, file_sha256
 
-VERSION = "1"
-IGNORE_INDEX = -100
+VERSION = "2"
 
-
-def token_byte_lengths(tokenizer: Tokenizer, size: int | None = None) -> np.ndarray:
-    """UTF-8 byte length of every token id, 0 for special tokens.
-
-    Args:
-        tokenizer: the run's tokenizer.
-        size: length of the table (``model.vocab_size``, which may exceed the tokenizer's
-            vocabulary; the extra ids get 0 bytes). Default: ``tokenizer.vocab_size``.
-
-    Returns:
-        ``int64`` array of shape ``(size,)``.
-
-    Byte-level tokenizers (``byte``, ``gpt2``, trained ``bpe``) use each token's raw
-    bytes; the others ``len(decode([id]).encode("utf-8"))``.
-    """
-    from lmkit.data.tokenizers import ByteTokenizer, CharTokenizer, GPT2Tokenizer, HFTokenizer
-
-    n = tokenizer.vocab_size
-    table = np.zeros(max(n, size or 0), dtype=np.int64)
-    specials = {i for i in (tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id) if i is not None}
-    if isinstance(tokenizer, ByteTokenizer):
-        table[:256] = 1
-    elif isinstance(tokenizer, GPT2Tokenizer):
-        for i in range(n):
-            if i not in specials:
-                table[i] = len(tokenizer.enc.decode_single_token_bytes(i))
-    elif isinstance(tokenizer, CharTokenizer):
-        from lmkit.data.tokenizers import CHAR_SPECIALS
-
-        for i in range(len(CHAR_SPECIALS), n):
-            table[i] = len(tokenizer.itos[i].encode("utf-8"))
-    elif isinstance(tokenizer, HFTokenizer):
-        backend = tokenizer.backend
-        specials |= {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
-        byte_of = _byte_level_alphabet() if _is_byte_level(backend) else None
-        for i in range(n):
-            if i in specials:
-                continue
-            piece = backend.id_to_token(i)
-            if byte_of is not None and piece is not None and all(ch in byte_of for ch in piece):
-                table[i] = len(piece)
-            else:
-                table[i] = len(tokenizer.decode([i]).encode("utf-8"))
-    else:
-        for i in range(n):
-            if i not in specials:
-                table[i] = len(tokenizer.decode([i]).encode("utf-8"))
-    return table
-
-
-def _is_byte_level(backend) -> bool:
-    import json
-
-    try:
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
-    except ValueError:
-        return False
-    return decoder.get("type") == "ByteLevel"
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's ``bytes_to_unicode`` inverted: printable stand-in character -> byte."""
-    from lmkit.export.tokenizer import bytes_to_unicode
-
-    return {ch: b for b, ch in bytes_to_unicode().items()}
+#: The per-id byte table (the fallback for shards without per-token counts).
+token_byte_lengths = token_byte_table
 
 
 @dataclass
@@ -110,8 +58,8 @@ class LossSums:
     Attributes:
         nats: sum of per-token cross-entropies (nats) over all targets.
         n_tokens: number of targets (``-100`` excluded).
-        bpb_nats: the same sum over targets with ``bytes > 0`` only (spec 2.6).
-        n_bytes: sum of the targets' UTF-8 byte lengths.
+        bpb_nats: the same sum without the special targets that stand for no text (spec 2.6).
+        n_bytes: sum of the targets' UTF-8 byte counts.
     """
 
     nats: float = 0.0
@@ -131,32 +79,61 @@ class LossSums:
 
 
 @torch.no_grad()
-def loss_sums(model: nn.Module, batches: Iterable[tuple[np.ndarray, np.ndarray]], token_bytes: np.ndarray,
-              device: torch.device, progress: Callable[[int], None] | None = None) -> LossSums:
-    """Per-token cross-entropy summed over ``batches`` (fp32 logits, float64 sums).
+def loss_sums(model: nn.Module, batches: Iterable[tuple[np.ndarray, ...]], token_bytes: np.ndarray | None,
+              device: torch.device, progress: Callable[[int], None] | None = None, *,
+              special: np.ndarray | None = None,
+              autocast: Callable[[], AbstractContextManager] | None = None) -> LossSums:
+    """Per-token cross-entropy and byte counts summed over ``batches`` (fp32 logits, float64 sums).
 
     Args:
-        model: maps ids ``(B, T)`` to ``(logits (B, T, V), _)``.
-        batches: ``(x, y)`` int64 arrays of shape ``(B, T)``; targets ``-100`` are ignored.
-        token_bytes: ``(V,)`` byte length per id (:func:`token_byte_lengths`).
+        model: maps ids ``(B, T)`` to ``(logits (B, T, V), _)`` (called without targets).
+        batches: ``(x, y)`` or ``(x, y, y_bytes)`` arrays of shape ``(B, T)``: ids, target
+            ids (``-100`` ignored) and, optionally, each target's UTF-8 byte count (from
+            :meth:`lmkit.data.PreparedData.token_bytes`; see :func:`scored_windows`).
+        token_bytes: ``(V,)`` bytes per id (:func:`token_byte_lengths`), used for batches
+            without ``y_bytes``; may be ``None`` when every batch has them.
         device: where ``model`` lives.
         progress: called with the number of rows of each batch once it is scored.
+        special: ``(V,)`` bool, ids that stand for no text
+            (:func:`lmkit.data.token_bytes.special_id_mask`): a target with such an id and
+            0 bytes adds no nats to ``bpb_nats``. Default: ``token_bytes == 0``.
+        autocast: a context-manager factory wrapped around each forward (mixed precision).
+
+    Raises:
+        ValueError: a batch without ``y_bytes`` and no ``token_bytes``.
     """
-    table = torch.as_tensor(token_bytes, dtype=torch.int64, device=device)
+    table = None if token_bytes is None else torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64,
+                                                             device=device)
+    if special is None:
+        special_t = None if table is None else table == 0
+    else:
+        special_t = torch.as_tensor(np.asarray(special), dtype=torch.bool, device=device)
     nats = torch.zeros((), dtype=torch.float64, device=device)
     bpb_nats = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = torch.zeros((), dtype=torch.int64, device=device)
     n_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for x_np, y_np in batches:
-        x = torch.from_numpy(x_np).to(device)
-        y = torch.from_numpy(y_np).to(device)
-        logits, _ = model(x)
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+    for batch in batches:
+        x = torch.from_numpy(np.ascontiguousarray(batch[0], dtype=np.int64)).to(device)
+        y = torch.from_numpy(np.ascontiguousarray(batch[1], dtype=np.int64)).to(device).reshape(-1)
+        with autocast() if autocast is not None else nullcontext():
+            logits, _ = model(x)
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y,
                              ignore_index=IGNORE_INDEX, reduction="none").double()
-        valid = y.reshape(-1) != IGNORE_INDEX
-        nbytes = torch.where(valid, table[y.reshape(-1).clamp(min=0)], 0)
+        valid = y != IGNORE_INDEX
+        ids = y.clamp(min=0)
+        if len(batch) > 2:
+            nbytes = torch.from_numpy(np.asarray(batch[2], dtype=np.int64).reshape(-1)).to(device)
+        elif table is not None:
+            nbytes = table[ids]
+        else:
+            raise ValueError("loss_sums: a batch without byte counts needs token_bytes")
+        nbytes = torch.where(valid, nbytes, 0)
+        if special_t is not None:
+            scored = valid & ~(special_t[ids] & (nbytes == 0))
+        else:
+            scored = valid
         nats += ce.sum()
-        bpb_nats += (ce * (nbytes > 0)).sum()
+        bpb_nats += torch.where(scored, ce, 0.0).sum()
         n_tokens += valid.sum()
         n_bytes += nbytes.sum()
         if progress is not None:
@@ -164,36 +141,91 @@ def loss_sums(model: nn.Module, batches: Iterable[tuple[np.ndarray, np.ndarray]]
     return LossSums(float(nats.item()), int(n_tokens.item()), float(bpb_nats.item()), int(n_bytes.item()))
 
 
-def text_tokens(path: Path, tokenizer: Tokenizer) -> np.ndarray:
-    """The ids of a UTF-8 text file, shape ``(N,)`` int64.
+def scored_windows(tokens: np.ndarray, token_bytes: np.ndarray | None, block_size: int, batch_size: int, *,
+                   limit: int | None = None, tail: bool = True) -> tuple[int, Iterator[tuple[np.ndarray, ...]]]:
+    """Non-overlapping windows over a token stream, with each target's byte count.
 
-    Raises:
-        DataError: unreadable, not UTF-8, or fewer than 2 tokens.
+    Windows of ``w = min(block_size, N - 1)`` tokens from the start (the same windows as
+    :func:`lmkit.data.batching.sequential_windows`), then, with ``tail``, the remaining
+    ``(N - 1) mod w`` targets as one shorter window: every token but the first is a
+    target exactly once.
+
+    Args:
+        tokens: ``(N,)`` ids (a memmap is read lazily).
+        token_bytes: ``(N,)`` bytes per token, aligned with ``tokens``, or ``None``.
+        block_size: the model's context ``T``.
+        batch_size: windows per batch (the tail window is a batch of its own).
+        limit: score only the first ``limit`` windows (the tail counts as one).
+        tail: score the tail shorter than a window.
+
+    Returns:
+        ``(n_windows, batches)``; batches are ``(x, y)`` or ``(x, y, y_bytes)`` int64
+        arrays of shape ``(b, w)`` (``(1, r)`` for the tail).
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"--data {path}: cannot read it as UTF-8 text ({exc})") from None
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    if len(ids) < 2:
-        raise DataError(f"--data {path}: {len(ids)} token(s); perplexity needs at least 2")
-    return ids
-
-
-def _windows(tokens: np.ndarray, block_size: int, batch_size: int, limit: int | None):
-    """Non-overlapping windows of ``min(block_size, N - 1)`` tokens: ``(n_windows, batches)``."""
-    from lmkit.data.batching import sequential_windows
-
-    width = min(block_size, len(tokens) - 1)
-    n_windows = (len(tokens) - 1) // width
+    n = len(tokens)
+    if n < 2:
+        return 0, iter(())
+    width = min(block_size, n - 1)
+    n_full = (n - 1) // width
+    rest = (n - 1) - n_full * width
+    n_windows = n_full + (1 if tail and rest else 0)
     if limit is not None:
         n_windows = min(n_windows, limit)
-        tokens = tokens[: n_windows * width + 1]
-    return n_windows, sequential_windows(tokens, width, batch_size)
+
+    def take(starts: np.ndarray, w: int) -> tuple[np.ndarray, ...]:
+        index = starts[:, None] + np.arange(w + 1, dtype=np.int64)
+        chunk = np.asarray(tokens[index], dtype=np.int64)
+        out: tuple[np.ndarray, ...] = (np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, 1:]))
+        if token_bytes is not None:
+            out += (np.asarray(token_bytes[index[:, 1:]], dtype=np.int64),)
+        return out
+
+    def generate() -> Iterator[tuple[np.ndarray, ...]]:
+        full = min(n_full, n_windows)
+        for first in range(0, full, batch_size):
+            starts = np.arange(first, min(first + batch_size, full), dtype=np.int64) * width
+            yield take(starts, width)
+        if n_windows > n_full:
+            yield take(np.array([n_full * width], dtype=np.int64), rest)
+
+    return n_windows, generate()
+
+
+def text_tokens(path: Path, tokenizer: Tokenizer, encoding: str = "utf-8") -> tuple[np.ndarray, np.ndarray, int]:
+    """The ids of a text file and each token's byte count, tokenized line by line (as
+    training tokenizes text files; the last line gets no newline the file does not have).
+
+    Returns:
+        ``(ids, n_bytes, text_bytes)``: ``(N,)`` int64 ids, ``(N,)`` int64 UTF-8 bytes per
+        token, and the UTF-8 length of the whole text.
+
+    Raises:
+        DataError: unreadable, not ``encoding``, or fewer than 2 tokens.
+    """
+    try:
+        text = path.read_text(encoding=encoding)
+    except (OSError, UnicodeDecodeError, LookupError) as exc:
+        hint = " (pass --encoding latin-1, or the file's real encoding)" if isinstance(exc, UnicodeDecodeError) else ""
+        raise DataError(f"--data {path}: cannot read it as {encoding} text ({exc}){hint}") from None
+    lines = text.splitlines(keepends=True)
+    ids: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    for start in range(0, len(lines), 2048):
+        for row_ids, row_bytes in tokenizer.encode_batch_with_bytes(lines[start : start + 2048]):
+            ids.append(np.asarray(row_ids, dtype=np.int64))
+            counts.append(np.asarray(row_bytes, dtype=np.int64))
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    if len(all_ids) < 2:
+        raise DataError(f"--data {path}: {len(all_ids)} token(s); perplexity needs at least 2")
+    return all_ids, np.concatenate(counts), len(text.encode("utf-8", errors="surrogatepass"))
 
 
 def evaluate(ctx: EvalContext) -> TaskResult:
     """Mean loss, perplexity and bpb of the run's val split or ``ctx.data`` (a text file).
+
+    ``ctx.options``: ``encoding`` (of ``--data``), ``data_fingerprint`` (the checkpoint's,
+    compared with the rebuilt val split's; a mismatch is reported in ``notes`` and
+    ``details["data_fingerprint_matches"]``).
 
     Raises:
         DataError: the data cannot be read or rebuilt, or was tokenized differently.
@@ -202,30 +234,42 @@ def evaluate(ctx: EvalContext) -> TaskResult:
 
     cfg = ctx.config
     block_size = cfg.model.block_size
+    vocab = max(cfg.model.vocab_size or 0, ctx.tokenizer.vocab_size)
     details: dict = {}
     notes: list[str] = []
-    data_sha = None
+    token_bytes: np.ndarray | None = None
     if ctx.data is not None:
-        tokens = text_tokens(Path(ctx.data), ctx.tokenizer)
-        total, batches = _windows(tokens, block_size, ctx.batch_size, ctx.limit)
+        encoding = ctx.options.get("encoding", "utf-8")
+        tokens, token_bytes, text_bytes = text_tokens(Path(ctx.data), ctx.tokenizer, encoding)
+        total, batches = scored_windows(tokens, token_bytes, block_size, ctx.batch_size, limit=ctx.limit)
         data_file, data_sha = str(ctx.data), file_sha256(Path(ctx.data))
+        details.update({"encoding": encoding, "text_bytes": text_bytes, "bytes_source": "per token"})
         unit = "windows"
     else:
         from lmkit.data import prepare_data
 
-        data = prepare_data(cfg.data)
+        data = prepare_data(cfg.data, added_tokens=getattr(ctx.tokenizer, "added_tokens", ()))
         if data.tokenizer.fingerprint() != ctx.tokenizer.fingerprint():
             raise DataError(f"{cfg.data.dataset}: the val split rebuilt now is tokenized differently from the run's "
                             "tokenizer; pass --data FILE to score a text file with the run's tokenizer")
         data_file = f"{cfg.data.dataset} (val split)"
+        data_sha = data.text_sha256("val")
+        _check_fingerprint(data.fingerprint(), ctx.options.get("data_fingerprint"), cfg.data.dataset, details, notes)
         if data.task == "lm":
             tokens = data.tokens("val")
-            total, batches = _windows(tokens, block_size, ctx.batch_size, ctx.limit)
+            token_bytes = data.token_bytes("val")
+            details["bytes_source"] = data.bytes_source("val")
+            if details["bytes_source"] != "per token":
+                notes.append("bpb: this token cache predates per-token byte counts, so bytes come from a per-id "
+                             "table (exact for byte/gpt2/bpe/char; a Metaspace tokenizer's line starts count one "
+                             "space too many); delete the cache folder to rebuild it with exact counts")
+            total, batches = scored_windows(tokens, token_bytes, block_size, ctx.batch_size, limit=ctx.limit)
             unit = "windows"
         else:
             seqs = data.sequences["val"][: ctx.limit] if ctx.limit is not None else data.sequences["val"]
             pad = data.tokenizer.pad_id or 0
             total, batches, unit = len(seqs), example_batches_in_order(seqs, ctx.batch_size, pad), "examples"
+            details["bytes_source"] = "per-id table"
     if total == 0:
         raise DataError(f"{data_file}: nothing to score")
     done = 0
@@ -236,8 +280,8 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         ctx.progress(done, total)
 
     ctx.progress(0, total)
-    table = token_byte_lengths(ctx.tokenizer, cfg.model.vocab_size)
-    sums = loss_sums(ctx.model, batches, table, ctx.device, step)
+    table = token_byte_table(ctx.tokenizer, vocab)
+    sums = loss_sums(ctx.model, batches, table, ctx.device, step, special=special_id_mask(ctx.tokenizer, vocab))
     from lmkit.evaluation.lm import perplexity
 
     metrics = {"mean_loss": sums.mean_loss, "perplexity": perplexity(sums.mean_loss), "bpb": sums.bpb}
@@ -245,7 +289,23 @@ def evaluate(ctx: EvalContext) -> TaskResult:
                     "bpb_nats": sums.bpb_nats, "unit": unit, "block_size": block_size,
                     "tokenizer": ctx.tokenizer.kind})
     if unit == "windows":
-        notes.append(f"{total:,} non-overlapping windows of up to {block_size} tokens; the tail shorter "
-                     "than a window is not scored")
+        notes.append(f"{total:,} non-overlapping windows of up to {block_size} tokens, the last shorter one "
+                     "holding the tail: every token but the first is scored")
     return TaskResult(task="perplexity", version=VERSION, metrics=metrics, headline="bpb", n_items=total,
                       data_file=data_file, data_sha256=data_sha, details=details, notes=notes)
+
+
+def _check_fingerprint(actual: str, expected: str | None, dataset: str, details: dict, notes: list[str]) -> None:
+    """Record the rebuilt data's fingerprint and whether it is the checkpoint's."""
+    details["data_fingerprint"] = actual
+    if expected is None:
+        details["data_fingerprint_matches"] = None
+        notes.append("the checkpoint records no data fingerprint: the val split could not be checked against "
+                     "the one the run was trained with")
+        return
+    details["data_fingerprint_matches"] = actual == expected
+    details["checkpoint_data_fingerprint"] = expected
+    if actual != expected:
+        notes.append(f"⚠ {dataset}: the val split rebuilt now differs from the run's (data fingerprint {actual}, "
+                     f"the checkpoint has {expected}): the source or a data setting changed since training, "
+                     "so these numbers are not on the run's own val data")

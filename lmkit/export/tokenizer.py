@@ -18,6 +18,12 @@ Special tokens are registered as added tokens, so a Hugging Face tokenizer turns
 text ``<|endoftext|>`` (or ``<EOS>`` for ``char``) into its special id, where lmkit's
 ``encode`` spells it out character by character. That is the only difference, and
 validation text does not contain these strings.
+
+Tokens added with :meth:`lmkit.data.tokenizers.Tokenizer.add_tokens` become added tokens of
+``tokenizer.json`` at their own ids (``special`` as in lmkit). ``tokenizers`` numbers added
+tokens consecutively, so unused ids between the vocabulary and them are filled with
+special placeholders ``<|padding_0|>``, ``<|padding_1|>``, ... (seed 004's names: for GPT-2
+with the 45 mul tokens, 47 placeholders at 50257..50303).
 """
 
 from __future__ import annotations
@@ -27,21 +33,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmkit.data.token_bytes import bytes_to_unicode
 from lmkit.data.tokenizers import CHAR_SPECIALS, ENDOFTEXT, GPT2_PATTERN, Tokenizer
 
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character map (Radford et al. 2019,
-    ``encoder.py`` of openai/gpt-2)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+__all__ = ["bytes_to_unicode", "save_hf_tokenizer", "special_tokens"]
 
 
 def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
@@ -210,6 +205,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_di
         tokenizer_class = "GPT2Tokenizer"
     else:
         raise ValueError(f"no Hugging Face form for the {kind!r} tokenizer")
+    backend = _with_added_tokens(backend, tokenizer)
     backend.save(str(directory / "tokenizer.json"))
     specials = special_tokens(tokenizer)
     config: dict[str, Any] = {
@@ -223,4 +219,43 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_di
         config["model_max_length"] = model_max_length
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
-    return {"kind": kind, "class": tokenizer_class, "special_tokens": specials, "origin": origin}
+    return {"kind": kind, "class": tokenizer_class, "special_tokens": specials, "origin": origin,
+            "added_tokens": len(tokenizer.added_tokens)}
+
+
+def _added_entry(token_id: int, content: str, special: bool) -> dict[str, Any]:
+    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": special}
+
+
+def _with_added_tokens(backend: Any, tokenizer: Tokenizer) -> Any:
+    """``backend`` with lmkit's added tokens at their ids (placeholders fill unused ids).
+
+    Raises:
+        ValueError: the rebuilt tokenizer does not give an added token its id.
+    """
+    added = tokenizer.added_tokens
+    if not added:
+        return backend
+    from tokenizers import Tokenizer as Backend
+
+    spec = json.loads(backend.to_str())
+    entries = list(spec.get("added_tokens") or [])
+    taken = set(backend.get_vocab(with_added_tokens=True)) | {t.text for t in added}
+    by_id = {t.id: t for t in added}
+    n_pad = 0
+    for token_id in range(backend.get_vocab_size(with_added_tokens=True), added[-1].id + 1):
+        token = by_id.get(token_id)
+        if token is not None:
+            entries.append(_added_entry(token_id, token.text, token.special))
+            continue
+        while f"<|padding_{n_pad}|>" in taken:
+            n_pad += 1
+        entries.append(_added_entry(token_id, f"<|padding_{n_pad}|>", True))
+        n_pad += 1
+    spec["added_tokens"] = entries
+    rebuilt = Backend.from_str(json.dumps(spec))
+    wrong = [t.text for t in added if rebuilt.token_to_id(t.text) != t.id]
+    if wrong:
+        raise ValueError(f"tokenizer.json: added token(s) {', '.join(wrong[:3])} did not keep their ids")
+    return rebuilt
