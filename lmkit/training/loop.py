@@ -215,9 +215,11 @@ class Trainer:
         self.nan_guard = NaNGuard(tcfg.on_nan, self.plan.use_scaler, self.plan.device)
         self.evaluator = Evaluator()
         self.checkpoint_policy = CheckpointPolicy()
-        # order matters: the log line first (its sync ends the step's training time), then the
-        # guard (which reads its device counter at log lines), evaluation, and saving last
-        self.hooks.hooks[:0] = [self.meter, self.nan_guard, self.evaluator, self.checkpoint_policy]
+        # Order matters: the log line first (its sync ends the step's training time), the guard
+        # (which reads its device counter at log lines), the hooks added with add_hook, then
+        # evaluation and saving, so a save holds every hook's state of this step.
+        added = list(self.hooks)
+        self.hooks = Hooks([self.meter, self.nan_guard, *added, self.evaluator, self.checkpoint_policy])
         self.rng_notes: list[str] = []
         if resume_state is not None:
             self._restore(resume_state)
@@ -295,7 +297,13 @@ class Trainer:
         self.nan_guard.on_device = skips_on_device(self.optimizer)
 
     def add_hook(self, hook: TrainingHook) -> TrainingHook:
-        """Add a training component (before :meth:`run`); it is called after the built-in ones."""
+        """Add a training component before :meth:`run`. At each point it is called after
+        the throughput meter and the NaN guard, and before evaluation and the checkpoint
+        policy (so the checkpoint of a step holds this hook's state after that step).
+
+        Raises:
+            ValueError: a hook of that name is already added.
+        """
         return self.hooks.add(hook)
 
     def _restore(self, state: dict[str, Any]) -> None:

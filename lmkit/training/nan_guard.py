@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmkit.errors import TrainingError
-from lmkit.events import Notice
+from lmkit.events import NaNSkipped
 from lmkit.training.hooks import StepOutput, TrainingHook
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,7 +96,7 @@ class NaNGuard(TrainingHook):
                 raise TrainingError(self._abort_message(what, f"at step {step.step}"))
             self.skipped += 1
             step.applied = False
-            self._warn(step.step, 1)
+            self.trainer.emit(NaNSkipped(step=step.step, total=self.skipped))
 
     def after_step(self, trainer: Trainer, step: StepOutput) -> None:
         if self.on_device:
@@ -124,12 +124,8 @@ class NaNGuard(TrainingHook):
                 "non-finite loss or gradient norm",
                 f"at step {first} (found at step {log_step}'s log line: the fused optimizer skipped that update "
                 "on the device and applied the finite steps after it)"))
-        self._warn(first, new)
-
-    def _warn(self, step: int, new: int) -> None:
-        since = f", {new} since the last log line" if new > 1 else ""
-        self.trainer.emit(Notice(level="warning", message=(
-            f"step {step}: non-finite loss or gradient norm; update skipped ({self.skipped} so far{since})")))
+        # one skip: its exact step; several: the window's last step (NaNSkipped's convention)
+        self.trainer.emit(NaNSkipped(step=first if new == 1 else log_step, total=self.skipped, skipped=new))
 
     def _abort_message(self, what: str, where: str) -> str:
         latest = self.trainer.run.checkpoint_path("latest")
