@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -38,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmkit import __version__
 from lmkit.config import RunConfig
 from lmkit.data import PreparedData, make_train_batches, prepare_data
 from lmkit.device import DevicePlan, plan_device
@@ -59,7 +57,6 @@ from lmkit.monitor.writers import EventsWriter, MetricsWriter, TensorBoardWriter
 from lmkit.rundir import RunDir
 from lmkit.training.checkpoint import (
     checkpoint_by_name,
-    clean_state_dict,
     link_checkpoint,
     load_checkpoint,
     newest_complete,
@@ -75,6 +72,7 @@ from lmkit.training.resume import align_checkpoints, check_checkpoint_config, ch
 from lmkit.training.rng import rng_state, seed_everything, set_rng_state
 from lmkit.training.schedule import build_scheduler
 from lmkit.training.signals import StopNow, StopRequest
+from lmkit.training.state import checkpoint_state, restore_state, run_summary
 from lmkit.training.throughput import ThroughputMeter
 
 IGNORE_INDEX = -100
@@ -222,7 +220,7 @@ class Trainer:
         self.hooks = Hooks([self.meter, self.nan_guard, *added, self.evaluator, self.checkpoint_policy])
         self.rng_notes: list[str] = []
         if resume_state is not None:
-            self._restore(resume_state)
+            restore_state(self, resume_state)
             if self.max_steps <= self.step:
                 raise ConfigError(
                     f"resume: {self.run.path} is already at step {self.step} of {self.max_steps}; "
@@ -273,7 +271,7 @@ class Trainer:
         return build_scheduler(optimizer, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
                                total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio)
 
-    def _position_schedule(self, steps_taken: int) -> None:
+    def position_schedule(self, steps_taken: int) -> None:
         """Put the schedule at ``steps_taken`` and set every group's LR to what the next step
         uses (after a restore, a changed run length or a rebuilt optimizer)."""
         self.scheduler.last_epoch = steps_taken
@@ -293,7 +291,7 @@ class Trainer:
                 if param in old.state:
                     self.optimizer.state[param] = old.state[param]
         self.scheduler = self._new_scheduler(self.optimizer)
-        self._position_schedule(self.step)
+        self.position_schedule(self.step)
         self.nan_guard.on_device = skips_on_device(self.optimizer)
 
     def add_hook(self, hook: TrainingHook) -> TrainingHook:
@@ -305,38 +303,6 @@ class Trainer:
             ValueError: a hook of that name is already added.
         """
         return self.hooks.add(hook)
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        from lmkit.errors import CheckpointError, first_line
-
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{self.resume_path}: does not fit this model ({first_line(exc, 160)})") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        # A changed length re-targets the schedule: the next step must use the new
-        # schedule's LR (the saved one was computed for the old end).
-        self._position_schedule(self.scheduler.last_epoch)
-        if state.get("scaler") and self.plan.use_scaler:
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.micro_step = int(state["micro_step"])
-        self.tokens = int(state["tokens"])
-        self.best_val_loss = float(state["best_val_loss"])
-        self.best_step = state.get("best_step")
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
-        self.last_train_loss = state.get("last_train_loss")
-        last = state.get("last_val")
-        if last:
-            self.last_val = EvalResult(step=last["step"], epoch=last["epoch"], tokens=last["tokens"], split="val",
-                                       loss=last["loss"], metrics=dict(last["metrics"]), is_best=False, elapsed_s=0.0)
-        hooks = dict(state.get("hooks") or {})
-        # checkpoints of format 2 kept these at the top level
-        hooks.setdefault("throughput", {"log_window": state.get("log_window")})
-        hooks.setdefault("nan_guard", {"skipped": state.get("nan_skips", 0)})
-        self.hooks.load_state_dict(hooks)
-        self.rng_notes = set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ helpers
 
@@ -379,35 +345,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state(self) -> dict[str, Any]:
-        """Everything the next step depends on (tensors and plain types only)."""
-        return {
-            "format": 3,
-            "lmkit_version": __version__,
-            "torch_version": str(torch.__version__),
-            "world_size": 1,
-            "step": self.step,
-            "micro_step": self.micro_step,
-            "epoch": self.epoch(),
-            "tokens": self.tokens,
-            "best_val_loss": self.best_val_loss,
-            "best_step": self.best_step,
-            "nan_skips": self.nan_skips,  # also in hooks/nan_guard; kept here for readers
-            "elapsed_s": self.elapsed(),
-            "last_train_loss": self.last_train_loss,
-            "last_val": (None if self.last_val is None else {
-                "step": self.last_val.step, "epoch": self.last_val.epoch, "tokens": self.last_val.tokens,
-                "loss": self.last_val.loss, "metrics": dict(self.last_val.metrics)}),
-            "data_fingerprint": self.data_fingerprint,
-            "model": clean_state_dict(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.plan.use_scaler else None,
-            "hooks": self.hooks.state_dict(),
-            "rng": rng_state(),
-            "config": self.config.model_dump(mode="json"),
-        }
-
     def save(self, tags: list[str]) -> list[Path]:
         """Write the checkpoint once and hard-link it under every tag, ``latest`` last: a
         crash in between leaves ``latest`` at the previous step, consistent with its tags
@@ -418,7 +355,7 @@ class Trainer:
         started = time.time()
         order = [t for t in tags if t != "latest"] + [t for t in tags if t == "latest"]
         paths = [self.run.checkpoint_path(tag) for tag in order]
-        save_checkpoint(self.state(), paths[0])
+        save_checkpoint(checkpoint_state(self), paths[0])
         for path in paths[1:]:
             link_checkpoint(paths[0], path)
         val = self.last_val.loss if self.last_val is not None and self.last_val.step == self.step else None
@@ -519,41 +456,6 @@ class Trainer:
                     exit_code=128 + int(stop.signum),
                 )
 
-    def summary(self, status: str) -> dict[str, Any]:
-        wall = self.elapsed() if hasattr(self, "t_session") else 0.0
-        val = self.last_val
-        return {
-            "name": self.run.name,
-            "run_dir": str(self.run.path),
-            "status": status,
-            "preset": self.config.preset,
-            "model_type": self.config.model.type,
-            "params": self.n_params,
-            "steps": self.step,
-            "max_steps": self.max_steps,
-            "epochs": round(self.epoch(), 4),
-            "tokens": self.tokens,
-            "final_train_loss": self.last_train_loss,
-            "final_val_loss": val.loss if val else None,
-            "final_val_step": val.step if val else None,
-            "best_val_loss": self.best_val_loss if self.best_step is not None else None,
-            "best_step": self.best_step,
-            "final_metrics": dict(val.metrics) if val else {},
-            "nan_skips": self.nan_skips,
-            "wall_time_s": round(wall, 3),
-            "train_time_s": round(self.meter.train_time_s, 3),
-            **self.meter.rates(self.tokens, wall),
-            "flops_per_token": self.flops_per_token,
-            "peak_flops": self.plan.peak_flops,
-            "peak_flops_basis": self.plan.peak_basis,
-            "device": str(self.plan.device),
-            "device_name": self.plan.description,
-            "precision": self.plan.precision,
-            "lmkit_version": __version__,
-            "torch_version": str(torch.__version__),
-            "python_version": platform.python_version(),
-        }
-
     def run(self) -> dict[str, Any]:
         """Set up, train to ``max_steps``, write ``summary.json``; return the summary.
 
@@ -590,7 +492,7 @@ class Trainer:
                 f"is untouched; resume with: lmkit resume {self.run.path}", exit_code=130) from None
         finally:
             self.hooks.call("on_end", self, status)
-            summary = self.summary(status)
+            summary = run_summary(self, status)
             self.run.write_summary(summary)
             self.emit(RunFinished(status=status, summary=summary))
             self.run.unlock()
