@@ -307,3 +307,20 @@ def test_fewshot_draws_fixed_train_examples(setup):
     assert all(e["n_tokens"] <= 16 for e in a.details["examples"])
     c = evaluate(_ctx(loaded, data, limit=3, options={"fewshot": 2, "seed": 7, "max_new_tokens": 4}))
     assert c.details["fewshot_ids"] == random.Random(7).sample(range(30), 2)
+
+
+def test_cli_legacy_extraction_writes_both_metrics_and_their_directions(setup, tmp_path):
+    from conftest import run_cli
+
+    loaded, data = setup
+    run_dir = loaded.checkpoint.parent.parent if loaded.checkpoint.parent.name == "checkpoints" else None
+    assert run_dir is not None and (run_dir / "config.yaml").is_file()
+    proc = run_cli("eval", str(run_dir), "--task", "gsm8k", "--data", str(data), "--limit", "3",
+                   "--max-new-tokens", "8", "--legacy-extraction", "--json", "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)["results"][0]
+    assert {"accuracy", "accuracy_legacy", "correct", "correct_legacy"} <= set(record["metrics"])
+    assert record["options"]["legacy_extraction"] is True and record["version"] == "2"
+    assert record["directions"]["accuracy_legacy"] == "higher" and record["directions"]["total"] == "neither"
+    on_disk = json.loads((run_dir / "eval" / "gsm8k.json").read_text())
+    assert on_disk["directions"] == record["directions"]

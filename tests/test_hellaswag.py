@@ -170,7 +170,19 @@ def test_bad_rows_and_no_hub_are_one_line_errors(tmp_path, monkeypatch):
                    + json.dumps({"ctx": "a", "endings": ["x", "y"], "label": "0"}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected 4 endings"):
         load_items(bad)
+    # offline for certain: env vars for fresh imports, the imported constants for this process,
+    # an empty cache, no proxy (a proxy skips the reachability probe)
+    datasets_config = pytest.importorskip("datasets.config")
+    from huggingface_hub import constants
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"Rowan/hellaswag.*--data"):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(DataError, match=r"Rowan/hellaswag.*no network and no cached copy.*--data") as info:
         load_items(None, limit=5)
+    assert "\n" not in str(info.value)
