@@ -146,7 +146,8 @@ def eval_command(
     out_dir: str = typer.Option("runs", "--out-dir", help="Where run names are looked up."),
     fewshot: int = typer.Option(None, "--fewshot", min=0, help="gsm8k: K worked examples from the train split."),
     legacy_eos_metric: bool = typer.Option(False, "--legacy-eos-metric", help="arithmetic: also report the "
-                                           "original metric (argmax at the last label position, i.e. predicting EOS)."),
+                                           "original metric of Step-free-arithmetic-transformers (argmax at the "
+                                           "last label position, i.e. predicting EOS)."),
     legacy_last_number: bool = typer.Option(False, "--legacy-last-number", help="arithmetic-probes: score the "
                                             "LAST number of the response (domain-token-gpt2's rule) instead of the first."),
     legacy_extraction: bool = typer.Option(False, "--legacy-extraction", help="gsm8k: also report accuracy_legacy, "
