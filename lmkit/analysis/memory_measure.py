@@ -5,6 +5,10 @@
   Storages are de-duplicated by ``data_ptr`` and counted whole (a view keeps its whole storage
   alive); parameters and buffers are left out (they are the weights). Parameter, gradient and
   optimizer-state bytes are read from the tensors themselves.
+* :func:`measure_cpu_peak` (CPU): the peak of live allocated bytes during one training step
+  (forward, backward, AdamW step, ``zero_grad``), from the allocation and free events that
+  ``torch.profiler`` records with ``profile_memory=True``, plus the weights and optimizer state
+  alive before it: the CPU counterpart of ``torch.cuda.max_memory_allocated()``.
 * :func:`measure_cuda_peak`: ``torch.cuda.max_memory_allocated()`` over a few real training steps
   that follow :meth:`lmkit.training.loop.Trainer.train_step` (autocast, ``GradScaler`` for fp16,
   ``clip_grad_norm_``, fused AdamW, ``zero_grad(set_to_none=True)``; with targets the model
@@ -100,6 +104,49 @@ def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
     }
     out["total"] = sum(out.values())
     return out
+
+
+def measure_cpu_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "fp32",
+                     grad_checkpointing: bool = False, attention: str = "sdpa", seed: int = 0) -> dict[str, int]:
+    """Peak allocated bytes of one CPU training step (after a first step created AdamW's state).
+
+    Args: as :func:`measure_saved`, plus ``grad_checkpointing``.
+
+    Returns:
+        ``{"peak_allocated", "weights", "optimizer_state"}`` in bytes; ``peak_allocated`` counts
+        the weights and optimizer state too (what :attr:`MemoryEstimate.peak_allocated
+        <lmkit.analysis.memory.MemoryEstimate>` predicts with ``device="cpu"``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(seed)
+    T = cfg.block_size if seq_len is None else seq_len
+    model = build_model(cfg, device="cpu")
+    model.train()
+    model.set_grad_checkpointing(grad_checkpointing)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    x = torch.randint(0, cfg.vocab_size, (batch_size, T))
+    y = torch.randint(0, cfg.vocab_size, (batch_size, T))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with _attention_context(attention):
+        step()
+        weights, state = _storage_bytes(model.parameters()), _optimizer_bytes(opt)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return {"peak_allocated": weights + state + peak, "weights": weights, "optimizer_state": state}
 
 
 def measure_cuda_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "fp32",
