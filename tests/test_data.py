@@ -202,3 +202,50 @@ def test_non_text_column_and_empty_file_and_markers(tmp_path):
     (folder / "_SUCCESS").write_text("")
     (folder / "part-0.txt").write_text("some text\n" * 100)
     assert prepare_data(DataConfig(dataset=str(folder), tokenizer="byte")).split_sizes()["train"] > 0
+
+
+# ------------------------------------------------------------------------------ per-token byte counts
+
+
+def test_shards_store_byte_counts_and_old_entries_fall_back_to_the_table(tmp_path):
+    """Each split gets ``SPLIT.bytes`` (uint8, widened to uint16 when a token covers more than
+    255 bytes) adding up to its text's UTF-8 length, and the text's SHA-256; an entry written
+    before these existed still loads, with the per-id table and a SHA-256 of the decoded text."""
+    import hashlib
+
+    from lmkit.data.tokenizers import AddedToken
+
+    long = "<" + "x" * 298 + ">"
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"línea {i} 🙂 {long if i % 7 == 0 else ''}\n" for i in range(200)), encoding="utf-8")
+    lines = text.read_text(encoding="utf-8").splitlines(keepends=True)
+    val_text = "".join(lines[-20:])
+    data = prepare_data(DataConfig(dataset=str(text), tokenizer="byte"), added_tokens=(AddedToken(long, 400),))
+    meta = json.loads((data.shards.directory / "meta.json").read_text())
+    assert meta["splits"]["val"]["bytes_dtype"] == "uint16" and (data.shards.directory / "val.bytes").is_file()
+    assert int(data.token_bytes("val").sum()) == len(val_text.encode()) == meta["splits"]["val"]["n_bytes"]
+    assert int(np.asarray(data.token_bytes("val")).max()) == 300
+    assert data.text_sha256("val") == hashlib.sha256(val_text.encode()).hexdigest()
+
+    plain = prepare_data(DataConfig(dataset=str(text), tokenizer="byte"))
+    meta = json.loads((plain.shards.directory / "meta.json").read_text())
+    assert meta["splits"]["val"]["bytes_dtype"] == "uint8"
+    for info in meta["splits"].values():  # make it look like an entry from before the byte counts
+        (plain.shards.directory / info.pop("bytes_file")).unlink()
+        for key in ("bytes_dtype", "n_bytes", "text_sha256"):
+            info.pop(key)
+    (plain.shards.directory / "meta.json").write_text(json.dumps(meta))
+    old = prepare_data(DataConfig(dataset=str(text), tokenizer="byte"))
+    assert old.shards.reused and old.bytes_source("val") == "per-id table"
+    assert int(old.token_bytes("val").sum()) == len(val_text.encode())
+    assert old.text_sha256("val") == hashlib.sha256(val_text.encode()).hexdigest()
+
+
+def test_a_truncated_byte_count_file_is_one_line_error(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}\n" for i in range(100)))
+    data = prepare_data(DataConfig(dataset=str(text), tokenizer="byte"))
+    path = data.shards.directory / "val.bytes"
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(DataError, match="val.bytes.*truncated"):
+        prepare_data(DataConfig(dataset=str(text), tokenizer="byte"))

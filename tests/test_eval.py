@@ -67,6 +67,29 @@ def test_bpb_by_hand_on_three_tokens():
     assert part.n_bytes == 1 and part.bpb == pytest.approx(ce[0] / math.log(2), rel=1e-5)
 
 
+def test_bpb_drops_only_special_targets_that_stand_for_no_text():
+    """Per-target byte counts: a text token with 0 bytes (a piece of a character another
+    piece already counted) still costs its nats; a separator (special, 0 bytes) does not;
+    a special token that was in the text (bytes > 0) counts both."""
+    tok = CharTokenizer("ab")
+    a, b = tok.encode("ab")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, d_ff=16, block_size=4, vocab_size=tok.vocab_size,
+                            dropout=0.0)).eval()
+    x = np.array([[tok.bos_id, a, b, a]])
+    y = np.array([[a, b, tok.eos_id, tok.eos_id]])
+    y_bytes = np.array([[1, 0, 0, 5]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.from_numpy(x))[0][0].double(), dim=-1)
+    ce = [-float(logp[t, int(y[0, t])]) for t in range(4)]
+    special = np.zeros(tok.vocab_size, dtype=bool)
+    special[[tok.pad_id, tok.bos_id, tok.eos_id]] = True
+    sums = loss_sums(model, [(x, y, y_bytes)], None, torch.device("cpu"), special=special)
+    assert sums.n_bytes == 6 and sums.n_tokens == 4
+    assert sums.bpb_nats == pytest.approx(ce[0] + ce[1] + ce[3], rel=1e-6)
+    assert sums.bpb == pytest.approx((ce[0] + ce[1] + ce[3]) / (math.log(2) * 6), rel=1e-6)
+
+
 def test_gpt2_byte_table_uses_raw_token_bytes(monkeypatch):
     """A GPT-2 token holding half of a UTF-8 character has 1 byte, not the 3 bytes of U+FFFD."""
     from lmkit.data.tokenizers import GPT2Tokenizer

@@ -44,7 +44,7 @@ import numpy as np
 from lmkit import __version__
 from lmkit.config import DataConfig
 from lmkit.data.sources import TextSource
-from lmkit.data.token_bytes import UINT8_MAX, UINT16_MAX
+from lmkit.data.token_bytes import ByteCountWriter
 from lmkit.data.tokenizers import AddedToken, Tokenizer, build_tokenizer, load_tokenizer
 from lmkit.errors import DataError
 from lmkit.events import DataProgress, Event
@@ -345,7 +345,7 @@ def _write_shards(source: TextSource, config: DataConfig, tokenizer: Tokenizer, 
             budget = config.max_tokens if split == "train" else None
         total_rows = source.n_rows.get(split)
         path = tmp / f"{split}.bin"
-        counts = _ByteCountWriter(tmp / f"{split}.bytes")
+        counts = ByteCountWriter(tmp / f"{split}.bytes")
         text_hash = hashlib.sha256()
         count, max_id, done_rows = 0, -1, 0
         leftover: list[str] = []
@@ -420,36 +420,6 @@ def _take_budget(encoded: Encoded, remaining: int) -> tuple[Encoded, int]:
         taken.append((ids[:remaining], n_bytes[:remaining]))
         remaining -= len(ids)
     return taken, len(encoded)
-
-
-class _ByteCountWriter:
-    """Writes per-token byte counts as raw ``uint8``; the first count above 255 rewrites
-    what was written as ``uint16`` and continues so (counts above 65,535 are clipped)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.dtype = np.dtype(np.uint8)
-        self.total = 0
-        self._file = None
-
-    def __enter__(self) -> _ByteCountWriter:
-        self._file = self.path.open("wb")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        assert self._file is not None
-        self._file.close()
-
-    def write(self, counts: np.ndarray) -> None:
-        assert self._file is not None
-        self.total += int(counts.sum())
-        if self.dtype == np.uint8 and counts.size and int(counts.max()) > UINT8_MAX:
-            self._file.close()
-            widened = np.fromfile(self.path, dtype=np.uint8).astype(np.uint16)
-            self.dtype = np.dtype(np.uint16)
-            self._file = self.path.open("wb")
-            self._file.write(widened.tobytes())
-        self._file.write(np.clip(counts, 0, UINT16_MAX).astype(self.dtype).tobytes())
 
 
 def _stream_val_tokens(config: DataConfig) -> int:

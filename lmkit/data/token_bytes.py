@@ -24,6 +24,7 @@ import functools
 import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -97,6 +98,37 @@ def bytes_from_char_ends(text: str, ends: Sequence[int] | np.ndarray) -> np.ndar
     cum = prefix[stops]
     cum[-1] = prefix[-1]
     return np.diff(cum, prepend=0)
+
+
+class ByteCountWriter:
+    """Writes a shard's per-token byte counts to ``path`` as raw ``uint8``; the first count
+    above 255 rewrites what was written as ``uint16`` and continues so (counts above 65,535
+    are clipped). ``dtype`` is what the file holds, ``total`` the sum of the counts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.dtype = np.dtype(np.uint8)
+        self.total = 0
+        self._file = None
+
+    def __enter__(self) -> ByteCountWriter:
+        self._file = self.path.open("wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self._file is not None
+        self._file.close()
+
+    def write(self, counts: np.ndarray) -> None:
+        assert self._file is not None
+        self.total += int(counts.sum())
+        if self.dtype == np.uint8 and counts.size and int(counts.max()) > UINT8_MAX:
+            self._file.close()
+            widened = np.fromfile(self.path, dtype=np.uint8).astype(np.uint16)
+            self.dtype = np.dtype(np.uint16)
+            self._file = self.path.open("wb")
+            self._file.write(widened.tobytes())
+        self._file.write(np.clip(counts, 0, UINT16_MAX).astype(self.dtype).tobytes())
 
 
 # --------------------------------------------------------------------------------------
