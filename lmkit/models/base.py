@@ -47,6 +47,9 @@ from torch import nn
 from lmkit.data.batching import IGNORE_INDEX  # the one definition: targets that are not scored
 from lmkit.errors import CheckpointError, first_line
 
+__all__ = ["IGNORE_INDEX", "LOAD_ADAPTERS", "TARGET_KINDS", "Capture", "HeadEdit", "KVCache", "LanguageModel",
+           "math_attention", "register_load_adapter"]
+
 #: ``kind`` names of :meth:`LanguageModel.target_modules`.
 TARGET_KINDS = ("attention", "mlp", "blocks", "head", "all")
 
@@ -328,8 +331,8 @@ class LanguageModel(nn.Module, abc.ABC):
         self.prepare_load(state)
         try:
             return self.load_state_dict(state, strict=strict)
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:300]
+        except RuntimeError as exc:  # torch's message spans lines: the keys and shapes, on one
+            detail = " ".join(str(exc).split())
             raise CheckpointError(f"checkpoint weights do not fit the model: {first_line(RuntimeError(detail), 300)}") \
                 from None
 

@@ -41,7 +41,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.config import GPTConfig
-from lmkit.models.base import IGNORE_INDEX, Capture, HeadEdit, KVCache, LanguageModel, math_attention
+from lmkit.data.batching import IGNORE_INDEX
+from lmkit.models.base import Capture, HeadEdit, KVCache, LanguageModel, math_attention
 
 ModelConfig = GPTConfig
 
