@@ -188,3 +188,14 @@ def test_a_changed_local_hf_tokenizer_file_rebuilds_the_shards(tmp_path):
     second = prepare_data(config)
     assert not second.shards.reused and second.shards.directory != first.shards.directory
     assert second.tokenizer.vocab_size == 300
+
+
+def test_a_token_replacing_other_text_counts_the_text_it_replaced():
+    """A condition that rewrites ``6*9=54`` into ``<MUL_6_9_54>`` gives the token the 6 bytes
+    it replaced (a per-id table would say 12)."""
+    tok = GPT2Tokenizer.from_files(shared("gpt2-tokenizer"))
+    tok.add_tokens(mul_tokens())
+    [(ids, n_bytes)] = tok.encode_segments_with_bytes([["so ", (50342, "6*9=54"), ", 9 × 6", (50342, "")]])
+    assert ids == tok.encode("so ") + [50342] + tok.encode(", 9 × 6") + [50342]
+    assert int(n_bytes[len(tok.encode("so "))]) == 6 and int(n_bytes[-1]) == 0
+    assert int(n_bytes.sum()) == len("so 6*9=54, 9 × 6".encode())

@@ -38,6 +38,8 @@ class AddedToken:
 
 
 BytesEncoding = tuple[list[int], np.ndarray]
+#: Part of a text to encode: text for the base tokenizer, or ``(id, text)``: one token standing for ``text``.
+Segment = str | tuple[int, str]
 
 
 class Tokenizer(ABC):
@@ -90,16 +92,16 @@ class Tokenizer(ABC):
         alternatives = sorted(texts, key=lambda t: (-len(t), t))  # longest first
         self._added_pattern = re.compile("|".join(re.escape(t) for t in alternatives))
 
-    def _segments(self, text: str) -> list[str | AddedToken]:
-        """``text`` cut into base-tokenizer text and added-token occurrences."""
+    def _segments(self, text: str) -> list[Segment]:
+        """``text`` cut into base-tokenizer text and ``(id, text)`` added-token occurrences."""
         assert self._added_pattern is not None
-        by_text = {t.text: t for t in self.added_tokens}
-        out: list[str | AddedToken] = []
+        by_text = {t.text: t.id for t in self.added_tokens}
+        out: list[Segment] = []
         pos = 0
         for match in self._added_pattern.finditer(text):
             if match.start() > pos:
                 out.append(text[pos : match.start()])
-            out.append(by_text[match.group()])
+            out.append((by_text[match.group()], match.group()))
             pos = match.end()
         if pos < len(text):
             out.append(text[pos:])
@@ -134,18 +136,28 @@ class Tokenizer(ABC):
         texts = list(texts)
         if not self.added_tokens:
             return self._encode_batch_bytes(texts)
-        plans = [self._segments(t) for t in texts]
-        pieces = [seg for plan in plans for seg in plan if isinstance(seg, str)]
+        return self.encode_segments_with_bytes([self._segments(t) for t in texts])
+
+    def encode_segments_with_bytes(self, rows: Sequence[Sequence[Segment]]) -> list[BytesEncoding]:
+        """``(ids, n_bytes)`` of rows given as segments: a ``str`` goes through the base
+        tokenizer; an ``(id, text)`` pair is the single token ``id`` standing for ``text``
+        (its byte count is ``text``'s, e.g. ``(50342, "6*9=54")`` for ``<MUL_6_9_54>``
+        replacing that text). What a text-rewriting condition uses so that bits per byte
+        still divides by the original text's bytes.
+        """
+        pieces = [seg for row in rows for seg in row if isinstance(seg, str)]
         encoded = iter(self._encode_batch_bytes(pieces))
         out: list[BytesEncoding] = []
-        for plan in plans:
+        for row in rows:
             ids: list[int] = []
             counts: list[np.ndarray] = []
             pending = 0  # bytes of text that gave no token: carried to the next token
-            for seg in plan:
-                if isinstance(seg, AddedToken):
-                    ids.append(seg.id)
-                    counts.append(np.array([len(seg.text.encode("utf-8")) + pending], dtype=np.int64))
+            for seg in row:
+                if not isinstance(seg, str):
+                    token_id, text = seg
+                    ids.append(int(token_id))
+                    counts.append(np.array([len(text.encode("utf-8", errors="surrogatepass")) + pending],
+                                           dtype=np.int64))
                     pending = 0
                     continue
                 seg_ids, seg_bytes = next(encoded)
