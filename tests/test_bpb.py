@@ -14,7 +14,7 @@ import torch
 from lmkit.config import DataConfig, build_run_config
 from lmkit.data import prepare_data
 from lmkit.data.tokenizers import ByteTokenizer, CharTokenizer, GPT2Tokenizer, HFTokenizer
-from lmkit.evaluation.perplexity import scored_windows, token_byte_lengths
+from lmkit.evaluation.perplexity import scored_windows, split_loss_sums, token_byte_lengths
 
 from conftest import run_cli, shared
 
@@ -131,6 +131,13 @@ def test_shards_store_per_token_bytes_that_add_up_to_the_text(metaspace_run):
     table = token_byte_lengths(data.tokenizer)
     by_table = int(table[np.asarray(data.tokens("val"), dtype=np.int64)].sum())
     assert 0 <= by_table - len(val_text.encode("utf-8")) <= n_val
+    # what in-training validation calls: the whole split, every token but the first
+    from lmkit.runs import load_run
+
+    loaded = load_run(run, "best")
+    sums = split_loss_sums(loaded.model.eval(), data, "val", 64, 16, torch.device("cpu"))
+    assert sums.n_tokens == len(per_token) - 1 and sums.n_bytes == int(per_token[1:].sum())
+    assert split_loss_sums(loaded.model, data, "val", 64, 16, torch.device("cpu"), limit=3, tail=False).n_tokens == 192
 
 
 def _eval_in_process(run, root) -> dict:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkit.data import PreparedData
 from lmkit.data.batching import IGNORE_INDEX
 from lmkit.data.token_bytes import special_id_mask, token_byte_table
 from lmkit.data.tokenizers import Tokenizer
@@ -191,6 +192,63 @@ def scored_windows(tokens: np.ndarray, token_bytes: np.ndarray | None, block_siz
     return n_windows, generate()
 
 
+_TABLES: dict[int, tuple[Tokenizer, int, np.ndarray, np.ndarray]] = {}
+
+
+def byte_tables(tokenizer: Tokenizer, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(token_byte_table, special_id_mask)`` of ``tokenizer`` padded to ``size``, cached
+    per tokenizer object (a 250k-id table takes a moment to build)."""
+    size = max(size or 0, tokenizer.vocab_size)
+    cached = _TABLES.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer or cached[1] != size or len(cached[2]) != size:
+        cached = (tokenizer, size, token_byte_table(tokenizer, size), special_id_mask(tokenizer, size))
+        _TABLES.clear()  # one tokenizer at a time: a run has one
+        _TABLES[id(tokenizer)] = cached
+    return cached[2], cached[3]
+
+
+def split_loss_sums(model: nn.Module, data: PreparedData, split: str, block_size: int, batch_size: int,
+                    device: torch.device, *, limit: int | None = None, tail: bool = True,
+                    vocab_size: int | None = None, autocast: Callable[[], AbstractContextManager] | None = None,
+                    progress: Callable[[int], None] | None = None) -> LossSums:
+    """Loss and bits per byte of one split of a run's data (what in-training validation calls).
+
+    Text data: :func:`scored_windows` over ``data.tokens(split)`` with the per-token byte
+    counts ``data.token_bytes(split)``; arithmetic: the split's examples in order, padded.
+
+    Args:
+        model: the model (put it in eval mode first); called as ``model(x)``.
+        data: from :func:`lmkit.data.prepare_data`.
+        split: ``"val"``, ``"train"``, ...
+        block_size: the model's context.
+        batch_size: windows (or examples) per forward.
+        device: where ``model`` lives.
+        limit: only the first ``limit`` windows (examples).
+        tail: also score the tail shorter than a window.
+        vocab_size: ``model.vocab_size`` when larger than the tokenizer's.
+        autocast: a context-manager factory around each forward (e.g. ``DevicePlan.autocast``).
+        progress: called with the rows of each scored batch.
+
+    Returns:
+        :class:`LossSums` (``mean_loss``, ``bpb``, ``n_tokens``, ``n_bytes``).
+
+    Raises:
+        DataError: no such split.
+    """
+    from lmkit.data.batching import example_batches_in_order
+
+    table, special = byte_tables(data.tokenizer, vocab_size)
+    if data.task == "lm":
+        _, batches = scored_windows(data.tokens(split), data.token_bytes(split), block_size, batch_size,
+                                    limit=limit, tail=tail)
+    else:
+        if split not in data.sequences:
+            raise DataError(f"the data has no {split} split (splits: {', '.join(data.sequences)})")
+        seqs = data.sequences[split][:limit] if limit is not None else data.sequences[split]
+        batches = example_batches_in_order(seqs, batch_size, data.tokenizer.pad_id or 0)
+    return loss_sums(model, batches, table, device, progress, special=special, autocast=autocast)
+
+
 def text_tokens(path: Path, tokenizer: Tokenizer, encoding: str = "utf-8") -> tuple[np.ndarray, np.ndarray, int]:
     """The ids of a text file and each token's byte count, tokenized line by line (as
     training tokenizes text files; the last line gets no newline the file does not have).
@@ -230,14 +288,11 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     Raises:
         DataError: the data cannot be read or rebuilt, or was tokenized differently.
     """
-    from lmkit.data.batching import example_batches_in_order
-
     cfg = ctx.config
     block_size = cfg.model.block_size
     vocab = max(cfg.model.vocab_size or 0, ctx.tokenizer.vocab_size)
     details: dict = {}
     notes: list[str] = []
-    token_bytes: np.ndarray | None = None
     if ctx.data is not None:
         encoding = ctx.options.get("encoding", "utf-8")
         tokens, token_bytes, text_bytes = text_tokens(Path(ctx.data), ctx.tokenizer, encoding)
@@ -256,19 +311,16 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         data_sha = data.text_sha256("val")
         _check_fingerprint(data.fingerprint(), ctx.options.get("data_fingerprint"), cfg.data.dataset, details, notes)
         if data.task == "lm":
-            tokens = data.tokens("val")
-            token_bytes = data.token_bytes("val")
             details["bytes_source"] = data.bytes_source("val")
             if details["bytes_source"] != "per token":
                 notes.append("bpb: this token cache predates per-token byte counts, so bytes come from a per-id "
                              "table (exact for byte/gpt2/bpe/char; a Metaspace tokenizer's line starts count one "
                              "space too many); delete the cache folder to rebuild it with exact counts")
-            total, batches = scored_windows(tokens, token_bytes, block_size, ctx.batch_size, limit=ctx.limit)
+            total, _ = scored_windows(data.tokens("val"), None, block_size, ctx.batch_size, limit=ctx.limit)
             unit = "windows"
         else:
-            seqs = data.sequences["val"][: ctx.limit] if ctx.limit is not None else data.sequences["val"]
-            pad = data.tokenizer.pad_id or 0
-            total, batches, unit = len(seqs), example_batches_in_order(seqs, ctx.batch_size, pad), "examples"
+            total = len(data.sequences["val"][: ctx.limit] if ctx.limit is not None else data.sequences["val"])
+            unit = "examples"
             details["bytes_source"] = "per-id table"
     if total == 0:
         raise DataError(f"{data_file}: nothing to score")
@@ -280,8 +332,12 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         ctx.progress(done, total)
 
     ctx.progress(0, total)
-    table = token_byte_table(ctx.tokenizer, vocab)
-    sums = loss_sums(ctx.model, batches, table, ctx.device, step, special=special_id_mask(ctx.tokenizer, vocab))
+    if ctx.data is not None:
+        table, special = byte_tables(ctx.tokenizer, vocab)
+        sums = loss_sums(ctx.model, batches, table, ctx.device, step, special=special)
+    else:
+        sums = split_loss_sums(ctx.model, data, "val", block_size, ctx.batch_size, ctx.device, limit=ctx.limit,
+                               vocab_size=vocab, progress=step)
     from lmkit.evaluation.lm import perplexity
 
     metrics = {"mean_loss": sums.mean_loss, "perplexity": perplexity(sums.mean_loss), "bpb": sums.bpb}
