@@ -61,7 +61,10 @@ class Tokenizer(ABC):
 
     @property
     def vocab_size(self) -> int:
-        return max([self.base_vocab_size, *(t.id + 1 for t in self.added_tokens)])
+        """Ids in use: the base vocabulary, then any unused ids and the added tokens."""
+        if not self.added_tokens:
+            return self.base_vocab_size
+        return max(self.base_vocab_size, self.added_tokens[-1].id + 1)  # sorted by id
 
     # ---------------------------------------------------------------- added tokens
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit.data import PreparedData
+from lmkit.data import PreparedData, prepare_data
 from lmkit.data.batching import IGNORE_INDEX
 from lmkit.data.token_bytes import special_id_mask, token_byte_table
 from lmkit.data.tokenizers import Tokenizer
@@ -301,8 +301,6 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         details.update({"encoding": encoding, "text_bytes": text_bytes, "bytes_source": "per token"})
         unit = "windows"
     else:
-        from lmkit.data import prepare_data
-
         data = prepare_data(cfg.data, added_tokens=getattr(ctx.tokenizer, "added_tokens", ()))
         if data.tokenizer.fingerprint() != ctx.tokenizer.fingerprint():
             raise DataError(f"{cfg.data.dataset}: the val split rebuilt now is tokenized differently from the run's "
