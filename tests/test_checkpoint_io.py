@@ -4,6 +4,7 @@ checkpoints still load in."""
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections import OrderedDict
 
 import pytest
@@ -27,6 +28,19 @@ def test_checksum_is_the_one_older_checkpoints_carry():
     # must keep verifying
     assert tensor_checksum(small_state()) == ("fc49c7ac", 4)
     assert ckpt.FORMAT == 2
+
+
+def test_threaded_checksum_gives_the_single_chain_value(monkeypatch):
+    monkeypatch.setattr(ckpt, "_CRC_PIECE", 8)  # 8-byte pieces: w (24 bytes) is CRC'd as 3 joined pieces
+    for threads in (1, 2, 3):
+        assert tensor_checksum(small_state(), threads=threads) == ("fc49c7ac", 4)
+
+
+@pytest.mark.parametrize("len_a, len_b", [(0, 0), (1, 0), (0, 7), (13, 1), (1000, 4096), (3, 1 << 20)])
+def test_crc32_combine_matches_zlib_over_the_concatenation(len_a, len_b):
+    a, b = bytes(range(256)) * (len_a // 256 + 1), bytes(reversed(range(256))) * (len_b // 256 + 1)
+    a, b = a[:len_a], b[:len_b]
+    assert ckpt.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
 def test_host_copy_of_a_cpu_state_copies_nothing():

@@ -26,12 +26,14 @@ State-dict keys are stored without ``torch.compile``'s ``_orig_mod.`` and DDP's
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
 import tempfile
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,20 +108,77 @@ def host_copy(value: Any, _memo: dict[tuple[str, int], torch.UntypedStorage] | N
     return value
 
 
-def tensor_checksum(state: dict[str, Any]) -> tuple[str, int]:
+def tensor_checksum(state: dict[str, Any], threads: int | None = None) -> tuple[str, int]:
     """CRC-32 over every leaf of ``state`` (``manifest`` excluded) -- raw bytes for tensors,
-    ``repr`` for plain values (exact for floats) -- and the number of tensors."""
-    crc, count = 0, 0
+    ``repr`` for plain values (exact for floats) -- and the number of tensors.
+
+    The value is that of one ``zlib.crc32`` chained over, per leaf in :func:`_leaves`
+    order, its path, then ``dtype`` + shape and the bytes (tensors) or the ``repr``
+    (anything else). Tensor bytes are read in place (no copy for contiguous CPU tensors)
+    in 16 MiB pieces, CRC'd on ``threads`` threads (default ``torch.get_num_threads()``;
+    zlib releases the GIL) and joined with :func:`crc32_combine`, which gives the same
+    value as the single chain.
+    """
+    pieces: list[tuple[str, Any]] = []  # ("text", bytes) or ("data", uint8 array)
+    count = 0
     for path, leaf in _leaves({k: v for k, v in state.items() if k != "manifest"}):
-        crc = zlib.crc32(path.encode(), crc)
+        pieces.append(("text", path.encode()))
         if isinstance(leaf, torch.Tensor):
             data = leaf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            crc = zlib.crc32(f"{leaf.dtype}{tuple(leaf.shape)}".encode(), crc)
-            crc = zlib.crc32(data, crc)
+            pieces.append(("text", f"{leaf.dtype}{tuple(leaf.shape)}".encode()))
+            pieces.extend(("data", data[i:i + _CRC_PIECE]) for i in range(0, len(data), _CRC_PIECE))
             count += 1
         else:
-            crc = zlib.crc32(repr(leaf).encode(), crc)
+            pieces.append(("text", repr(leaf).encode()))
+    data_pieces = [piece for kind, piece in pieces if kind == "data"]
+    workers = max(1, min(threads or torch.get_num_threads(), len(data_pieces)))
+    if workers > 1 and sum(len(piece) for piece in data_pieces) >= 4 * _CRC_PIECE:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            crcs = iter(list(pool.map(zlib.crc32, data_pieces)))
+    else:
+        crcs = None
+    crc = 0
+    for kind, piece in pieces:
+        if kind == "text" or crcs is None:
+            crc = zlib.crc32(piece, crc)
+        else:
+            crc = crc32_combine(crc, next(crcs), len(piece))
     return f"{crc:08x}", count
+
+
+_CRC_PIECE = 1 << 24  # bytes of a tensor CRC'd by one thread at a time
+_CRC_POLY = 0xEDB88320  # CRC-32 (zlib), reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """``a(x) * b(x) mod p(x)`` over GF(2), reflected bit order (zlib's ``multmodp``)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+@functools.lru_cache(maxsize=256)
+def _shift_operator(n_bytes: int) -> int:
+    """``x^(8 n_bytes) mod p(x)``: multiplying a CRC by it appends ``n_bytes`` zero bytes."""
+    p, square, n = 1 << 31, 1 << 30, n_bytes * 8  # p = x^0; square = x^1, squared each round
+    while n:
+        if n & 1:
+            p = _multmodp(square, p)
+        square = _multmodp(square, square)
+        n >>= 1
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and
+    ``len2 = len(B)`` (zlib's ``crc32_combine``, which Python's ``zlib`` does not expose;
+    algorithm of zlib 1.2.12, ``crc32.c``)."""
+    return _multmodp(_shift_operator(len2), crc1) ^ crc2
 
 
 # --------------------------------------------------------------------------------------
