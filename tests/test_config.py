@@ -177,7 +177,13 @@ def toy_family():
 
     from pydantic import Field
 
-    from lmkit.config import MODEL_CONFIGS, MODEL_FAMILIES, GPTConfig, register_model_family, unregister_model_family
+    from lmkit.config import (
+        MODEL_CONFIGS,
+        MODEL_FAMILIES,
+        GPTConfig,
+        register_model_family,
+        unregister_model_family,
+    )
 
     class ToyConfig(GPTConfig):
         type: Literal["toy"] = "toy"
