@@ -192,10 +192,10 @@ def eval_command(
     import torch
 
     from lmkit import __version__
+    from lmkit.device import resolve_device
     from lmkit.evaluation.task import LOWER_IS_BETTER, EvalContext
     from lmkit.rundir import RunDir
     from lmkit.runs import list_checkpoints, load_run
-    from lmkit.device import resolve_device
 
     run_dir = RunDir.existing(run, out_dir)
     dev, _ = resolve_device(device)
