@@ -217,7 +217,7 @@ def split_loss_sums(model: nn.Module, data: PreparedData, split: str, block_size
     counts ``data.token_bytes(split)``; arithmetic: the split's examples in order, padded.
 
     Args:
-        model: the model (put it in eval mode first); called as ``model(x)``.
+        model: called as ``model(x)``, in eval mode (its mode is restored afterwards).
         data: from :func:`lmkit.data.prepare_data`.
         split: ``"val"``, ``"train"``, ...
         block_size: the model's context.
@@ -246,7 +246,12 @@ def split_loss_sums(model: nn.Module, data: PreparedData, split: str, block_size
             raise DataError(f"the data has no {split} split (splits: {', '.join(data.sequences)})")
         seqs = data.sequences[split][:limit] if limit is not None else data.sequences[split]
         batches = example_batches_in_order(seqs, batch_size, data.tokenizer.pad_id or 0)
-    return loss_sums(model, batches, table, device, progress, special=special, autocast=autocast)
+    was_training = model.training
+    model.eval()
+    try:
+        return loss_sums(model, batches, table, device, progress, special=special, autocast=autocast)
+    finally:
+        model.train(was_training)
 
 
 def text_tokens(path: Path, tokenizer: Tokenizer, encoding: str = "utf-8") -> tuple[np.ndarray, np.ndarray, int]:
