@@ -221,6 +221,10 @@ def test_fp16_overflow_and_resume_show_in_events():
     assert "1.9000  ‖g‖ 1  2 NaN skips" in text
     assert "resumed at step 500" in text and "resumed from runs/demo/checkpoints/latest.pt" in text
     assert "fp16 overflow: loss scale 65536 → 32768" in text
+    dash(Resumed(step=400, checkpoint="runs/demo/checkpoints/step_0000400.pt", skipped=[], config_changes={},
+                 dropped_metrics=7, removed_temp_files=[], superseded_metrics="runs/demo/superseded/metrics.jsonl"))
+    assert dash.events[-1][2:] == ("magenta", "resumed from runs/demo/checkpoints/step_0000400.pt; 7 later log "
+                                              "record(s) moved to runs/demo/superseded/metrics.jsonl")
 
 
 def test_nan_skips_are_recognised_by_type_not_by_message_text():

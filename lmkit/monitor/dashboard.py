@@ -520,7 +520,9 @@ class Dashboard:
                 style = "bold red"
             self._note(None, style, f"{e.level}: {e.message}")
         elif isinstance(e, Resumed):
-            self._note(e.step, "magenta", f"resumed from {e.checkpoint}")
+            moved = (f"; {e.dropped_metrics} later log record(s) moved to {e.superseded_metrics}"
+                     if e.superseded_metrics else "")
+            self._note(e.step, "magenta", f"resumed from {e.checkpoint}{moved}")
         elif isinstance(e, RunFinished):
             self.finished = e
             style = "bold green" if e.status == "completed" else "bold red"
