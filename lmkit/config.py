@@ -83,7 +83,7 @@ TOKENIZERS = ("char", "byte", "bpe", "gpt2")
 BUILTIN_DATASETS = ("arithmetic",)
 HUB_DATASETS = ("wikitext-2-raw-v1", "wikitext-103-raw-v1", "fineweb-edu", "europarl")
 
-#: Other spellings of model keys -> canonical name (seed 000/001 configs, nanochat).
+#: Other spellings of model keys -> canonical name (the arithmetic and WikiText experiments' configs, nanochat).
 MODEL_KEY_ALIASES: dict[str, str] = {
     "d_model": "n_embd",
     "num_heads": "n_head",
@@ -139,7 +139,7 @@ class GPTConfig(ModelConfigBase):
 
     ``bias`` switches every Linear and LayerNorm bias; ``attn_bias`` / ``mlp_bias``
     override it for the attention projections (QKV and output) and the MLP, which is
-    how seed 000's model (no attention biases, MLP biases) is expressed.
+    how the arithmetic experiment's model (no attention biases, MLP biases) is expressed.
     """
 
     type: Literal["gpt"] = "gpt"
@@ -295,7 +295,7 @@ def normalise_model_keys(section: dict[str, Any]) -> dict[str, Any]:
 
 
 class ArithmeticConfig(_Strict):
-    """Seed 000's built-in arithmetic task (see :mod:`lmkit.data.arithmetic`)."""
+    """The arithmetic experiment's built-in arithmetic task (see :mod:`lmkit.data.arithmetic`)."""
 
     seed: int = 42
     n_train: int = Field(2000, gt=0)

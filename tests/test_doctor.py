@@ -111,14 +111,15 @@ def test_largest_batch_in_the_verdict_is_consistent_with_the_estimate():
     assert estimate_memory(cfg, best + 1, precision="bf16").total > 8 * 2**30
 
 
-def test_legacy_seed001_view_reproduces_the_seeds_table():
-    result = doctor("--preset", "medium", "--batch-size", "8", "--legacy-seed001")
+@pytest.mark.parametrize("flag", ["--legacy-hand-table", "--legacy-seed001"])  # the old name still works
+def test_legacy_hand_table_view_reproduces_the_guides_table(flag):
+    result = doctor("--preset", "medium", "--batch-size", "8", flag)
     assert result.exit_code == 0, result.stderr
     out = result.stdout
-    assert "Seed 001's hand table" in out
+    assert "The WikiText GPT guide's hand table" in out
     for line in ("0.50 GB", "1.00 GB", "7.55 GB", "4.83 GB", "1.50 GB", "11.04 GB"):
         assert line in out, line
-    assert "seed formula at B = 8 / 16 / 32: 11.04 / 18.59 / 33.69 GB" in out
+    assert "the guide's formula at B = 8 / 16 / 32: 11.04 / 18.59 / 33.69 GB" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

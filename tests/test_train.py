@@ -53,7 +53,8 @@ def test_scheduler_steps_once_per_optimizer_step(arithmetic_run):
     # The LR logged at a step is the one that step used: step 40 ran at mult(39).
     expected = 3e-3 * lr_multiplier(39, schedule="cosine", warmup_steps=5, total_steps=40, min_lr_ratio=0.1)
     assert steps[-1].lr == pytest.approx(expected, rel=1e-9)
-    assert steps[0].step == 1 and steps[0].lr == 0.0  # warmup starts from 0
+    # the default warmup form (s+1)/W: the first step trains at peak / W (nanoGPT), not at 0
+    assert steps[0].step == 1 and steps[0].lr == pytest.approx(3e-3 / 5, rel=1e-12)
 
 
 def test_run_directory_contents(arithmetic_run):

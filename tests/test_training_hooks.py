@@ -215,7 +215,7 @@ def test_mfu_peak_follows_the_precision(monkeypatch):
 
 
 def test_a_cuda_rng_state_that_cannot_be_restored_is_a_notice(tmp_path, preset, monkeypatch):
-    import lmkit.training.loop as loop
+    import lmkit.training.state as state_module
     from lmkit.training import rng
 
     def with_cuda():
@@ -223,7 +223,7 @@ def test_a_cuda_rng_state_that_cannot_be_restored_is_a_notice(tmp_path, preset, 
         state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2  # written on a 2-GPU machine
         return state
 
-    monkeypatch.setattr(loop, "rng_state", with_cuda)
+    monkeypatch.setattr(state_module, "rng_state", with_cuda)
     first = Trainer(_config(tmp_path, preset, "rng", "training.max_steps=2"))
     first.run()
     events = []

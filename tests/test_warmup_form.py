@@ -111,11 +111,7 @@ def test_resume_keeps_the_warmup_form(tmp_path):
         resume_config(path, ["training.warmup_form=(s+1)/W"])
 
 
-_LOOP_WIRED = pytest.mark.xfail(strict=True, reason="lmkit/training/loop.py does not pass training.warmup_form "
-                                "to build_scheduler yet; remove this mark when it does")
-
-
-@pytest.mark.parametrize("form", ["s/W", pytest.param("(s+1)/W", marks=_LOOP_WIRED)])
+@pytest.mark.parametrize("form", ["s/W", "(s+1)/W"])
 def test_training_logs_the_lr_of_the_configured_form(tmp_path, form):
     from conftest import TINY_PRESET
 

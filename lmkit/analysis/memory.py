@@ -1,4 +1,4 @@
-"""Training-memory estimator for lmkit's GPT (:mod:`lmkit.models.gpt`), and seed 001's hand table.
+"""Training-memory estimator for lmkit's GPT (:mod:`lmkit.models.gpt`), and the WikiText GPT guide's hand table.
 
 Everything here is arithmetic on a :class:`~lmkit.config.ModelConfig`; nothing imports torch,
 so ``lmkit doctor`` can answer "would this fit on a 16 GiB card?" in milliseconds, on any machine.
@@ -54,7 +54,7 @@ point and reports the largest total -- what ``torch.cuda.max_memory_allocated()`
 the breakdown at that moment. Gradient checkpointing (one ``torch.utils.checkpoint`` per block)
 keeps only the ``L`` block inputs (``4·B·T·d`` each) and recomputes one block at a time in backward.
 
-Seed 001's hand table is :func:`legacy_seed001` (SEEDS_SPEC 5.3).
+The WikiText GPT guide's hand table is :func:`legacy_seed001` (SEEDS_SPEC 5.3).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _vocab(cfg: ModelConfig) -> int:
 def resolve_vocab_size(config: RunConfig) -> int:
     """``model.vocab_size``, or the size the configured tokenizer will give, without reading data.
 
-    ``char`` on the arithmetic task has seed 000's 35 symbols; ``byte`` 257; ``gpt2`` 50,257;
+    ``char`` on the arithmetic task has the arithmetic experiment's 35 symbols; ``byte`` 257; ``gpt2`` 50,257;
     ``bpe`` ``data.bpe_vocab_size``.
 
     Raises:
@@ -604,13 +604,13 @@ def parse_memory_size(text: str) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# Seed 001's hand table
+# The WikiText GPT guide's hand table
 # --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LegacyEstimate:
-    """Seed 001's "no optimisation" table (GB = 10⁹ bytes, fp32): rows in GB."""
+    """The WikiText GPT guide's "no optimisation" table (GB = 10⁹ bytes, fp32): rows in GB."""
 
     batch_size: int
     params_gb: float
@@ -624,7 +624,7 @@ class LegacyEstimate:
 
 def legacy_seed001(n_params: int, batch_size: int, seq_len: int, n_embd: int, n_head: int, n_layer: int,
                    *, overhead_gb: float = 1.5) -> LegacyEstimate:
-    """Reproduce seed 001's hand table (SEEDS_SPEC 5.3), its formula kept as written.
+    """Reproduce the WikiText GPT guide's hand table (SEEDS_SPEC 5.3), its formula kept as written.
 
     params ``4P``, grads ``4P``, AdamW ``8P``; activations ``L · 4·(9·B·T·d + B·h·T²)`` bytes
     (9 = input 1 + QKV 3 + attention output 1 + FFN hidden 4; ``B·h·T²`` the attention

@@ -123,7 +123,7 @@ app.command(
         "  lmkit doctor --preset small --batch-size 32 --gpu-memory 16GiB\n\n"
         "  lmkit doctor --preset medium --bf16 --grad-checkpointing\n\n"
         "  lmkit doctor --preset scale_10m                     # parameter count vs the 10M target\n\n"
-        "  lmkit doctor --preset medium --batch-size 8 --legacy-seed001"
+        "  lmkit doctor --preset medium --batch-size 8 --legacy-hand-table"
     ),
 )(doctor_command)
 

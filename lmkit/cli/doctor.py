@@ -58,9 +58,10 @@ def doctor_command(
     gpu_memory: str = typer.Option(None, "--gpu-memory", help="Also judge a card of this size, e.g. 16GiB, "
                                    "24GB, 81920MiB (a bare number is GiB)."),
     gpu_only: bool = typer.Option(False, "--gpu-only", help="Exit 3 unless CUDA is available."),
-    legacy_seed001: bool = typer.Option(False, "--legacy-seed001", help="Also show the hand table of the WikiText "
-                                        "GPT training guide (oonisim/python-programs) "
+    legacy_seed001: bool = typer.Option(False, "--legacy-hand-table", help="Also show the hand table of the "
+                                        "WikiText GPT training guide (oonisim/python-programs) "
                                         "(fp32, 1.5 GB overhead, activations 4·(9·B·T·d + B·h·T²) per layer)."),
+    legacy_old_name: bool = typer.Option(False, "--legacy-seed001", hidden=True),  # the flag's first name
     json_out: bool = typer.Option(False, "--json", help="Print everything as one JSON object (for bug reports)."),
 ) -> None:
     """Check the machine (python, torch, CUDA, cuDNN, driver, GPUs, MPS, CPUs, RAM); with --preset,
@@ -68,6 +69,7 @@ def doctor_command(
     from lmkit.analysis import memory as mem
     from lmkit.analysis.environment import collect_environment
 
+    legacy_seed001 = legacy_seed001 or legacy_old_name
     if sum((fp16, bf16, fp32)) > 1:
         raise ConfigError("--fp16, --bf16 and --fp32: choose one precision")
     if attention not in ("sdpa", "eager"):
@@ -76,7 +78,7 @@ def doctor_command(
     if preset is None:
         asked = [name for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--fp16", fp16),
                                           ("--bf16", bf16), ("--fp32", fp32), ("--gpu-memory", gpu_memory),
-                                          ("--legacy-seed001", legacy_seed001),
+                                          ("--legacy-hand-table", legacy_seed001),
                                           ("--grad-checkpointing", grad_checkpointing), ("--set", overrides))
                  if value]
         if asked:
@@ -243,7 +245,8 @@ def _render(report: dict[str, Any], env) -> None:
 
     if "legacy_seed001" in report:
         leg = report["legacy_seed001"]["this_batch"]
-        lt = Table(title=f"Seed 001's hand table (--legacy-seed001): B={leg['batch_size']}, fp32, GB = 10⁹ bytes",
+        lt = Table(title=(f"The WikiText GPT guide's hand table (--legacy-hand-table): B={leg['batch_size']}, fp32, "
+                          "GB = 10⁹ bytes"),
                    title_justify="left")
         lt.add_column("component")
         lt.add_column("memory", justify="right")
@@ -254,7 +257,7 @@ def _render(report: dict[str, Any], env) -> None:
         lt.add_row("[bold]TOTAL[/bold]", f"[bold]{leg['total_gb']:.2f} GB[/bold]")
         console.print(lt)
         seeds = report["legacy_seed001"]["seed_batches"]
-        console.print("seed formula at B = 8 / 16 / 32: " + " / ".join(f"{s['total_gb']:.2f}" for s in seeds)
+        console.print("the guide's formula at B = 8 / 16 / 32: " + " / ".join(f"{s['total_gb']:.2f}" for s in seeds)
                       + " GB; lmkit's estimate at B=" + f"{m['batch_size']}: {m['total'] / 1e9:.2f} GB")
 
     if not report["verdicts"]:

@@ -4,7 +4,7 @@
 
 * ``"lm"`` -- a token stream per split (memory-mapped shards, see
   :mod:`lmkit.data.shards`), trained on random windows;
-* ``"arithmetic"`` -- seed 000's examples (built in, or the seed's JSONL files), trained
+* ``"arithmetic"`` -- the arithmetic experiment's examples (built in, or the seed's JSONL files), trained
   as whole padded sequences and evaluated by exact match of the generated answer.
 """
 

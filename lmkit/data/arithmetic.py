@@ -1,4 +1,4 @@
-"""Seed 000's arithmetic task: integer expressions with ``+ - *`` and parentheses.
+"""The arithmetic experiment's arithmetic task: integer expressions with ``+ - *`` and parentheses.
 
 Grammar (SEEDS_SPEC 3.1): integers 1..99 without leading zeros, no spaces, 2..4
 numbers, nesting at most 2. For each expression the generator draws the number count

@@ -3,7 +3,7 @@
 Every tokenizer saves itself into a folder (``runs/NAME/tokenizer/``) with a
 ``tokenizer_meta.json`` naming its kind, so :func:`load_tokenizer` rebuilds it offline.
 
-* ``char`` -- one id per character. For the arithmetic task it is seed 000's
+* ``char`` -- one id per character. For the arithmetic task it is the arithmetic experiment's
   vocabulary: ``<PAD>=0, <BOS>=1, <EOS>=2, <UNK>=3`` then the 31 characters of
   ``"0123456789+-*/()=ABCDEFabcdef ,"`` (35 ids). For text data the alphabet is every
   character of the training split, in code-point order, after the same 4 specials.
@@ -43,7 +43,7 @@ from lmkit.errors import DataError, first_line
 
 ENDOFTEXT = "<|endoftext|>"
 CHAR_SPECIALS = ("<PAD>", "<BOS>", "<EOS>", "<UNK>")
-#: Seed 000's character set (SimpleTokenizer in src/train.py): 31 symbols + 4 specials.
+#: The arithmetic experiment's character set (SimpleTokenizer in src/train.py): 31 symbols + 4 specials.
 SEED_ALPHABET = "0123456789+-*/()=ABCDEFabcdef ,"
 #: GPT-2's pre-tokenisation regex (tiktoken r50k_base / gpt2).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -384,7 +384,7 @@ def build_tokenizer(name: str, *, train_texts: Iterator[str] | None = None, bpe_
         name: ``char``, ``byte``, ``bpe``, ``gpt2`` or ``hf:NAME_OR_PATH``.
         train_texts: the training split's texts (needed by ``bpe`` and text ``char``).
         bpe_vocab_size: vocabulary size for ``bpe``.
-        arithmetic: use seed 000's fixed character set for ``char``.
+        arithmetic: use the arithmetic experiment's fixed character set for ``char``.
 
     Raises:
         DataError: the tokenizer cannot be built (no files, no network, no texts).

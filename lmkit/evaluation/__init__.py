@@ -14,10 +14,10 @@ Tasks (``lmkit eval RUN --task NAME``):
 
 ``perplexity`` (:mod:`~lmkit.evaluation.perplexity`) -- mean loss, perplexity and bits per
 byte (nanochat's definition) on the run's val split or a text file.
-``arithmetic`` (:mod:`~lmkit.evaluation.arithmetic`) -- seed 000: exact match of the
+``arithmetic`` (:mod:`~lmkit.evaluation.arithmetic`) -- the arithmetic experiment: exact match of the
 generated answer on val / test_flat / test_paren and the paren - flat gap; teacher-forced
 all-answer-characters accuracy; ``--legacy-eos-metric`` for the seed's own (EOS) number.
 ``hellaswag`` (:mod:`~lmkit.evaluation.hellaswag`) -- acc, acc_norm (per token,
 build-nanogpt) and acc_norm_chars (per character, lm-evaluation-harness).
-``gsm8k``, ``arithmetic-probes``, ``sample`` -- generation tasks (seed 004).
+``gsm8k``, ``arithmetic-probes``, ``sample`` -- generation tasks (the multiplication-tokens study).
 """

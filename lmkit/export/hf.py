@@ -6,7 +6,7 @@ Architectures (:func:`hf_architecture`):
   ``(in, out)`` where ``nn.Linear`` stores ``(out, in)``, so **every** projection
   (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) is transposed, whatever
   its shape. (Transposing "when the shapes differ" skips the square ``attn.c_proj`` and
-  silently corrupts every attention layer: seed 004's bug, SEEDS_SPEC 1.6.)
+  silently corrupts every attention layer: domain-token-gpt2's bug, SEEDS_SPEC 1.6.)
 * rotary positions -> ``GPTNeoXForCausalLM`` with ``rotary_pct = 1``, our ``rope_theta``,
   ``use_parallel_residual = False`` (our block is sequential pre-LN:
   ``x + attn(ln_1(x))`` then ``+ mlp(ln_2(.))``). NeoX rotates with the same "rotate half"

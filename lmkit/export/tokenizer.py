@@ -22,7 +22,7 @@ validation text does not contain these strings.
 Tokens added with :meth:`lmkit.data.tokenizers.Tokenizer.add_tokens` become added tokens of
 ``tokenizer.json`` at their own ids (``special`` as in lmkit). ``tokenizers`` numbers added
 tokens consecutively, so unused ids between the vocabulary and them are filled with
-special placeholders ``<|padding_0|>``, ``<|padding_1|>``, ... (seed 004's names: for GPT-2
+special placeholders ``<|padding_0|>``, ``<|padding_1|>``, ... (domain-token-gpt2's names: for GPT-2
 with the 45 mul tokens, 47 placeholders at 50257..50303).
 """
 

@@ -3,8 +3,10 @@
 Evaluates on the validation split every ``training.eval_interval`` steps, every
 ``training.eval_every_epochs`` epochs, at the last step, and once before the first step
 when ``training.eval_at_start`` (the untrained baseline, never a "best"). Language-model
-data: mean loss over ``eval_iters`` windows, perplexity, and bits per byte when the data
-carries per-token byte counts. Arithmetic data: loss and perplexity over every validation
+data: mean loss over the first ``eval_iters`` batches of windows, perplexity, and bits per
+byte from the per-token byte counts stored with the shards
+(:func:`lmkit.evaluation.perplexity.split_loss_sums`, what ``lmkit eval --task
+perplexity`` computes too). Arithmetic data: loss and perplexity over every validation
 sequence, plus flat / parenthesised accuracy.
 
 Emits :class:`~lmkit.events.EvalResult`; the trainer's best-so-far (``best_val_loss``,
@@ -17,10 +19,11 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from lmkit.data.batching import example_batches_in_order, sequential_windows
+from lmkit.data.batching import example_batches_in_order
 from lmkit.errors import TrainingError
 from lmkit.evaluation.arithmetic import arithmetic_metrics
 from lmkit.evaluation.lm import mean_loss, perplexity
+from lmkit.evaluation.perplexity import split_loss_sums
 from lmkit.events import EvalResult
 from lmkit.training.hooks import StepOutput, TrainingHook
 
@@ -62,10 +65,12 @@ class Evaluator(TrainingHook):
         started = time.time()
         model = trainer.model
         if data.task == "lm":
-            batches = sequential_windows(data.tokens("val"), cfg.model.block_size, cfg.training.batch_size,
-                                         cfg.training.eval_iters)
-            loss, _ = mean_loss(model, batches, plan)
-            metrics = {"ppl": perplexity(loss)}
+            # the first eval_iters * batch_size full windows of the split, with their bytes
+            limit = cfg.training.eval_iters * cfg.training.batch_size if cfg.training.eval_iters else None
+            sums = split_loss_sums(model, data, "val", cfg.model.block_size, cfg.training.batch_size, plan.device,
+                                   limit=limit, tail=False, vocab_size=cfg.model.vocab_size, autocast=plan.autocast)
+            loss = sums.mean_loss
+            metrics = {"ppl": perplexity(loss), "bpb": sums.bpb}
         else:
             pad = data.tokenizer.pad_id or 0
             batches = example_batches_in_order(data.sequences["val"], cfg.training.batch_size, pad)

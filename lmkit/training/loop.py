@@ -39,6 +39,7 @@ import torch
 
 from lmkit.config import RunConfig
 from lmkit.data import PreparedData, make_train_batches, prepare_data
+from lmkit.data.batching import IGNORE_INDEX
 from lmkit.device import DevicePlan, plan_device
 from lmkit.errors import ConfigError, DeviceError, Interrupted
 from lmkit.events import (
@@ -70,12 +71,10 @@ from lmkit.training.nan_guard import NaNGuard, skips_on_device
 from lmkit.training.optim import build_optimizer
 from lmkit.training.resume import align_checkpoints, check_checkpoint_config, check_resumable, resume_config
 from lmkit.training.rng import rng_state, seed_everything, set_rng_state
-from lmkit.training.schedule import build_scheduler
+from lmkit.training.schedule import build_scheduler, lr_multiplier, steps_to_peak
 from lmkit.training.signals import StopNow, StopRequest
 from lmkit.training.state import checkpoint_state, restore_state, run_summary
 from lmkit.training.throughput import ThroughputMeter
-
-IGNORE_INDEX = -100
 
 
 def _is_memory_error(exc: BaseException) -> bool:
@@ -269,7 +268,8 @@ class Trainer:
     def _new_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         tcfg = self.config.training
         return build_scheduler(optimizer, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
-                               total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio)
+                               total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio,
+                               warmup_form=tcfg.warmup_form)
 
     def position_schedule(self, steps_taken: int) -> None:
         """Put the schedule at ``steps_taken`` and set every group's LR to what the next step
@@ -437,8 +437,11 @@ class Trainer:
                 f"{self.flops_per_token / 1e6:.2f} MFLOP per token")))
         for note in self.version_notes:
             self.emit(Notice(level="warning", message=note))
-        if tcfg.warmup_steps >= self.max_steps:
-            peak = tcfg.lr * (self.max_steps - 1) / tcfg.warmup_steps
+        if steps_to_peak(tcfg.warmup_steps, tcfg.warmup_form) > self.max_steps:
+            last = lr_multiplier(self.max_steps - 1, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
+                                 total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio,
+                                 warmup_form=tcfg.warmup_form)
+            peak = tcfg.lr * last
             self.emit(Notice(level="warning", message=(
                 f"training.warmup_steps ({tcfg.warmup_steps}) >= the run's {self.max_steps} steps: the LR only "
                 f"reaches {peak:.2e} of its {tcfg.lr:.2e} peak; lower it with --set training.warmup_steps=N")))

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from lmkit import __version__
-from lmkit.config import RunConfig, build_run_config
+from lmkit.config import RunConfig, build_run_config, read_yaml
 from lmkit.errors import CheckpointError, ConfigError, DataError
 from lmkit.training.checkpoint import link_checkpoint, peek_step, save_checkpoint
+from lmkit.training.schedule import LEGACY_WARMUP_FORM
 
 #: What a checkpoint must hold to be resumed from.
 CHECKPOINT_FORMAT_KEYS = ("model", "optimizer", "scheduler", "step", "micro_step", "rng")
@@ -76,8 +77,13 @@ def resume_config(config_path: Path, overrides: Iterable[str] = (),
     from lmkit.config import load_run_config
 
     old = load_run_config(config_path)
+    overrides = list(overrides)
+    if "warmup_form" not in ((read_yaml(config_path) or {}).get("training") or {}):
+        # written before training.warmup_form existed: the run warmed up as s/W, the only form then
+        old = old.model_copy(update={"training": old.training.model_copy(update={"warmup_form": LEGACY_WARMUP_FORM})})
+        overrides.insert(0, f"training.warmup_form={LEGACY_WARMUP_FORM}")
     flags = {k: v for k, v in (flags or {}).items() if k not in ("name", "out_dir")}
-    new = build_run_config(str(config_path), list(overrides), flags)
+    new = build_run_config(str(config_path), overrides, flags)
     new = new.model_copy(update={"name": old.name, "out_dir": old.out_dir, "preset": old.preset})
     changes = config_changes(old, new)
     unsafe = [k for k in changes if k not in SAFE_KEYS]

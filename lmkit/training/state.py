@@ -65,9 +65,9 @@ def restore_state(trainer: Trainer, state: dict[str, Any]) -> None:
     from lmkit.errors import CheckpointError, first_line
 
     try:
-        trainer.model.load_state_dict(state["model"])
+        trainer.model.load_state_dict_flexible(state["model"])  # a family's load adapters run here
         trainer.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (CheckpointError, RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{trainer.resume_path}: does not fit this model ({first_line(exc, 160)})") from None
     trainer.scheduler.load_state_dict(state["scheduler"])
     # A changed length re-targets the schedule: the next step must use the new
