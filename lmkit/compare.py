@@ -347,7 +347,12 @@ def build_comparison(runs: list[RunData]) -> Comparison:
     add("tokens", "tokens seen", "run",
         [_first(v, _last(r.train + r.val, 1)) for v, r in zip(summary("tokens"), runs, strict=True)], "tokens")
     add("wall_time_s", "wall time", "run", summary("wall_time_s"), "seconds", lower=True)
-    add("tok_per_s", "tokens/s", "run", summary("tok_per_s"), "rate", lower=False)
+    # train_tok_per_s: over training time (eval and saves excluded); wall_tok_per_s: over wall time.
+    # Summaries written before the split had one tok_per_s, over wall time.
+    add("train_tok_per_s", "train tokens/s", "run", summary("train_tok_per_s"), "rate", lower=False)
+    add("wall_tok_per_s", "wall tokens/s", "run",
+        [_first(w, old) for w, old in zip(summary("wall_tok_per_s"), summary("tok_per_s"), strict=True)], "rate",
+        lower=False)
     rows.append(Row("tokenizer", "tokenizer", "run", [None] * len(runs), "text",
                     texts=[run.tokenizer_label() for run in runs]))
 

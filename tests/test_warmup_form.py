@@ -128,3 +128,28 @@ def test_training_logs_the_lr_of_the_configured_form(tmp_path, form):
     lrs = [e.lr for e in events if isinstance(e, StepMetrics)]
     hand = {"s/W": [0.0, 0.25, 0.5], "(s+1)/W": [0.25, 0.5, 0.75]}[form]  # W = 4, steps 1..3
     assert lrs == pytest.approx([3e-3 * m for m in hand])
+
+
+def test_a_run_from_before_warmup_form_resumes_with_its_s_over_w_warmup(tmp_path, tiny_preset):
+    """A config.yaml and checkpoint written before the field existed: the run warmed up as
+    s/W (the only form then) and must continue so, not silently switch to the new default."""
+    import yaml
+
+    from conftest import run_cli
+    from lmkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+    assert run_cli("train", "--preset", str(tiny_preset), "--name", "old", "--max-steps", "3", "--set",
+                   "training.warmup_form=s/W", cwd=tmp_path).returncode == 0
+    run = tmp_path / "runs" / "old"
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    del data["training"]["warmup_form"]
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    latest = run / "checkpoints" / "latest.pt"
+    state = load_checkpoint(latest)
+    del state["config"]["training"]["warmup_form"]
+    state.pop("manifest", None)
+    save_checkpoint(state, latest)
+
+    resumed = run_cli("resume", "runs/old", "--max-steps", "5", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["warmup_form"] == "s/W"

@@ -9,7 +9,6 @@ File layout: see :mod:`lmkit.evaluation.task`.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -21,23 +20,22 @@ import typer
 
 from lmkit.cli._common import handle_errors
 from lmkit.errors import CheckpointError, ConfigError
+from lmkit.numbers import finite
 
 
-def _finite(value: Any) -> Any:
-    """JSON-safe: non-finite floats become ``None`` (recursively)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+def _direction(record: dict, metric: str) -> str:
+    """`` (lower is better)`` / `` (higher is better)``: the direction the result declares for
+    ``metric`` (older results: the name rule); empty for a metric with no direction."""
+    from lmkit.evaluation.task import fallback_direction
+
+    direction = (record.get("directions") or {}).get(metric) or fallback_direction(metric)
+    return f" ({direction} is better)" if direction in ("lower", "higher") else ""
 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
@@ -193,7 +191,7 @@ def eval_command(
 
     from lmkit import __version__
     from lmkit.device import resolve_device
-    from lmkit.evaluation.task import LOWER_IS_BETTER, EvalContext
+    from lmkit.evaluation.task import EvalContext
     from lmkit.rundir import RunDir
     from lmkit.runs import list_checkpoints, load_run
 
@@ -273,8 +271,7 @@ def eval_command(
 
         chance = rows[-1].get("details", {}).get("chance")
         png = plot_sweep(table, task=name, metric=headline, path=run_dir.eval_dir / name / "curve.png",
-                         title=f"{run_dir.name}: {name} {headline} "
-                               f"({'lower' if headline in LOWER_IS_BETTER else 'higher'} is better)",
+                         title=f"{run_dir.name}: {name} {headline}{_direction(rows[-1], headline)}",
                          chance=chance)
         files += [str(summary_path), str(png)]
         human.write(f"{name}: sweep of {len(rows)} checkpoints -> {summary_path}, {png}\n")
@@ -282,7 +279,7 @@ def eval_command(
     _render_table(records, human)
     if json_out:
         out = {"run": run_dir.name, "run_dir": str(run_dir.path), "results": records, "files": files}
-        sys.stdout.write(json.dumps(_finite(out), indent=2) + "\n")
+        sys.stdout.write(json.dumps(finite(out), indent=2) + "\n")
 
 
 def _render_table(records: list[dict[str, Any]], stream) -> None:

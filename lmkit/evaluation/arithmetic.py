@@ -24,8 +24,8 @@ from torch import nn
 
 from lmkit.data.arithmetic import ArithmeticExample
 from lmkit.data.tokenizers import Tokenizer
-from lmkit.evaluation.task import EvalContext, TaskResult
 from lmkit.device import DevicePlan
+from lmkit.evaluation.task import EvalContext, TaskResult
 
 #: Metric name for each split that has one.
 SPLIT_METRICS = {"val": "acc_val", "test_flat": "acc_flat", "test_paren": "acc_paren"}

@@ -351,7 +351,12 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         notes.append(f"{total:,} non-overlapping windows of up to {block_size} tokens, the last shorter one "
                      "holding the tail: every token but the first is scored")
     return TaskResult(task="perplexity", version=VERSION, metrics=metrics, headline="bpb", n_items=total,
-                      data_file=data_file, data_sha256=data_sha, details=details, notes=notes)
+                      data_file=data_file, data_sha256=data_sha, details=details, notes=notes,
+                      directions=DIRECTIONS)
+
+
+#: Every metric of this task: lower is better.
+DIRECTIONS = {"mean_loss": "lower", "perplexity": "lower", "bpb": "lower"}
 
 
 def _check_fingerprint(actual: str, expected: str | None, dataset: str, details: dict, notes: list[str]) -> None:

@@ -108,8 +108,12 @@ def check_checkpoint_config(state: Mapping[str, Any], config: RunConfig, path: P
     Raises:
         CheckpointError: no readable config in the checkpoint, or unsafe differences.
     """
+    saved_dict = dict(state.get("config") or {})
+    if "warmup_form" not in (saved_dict.get("training") or {}) and saved_dict.get("training"):
+        # a checkpoint from before training.warmup_form warmed up as s/W, the only form then
+        saved_dict["training"] = {**saved_dict["training"], "warmup_form": LEGACY_WARMUP_FORM}
     try:
-        saved = RunConfig.model_validate(state.get("config") or {})
+        saved = RunConfig.model_validate(saved_dict)
     except Exception:  # noqa: BLE001 - an incompatible or missing config
         raise CheckpointError(f"{path}: holds no config this lmkit can read") from None
     ignore = {"name", "out_dir", "preset"}
