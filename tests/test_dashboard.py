@@ -234,14 +234,14 @@ def test_nan_skips_are_recognised_by_type_not_by_message_text():
     dash(NaNSkipped(step=40, total=4, skipped=3))  # counted on the device, reported at a log line
     # a notice that merely mentions the words is an ordinary notice
     dash(Notice(level="info", message="eval: 2 non-finite losses in the data were ignored"))
-    # the trainer's NaN notice from before NaNSkipped still shows as one (until it switches)
+    # nor is a warning worded like the old NaN notice: only the type says what an event is
     dash(Notice(level="warning", message="step 9: non-finite loss or gradient norm; update skipped (5 so far)"))
     styles = {text: (step, style) for _, step, style, text in dash.events}
     assert styles["warning: step 7: non-finite loss or gradient norm; update skipped (1 so far)"] == (7, "bold red")
     assert styles["warning: steps up to 40: 3 updates skipped for a non-finite loss or gradient norm (4 so far)"] \
         == (40, "bold red")
     assert styles["info: eval: 2 non-finite losses in the data were ignored"] == (None, "dim")
-    assert styles["warning: step 9: non-finite loss or gradient norm; update skipped (5 so far)"][1] == "bold red"
+    assert styles["warning: step 9: non-finite loss or gradient norm; update skipped (5 so far)"] == (None, "yellow")
     kinds = panel(render(dash, width=160), "events by kind")
     assert re.search(r"nan_skipped\s+2\s+40\s+steps up to 40: 3 updates skipped", kinds)
 

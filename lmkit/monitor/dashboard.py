@@ -396,12 +396,6 @@ class KindRow:
     time: float
 
 
-def _legacy_nan_notice(e: Notice) -> bool:
-    """A NaN skip from a trainer that still reports it as a ``Notice`` (before it emitted
-    :class:`~lmkit.events.NaNSkipped`). Transitional: remove once no emitter does."""
-    return e.level == "warning" and e.message.startswith("step ") and "non-finite" in e.message
-
-
 NOT_BY_KIND = ("step", "data_progress", "run_started")  # the stream itself, shown elsewhere
 
 
@@ -516,8 +510,6 @@ class Dashboard:
             self._note(e.step, "bold red", f"{e.level}: {e.message}")
         elif isinstance(e, Notice):
             style = {"warning": "yellow", "error": "bold red"}.get(e.level, "dim")
-            if _legacy_nan_notice(e):
-                style = "bold red"
             self._note(None, style, f"{e.level}: {e.message}")
         elif isinstance(e, Resumed):
             moved = (f"; {e.dropped_metrics} later log record(s) moved to {e.superseded_metrics}"
