@@ -92,7 +92,10 @@ def load_run(run: str | Path, checkpoint: str = "best", *, device: str | torch.d
     state = load_checkpoint(path)
     config = RunConfig.model_validate(state["config"])
     model = build_model(config.model)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict_flexible(state["model"])  # the family's load adapters (changed layer shapes)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     model.to(device).eval()
     tokenizer = load_tokenizer(run_dir.tokenizer_dir)
     last_val = state.get("last_val") or {}

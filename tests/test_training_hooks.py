@@ -113,8 +113,8 @@ def test_a_rebuilt_optimizer_keeps_the_schedule_position_and_the_moments(tmp_pat
 
         def after_step(self, trainer, step):
             if step.step == 3:
-                trainer.model.transformer.wte.weight.requires_grad_(False)
-                self.frozen = trainer.model.transformer.wte.weight.detach().clone()
+                trainer.model.input_embedding().weight.requires_grad_(False)
+                self.frozen = trainer.model.input_embedding().weight.detach().clone()
                 self.lr_before = [g["lr"] for g in trainer.optimizer.param_groups]
                 trainer.rebuild_optimizer()
                 self.lr_after = [g["lr"] for g in trainer.optimizer.param_groups]
@@ -128,8 +128,8 @@ def test_a_rebuilt_optimizer_keeps_the_schedule_position_and_the_moments(tmp_pat
     assert trainer.scheduler.last_epoch == 6
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx(
         [g["lr"] for g in straight.optimizer.param_groups])
-    assert torch.equal(trainer.model.transformer.wte.weight, hook.frozen)  # frozen from step 3 on
-    wte = trainer.model.transformer.wte.weight
+    assert torch.equal(trainer.model.input_embedding().weight, hook.frozen)  # frozen from step 3 on
+    wte = trainer.model.input_embedding().weight
     assert all(p is not wte for g in trainer.optimizer.param_groups for p in g["params"])
     # every parameter that kept training kept its AdamW moments: 6 steps counted, not 3
     steps = {float(s["step"]) for s in trainer.optimizer.state.values()}

@@ -55,7 +55,7 @@ from lmkit.events import (
 )
 from lmkit.models import build_model
 from lmkit.monitor.writers import EventsWriter, MetricsWriter, TensorBoardWriter
-from lmkit.rundir import RunDir
+from lmkit.rundir import RunDir, SupersededRecords
 from lmkit.training.checkpoint import (
     checkpoint_by_name,
     link_checkpoint,
@@ -233,9 +233,9 @@ class Trainer:
         self.superseded: list[Path] = []
         if resume_state is None:
             self.data.tokenizer.save(self.run.tokenizer_dir)
-            dropped = 0
+            moved = None
         else:
-            dropped, _ = self.run.drop_records_after(self.step)
+            moved = self.run.supersede_records_after(self.step)  # moved aside, never deleted
             self.superseded = align_checkpoints(self.run.checkpoints, self.resume_path, self.step, resume_state)
         writers: list[Callable[[Event], None]] = [MetricsWriter(self.run.metrics_path),
                                                   EventsWriter(self.run.events_path)]
@@ -245,14 +245,15 @@ class Trainer:
             broadcast(writers)(event)
         self.emit = broadcast([*writers, self.user_emit])
         if resume_state is not None:
-            self._announce_resume(dropped)
+            self._announce_resume(moved)
 
-    def _announce_resume(self, dropped: int) -> None:
+    def _announce_resume(self, moved: SupersededRecords) -> None:
         self.emit(Resumed(
             step=self.step, checkpoint=str(self.resume_path),
             skipped=[(str(p), why) for p, why in self.skipped],
             config_changes={k: list(v) for k, v in self.config_changes.items()},
-            dropped_metrics=dropped, removed_temp_files=[str(p) for p in self.removed_temp],
+            dropped_metrics=moved.metrics, removed_temp_files=[str(p) for p in self.removed_temp],
+            superseded_metrics=str(moved.metrics_path) if moved.metrics_path else None,
         ))
         for path, why in self.skipped:
             self.emit(Notice(level="warning", message=f"skipped {path}: {why}; resuming from {self.resume_path}"))
@@ -262,6 +263,11 @@ class Trainer:
             self.emit(Notice(level="info", message=(
                 f"moved {len(self.superseded)} checkpoint(s) past step {self.step} or unreadable to "
                 f"{self.superseded[0].parent} ({', '.join(p.name for p in self.superseded)})")))
+        if moved.metrics_path is not None:
+            self.emit(Notice(level="info", message=(
+                f"moved {moved.metrics} metrics.jsonl record(s) past step {self.step} to {moved.metrics_path}")))
+        if moved.events_path is not None:
+            self.emit(Notice(level="info", message=f"moved unreadable events.jsonl lines to {moved.events_path}"))
         for note in self.rng_notes:
             self.emit(Notice(level="warning", message=note))
 
@@ -443,7 +449,7 @@ class Trainer:
                                  warmup_form=tcfg.warmup_form)
             peak = tcfg.lr * last
             self.emit(Notice(level="warning", message=(
-                f"training.warmup_steps ({tcfg.warmup_steps}) >= the run's {self.max_steps} steps: the LR only "
+                f"training.warmup_steps ({tcfg.warmup_steps}) outlasts the run's {self.max_steps} steps: the LR only "
                 f"reaches {peak:.2e} of its {tcfg.lr:.2e} peak; lower it with --set training.warmup_steps=N")))
         self.hooks.call("on_start", self)
 
