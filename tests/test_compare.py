@@ -139,7 +139,8 @@ def test_table_shows_each_run_and_the_delta_against_the_first(root, cli_base_oth
     assert float(shown_delta) == pytest.approx(delta, rel=1e-2, abs=5e-5)
     assert float(shown_pct) == pytest.approx(delta / base["final_val_loss"] * 100, abs=0.05)
     assert f"{base['params']:,}" in _line(stdout, "params")
-    for label in ("steps", "tokens seen", "wall time", "tokens/s", "train loss (final)", "train loss (best logged)",
+    for label in ("steps", "tokens seen", "wall time", "train tokens/s", "wall tokens/s", "train loss (final)",
+                  "train loss (best logged)",
                   "val loss (best)", "val perplexity (final)", "bpb (headline)", "acc_norm (headline)",
                   "acc_val (headline)", "accuracy (headline)", "  mul_table", "  addition"):
         _line(stdout, label)
@@ -212,7 +213,8 @@ def test_better_value_follows_the_metric_direction(root):
     multidigit = comp.row("arithmetic-probes.by_category.mul_multidigit")  # base 1/100 > other 0/100
     assert multidigit.best_index == 0
     assert comp.row("perplexity.bpb").lower_is_better is True  # which run wins: see the hand-written runs below
-    assert comp.row("wall_time_s").lower_is_better is True and comp.row("tok_per_s").lower_is_better is False
+    assert comp.row("wall_time_s").lower_is_better is True and comp.row("train_tok_per_s").lower_is_better is False
+    assert comp.row("wall_tok_per_s").lower_is_better is False
     for key in ("params", "steps", "tokens", "arithmetic.paren_gap", "perplexity.step"):
         assert comp.row(key).best_index is None, key
     assert comp.row("hellaswag.acc_norm").best_index == 1  # 0.30 > 0.28 at the last checkpoint
