@@ -195,3 +195,37 @@ def plan_device(training: TrainConfig) -> DevicePlan:
         peak_flops=peak[0],
         peak_basis=peak[1],
     )
+
+
+def is_memory_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of GPU or host memory (torch's CPU allocator raises a
+    plain ``RuntimeError``)."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "DefaultCPUAllocator" in str(exc))
+    )
+
+
+def out_of_memory_error(exc: BaseException, batch_size: int, n_params: int | None) -> DeviceError:
+    """The one-line error (exit 3) for an out-of-memory ``exc``: where, the batch size, what the
+    weights, gradients and AdamW state alone need (16 B per parameter), and what to try."""
+    static = ""
+    if n_params:
+        need = 16 * n_params  # fp32 weights + grads + AdamW's two moments
+        size = f"{need / 2**30:.2f} GiB" if need >= 2**30 else f"{need / 2**20:.1f} MiB"
+        static = f" (weights + grads + AdamW alone need ~{size} before activations)"
+    where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "host"
+    return DeviceError(
+        f"out of {where} memory at batch size {batch_size}{static}; try a smaller --batch-size with "
+        "--set training.grad_accum_steps=N, --grad-checkpointing, or --bf16"
+    )
+
+
+def device_uuid(device: torch.device) -> str | None:
+    """The CUDA device's UUID (``GPU-…``, NVML's spelling), ``None`` off CUDA or when unknown."""
+    if device.type != "cuda":
+        return None
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+    except Exception:  # noqa: BLE001 - older drivers / builds
+        return None
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"

@@ -40,8 +40,8 @@ import torch
 from lmkit.config import RunConfig
 from lmkit.data import PreparedData, make_train_batches, prepare_data
 from lmkit.data.batching import IGNORE_INDEX
-from lmkit.device import DevicePlan, plan_device
-from lmkit.errors import ConfigError, DeviceError, Interrupted
+from lmkit.device import DevicePlan, device_uuid, is_memory_error, out_of_memory_error, plan_device
+from lmkit.errors import ConfigError, Interrupted
 from lmkit.events import (
     DataReady,
     EvalResult,
@@ -77,23 +77,6 @@ from lmkit.training.state import checkpoint_state, restore_state, run_summary
 from lmkit.training.throughput import ThroughputMeter
 
 
-def _is_memory_error(exc: BaseException) -> bool:
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "DefaultCPUAllocator" in str(exc))
-    )
-
-
-def _device_uuid(device: torch.device) -> str | None:
-    """The CUDA device's UUID (``GPU-…``, NVML's spelling), ``None`` off CUDA or when unknown."""
-    if device.type != "cuda":
-        return None
-    try:
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-    except Exception:  # noqa: BLE001 - older drivers / builds
-        return None
-    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-
-
 class Trainer:
     """Runs one training job (new, or resumed from a run directory).
 
@@ -117,9 +100,9 @@ class Trainer:
         self.resume_dir = resume_dir
         self.checkpoint_choice = checkpoint
         self.config_changes = dict(config_changes or {})
+        self.hooks = Hooks()
         # Test hook: LMKIT_TEST_SIGNAL="MICRO:SIGNAME" sends the signal to this process right
         # after micro-batch MICRO, to place an interruption mid-accumulation deterministically.
-        self.hooks = Hooks()
         hook = os.environ.get("LMKIT_TEST_SIGNAL", "")
         self._test_signal = (int(hook.split(":")[0]), getattr(signal, hook.split(":")[1])) if ":" in hook else None
 
@@ -433,7 +416,7 @@ class Trainer:
             precision=self.plan.precision, compile=tcfg.compile, max_steps=self.max_steps,
             steps_per_epoch=self.steps_per_epoch,
             tokens_per_step=tcfg.batch_size * tcfg.grad_accum_steps * self.config.model.block_size,
-            start_step=start_step, device_uuid=_device_uuid(self.plan.device),
+            start_step=start_step, device_uuid=device_uuid(self.plan.device),
         ))
         if self.plan.reason.startswith("auto"):
             self.emit(Notice(level="info", message=f"device {self.plan.device} ({self.plan.reason})"))
@@ -477,8 +460,8 @@ class Trainer:
         try:
             self.setup()
         except BaseException as exc:
-            if _is_memory_error(exc):
-                raise self._oom_error(exc) from None
+            if is_memory_error(exc):
+                raise out_of_memory_error(exc, self.config.training.batch_size, getattr(self, "n_params", None)) from None
             raise
         self.t_session = time.time()
         status = "failed"
@@ -492,8 +475,8 @@ class Trainer:
             raise
         except BaseException as exc:
             if not (stop.aborted or isinstance(exc, KeyboardInterrupt)):
-                if _is_memory_error(exc):
-                    raise self._oom_error(exc) from None
+                if is_memory_error(exc):
+                    raise out_of_memory_error(exc, self.config.training.batch_size, getattr(self, "n_params", None)) from None
                 raise
             status = "aborted"
             raise Interrupted(
@@ -507,19 +490,6 @@ class Trainer:
             self.run.unlock()
         return summary
 
-    def _oom_error(self, exc: BaseException) -> DeviceError:
-        tcfg = self.config.training
-        n_params = getattr(self, "n_params", None)
-        static = ""
-        if n_params:
-            need = 16 * n_params  # fp32 weights + grads + AdamW's two moments
-            size = f"{need / 2**30:.2f} GiB" if need >= 2**30 else f"{need / 2**20:.1f} MiB"
-            static = f" (weights + grads + AdamW alone need ~{size} before activations)"
-        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "host"
-        return DeviceError(
-            f"out of {where} memory at batch size {tcfg.batch_size}{static}; try a smaller --batch-size with "
-            "--set training.grad_accum_steps=N, --grad-checkpointing, or --bf16"
-        )
 
 
 def train(config: RunConfig, emit: Callable[[Event], None] = null_emit) -> dict[str, Any]:
