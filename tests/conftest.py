@@ -76,3 +76,41 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "lmkit", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def hub_offline(monkeypatch, tmp_path):
+    """The Hugging Face hub forced offline with an empty cache: env vars for any fresh import, the
+    already-imported constants for this process, no proxy (a proxy skips the reachability probe)."""
+    datasets_config = pytest.importorskip("datasets.config")
+    from huggingface_hub import constants
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def poison_training_loss(monkeypatch, bad_forward: int) -> None:
+    """Make the training loss NaN in the ``bad_forward``-th training forward with targets
+    (1-based; with grad_accum 1 that is optimizer step ``bad_forward``)."""
+    import math
+
+    from lmkit.models.gpt import GPT
+
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = original(self, idx, targets, **kw)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] == bad_forward:
+                loss = loss * math.nan
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)

@@ -126,8 +126,8 @@ def test_exact_match_needs_exactly_the_answer_then_eos(generated, correct):
     from lmkit.config import TrainConfig
     from lmkit.data.arithmetic import ArithmeticExample
     from lmkit.data.tokenizers import CharTokenizer
-    from lmkit.evaluation.arithmetic import exact_match
     from lmkit.device import plan_device
+    from lmkit.evaluation.arithmetic import exact_match
 
     tok = CharTokenizer()
     specials = {"<PAD>": 0, "<BOS>": 1, "<EOS>": 2}

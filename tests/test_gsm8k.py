@@ -149,24 +149,7 @@ def test_local_files_and_train_lookup(tmp_path):
         load_items(bad)
 
 
-@pytest.fixture()
-def offline(monkeypatch, tmp_path):
-    """The hub forced offline with an empty cache: env vars for any fresh import, the
-    already-imported constants for this process, no proxy (which would skip the probe)."""
-    datasets_config = pytest.importorskip("datasets.config")
-    from huggingface_hub import constants
-
-    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-
-
-def test_hub_unreachable_is_a_one_line_data_error(offline):
+def test_hub_unreachable_is_a_one_line_data_error(hub_offline):
     import time
 
     started = time.perf_counter()

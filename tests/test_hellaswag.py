@@ -164,25 +164,12 @@ def test_long_items_are_truncated_from_the_left_and_reported(tmp_path, monkeypat
     assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
 
 
-def test_bad_rows_and_no_hub_are_one_line_errors(tmp_path, monkeypatch):
+def test_bad_rows_and_no_hub_are_one_line_errors(tmp_path, hub_offline):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"ctx": "a", "endings": ["x", "y", "z", "w"], "label": "1"}) + "\n"
                    + json.dumps({"ctx": "a", "endings": ["x", "y"], "label": "0"}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected 4 endings"):
         load_items(bad)
-    # offline for certain: env vars for fresh imports, the imported constants for this process,
-    # an empty cache, no proxy (a proxy skips the reachability probe)
-    datasets_config = pytest.importorskip("datasets.config")
-    from huggingface_hub import constants
-
-    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(DataError, match=r"Rowan/hellaswag.*no network and no cached copy.*--data") as info:
         load_items(None, limit=5)
     assert "\n" not in str(info.value)

@@ -1,7 +1,6 @@
 """What resume and start-up refuse: NaN updates, code in pickles, config drift, bad shards."""
 
 import json
-import math
 import os
 
 import pytest
@@ -9,11 +8,10 @@ import torch
 
 from lmkit.config import build_run_config
 from lmkit.errors import TrainingError
-from lmkit.models.gpt import GPT
 from lmkit.training.checkpoint import save_checkpoint
 from lmkit.training.loop import Trainer
 
-from conftest import run_cli
+from conftest import poison_training_loss, run_cli
 
 PRESET = """\
 model: {n_layer: 2, n_head: 2, n_embd: 32, d_ff: 64, block_size: 32, pos_encoding: rope, dropout: 0.1}
@@ -40,26 +38,10 @@ def _trainer(tmp_path, preset, name, *overrides):
     return Trainer(config)
 
 
-def poison_step(monkeypatch, bad_step):
-    """Make the training loss NaN during optimizer step `bad_step` (1-based, grad_accum 1)."""
-    original = GPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        logits, loss = original(self, idx, targets, **kw)
-        if self.training and targets is not None:
-            calls["n"] += 1
-            if calls["n"] == bad_step:
-                loss = loss * math.nan
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
-
-
 def test_nan_aborts_before_the_update_and_saves_nothing(tmp_path, preset, monkeypatch):
     reference = _trainer(tmp_path, preset, "ref", "training.max_steps=7")
     reference.run()
-    poison_step(monkeypatch, 8)
+    poison_training_loss(monkeypatch, 8)
     trainer = _trainer(tmp_path, preset, "nan")
     with pytest.raises(TrainingError) as info:
         trainer.run()
@@ -74,7 +56,7 @@ def test_nan_aborts_before_the_update_and_saves_nothing(tmp_path, preset, monkey
 def test_on_nan_skip_leaves_weights_and_optimizer_unchanged(tmp_path, preset, monkeypatch):
     reference = _trainer(tmp_path, preset, "ref", "training.max_steps=9")
     reference.run()
-    poison_step(monkeypatch, 10)
+    poison_training_loss(monkeypatch, 10)
     trainer = _trainer(tmp_path, preset, "skip", "training.on_nan=skip")
     summary = trainer.run()
     assert summary["status"] == "completed" and summary["nan_skips"] == 1

@@ -3,7 +3,6 @@ token-weighted gradient accumulation, the device-side NaN skip, the throughput
 definitions, MFU peaks per precision and the CUDA RNG notice."""
 
 import json
-import math
 import time
 
 import pytest
@@ -12,9 +11,10 @@ import torch
 from lmkit.config import build_run_config
 from lmkit.errors import TrainingError
 from lmkit.events import NaNSkipped
-from lmkit.models.gpt import GPT
 from lmkit.training.hooks import TrainingHook
 from lmkit.training.loop import Trainer
+
+from conftest import poison_training_loss
 
 PRESET = """\
 model: {n_layer: 2, n_head: 2, n_embd: 32, d_ff: 64, block_size: 32, pos_encoding: rope, dropout: 0.0}
@@ -136,26 +136,11 @@ def test_a_rebuilt_optimizer_keeps_the_schedule_position_and_the_moments(tmp_pat
     assert steps == {6.0}
 
 
-def _poison(monkeypatch, bad_step):
-    original = GPT.forward
-    calls = {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        logits, loss = original(self, idx, targets, **kw)
-        if self.training and targets is not None:
-            calls["n"] += 1
-            if calls["n"] == bad_step:
-                loss = loss * math.nan
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
-
-
 def test_fused_adamw_skips_a_non_finite_step_on_the_device(tmp_path, preset, monkeypatch):
     fused = ("training.fused_optimizer=true", "training.schedule=constant", "training.log_interval=3")
     reference = Trainer(_config(tmp_path, preset, "ref", "training.max_steps=4", *fused))
     reference.run()
-    _poison(monkeypatch, 5)
+    poison_training_loss(monkeypatch, 5)
     events = []
     trainer = Trainer(_config(tmp_path, preset, "skip", "training.max_steps=5", "training.on_nan=skip", *fused),
                       emit=events.append)
@@ -172,7 +157,7 @@ def test_fused_adamw_skips_a_non_finite_step_on_the_device(tmp_path, preset, mon
 
 
 def test_fused_abort_raises_at_the_next_log_line_naming_the_bad_step(tmp_path, preset, monkeypatch):
-    _poison(monkeypatch, 2)
+    poison_training_loss(monkeypatch, 2)
     trainer = Trainer(_config(tmp_path, preset, "abort", "training.fused_optimizer=true", "training.log_interval=3"))
     with pytest.raises(TrainingError, match=r"at step 2 \(found at step 3's log line"):
         trainer.run()

@@ -113,10 +113,10 @@ def test_resume_keeps_the_warmup_form(tmp_path):
 
 @pytest.mark.parametrize("form", ["s/W", "(s+1)/W"])
 def test_training_logs_the_lr_of_the_configured_form(tmp_path, form):
-    from conftest import TINY_PRESET
-
     from lmkit.events import StepMetrics
     from lmkit.training.loop import Trainer
+
+    from conftest import TINY_PRESET
 
     preset = tmp_path / "tiny.yaml"
     preset.write_text(TINY_PRESET.format(pos="rope", steps=3, eval_interval=100, ckpt_interval=100))
@@ -135,8 +135,9 @@ def test_a_run_from_before_warmup_form_resumes_with_its_s_over_w_warmup(tmp_path
     s/W (the only form then) and must continue so, not silently switch to the new default."""
     import yaml
 
-    from conftest import run_cli
     from lmkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+    from conftest import run_cli
 
     assert run_cli("train", "--preset", str(tiny_preset), "--name", "old", "--max-steps", "3", "--set",
                    "training.warmup_form=s/W", cwd=tmp_path).returncode == 0
