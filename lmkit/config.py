@@ -389,6 +389,10 @@ class TrainConfig(_Strict):
     #: The fused AdamW kernel (one launch for all parameters; it also skips a non-finite
     #: update on the device, without a host sync). ``None``: on CUDA only.
     fused_optimizer: bool | None = None
+    #: CPU threads of torch's intra-op pool. ``None``: the ``lmkit`` CLI's thread policy
+    #: chooses (:mod:`lmkit.threads`). The count a run used is written here, so a resume
+    #: uses the same (results differ in the last bits between thread counts).
+    threads: int | None = Field(None, gt=0)
     precision: Precision = "fp32"
     device: str = "auto"
     gpu_only: bool = False

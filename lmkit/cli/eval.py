@@ -158,6 +158,8 @@ def eval_command(
     seed: int = typer.Option(None, "--seed", help="Random seed (sampling, few-shot draws)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (human output "
                                   "goes to stderr)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: the cores "
+                                "that other processes leave free; also LMKIT_THREADS, OMP_NUM_THREADS)."),
 ) -> None:
     """Evaluate a run: perplexity/bpb, parenthesised arithmetic (flat vs parenthesised), HellaSwag, GSM8K,
     arithmetic probes, samples. Writes runs/NAME/eval/TASK.json, or with --checkpoint all one file per
@@ -187,6 +189,9 @@ def eval_command(
     if prompts:
         options["prompt"] = list(prompts)
 
+    from lmkit.threads import apply_threads, choose_threads
+
+    apply_threads(choose_threads(threads))
     import torch
 
     from lmkit import __version__

@@ -29,6 +29,8 @@ def export_command(
     sample_text: Path = typer.Option(None, "--sample-text", help="UTF-8 text to verify with, when the run's "
                                      "validation data is no longer readable."),
     json_out: bool = typer.Option(False, "--json", help="Print lmkit_export.json on stdout at the end."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: the cores "
+                                "that other processes leave free; also LMKIT_THREADS, OMP_NUM_THREADS)."),
 ) -> None:
     """Export a run's checkpoint. --to hf writes a folder that transformers' AutoModelForCausalLM and
     AutoTokenizer load offline (GPT-2 for learned positions, GPT-NeoX for rotary), then proves it: native vs
@@ -37,7 +39,9 @@ def export_command(
     model.safetensors + config.yaml for lmkit itself."""
     from lmkit.errors import ConfigError
     from lmkit.events import Notice
+    from lmkit.threads import apply_threads, choose_threads
 
+    apply_threads(choose_threads(threads))
     stream = sys.stderr if json_out else sys.stdout
 
     def emit(event: object) -> None:

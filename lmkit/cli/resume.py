@@ -25,6 +25,8 @@ def resume_command(
     on_nan: str = typer.Option(None, "--on-nan", help="abort (default) or skip a step with a non-finite loss."),
     overrides: list[str] = typer.Option([], "--set", help="Allowed changes only: lengths, eval/log/checkpoint "
                                         "intervals, device, compile (repeatable)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: the count the run was "
+                                "started with; another count makes the continuation not bitwise)."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Plain log lines even on a terminal."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout at the end."),
 ) -> None:
@@ -39,6 +41,8 @@ def resume_command(
         flags["training.gpu_only"] = ("--gpu-only", True)
     if on_nan is not None:
         flags["training.on_nan"] = ("--on-nan", on_nan)
+    if threads is not None:
+        flags["training.threads"] = ("--threads", threads)
 
     from lmkit.training.loop import resume
 

@@ -42,6 +42,8 @@ def train_command(
                                "a step whose loss or gradient norm is not finite."),
     resume_run: bool = typer.Option(False, "--resume", help="Continue runs/NAME (needs --name) instead of starting "
                                     "a new run; the same as `lmkit resume runs/NAME`."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: the cores "
+                                "that other processes leave free; also LMKIT_THREADS, OMP_NUM_THREADS)."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Plain log lines even on a terminal."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout at the end."),
 ) -> None:
@@ -80,6 +82,8 @@ def train_command(
         flags["training.on_nan"] = ("--on-nan", on_nan)
 
     if resume_run:
+        if threads is not None:
+            flags["training.threads"] = ("--threads", threads)
         if name is None:
             raise ConfigError("--resume: name the run to continue with --name (or use `lmkit resume runs/NAME`)")
         from lmkit.training.loop import resume
@@ -89,9 +93,14 @@ def train_command(
                              no_tui=no_tui, json_out=json_out)
     else:
         config = build_run_config(preset, overrides, flags)
+        from lmkit.threads import choose_threads
+
+        choice = choose_threads(threads if threads is not None else config.training.threads)
+        config.training.threads = choice.threads  # the trainer applies and records it
         from lmkit.training.loop import train
 
-        summary = render_run(lambda emit: train(config, emit=emit), no_tui=no_tui, json_out=json_out)
+        summary = render_run(lambda emit: train(config, emit=emit, notes=[f"threads: {choice.reason}"]),
+                             no_tui=no_tui, json_out=json_out)
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
 

@@ -89,11 +89,12 @@ class Trainer:
         checkpoint: with ``resume_dir``: ``None`` for the newest complete checkpoint, or
             ``latest``/``best``/``step_…``/``epoch_…``/a path.
         config_changes: the allowed config changes of this resume, for the record.
+        notes: lines for the run's header (e.g. the CLI's thread choice), emitted as notices.
     """
 
     def __init__(self, config: RunConfig, emit: Callable[[Event], None] = null_emit, *,
                  resume_dir: Path | None = None, checkpoint: str | None = None,
-                 config_changes: Mapping[str, tuple[Any, Any]] | None = None):
+                 config_changes: Mapping[str, tuple[Any, Any]] | None = None, notes: Iterable[str] = ()):
         self.config = config.model_copy(deep=True)
         self.user_emit = emit
         self.emit = emit
@@ -101,6 +102,7 @@ class Trainer:
         self.checkpoint_choice = checkpoint
         self.config_changes = dict(config_changes or {})
         self.hooks = Hooks()
+        self.notes: list[tuple[str, str]] = [("info", note) for note in notes]
         # Test hook: LMKIT_TEST_SIGNAL="MICRO:SIGNAME" sends the signal to this process right
         # after micro-batch MICRO, to place an interruption mid-accumulation deterministically.
         hook = os.environ.get("LMKIT_TEST_SIGNAL", "")
@@ -111,6 +113,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.config
         tcfg = cfg.training
+        self._apply_threads()
         self.plan: DevicePlan = plan_device(tcfg)
         resume_state: dict[str, Any] | None = None
         if self.resume_dir is not None:
@@ -132,6 +135,29 @@ class Trainer:
         except BaseException:
             self.run.release()
             raise
+
+    def _apply_threads(self) -> None:
+        """Use ``training.threads`` CPU threads (unless the user's OMP_NUM_THREADS / LMKIT_THREADS
+        says otherwise: the user wins, with a warning on a resume), then record the count used."""
+        import torch
+
+        tcfg = self.config.training
+        env = os.environ.get("LMKIT_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        if tcfg.threads is not None:
+            if env and env.split(",")[0].strip() != str(tcfg.threads):
+                if self.resume_dir is not None:
+                    self.notes.append(("warning", f"training.threads is {tcfg.threads} but the environment asks "
+                                                  f"for {env}: using {torch.get_num_threads()}; the continuation "
+                                                  "is not bitwise the uninterrupted run"))
+            elif torch.get_num_threads() != tcfg.threads:
+                torch.set_num_threads(tcfg.threads)
+        changed = self.config_changes.get("training.threads")
+        if changed and changed[0] is not None:
+            self.notes.append(("warning", f"training.threads changed from {changed[0]} to {changed[1]} on resume: "
+                                          "results now differ from the uninterrupted run in the last bits"))
+        elif self.resume_dir is not None and tcfg.threads == torch.get_num_threads():
+            self.notes.append(("info", f"threads: {tcfg.threads}, as the run was started with (training.threads)"))
+        tcfg.threads = torch.get_num_threads()
 
     def _pick_checkpoint(self) -> tuple[dict[str, Any], Path, list[tuple[Path, str]]]:
         if self.checkpoint_choice is None:
@@ -418,6 +444,8 @@ class Trainer:
             tokens_per_step=tcfg.batch_size * tcfg.grad_accum_steps * self.config.model.block_size,
             start_step=start_step, device_uuid=device_uuid(self.plan.device),
         ))
+        for level, note in self.notes:
+            self.emit(Notice(level=level, message=note))
         if self.plan.reason.startswith("auto"):
             self.emit(Notice(level="info", message=f"device {self.plan.device} ({self.plan.reason})"))
         if self.plan.peak_flops:
@@ -492,9 +520,9 @@ class Trainer:
 
 
 
-def train(config: RunConfig, emit: Callable[[Event], None] = null_emit) -> dict[str, Any]:
+def train(config: RunConfig, emit: Callable[[Event], None] = null_emit, *, notes: Iterable[str] = ()) -> dict[str, Any]:
     """Train ``config`` as a new run and return its summary (see :meth:`Trainer.run`)."""
-    return Trainer(config, emit).run()
+    return Trainer(config, emit, notes=notes).run()
 
 
 def resume(run: str | Path, emit: Callable[[Event], None] = null_emit, *, checkpoint: str | None = None,

@@ -47,6 +47,7 @@ SAFE_KEYS = frozenset({
     "training.compile",
     "training.tf32",
     "training.on_nan",
+    "training.threads",  # allowed, but the continuation is then not bitwise (the trainer says so)
 })
 
 
