@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -142,3 +147,64 @@ def test_estimate_flags_without_a_preset_are_bad_input():
     result = doctor("--batch-size", "8")
     assert result.exit_code == 2
     assert "add --preset" in result.stderr
+
+
+# ------------------------------------------------------------------------------ CPU load (issue 17)
+
+
+def test_oversubscription_warning_text():
+    from lmkit.analysis.environment import BusyProcess, oversubscription_warning
+
+    assert oversubscription_warning(1.0, 2, 2) == (
+        "other processes keep ~1.0 of 2 cores busy; torch's 2 threads will spin-wait for them (training can run "
+        "several times slower): run lmkit with --threads 1, or stop the other work")
+    top = [BusyProcess(pid=4242, name="python", cpu_percent=99.4)]
+    assert oversubscription_warning(3.2, 16, 16, top).endswith(
+        "--threads 13, or stop the other work (busiest: python, pid 4242, 99% of a core)")
+    assert oversubscription_warning(0.1, 2, 2) is None  # an idle machine's daemons
+    assert oversubscription_warning(1.0, 2, 1) is None  # one thread fits beside one busy process
+
+
+def test_doctor_names_a_busy_process_and_warns_that_the_cpu_is_oversubscribed():
+    usable = len(os.sched_getaffinity(0))
+    saved = torch.get_num_threads()
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        torch.set_num_threads(usable)  # torch's default: one thread per usable core
+        time.sleep(0.3)  # the loop is spinning
+        spun0, t0 = sum(psutil.Process(child.pid).cpu_times()[:2]), time.perf_counter()
+        report = json.loads(doctor("--json").stdout)
+        spun = (sum(psutil.Process(child.pid).cpu_times()[:2]) - spun0) / (time.perf_counter() - t0)
+        out = doctor().stdout
+    finally:
+        child.kill()
+        child.wait()
+        torch.set_num_threads(saved)
+    assert spun >= 0.5  # the reference: the child's own CPU time says it kept a core (mostly) busy
+    load = report["environment"]["cpu_load"]
+    assert load["usable_cores"] == usable and load["threads"] == usable and len(load["load_avg"]) == 3
+    assert load["sample_s"] >= 0.2 and load["other_busy_cores"] >= 0.5 and load["busy_cores"] >= 0.5
+    mine = [p for p in load["top"] if p["pid"] == child.pid]
+    assert mine and mine[0]["cpu_percent"] >= 50 and mine[0]["name"].startswith("python")
+    assert load["oversubscribed"] is True
+    assert f"of {usable} cores busy; torch's {usable} threads will spin-wait" in load["warning"]
+    assert "--threads" in load["warning"] and "stop the other work" in load["warning"]
+    assert "load average" in out and "other processes' CPU" in out and f"(pid {child.pid})" in out
+    assert "warning: other processes keep ~" in out and "run lmkit with --threads" in out
+
+
+def test_an_idle_machine_gets_no_cpu_warning():
+    import re
+
+    from lmkit.analysis.environment import sample_cpu_load
+
+    if sample_cpu_load(0.2, threads=1).other_busy_cores > 0.25:
+        pytest.skip("the machine is busy now: other processes keep a core partly busy")
+    load = json.loads(doctor("--json").stdout)["environment"]["cpu_load"]
+    if load["other_busy_cores"] > 0.25:
+        pytest.skip("the machine became busy during the test")
+    assert load["oversubscribed"] is False and load["warning"] is None
+    out = doctor().stdout
+    busy = float(re.search(r"other processes' CPU\s*│\s*~([0-9.]+) of", out).group(1))
+    if busy <= 0.25:  # this sample, too, found the machine idle
+        assert "warning:" not in out

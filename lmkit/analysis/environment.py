@@ -1,9 +1,14 @@
-"""What this machine offers for training: versions, GPUs, Apple MPS, CPUs and RAM.
+"""What this machine offers for training: versions, GPUs, Apple MPS, CPUs, their load and RAM.
 
 :func:`collect_environment` reads torch (``torch.version``, ``torch.cuda``, ``torch.backends``),
 NVML through :mod:`lmkit.monitor.nvml` (driver version, free memory; never raises) and psutil.
 It does not allocate on a GPU, so it creates no CUDA context and leaves the free memory it reports
 as it found it. It returns data; ``lmkit doctor`` renders it.
+
+:func:`sample_cpu_load` measures what other processes take from the cores this one may use
+(a short system-wide sample, ~0.2 s): torch's OpenMP threads spin-wait for a core another
+process holds, so one busy process on a 2-core machine made a 2-thread training run ~4x slower
+(issue 17). It says when the machine is oversubscribed and what to do.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,6 +45,51 @@ class GpuInfo:
     usable_by_torch: bool
 
 
+@dataclass(frozen=True)
+class BusyProcess:
+    """Another process's CPU use over the sample: ``cpu_percent`` of one core (200 = two cores)."""
+
+    pid: int
+    name: str
+    cpu_percent: float
+
+
+#: Seconds of the system-wide CPU sample of ``lmkit doctor``.
+CPU_SAMPLE_S = 0.2
+#: Oversubscribed when other processes' busy cores + torch's threads exceed the usable cores by
+#: more than this (a little slack: an idle machine's daemons use a few percent of a core).
+OVERSUBSCRIBED_SLACK = 0.5
+
+
+@dataclass
+class CpuLoad:
+    """The load on the cores this process may use (:func:`sample_cpu_load`).
+
+    Attributes:
+        load_avg: ``os.getloadavg()``: runnable processes averaged over 1, 5, 15 minutes
+            (all cores of the machine; ``None`` where the OS has none, e.g. Windows).
+        usable_cores: ``len(os.sched_getaffinity(0))`` (``os.cpu_count()`` where unknown).
+        sample_s: length of the sample in seconds (wall clock).
+        busy_cores: cores kept busy over the sample on the usable cores, by every process
+            (``/proc/stat``-style CPU times: all but idle and iowait), in cores (0..usable).
+        other_busy_cores: ``busy_cores`` less this process's own CPU time (>= 0).
+        top: the busiest other processes (at most 3, those above 1% of a core), busiest first.
+        threads: the torch thread count judged (``torch.get_num_threads()`` of this process).
+        oversubscribed: ``other_busy_cores + threads > usable_cores + OVERSUBSCRIBED_SLACK``.
+        warning: what to do about it (``None`` when not oversubscribed).
+    """
+
+    load_avg: tuple[float, float, float] | None
+    usable_cores: int
+    sample_s: float
+    busy_cores: float
+    other_busy_cores: float
+    top: list[BusyProcess]
+    threads: int
+    oversubscribed: bool
+    warning: str | None
+
+
 @dataclass
 class Environment:
     """The answer of :func:`collect_environment` (``to_dict`` for ``lmkit doctor --json``)."""
@@ -62,6 +113,7 @@ class Environment:
     ram_available_bytes: int | None = None
     tf32_matmul_enabled: bool | None = None
     nvml_error: str | None = None
+    cpu_load: CpuLoad | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,8 +141,96 @@ def _uuid(value: Any) -> str | None:
     return text if text.startswith("GPU-") else f"GPU-{text}"
 
 
-def collect_environment() -> Environment:
-    """Versions and devices of this machine. Never raises for a missing GPU, driver or NVML."""
+def _usable_cpus() -> list[int] | None:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_and_total(times) -> tuple[float, float]:
+    """(busy, total) seconds of one CPU's times, as psutil's ``cpu_percent`` counts them: guest
+    time is already inside user/nice on Linux; idle and iowait are not busy."""
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    return total - times.idle - getattr(times, "iowait", 0.0), total
+
+
+def oversubscription_warning(other_busy: float, usable: int, threads: int,
+                             top: list[BusyProcess] = ()) -> str | None:
+    """The warning for a machine where other processes leave torch's ``threads`` too few cores
+    (``other_busy + threads > usable + OVERSUBSCRIBED_SLACK``), or ``None``."""
+    if other_busy + threads <= usable + OVERSUBSCRIBED_SLACK:
+        return None
+    fit = max(1, min(threads - 1, int(usable - other_busy + 0.5)))
+    busiest = f" (busiest: {top[0].name}, pid {top[0].pid}, {top[0].cpu_percent:.0f}% of a core)" if top else ""
+    return (f"other processes keep ~{other_busy:.1f} of {usable} cores busy; torch's {threads} threads will "
+            f"spin-wait for them (training can run several times slower): run lmkit with --threads {fit}, "
+            f"or stop the other work{busiest}")
+
+
+def sample_cpu_load(seconds: float = CPU_SAMPLE_S, threads: int | None = None) -> CpuLoad:
+    """Sample the load on this process's usable cores for ``seconds`` (sleeps that long).
+
+    Busy cores come from the per-CPU times of the usable CPUs (system-wide, so short-lived
+    processes count too), less this process's own CPU time; the top processes from psutil's
+    per-process ``cpu_percent`` over the same interval. ``threads`` defaults to
+    ``torch.get_num_threads()``. Never raises for an unreadable process (it is skipped).
+    """
+    import psutil
+
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    try:
+        load_avg = tuple(round(x, 2) for x in os.getloadavg())
+    except (AttributeError, OSError):
+        load_avg = None
+    cpus = _usable_cpus()
+    usable = len(cpus) if cpus else (os.cpu_count() or 1)
+    me = os.getpid()
+    procs = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        if proc.pid == me:
+            continue
+        try:
+            proc.cpu_percent(None)  # primes the per-process counter
+            procs.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    own = psutil.Process(me)
+    per0, own0, t0 = psutil.cpu_times(percpu=True), sum(own.cpu_times()[:2]), time.perf_counter()
+    time.sleep(max(0.0, seconds))
+    per1, own1, t1 = psutil.cpu_times(percpu=True), sum(own.cpu_times()[:2]), time.perf_counter()
+    # per-CPU lines are in CPU order when none is offline; otherwise use them all
+    pick = cpus if cpus and len(per0) == (os.cpu_count() or 0) and max(cpus) < len(per0) else range(len(per0))
+    busy = 0.0
+    for i in pick:
+        (b0, n0), (b1, n1) = _busy_and_total(per0[i]), _busy_and_total(per1[i])
+        if n1 > n0:
+            busy += min(1.0, max(0.0, (b1 - b0) / (n1 - n0)))
+    wall = max(1e-6, t1 - t0)
+    other = max(0.0, busy - (own1 - own0) / wall)
+    top: list[BusyProcess] = []
+    for proc in procs:
+        try:
+            pct = proc.cpu_percent(None)
+        except (psutil.Error, OSError):
+            continue
+        if pct > 1.0:
+            top.append(BusyProcess(pid=proc.pid, name=proc.info.get("name") or "?", cpu_percent=round(pct, 1)))
+    top = sorted(top, key=lambda p: -p.cpu_percent)[:3]
+    warning = oversubscription_warning(other, usable, threads, top)
+    return CpuLoad(load_avg=load_avg, usable_cores=usable, sample_s=round(wall, 3), busy_cores=round(busy, 2),
+                   other_busy_cores=round(other, 2), top=top, threads=threads, oversubscribed=warning is not None,
+                   warning=warning)
+
+
+def collect_environment(cpu_sample_s: float | None = CPU_SAMPLE_S) -> Environment:
+    """Versions and devices of this machine. Never raises for a missing GPU, driver or NVML.
+
+    ``cpu_sample_s``: seconds of the CPU-load sample (:func:`sample_cpu_load`); ``None`` skips it
+    (``cpu_load`` is then ``None``)."""
     import psutil
     import torch
 
@@ -151,4 +291,5 @@ def collect_environment() -> Environment:
         ram_available_bytes=int(vm.available),
         tf32_matmul_enabled=tf32_enabled,
         nvml_error=nvml.nvml_error(),
+        cpu_load=sample_cpu_load(cpu_sample_s) if cpu_sample_s is not None else None,
     )

@@ -1,5 +1,9 @@
-"""``lmkit doctor``: the machine (versions, GPUs, MPS, CPUs, RAM) and, for a preset, its parameter
-count, a memory breakdown of one training step and a verdict per GPU."""
+"""``lmkit doctor``: the machine (versions, GPUs, MPS, CPUs and their load, RAM) and, for a preset, its
+parameter count, a memory breakdown of one training step and a verdict per GPU.
+
+The CPU load is a 0.2 s system-wide sample (:func:`lmkit.analysis.environment.sample_cpu_load`): the
+load average, the cores this process may use, the cores other processes keep busy and the three
+busiest; a warning line says when torch's threads would have to wait for them (oversubscribed)."""
 
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ def doctor_command(
     legacy_old_name: bool = typer.Option(False, "--legacy-seed001", hidden=True),  # the flag's first name
     json_out: bool = typer.Option(False, "--json", help="Print everything as one JSON object (for bug reports)."),
 ) -> None:
-    """Check the machine (python, torch, CUDA, cuDNN, driver, GPUs, MPS, CPUs, RAM); with --preset,
+    """Check the machine (python, torch, CUDA, cuDNN, driver, GPUs, MPS, CPUs and their load, RAM); with --preset,
     count parameters, estimate the memory of one training step and say whether it fits each GPU."""
     from lmkit.analysis import memory as mem
     from lmkit.analysis.environment import collect_environment
@@ -172,6 +176,17 @@ def _preset_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, gra
     return out
 
 
+def _cpu_load_rows(load) -> list[tuple[str, str]]:
+    """The Environment table's rows for a :class:`~lmkit.analysis.environment.CpuLoad`."""
+    if load is None:
+        return []
+    avg = ", ".join(f"{x:.2f}" for x in load.load_avg) + " (1, 5, 15 min)" if load.load_avg else "-"
+    top = ", ".join(f"{p.name} (pid {p.pid}) {p.cpu_percent:.0f}%" for p in load.top)
+    other = (f"~{load.other_busy_cores:.1f} of {load.usable_cores} usable cores busy "
+             f"({load.sample_s:.1f} s sample){': ' + top if top else ''}")
+    return [("load average", avg), ("other processes' CPU", other)]
+
+
 def _render(report: dict[str, Any], env) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -187,11 +202,14 @@ def _render(report: dict[str, Any], env) -> None:
         ("CUDA available", "yes" if env.cuda_available else f"no: {env.cuda_note}"),
         ("Apple MPS", "available" if env.mps_available else ("built, not available" if env.mps_built else "no")),
         ("CPUs", f"{env.cpu_count} ({env.cpu_usable} usable, torch uses {env.torch_threads} threads)"),
+        *_cpu_load_rows(env.cpu_load),
         ("RAM", f"{_gib(env.ram_total_bytes)} ({_gib(env.ram_available_bytes)} available)"),
     ]
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
+    if env.cpu_load is not None and env.cpu_load.warning:
+        console.print(f"[yellow]warning:[/yellow] {env.cpu_load.warning}", highlight=False)
     if env.gpus:
         gt = Table(title="GPUs", title_justify="left")
         for col in ("index", "name", "capability", "total", "free", "bf16", "TF32", "usable by torch"):
