@@ -200,8 +200,39 @@ class NaNSkipped(Event):
                 f"({self.total} so far)")
 
 
+@dataclass(frozen=True)
+class StepTimeJump(Event):
+    """A log window's mean step time jumped above the run's median (a shared CPU or GPU?).
+
+    ``step``: the log line's optimizer step; ``ratio``: ``now_s / median_s``; ``median_s``: the
+    median of the run's earlier log windows' :attr:`StepMetrics.step_time_s` (seconds);
+    ``now_s``: this window's; ``device_type``: ``"cpu"``, ``"cuda"``, ``"mps"``...
+    The trainer does not emit it: renderers detect it from :class:`StepMetrics` with
+    :class:`lmkit.monitor.steptime.StepTimeWatch`. A warning: renderers show :attr:`message`.
+    """
+
+    kind: ClassVar[str] = "step_time_jump"
+    level: ClassVar[str] = "warning"
+    step: int
+    ratio: float
+    median_s: float
+    now_s: float
+    device_type: str
+
+    @property
+    def message(self) -> str:
+        if self.device_type == "cpu":
+            why = "is the CPU shared with another process?"
+        elif self.device_type == "cuda":
+            why = "is the GPU or the host shared with another process?"
+        else:
+            why = "is the machine shared with another process?"
+        return (f"steps {self.ratio:.1f}x slower than this run's median ({1000 * self.median_s:.0f} ms -> "
+                f"{1000 * self.now_s:.0f} ms): {why} (lmkit doctor shows the load)")
+
+
 #: Events a renderer shows as a ``level: message`` line (each has ``level`` and ``message``).
-MESSAGE_EVENTS = (Notice, NaNSkipped)
+MESSAGE_EVENTS = (Notice, NaNSkipped, StepTimeJump)
 
 
 @dataclass(frozen=True)

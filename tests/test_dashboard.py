@@ -462,3 +462,45 @@ def test_other_ranks_print_only_warnings(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err == ("[rank 2] warning: something to know\n"
                                  "[rank 2] warning: step 3: non-finite loss or gradient norm; update skipped (1 so far)\n")
+
+
+# ------------------------------------------------------------------------------ step-time jumps (issue 17)
+
+
+def timed_run(dash: Dashboard, times: list[float], device: str = "cpu") -> None:
+    dash(started(device))
+    for i, t in enumerate(times):
+        dash(dataclasses.replace(step_event(100 * (i + 1), device), step_time_s=t))
+
+
+def jump_notes(dash: Dashboard) -> list[tuple[int | None, str, str]]:
+    return [(step, style, text) for _, step, style, text in dash.events if "slower than this run's median" in text]
+
+
+def test_a_step_time_jump_shows_once_in_the_events_panel():
+    dash = Dashboard(live=False, sampler=False)
+    timed_run(dash, [0.1] * 10 + [0.4] + [0.4] * 10)
+    assert jump_notes(dash) == [(1100, "yellow", "warning: steps 4.0x slower than this run's median (100 ms -> "
+                                                 "400 ms): is the CPU shared with another process? (lmkit doctor "
+                                                 "shows the load)")]
+    text = render(dash, width=300, height=60)
+    events = panel(text, "events")
+    assert events.count("warning: steps 4.0x slower than this run's median (100 ms -> 400 ms): is the CPU") == 1
+    assert re.search(r"step_time_jump\s+1\s+1,100\s+steps 4.0x slower", panel(text, "events by kind"))
+
+
+def test_no_step_time_warning_for_a_steady_run_or_a_short_history():
+    steady = Dashboard(live=False, sampler=False)
+    scripted_run(steady, steps=2000)  # 2,000 log lines at 59.2 ms
+    short = Dashboard(live=False, sampler=False)
+    timed_run(short, [0.1] * 4 + [0.4])  # 4 windows before the slow one: no verdict yet
+    assert jump_notes(steady) == [] and jump_notes(short) == []
+    assert "step_time_jump" not in render(steady, width=200) + render(short, width=200)
+
+
+def test_the_jump_names_the_gpu_on_a_cuda_run():
+    dash = Dashboard(live=False, sampler=False)
+    timed_run(dash, [0.092] * 8 + [0.31] * 3, device="cuda:0")
+    assert [text for _, _, text in jump_notes(dash)] == [
+        "warning: steps 3.4x slower than this run's median (92 ms -> 310 ms): is the GPU or the host shared with "
+        "another process? (lmkit doctor shows the load)"]

@@ -1,11 +1,15 @@
 """Renderers and writers of training events."""
 
+import dataclasses
 import io
 import json
+import random
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
 from rich.console import Console
 
 from lmkit.events import (
@@ -20,8 +24,10 @@ from lmkit.events import (
     RunFinished,
     RunStarted,
     StepMetrics,
+    StepTimeJump,
 )
 from lmkit.monitor.console import PlainLog, RichProgress
+from lmkit.monitor.steptime import RunningMedian, StepTimeWatch
 from lmkit.monitor.writers import EventsWriter, MetricsWriter
 
 STARTED = RunStarted(name="demo", run_dir="runs/demo", preset="pilot", model_type="gpt", n_params=664192,
@@ -145,3 +151,87 @@ def test_nan_skips_print_as_warnings():
     view.close()
     assert "warning: steps up to 20: 2 updates skipped for a non-finite loss or gradient norm (5 so far)" \
         in console.export_text()
+
+
+# ------------------------------------------------------------------------------ step-time jumps (issue 17)
+
+CPU_JUMP = ("warning: steps 4.0x slower than this run's median (100 ms -> 400 ms): is the CPU shared with another "
+            "process? (lmkit doctor shows the load)")
+
+
+def windows(*times: float, device: str = "cpu") -> list[Event]:
+    """A run whose log windows took ``times`` seconds per step, one log line each."""
+    start = dataclasses.replace(STARTED, device=device, max_steps=1000)
+    return [start] + [dataclasses.replace(STEP, step=10 * (i + 1), max_steps=1000, step_time_s=t)
+                      for i, t in enumerate(times)]
+
+
+def plain_lines(events: list[Event]) -> list[str]:
+    out = io.StringIO()
+    log = PlainLog(out)
+    for event in events:
+        log(event)
+    return out.getvalue().splitlines()
+
+
+def warnings_in(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("warning: steps")]
+
+
+def test_a_step_time_jump_is_flagged_once_in_the_plain_log():
+    lines = plain_lines(windows(*[0.1] * 10, 0.4, *[0.4] * 10))
+    assert warnings_in(lines) == [CPU_JUMP]
+    # right after the log line of the slow window (step 110), not before
+    at = lines.index(CPU_JUMP)
+    assert lines[at - 1].startswith("step 110/1000 ") and "400 ms/step" in lines[at - 1]
+
+
+def test_a_steady_run_and_a_short_history_give_no_step_time_warning():
+    jitter = [0.1, 0.12, 0.09, 0.11, 0.1, 0.25, 0.1] * 10  # a 2.5x blip is not a jump
+    assert warnings_in(plain_lines(windows(*jitter))) == []
+    assert warnings_in(plain_lines(windows(0.1, 0.1, 0.1, 0.1, 0.4))) == []  # 4 windows before: no verdict
+    assert warnings_in(plain_lines(windows(*[0.1] * 5, 0.4))) == [CPU_JUMP]  # 5 windows before: a verdict
+    # millisecond steps: a 4x jump of 3 ms is timer noise, not news
+    assert warnings_in(plain_lines(windows(*[0.001] * 10, 0.004))) == []
+
+
+def test_the_warning_names_the_gpu_on_cuda_runs_and_comes_back_only_after_normal_steps():
+    lines = warnings_in(plain_lines(windows(*[0.092] * 8, 0.31, device="cuda:0")))
+    assert lines == ["warning: steps 3.4x slower than this run's median (92 ms -> 310 ms): is the GPU or the host "
+                     "shared with another process? (lmkit doctor shows the load)"]
+    # slow again after only 4 normal windows: the same slowdown, no second warning
+    assert len(warnings_in(plain_lines(windows(*[0.1] * 10, 0.4, *[0.1] * 4, 0.4, 0.4)))) == 1
+    # back to normal for 5 windows, then a new jump: warned again
+    assert warnings_in(plain_lines(windows(*[0.1] * 10, 0.4, *[0.1] * 5, 0.4))) == [CPU_JUMP] * 2
+    # a new run (resume) starts a new history
+    log = windows(*[0.1] * 10, 0.4)
+    assert warnings_in(plain_lines(log + log)) == [CPU_JUMP] * 2
+
+
+def test_rich_progress_shows_the_jump_once():
+    console = Console(record=True, width=200, force_terminal=True)
+    view = RichProgress(console)
+    for event in windows(*[0.1] * 10, *[0.4] * 10):
+        view(event)
+    view.close()
+    assert console.export_text().count("steps 4.0x slower than this run's median (100 ms -> 400 ms): is the CPU") == 1
+
+
+def test_an_emitted_jump_is_not_shown_twice():
+    events = windows(*[0.1] * 10, 0.4)
+    emitted = StepTimeJump(step=110, ratio=4.0, median_s=0.1, now_s=0.4, device_type="cpu")
+    assert warnings_in(plain_lines(events + [emitted])) == [CPU_JUMP]
+    watch = StepTimeWatch()
+    assert [type(e) for e in watch.expand(emitted)] == [StepTimeJump] and watch.upstream  # the emitter's, shown
+    assert all(watch(e) is None for e in windows(*[0.1] * 10, 0.4)[1:])  # and the watch stands down
+
+
+def test_running_median_matches_statistics_median():
+    rng = random.Random(17)
+    median = RunningMedian()
+    seen = []
+    for _ in range(301):
+        value = rng.choice([rng.random(), 0.5, rng.expovariate(3.0)])
+        median.add(value)
+        seen.append(value)
+        assert median.median() == pytest.approx(statistics.median(seen), abs=0, rel=1e-15)

@@ -7,7 +7,8 @@ one plain line per log interval, evaluation and checkpoint.
 :class:`WarningsOnly` -- ranks other than 0 under torchrun: warnings only, on stderr.
 The full-screen live dashboard is :class:`lmkit.monitor.dashboard.Dashboard`.
 
-Both only read events; the training loop never prints.
+Both only read events; the training loop never prints. Both (and the dashboard) flag a sudden
+step-time jump once, through :class:`lmkit.monitor.steptime.StepTimeWatch`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lmkit.events import (
     RunStarted,
     StepMetrics,
 )
+from lmkit.monitor.steptime import StepTimeWatch
 
 
 def fmt_count(n: float) -> str:
@@ -129,6 +131,7 @@ class PlainLog:
         self.stream = stream or sys.stdout
         self._stage: str | None = None
         self.closed = False
+        self._steps = StepTimeWatch()
 
     def _line(self, text: str) -> None:
         # A reader that went away (`| head`, a dropped pipe) must not kill a training run:
@@ -142,6 +145,10 @@ class PlainLog:
             self.closed = True
 
     def __call__(self, event: Event) -> None:
+        for e in self._steps.expand(event):
+            self._render(e)
+
+    def _render(self, event: Event) -> None:
         if isinstance(event, DataProgress):
             done = event.total is not None and event.completed >= event.total
             if done:
@@ -161,7 +168,7 @@ class PlainLog:
             self._line(eval_line(event))
         elif isinstance(event, CheckpointSaved):
             self._line(f"saved {', '.join(event.tags)} -> {event.path} ({event.seconds:.2f}s)")
-        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped
+        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped, StepTimeJump
             self._line(f"{event.level}: {event.message}")
         elif isinstance(event, RunFinished):
             for line in finished_lines(event):
@@ -184,6 +191,7 @@ class RichProgress:
         self._data_task: TaskID | None = None
         self._train_task: TaskID | None = None
         self._started = False
+        self._steps = StepTimeWatch()
 
     def _start(self) -> None:
         if not self._started:
@@ -196,6 +204,10 @@ class RichProgress:
             self._started = False
 
     def __call__(self, event: Event) -> None:
+        for e in self._steps.expand(event):
+            self._render(e)
+
+    def _render(self, event: Event) -> None:
         print_ = self.progress.console.print
         if isinstance(event, DataProgress):
             self._start()
@@ -224,7 +236,7 @@ class RichProgress:
         elif isinstance(event, CheckpointSaved):
             print_(f"saved {', '.join(event.tags)} -> {event.path} ({event.seconds:.2f}s)", style="dim",
                    highlight=False)
-        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped
+        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped, StepTimeJump
             print_(f"{event.level}: {event.message}", style="yellow", highlight=False)
         elif isinstance(event, RunFinished):
             self._stop()

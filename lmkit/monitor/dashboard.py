@@ -12,7 +12,8 @@ into panels::
     │                                       ││ allocated/reserved/peak; or host:  │
     │                                       ││ RSS, CPU % (CPU/MPS runs)          │
     ┌ events: evals, checkpoints, notices, ┐┌ events by kind: latest per kind    ┐
-    │ NaN/overflow skips, newest at bottom ││ (and per group key, e.g. layer)    │
+    │ NaN/overflow skips, step-time jumps, ││ (and per group key, e.g. layer)    │
+    │ newest at bottom                     ││                                    │
 
 Cost to the training loop: handling an event takes the state lock for a few
 microseconds (the loss series is bucketed in O(1) amortised per point). Rendering runs
@@ -52,10 +53,12 @@ from lmkit.events import (
     RunFinished,
     RunStarted,
     StepMetrics,
+    StepTimeJump,
 )
 from lmkit.monitor.console import data_line, finished_lines, fmt_count, fmt_duration, fmt_metric
 from lmkit.monitor.nvml import GpuStat
 from lmkit.monitor.sampler import HostStat, Sampler, SystemSample
+from lmkit.monitor.steptime import StepTimeWatch
 
 GiB = 2**30
 
@@ -448,12 +451,14 @@ class Dashboard:
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
+        self._steps = StepTimeWatch()  # one warning when steps suddenly slow down
 
     # ------------------------------------------------------------------ events
 
     def __call__(self, event: Event) -> None:
         with self._lock:
-            self._handle(event)
+            for e in self._steps.expand(event):
+                self._handle(e)
             self._dirty = True
         if isinstance(event, RunStarted) and self._sampler is None and self.use_sampler and not self._closed:
             self._start_sampler(event.device.startswith("cuda"))
@@ -508,6 +513,8 @@ class Dashboard:
             self._note(e.step, "green", f"saved {', '.join(e.tags)} ({e.seconds:.2f}s)")
         elif isinstance(e, NaNSkipped):
             self._note(e.step, "bold red", f"{e.level}: {e.message}")
+        elif isinstance(e, StepTimeJump):
+            self._note(e.step, "yellow", f"{e.level}: {e.message}")
         elif isinstance(e, Notice):
             style = {"warning": "yellow", "error": "bold red"}.get(e.level, "dim")
             self._note(None, style, f"{e.level}: {e.message}")
