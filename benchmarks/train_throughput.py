@@ -1,11 +1,13 @@
-"""Training throughput: lmkit's GPT against Hugging Face ``GPT2LMHeadModel`` of the same shape.
+"""Training throughput: lmkit's GPT against Hugging Face ``GPT2LMHeadModel`` and a nanoGPT-style
+peer (``benchmarks/nanogpt_peer.py``) of the same shape.
 
-Both models get the same shape (vocab 8192, 4 layers, 4 heads, n_embd 256, block 256,
-tanh GELU, tied head, no dropout), the same fp32 AdamW (lmkit's parameter groups,
-lr 3e-4, wd 0.1), the same random token ids (batch 8), and are timed in interleaved
-rounds in one process, so machine noise hits both alike. Prints the median training
-tokens/s of each and the ratio lmkit / HF. On CUDA, ``--gpt2-124m`` also times the
-GPT-2 124M shape (block 1024) in bf16 and reports MFU against the device's peak.
+All three get the same shape (vocab 8192, 4 layers, 4 heads, n_embd 256, block 256, tanh
+GELU, tied head, no dropout), the same fp32 AdamW (lmkit's parameter groups, lr 3e-4, wd
+0.1), the same random token ids (batch 8), and are timed in interleaved rounds in one
+process, so machine noise hits them alike. Prints the median training tokens/s of each, the
+ratios lmkit / HF and lmkit / nanoGPT, and on the CPU each model's MFU against this
+machine's measured fp32 matmul rate. On CUDA, ``--gpt2-124m`` also times the GPT-2 124M
+shape (block 1024) in bf16 and reports MFU against the device's peak.
 
 Usage::
 
@@ -20,14 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
 import torch
 
 from lmkit.config import ModelConfig
-from lmkit.models import build_model
 from lmkit.device import peak_flops, resolve_device
+from lmkit.models import build_model
 from lmkit.training.optim import param_groups
 
 
@@ -56,7 +59,7 @@ def make_step(model: torch.nn.Module, kind: str, device: torch.device, dtype: to
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast:
-            if kind == "lmkit":
+            if kind in ("lmkit", "nanogpt"):
                 _, loss = model(x, y)
             else:  # HF shifts labels internally: pass the window the same way a user would
                 loss = model(input_ids=x, labels=x).loss
@@ -96,6 +99,20 @@ def time_models(builders: dict, *, device, dtype, batch, block, vocab, rounds, s
     return {name: statistics.median(v) for name, v in rates.items()}, rates
 
 
+def matmul_flops(device: torch.device, n: int = 1024, reps: int = 20) -> float:
+    """FLOP/s of an ``n x n`` fp32 matmul on ``device`` (the best of 3 timings of ``reps``)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = math.inf
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * reps / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
@@ -108,9 +125,12 @@ def main() -> None:
 
     device, _ = resolve_device(args.device)
     shape = dict(vocab=8192, n_layer=4, n_head=4, n_embd=256, block=256)
+    from nanogpt_peer import NanoGPT
+
     builders = {
         "lmkit": lambda: lmkit_model(**shape),
         "hf": lambda: hf_model(**shape),
+        "nanogpt": lambda: NanoGPT(**shape),
     }
     medians, rates = time_models(builders, device=device, dtype=None, batch=8, block=shape["block"],
                                  vocab=shape["vocab"], rounds=args.rounds, steps=args.steps, warmup=args.warmup)
@@ -121,8 +141,15 @@ def main() -> None:
         "shape": {**shape, "batch": 8, "precision": "fp32"},
         "tok_per_s": medians,
         "ratio_lmkit_over_hf": medians["lmkit"] / medians["hf"],
+        "ratio_lmkit_over_nanogpt": medians["lmkit"] / medians["nanogpt"],
         "rounds": rates,
     }
+    if device.type == "cpu":
+        # CPU MFU: training FLOP/s against this machine's measured fp32 matmul rate
+        rate = matmul_flops(device)
+        model_flops = lmkit_model(**shape).flops_per_token()
+        report["cpu_matmul_flops"] = rate
+        report["cpu_mfu"] = {name: v * model_flops / rate for name, v in medians.items()}
 
     if args.gpt2_124m:
         if device.type != "cuda":
@@ -149,7 +176,11 @@ def main() -> None:
           f"batch 8 x block 256, vocab 8192, 4 layers x 256")
     for name, value in medians.items():
         print(f"  {name:6s} {value:10,.0f} tok/s (median of {args.rounds} rounds)")
-    print(f"  ratio lmkit/hf = {report['ratio_lmkit_over_hf']:.2f}x")
+    print(f"  ratio lmkit/hf = {report['ratio_lmkit_over_hf']:.2f}x, "
+          f"lmkit/nanogpt = {report['ratio_lmkit_over_nanogpt']:.2f}x")
+    if "cpu_mfu" in report:
+        print(f"  CPU MFU (against a measured {report['cpu_matmul_flops'] / 1e9:.0f} GFLOP/s fp32 matmul): "
+              + ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["cpu_mfu"].items()))
     if "gpt2_124m_bf16" in report:
         g = report["gpt2_124m_bf16"]
         mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "unknown peak"

@@ -157,10 +157,12 @@ def test_oversubscription_warning_text():
 
     assert oversubscription_warning(1.0, 2, 2) == (
         "other processes keep ~1.0 of 2 cores busy; torch's 2 threads will spin-wait for them (training can run "
-        "several times slower): run lmkit with --threads 1, or stop the other work")
+        "several times slower): a new lmkit train picks fewer threads itself; pass --threads 1 to a resume or "
+        "another torch program, or stop the other work")
     top = [BusyProcess(pid=4242, name="python", cpu_percent=99.4)]
     assert oversubscription_warning(3.2, 16, 16, top).endswith(
-        "--threads 13, or stop the other work (busiest: python, pid 4242, 99% of a core)")
+        "--threads 13 to a resume or another torch program, or stop the other work (busiest: python, pid 4242, "
+        "99% of a core)")
     assert oversubscription_warning(0.1, 2, 2) is None  # an idle machine's daemons
     assert oversubscription_warning(1.0, 2, 1) is None  # one thread fits beside one busy process
 
@@ -190,7 +192,7 @@ def test_doctor_names_a_busy_process_and_warns_that_the_cpu_is_oversubscribed():
     assert f"of {usable} cores busy; torch's {usable} threads will spin-wait" in load["warning"]
     assert "--threads" in load["warning"] and "stop the other work" in load["warning"]
     assert "load average" in out and "other processes' CPU" in out and f"(pid {child.pid})" in out
-    assert "warning: other processes keep ~" in out and "run lmkit with --threads" in out
+    assert "warning: other processes keep ~" in out and "pass --threads" in out
 
 
 def test_an_idle_machine_gets_no_cpu_warning():

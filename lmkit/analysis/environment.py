@@ -164,8 +164,9 @@ def oversubscription_warning(other_busy: float, usable: int, threads: int,
     fit = max(1, min(threads - 1, int(usable - other_busy + 0.5)))
     busiest = f" (busiest: {top[0].name}, pid {top[0].pid}, {top[0].cpu_percent:.0f}% of a core)" if top else ""
     return (f"other processes keep ~{other_busy:.1f} of {usable} cores busy; torch's {threads} threads will "
-            f"spin-wait for them (training can run several times slower): run lmkit with --threads {fit}, "
-            f"or stop the other work{busiest}")
+            f"spin-wait for them (training can run several times slower): a new lmkit train picks fewer "
+            f"threads itself; pass --threads {fit} to a resume or another torch program, or stop the other "
+            f"work{busiest}")
 
 
 def sample_cpu_load(seconds: float = CPU_SAMPLE_S, threads: int | None = None) -> CpuLoad:
