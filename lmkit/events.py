@@ -231,8 +231,65 @@ class StepTimeJump(Event):
                 f"{1000 * self.now_s:.0f} ms): {why} (lmkit doctor shows the load)")
 
 
+@dataclass(frozen=True)
+class SVDAnalysis(Event):
+    """One adaptive-SVD analysis of one layer (SEEDS_SPEC 2.2-2.4), also a ``svd.jsonl`` record.
+
+    ``step``: the optimizer step being taken (1-based; analysed after backward and clipping,
+    before the update); ``layer``: the module name; ``mode``: ``full`` / ``lowrank`` before the
+    action; ``r``: minor (trainable) components before it (``None`` before the first
+    decision); ``r_next``: the r update's proposal (2.3); ``metrics``: ``subspace_angle``
+    (radians), ``principal_alignment``, ``minor_alignment``, ``reconstruction_error`` (norm
+    ratios), ``energy_rank_99`` (components), ``grad_norm`` (of the effective weight) -- a
+    metric that could not be computed is absent; ``reason``: ``initial_svd_computation``,
+    ``warmup_period``, ``gradient_clobbering_risk``, ``optimal_lowrank_conditions``,
+    ``reconstruction_unsafe``, ``continue_current_mode``, ``no_gradient_yet`` or
+    ``invalid_gradient``; ``action``: ``snapshot``, ``keep``, ``to_lowrank``, ``to_full`` or
+    ``refactor`` (r changed in low-rank mode); ``mode_after`` / ``r_after``: the layer after it.
+    """
+
+    kind: ClassVar[str] = "svd_analysis"
+    group_by: ClassVar[str | None] = "layer"
+    step: int
+    layer: str
+    mode: str
+    r: int | None
+    r_next: int | None
+    metrics: dict[str, float]
+    reason: str
+    action: str
+    mode_after: str
+    r_after: int | None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SVDModeSwitch(Event):
+    """A layer switched between full and low-rank training (the optimizer was rebuilt and the
+    step's update skipped). ``to_mode``: ``lowrank`` or ``full``; ``r``: minor components
+    trained in low-rank mode; ``switches``: this layer's switches so far. Renderers show
+    :attr:`message` (the seed's console wording)."""
+
+    kind: ClassVar[str] = "svd_mode_switch"
+    group_by: ClassVar[str | None] = "layer"
+    level: ClassVar[str] = "info"
+    step: int
+    layer: str
+    from_mode: str
+    to_mode: str
+    r: int | None
+    reason: str
+    switches: int
+
+    @property
+    def message(self) -> str:
+        if self.to_mode == "lowrank":
+            return f"step {self.step}: {self.layer} SWITCHED TO LOW-RANK (r={self.r}) - Reason: {self.reason}"
+        return f"step {self.step}: {self.layer} SWITCHED TO FULL MATRIX - Reason: {self.reason}"
+
+
 #: Events a renderer shows as a ``level: message`` line (each has ``level`` and ``message``).
-MESSAGE_EVENTS = (Notice, NaNSkipped, StepTimeJump)
+MESSAGE_EVENTS = (Notice, NaNSkipped, StepTimeJump, SVDModeSwitch)
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,7 @@ class Trainer:
         # Order matters: the log line first (its sync ends the step's training time), the guard
         # (which reads its device counter at log lines), the hooks added with add_hook, then
         # evaluation and saving, so a save holds every hook's state of this step.
-        added = list(self.hooks)
+        added = [*self._feature_hooks(), *self.hooks]
         self.hooks = Hooks([self.meter, self.nan_guard, *added, self.evaluator, self.checkpoint_policy])
         self.rng_notes: list[str] = []
         if resume_state is not None:
@@ -280,6 +280,21 @@ class Trainer:
         for note in self.rng_notes:
             self.emit(Notice(level="warning", message=note))
 
+    def _feature_hooks(self) -> list[TrainingHook]:
+        """The hooks of the config's feature sections (:func:`lmkit.config.register_feature`),
+        in registration order; a factory returns ``None`` for a feature that is off."""
+        import importlib
+
+        from lmkit.config import FEATURE_HOOKS
+
+        hooks = []
+        for section, target in FEATURE_HOOKS.items():
+            module, _, attr = target.partition(":")
+            hook = getattr(importlib.import_module(module), attr)(getattr(self.config, section), self)
+            if hook is not None:
+                hooks.append(hook)
+        return hooks
+
     def _new_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         tcfg = self.config.training
         return build_scheduler(optimizer, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
@@ -295,16 +310,19 @@ class Trainer:
             group["lr"] = base_lr * fn(steps_taken)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # noqa: SLF001
 
-    def rebuild_optimizer(self) -> None:
+    def rebuild_optimizer(self, keep_state: bool = True) -> None:
         """Build the optimizer anew over the parameters that now require grad (a hook froze
-        or unfroze some, or swapped modules), keeping the state of parameters that stay and
-        the LR schedule's position. Call between steps (e.g. from ``after_step``)."""
+        or unfroze some, or swapped modules), keeping the LR schedule's position and, with
+        ``keep_state``, the state (moments, step counts) of parameters that stay. Call between
+        steps, or from ``after_backward`` together with skipping that step's update
+        (``step.applied = False``): the old optimizer's gradients are not carried over."""
         old = self.optimizer
         self.optimizer = build_optimizer(self.model, self.config.training, self.plan.device)
-        for group in self.optimizer.param_groups:
-            for param in group["params"]:
-                if param in old.state:
-                    self.optimizer.state[param] = old.state[param]
+        if keep_state:
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    if param in old.state:
+                        self.optimizer.state[param] = old.state[param]
         self.scheduler = self._new_scheduler(self.optimizer)
         self.position_schedule(self.step)
         self.nan_guard.on_device = skips_on_device(self.optimizer)
@@ -425,7 +443,7 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # the model's: a hook may have frozen a parameter this step
         self.scheduler.step()
         self.step += 1
         self.tokens += total

@@ -18,6 +18,7 @@ import torch
 from lmkit import __version__
 from lmkit.events import EvalResult
 from lmkit.training.checkpoint import clean_state_dict
+from lmkit.training.optim import build_optimizer
 from lmkit.training.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +67,10 @@ def restore_state(trainer: Trainer, state: dict[str, Any]) -> None:
 
     try:
         trainer.model.load_state_dict_flexible(state["model"])  # a family's load adapters run here
+        # The adapters may have swapped layers (adaptive SVD) and the loaded buffers set which
+        # parameters train: build the optimizer over the model as restored, then load its state.
+        trainer.optimizer = build_optimizer(trainer.model, trainer.config.training, trainer.plan.device)
+        trainer.scheduler = trainer._new_scheduler(trainer.optimizer)  # noqa: SLF001
         trainer.optimizer.load_state_dict(state["optimizer"])
     except (CheckpointError, RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{trainer.resume_path}: does not fit this model ({first_line(exc, 160)})") from None

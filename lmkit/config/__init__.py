@@ -255,6 +255,8 @@ def _rebuild_run_config() -> None:
         return
     fields = run.__pydantic_fields__
     fields["model"] = FieldInfo.from_annotated_attribute(_model_union(), Field(default_factory=GPTConfig))
+    for section, cls in FEATURE_SECTIONS.items():
+        fields[section] = FieldInfo.from_annotated_attribute(cls, Field(default_factory=cls))
     run.model_rebuild(force=True)
 
 
@@ -439,8 +441,52 @@ class TrainConfig(_Strict):
 # --------------------------------------------------------------------------------------
 
 
+#: Training features' config sections: section name (a top-level key of the run config,
+#: e.g. ``svd``) -> its config class. Filled by :func:`register_feature`.
+FEATURE_SECTIONS: dict[str, type[BaseModel]] = {}
+
+#: section name -> ``"module:function"`` building the feature's training hook; the trainer
+#: calls ``function(section_config, trainer)`` and adds what it returns (a
+#: :class:`lmkit.training.hooks.TrainingHook`, or ``None`` when the feature is off). Kept as
+#: strings so that config validation imports no training code.
+FEATURE_HOOKS: dict[str, str] = {}
+
+
+def register_feature(name: str, config_class: type[BaseModel], hook_factory: str | None = None) -> None:
+    """Add a top-level config section ``name`` (validated by ``config_class``, default
+    ``config_class()``) and, optionally, the training hook that runs it.
+
+    A training feature is a config class, this registration and a hook (DESIGN.md: features
+    are additions, not edits of the loop)::
+
+        register_feature("svd", SVDConfig, "lmkit.training.svd:build_hook")
+
+    After it, presets, ``--set svd.interval=10``, ``config.yaml`` round trips and the
+    one-line unknown-key errors work for the section, and :class:`~lmkit.training.loop.Trainer`
+    adds the hook ``hook_factory(run_config.svd, trainer)`` returns.
+
+    Raises:
+        ValueError: ``name`` is a built-in section, or ``config_class`` cannot be built with
+            no arguments.
+    """
+    if name in ("name", "out_dir", "preset", "description", "source", "target_params", "model", "data",
+                "training"):
+        raise ValueError(f"{name!r} is a built-in section of the run config")
+    config_class()  # every field needs a default: a run without the section gets the defaults
+    FEATURE_SECTIONS[name] = config_class
+    if hook_factory is None:
+        FEATURE_HOOKS.pop(name, None)
+    else:
+        FEATURE_HOOKS[name] = hook_factory
+    _rebuild_run_config()
+
+
 class RunConfig(_Strict):
-    """Everything needed to rebuild a run; written resolved to ``runs/NAME/config.yaml``."""
+    """Everything needed to rebuild a run; written resolved to ``runs/NAME/config.yaml``.
+
+    Besides the built-in sections, one section per registered training feature
+    (:func:`register_feature`, e.g. ``svd``), each defaulting to its class's defaults.
+    """
 
     name: str | None = None
     out_dir: str = "runs"
@@ -749,6 +795,7 @@ def _unknown_key_message(loc: list[str], family: str | None = None) -> str:
         "data": DataConfig,
         "training": TrainConfig,
         "arithmetic": ArithmeticConfig,
+        **FEATURE_SECTIONS,
     }
     owner: type[BaseModel] = RunConfig
     for part in loc[:-1]:
@@ -773,3 +820,14 @@ def load_run_config(path: Path) -> RunConfig:
     except ValueError as exc:
         raise ConfigError(f"{_display_path(path)}: model: {exc}") from None
     return validate_run_config(data, _display_path(path))
+
+
+# --------------------------------------------------------------------------------------
+# Built-in training features (each a config section and a hook; see register_feature)
+# --------------------------------------------------------------------------------------
+
+from lmkit.config.svd import SVDConfig  # noqa: E402  (needs _Strict above)
+
+register_feature("svd", SVDConfig, "lmkit.training.svd:build_hook")
+
+import lmkit.config.backpack  # noqa: E402,F401  (registers the backpack families)
