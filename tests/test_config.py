@@ -220,10 +220,10 @@ def test_a_misspelt_family_key_gets_a_suggestion_from_that_family(toy_family):
 
 def test_unknown_model_type_names_the_key_and_the_families(tmp_path):
     message = _error(overrides=["model.type=lstm"])
-    assert message == "--set model.type=lstm: model.type: unknown model type 'lstm' (known: gpt)"
+    assert message == "--set model.type=lstm: model.type: unknown model type 'lstm' (known: gpt, backpack, backpack-legacy)"
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  type: lstm\ntraining:\n  max_steps: 1\n")
-    assert _error(str(path)).endswith("bad.yaml: model.type: unknown model type 'lstm' (known: gpt)")
+    assert _error(str(path)).endswith("bad.yaml: model.type: unknown model type 'lstm' (known: gpt, backpack, backpack-legacy)")
     path.write_text("model: 5\ntraining:\n  max_steps: 1\n")
     assert "bad.yaml: model.type: expected a mapping of model keys" in _error(str(path))
 
