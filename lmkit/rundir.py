@@ -211,21 +211,7 @@ class RunDir:
         ``metrics.YYYYmmdd-HHMMSS.jsonl``. The moved lines are written and fsynced before the
         log is rewritten, so a crash in between leaves them twice, never nowhere.
         """
-        moved_metrics, metrics_aside = 0, None
-        if self.metrics_path.exists():
-            kept, later = [], []
-            for line in self.metrics_path.read_bytes().splitlines(keepends=True):
-                record = _record(line)
-                if record is _BLANK:
-                    continue
-                if isinstance(record, dict) and _step_of(record) <= step:
-                    kept.append(line if line.endswith(b"\n") else line + b"\n")
-                else:
-                    later.append(line)  # a later step, or a line cut short by a crash
-            if later:
-                metrics_aside = self._set_aside(self.metrics_path.name, later)
-                moved_metrics = len(later)
-                _atomic_write_bytes(self.metrics_path, b"".join(kept))
+        moved_metrics, metrics_aside = self.supersede_log_after(self.metrics_path.name, step)
         marked, events_aside = 0, None
         if self.events_path.exists():
             lines, unreadable = [], []
@@ -246,6 +232,30 @@ class RunDir:
             if marked or unreadable:
                 _atomic_write_bytes(self.events_path, b"".join(lines))
         return SupersededRecords(moved_metrics, marked, metrics_aside, events_aside)
+
+    def supersede_log_after(self, name: str, step: int) -> tuple[int, Path | None]:
+        """For a resume from ``step``: move the records of ``runs/NAME/<name>`` (a JSON-lines
+        log whose records carry ``step``, e.g. ``metrics.jsonl`` or a feature's ``svd.jsonl``)
+        of later steps, and lines cut short by a crash, to ``superseded/<name>`` as
+        :meth:`supersede_records_after` does for ``metrics.jsonl``. Returns (lines moved,
+        where they went or ``None``)."""
+        path = self.path / name
+        if not path.exists():
+            return 0, None
+        kept, later = [], []
+        for line in path.read_bytes().splitlines(keepends=True):
+            record = _record(line)
+            if record is _BLANK:
+                continue
+            if isinstance(record, dict) and _step_of(record) <= step:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+            else:
+                later.append(line)  # a later step, or a line cut short by a crash
+        if not later:
+            return 0, None
+        aside = self._set_aside(name, later)
+        _atomic_write_bytes(path, b"".join(kept))
+        return len(later), aside
 
     def drop_records_after(self, step: int) -> tuple[int, int]:
         """Deprecated name of :meth:`supersede_records_after` (the records are moved aside,
