@@ -98,6 +98,10 @@ class TrainingHook:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (called before :meth:`on_start`)."""
 
+    def summary(self) -> dict[str, Any] | None:
+        """What this hook adds to ``summary.json`` (under its name; plain JSON types), or ``None``."""
+        return None
+
 
 class Hooks:
     """The trainer's hooks, called in order. Names must be unique (they key the checkpoint).
@@ -126,6 +130,9 @@ class Hooks:
 
     def state_dict(self) -> dict[str, Any]:
         return {h.name: s for h in self.hooks if (s := h.state_dict()) is not None}
+
+    def summary(self) -> dict[str, Any]:
+        return {h.name: s for h in self.hooks if (s := h.summary()) is not None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for hook in self.hooks:

@@ -135,6 +135,7 @@ def run_summary(trainer: Trainer, status: str) -> dict[str, Any]:
         "lmkit_version": __version__,
         "torch_version": str(torch.__version__),
         "python_version": platform.python_version(),
+        **trainer.hooks.summary(),  # e.g. "svd": the layers' modes and switches
     }
 
 

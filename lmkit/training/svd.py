@@ -108,6 +108,13 @@ class AdaptiveSVDHook(TrainingHook):
         self.last_switch = {k: list(v) for k, v in dict(state.get("last_switch", {})).items()}
         self.analyses = int(state.get("analyses", 0))
 
+    def summary(self) -> dict[str, Any]:
+        """``summary.json["svd"]``: per layer its mode and r at the end, switches and the last one."""
+        return {"analyses": self.analyses, "layers": {
+            name: {"mode": layer.mode, "r": layer.r, "switches": self.switches.get(name, 0),
+                   "last_switch": self.last_switch.get(name)}
+            for name, layer in self.layers.items()}}
+
     # -- the run -------------------------------------------------------------------------
 
     def on_start(self, trainer: Trainer) -> None:
