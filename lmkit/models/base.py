@@ -352,3 +352,6 @@ class LanguageModel(nn.Module, abc.ABC):
             return int(own())
         return int(module.weight.numel())
 
+
+
+from lmkit.models import svd_linear as _svd_linear  # noqa: E402,F401  (registers the adaptive-SVD load adapter)
