@@ -1,0 +1,443 @@
+"""Backpack language models (the ``backpack`` family): Hewitt, Thickstun, Manning & Liang,
+"Backpack Language Models", ACL 2023 (arXiv 2305.16765), sections 2-3.
+
+A Backpack predicts the next token log-linearly from non-contextual **sense vectors**
+(``B`` batch, ``T`` tokens, ``S`` key columns (cached + ``T``), ``V`` vocabulary, ``d`` =
+``n_embd``, ``k`` = ``n_senses``, ``ℓ`` a sense)::
+
+    C(x) = FF(E x) reshaped to (k, d)                      sense vectors of word x (paper §3: C(x)=FF(Ex))
+    h_1..n = Transformer(x_1..n)                            the contextualiser (lmkit's GPT blocks)
+    α_ℓ[i, j] = softmax_{j <= i}(q_iℓ · k_jℓ / sqrt(d/k))   q, k = split(Linear(h) -> 2d), k heads of d/k
+    o_i = Σ_ℓ Σ_{j <= i} α_ℓ[i, j] C(x_j)_ℓ                the Backpack representation (paper §2)
+    logits_i = E o_i                                        E tied to the input embedding
+
+α is non-negative and sums to 1 over ``j <= i`` for each sense and position; there is no
+``1/k`` in the sum over senses (as in the reference code). The sense network follows the
+reference modelling code (HF ``stanfordnlp/backpack-gpt2``): embedding -> dropout -> LN ->
+residual MLP d->r·d->d (with its own two LNs) -> MLP d->r·d->k·d (``r`` =
+``sense_mlp_ratio``). Written from the paper and that layout; no code copied.
+
+Reading and steering the senses (for the sense tools): :meth:`Backpack.sense_vectors`
+``C(x)`` ``(..., k, d)``, :meth:`Backpack.sense_logits` ``E·C(x)_ℓ`` ``(..., k, V)``,
+:meth:`Backpack.contextualization` α ``(B, k, T, T)``, :meth:`Backpack.capture` with
+``alpha=True`` (α and the sense vectors of a forward), and :meth:`Backpack.scale_senses`
+(multiply α_ℓ[i, j] by a factor per sense, or per source token and sense; zero = remove).
+
+The seed experiment's variant with a V × (d·k) sense table is
+:class:`lmkit.models.backpack_legacy.BackpackLegacy` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lmkit.config.backpack import BackpackConfig
+from lmkit.data.batching import IGNORE_INDEX
+from lmkit.models.base import Capture, HeadEdit, KVCache, LanguageModel
+from lmkit.models.gpt import Block, CausalSelfAttention, RotaryEmbedding
+
+__all__ = ["Backpack", "BackpackCapture", "BackpackKVCache", "BackpackLegacy", "SenseNetwork", "mix_senses"]
+
+
+class SenseMLP(nn.Module):
+    """``dropout(c_proj(act(c_fc(x))))``: ``(..., d_in) -> (..., d_out)``, hidden ``d_hidden``."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, config: BackpackConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(d_in, d_hidden, bias=config.use_mlp_bias)
+        self.c_proj = nn.Linear(d_hidden, d_out, bias=config.use_mlp_bias)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class SenseBlock(nn.Module):
+    """The sense network's residual block (no token mixing):
+    ``r = dropout(x) + residual; r = r + mlp(ln_1(r)); return ln_2(r)``."""
+
+    def __init__(self, config: BackpackConfig):
+        super().__init__()
+        d = config.n_embd
+        self.ln_1 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = SenseMLP(d, config.sense_mlp_ratio * d, d, config)
+        self.ln_2 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        residual = self.dropout(x) + residual
+        residual = residual + self.mlp(self.ln_1(residual))
+        return self.ln_2(residual)
+
+
+class SenseNetwork(nn.Module):
+    """``C(x) = FF(E x)``: word embeddings ``(..., d)`` -> sense vectors ``(..., k, d)``
+    (paper §3; no position information, so C depends on the word only)."""
+
+    def __init__(self, config: BackpackConfig):
+        super().__init__()
+        d, k = config.n_embd, config.n_senses
+        self.n_senses = k
+        self.dropout = nn.Dropout(config.dropout)
+        self.ln = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        self.block = SenseBlock(config)
+        self.final_mlp = SenseMLP(d, config.sense_mlp_ratio * d, k * d, config)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        residual = self.dropout(emb)
+        senses = self.final_mlp(self.block(self.ln(residual), residual))
+        return senses.unflatten(-1, (self.n_senses, emb.size(-1)))
+
+
+class SenseWeightNetwork(nn.Module):
+    """Queries and keys of the contextualisation weights: ``c_attn`` ``Linear(d, 2d)`` on the
+    contextualiser's final hidden states ``(B, T, d)`` -> ``q, k`` ``(B, n_senses, T, d/k)``."""
+
+    def __init__(self, config: BackpackConfig):
+        super().__init__()
+        self.n_senses = config.n_senses
+        self.c_attn = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.use_attn_bias)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, d = h.shape
+        q, k = self.c_attn(h).view(B, T, 2, self.n_senses, d // self.n_senses).unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def mix_senses(q: torch.Tensor, k: torch.Tensor, senses: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+               is_causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Backpack sum ``o_i = Σ_ℓ Σ_j α_ℓ[i, j] C(x_j)_ℓ`` with ``α_ℓ = softmax_j(q_ℓ k_ℓ^T / sqrt(d/k))``.
+
+    Args:
+        q: ``(B, k, T, d/k)`` queries; k: ``(B, k, S, d/k)`` keys.
+        senses: ``(B, k, S, d)`` the sense vectors of the ``S`` key columns.
+        attn_mask: bool, broadcastable to ``(B, k, T, S)``, True = may attend (replaces the causal mask).
+        is_causal: query ``i`` sees columns ``j <= i + S - T`` (ignored with ``attn_mask``).
+
+    Returns:
+        ``(o (B, T, d) in the senses' dtype, α (B, k, T, S) float32)``. The softmax runs in
+        float32 (under autocast too); each row of α is non-negative and sums to 1.
+    """
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif is_causal:
+        T, S = scores.shape[-2:]
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    alpha = torch.softmax(scores.float(), dim=-1)
+    return (alpha.to(senses.dtype) @ senses).sum(1), alpha
+
+
+class BackpackKVCache(KVCache):
+    """:class:`~lmkit.models.base.KVCache` with one more slot, index ``n_layer`` of the
+    contextualiser: the contextualisation keys ``(B, k, S, d/k)`` (as ``k``) and the sense
+    vectors ``(B, k, S, d)`` (as ``v``) of every column, which α and the sum over the prefix
+    need. Keys and values may differ in width."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(k.size(0), k.size(1), self.max_len, k.size(3))
+            self.v[layer] = v.new_empty(v.size(0), v.size(1), self.max_len, v.size(3))
+        kbuf, vbuf = self.k[layer], self.v[layer]
+        kbuf[:, :, self.length : end] = k
+        vbuf[:, :, self.length : end] = v
+        return kbuf[:, :, :end], vbuf[:, :, :end]
+
+
+@dataclass
+class BackpackCapture(Capture):
+    """:class:`~lmkit.models.base.Capture` plus, with ``want_alpha``, the last forward's
+    ``alpha`` (α, ``(B, k, T, S)`` float32, before :meth:`Backpack.scale_senses` factors) and
+    ``senses`` (``(B, k, S, d)``, the sense vectors of the ``S`` columns, after the factors),
+    so that ``o = Σ_ℓ alpha[:, ℓ] @ senses[:, ℓ]``."""
+
+    want_alpha: bool = False
+    alpha: torch.Tensor | None = None
+    senses: torch.Tensor | None = None
+
+
+class Backpack(LanguageModel):
+    """The paper's Backpack LM (the ``backpack`` family); the interface is
+    :class:`~lmkit.models.base.LanguageModel`, the maths is in the module docstring.
+
+    Modules: ``transformer`` (the contextualiser, named as in :class:`~lmkit.models.gpt.GPT`:
+    ``wte`` = E, ``wpe``, ``h``, ``ln_f``), ``sense_network`` (C), ``sense_weight_net`` (q, k of
+    α), ``lm_head`` (its weight is ``wte``'s). ``return_hidden=True`` gives ``o`` ``(B, T, d)``.
+    """
+
+    def __init__(self, config: BackpackConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("config.vocab_size must be set")
+        self.config = config
+        d = config.n_embd
+        modules: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, d)}
+        if config.pos_encoding == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, d)
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        modules["ln_f"] = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        self.transformer = nn.ModuleDict(modules)
+        self.sense_network = SenseNetwork(config)
+        self.sense_weight_net = SenseWeightNetwork(config)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        self.rotary = (RotaryEmbedding(config.head_dim, config.block_size, config.rope_theta)
+                       if config.pos_encoding == "rope" else None)
+        self.grad_checkpointing = False
+        self._sense_scale: torch.Tensor | None = None
+        self._capture: BackpackCapture | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init (as :meth:`lmkit.models.gpt.GPT.reset_parameters` and the reference code):
+        N(0, init_std) weights, zero biases, unit LayerNorms, ``*.c_proj.weight`` (the
+        sense network's too) ``init_std / sqrt(2 * n_layer)``."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    # --- the interface: accessors ------------------------------------------------------
+
+    def output_head(self) -> nn.Module:
+        """``lm_head`` ``(..., d) -> (..., V)``, its weight the input embedding E."""
+        return self.lm_head
+
+    def input_embedding(self) -> nn.Embedding:
+        """``transformer.wte`` = E, ``(V, d)``."""
+        return self.transformer.wte
+
+    def position_embedding(self) -> nn.Embedding | None:
+        """The contextualiser's ``transformer.wpe`` (learned positions), else ``None``."""
+        return self.transformer.wpe if "wpe" in self.transformer else None
+
+    def target_modules(self, kind: str = "all") -> dict[str, nn.Module]:
+        """``attention``: the contextualiser's ``c_attn``/``c_proj`` per layer and
+        ``sense_weight_net.c_attn`` (α's queries and keys); ``mlp``: the contextualiser's MLPs
+        and the sense network's two (``sense_network.block.mlp.*``, ``sense_network.final_mlp.*``);
+        ``head``: ``lm_head``. See :meth:`LanguageModel.target_modules`."""
+        self._check_kind(kind)
+        out: dict[str, nn.Module] = {}
+        if kind != "head":
+            for i, block in enumerate(self.transformer.h):
+                if kind != "mlp":
+                    out[f"transformer.h.{i}.attn.c_attn"] = block.attn.c_attn
+                    out[f"transformer.h.{i}.attn.c_proj"] = block.attn.c_proj
+                if kind != "attention":
+                    out[f"transformer.h.{i}.mlp.c_fc"] = block.mlp.c_fc
+                    out[f"transformer.h.{i}.mlp.c_proj"] = block.mlp.c_proj
+            if kind != "mlp":
+                out["sense_weight_net.c_attn"] = self.sense_weight_net.c_attn
+            if kind != "attention":
+                sn = self.sense_network
+                for name, mod in (("block.mlp.c_fc", sn.block.mlp.c_fc), ("block.mlp.c_proj", sn.block.mlp.c_proj),
+                                  ("final_mlp.c_fc", sn.final_mlp.c_fc), ("final_mlp.c_proj", sn.final_mlp.c_proj)):
+                    out["sense_network." + name] = mod
+        if kind in ("head", "all"):
+            out["lm_head"] = self.lm_head
+        return out
+
+    # --- the interface: sizes ------------------------------------------------------------
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: ``6 N + 12 * n_layer * d * T + 6 * d * T * (1 + k)``.
+
+        ``N`` counts the weights a token multiplies (every Linear of the contextualiser, the
+        sense network and the weight network, and the head's ``V * d`` once); embedding
+        lookups, LayerNorms and biases are not counted. The second term is the
+        contextualiser's attention (as :meth:`lmkit.models.gpt.GPT.flops_per_token`), the third
+        the contextualisation: scores ``2 T d`` and the α-weighted sum ``2 T d k`` per token
+        forward, times 3 with backward, without causal savings. ``T`` = ``block_size`` unless
+        given. Equals ``torch.utils.flop_counter.FlopCounterMode``'s count of a forward and
+        backward (math attention kernel)."""
+        t = self.config.block_size if seq_len is None else seq_len
+        c = self.config
+        n = sum(self._matmul_params(m) for m in self.target_modules("all").values())
+        return 6.0 * n + 12.0 * c.n_layer * c.n_embd * t + 6.0 * c.n_embd * t * (1 + c.n_senses)
+
+    # --- senses: reading and steering ------------------------------------------------------
+
+    def sense_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """``C(x)`` for token ids of any shape ``(...)`` -> ``(..., k, d)`` (word-only: the same
+        for every position; call in eval mode for dropout-free vectors). Unscaled by
+        :meth:`scale_senses`."""
+        return self.sense_network(self.transformer.wte(ids))
+
+    def sense_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The senses' projection onto the output space, ``E·C(x)_ℓ``: ``(...) -> (..., k, V)``
+        (the paper's sense tables are its top and bottom entries)."""
+        return self.lm_head(self.sense_vectors(ids))
+
+    def contextualization(self, idx: torch.Tensor, **forward_kw) -> torch.Tensor:
+        """α of one forward over ``idx`` ``(B, T)``: ``(B, k, T, T)`` float32, ``α[b, ℓ, i, j]`` the
+        weight of ``C(x_j)_ℓ`` in ``o_i`` (0 for ``j > i``). ``forward_kw`` as :meth:`forward`
+        (no ``targets``)."""
+        with self.capture(alpha=True) as cap:
+            self(idx, return_hidden=True, **forward_kw)
+        return cap.alpha
+
+    @contextmanager
+    def scale_senses(self, factors: torch.Tensor) -> Iterator[None]:
+        """Inside the block, multiply every weight ``α_ℓ[i, j]`` by a factor: ``factors`` ``(k,)``
+        per sense, or ``(V, k)`` per source token ``x_j`` and sense (the paper's interventions,
+        §5-6: 0 removes a sense, >1 steers towards it). Implemented as ``C(x_j)_ℓ`` times the
+        factor, which is the same ``o`` (o is linear in each α·C product); α itself, as
+        captured, is unchanged. Cached columns keep the factors they were computed with.
+
+        Raises:
+            ValueError: ``factors`` has another shape.
+        """
+        k, V = self.config.n_senses, self.config.vocab_size
+        if tuple(factors.shape) not in ((k,), (V, k)):
+            raise ValueError(f"sense factors must have shape ({k},) or ({V}, {k}), not {tuple(factors.shape)}")
+        before, self._sense_scale = self._sense_scale, factors.to(self.transformer.wte.weight.device)
+        try:
+            yield
+        finally:
+            self._sense_scale = before
+
+    # --- the interface: generation and analyses --------------------------------------------
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> BackpackKVCache:
+        """A :class:`BackpackKVCache`: ``n_layer`` contextualiser layers plus the α slot."""
+        return BackpackKVCache(self.config.n_layer + 1, max_len)
+
+    @contextmanager
+    def capture(self, *, heads: bool = False, attn_probs: bool = False, edit_heads: HeadEdit | None = None,
+                alpha: bool = False) -> Iterator[BackpackCapture]:
+        """:meth:`LanguageModel.capture` of the contextualiser's heads (``(B, n_head, T,
+        head_dim)`` per layer, probabilities ``(B, n_head, T, S)``), plus with ``alpha=True`` the
+        contextualisation weights and sense vectors (:class:`BackpackCapture`)."""
+        cap = BackpackCapture(want_heads=heads, want_probs=attn_probs, edit_heads=edit_heads, want_alpha=alpha)
+        modules = [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
+        before = [m.capture for m in modules]
+        before_self, self._capture = self._capture, cap
+        for m in modules:
+            m.capture = cap
+        try:
+            yield cap
+        finally:
+            self._capture = before_self
+            for m, old in zip(modules, before, strict=True):
+                m.capture = old
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def _senses(self, idx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Sense vectors of ``idx`` ``(B, T)`` as ``(B, k, T, d)``, times the sense factors."""
+        if self.grad_checkpointing and self.training:
+            senses = checkpoint(self.sense_network, emb, use_reentrant=False)
+        else:
+            senses = self.sense_network(emb)
+        senses = senses.transpose(1, 2)
+        scale = self._sense_scale
+        if scale is not None:
+            factor = scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale[idx].transpose(1, 2).unsqueeze(-1)
+            senses = senses * factor.to(senses.dtype)
+        return senses
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        last_only: bool = False,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(logits (B, T, V), None)``, or ``(None, loss)`` with ``targets`` (mean cross-entropy
+        over targets that are not -100; the logits are not kept). Arguments as
+        :meth:`lmkit.models.gpt.GPT.forward`: ``position_ids`` ``(B, T)``, ``attn_mask`` ``(B, 1,
+        T, S)`` bool (for the contextualiser's attention and α alike), ``kv_cache`` a
+        :class:`BackpackKVCache`, ``last_only`` (only the last position's α row and logits),
+        ``return_hidden`` (``o`` ``(B, T, d)`` instead of logits).
+
+        Raises:
+            ValueError: ``T > block_size`` (or the cache would pass it without explicit
+                ``position_ids``), or ``return_hidden`` with ``targets``.
+        """
+        B, T = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if T > self.config.block_size or (position_ids is None and past + T > self.config.block_size):
+            raise ValueError(f"sequence length {past + T} exceeds block_size {self.config.block_size}")
+        if return_hidden and targets is not None:
+            raise ValueError("return_hidden gives hidden states, not a loss: pass targets=None")
+        emb = self.transformer.wte(idx)
+        senses = self._senses(idx, emb)
+
+        # the contextualiser: lmkit's GPT blocks over the sequence
+        if position_ids is None and past:
+            position_ids = torch.arange(past, past + T, device=idx.device).expand(B, T)
+        x = emb
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device) if position_ids is None else position_ids)
+        x = self.transformer.drop(x)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(T) if position_ids is None else self.rotary.at(position_ids)
+        for i, block in enumerate(self.transformer.h):
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, rope, attn_mask, kv_cache, i, use_reentrant=False)
+            else:
+                x = block(x, rope, attn_mask, kv_cache, i)
+        q, k = self.sense_weight_net(self.transformer.ln_f(x))
+
+        # the contextualisation weights α and the sum over senses and prefix
+        causal = kv_cache is None and attn_mask is None
+        mask = attn_mask
+        if kv_cache is not None:
+            k, senses = kv_cache.update(self.config.n_layer, k, senses)
+            kv_cache.advance(T)
+            if mask is None and T > 1:
+                cols = torch.arange(past + T, device=idx.device)
+                mask = cols[None, :] <= torch.arange(past, past + T, device=idx.device)[:, None]
+        if last_only and targets is None:
+            q = q[:, :, -1:]
+            if mask is not None and mask.size(-2) > 1:
+                mask = mask[..., -1:, :]
+        if self.grad_checkpointing and self.training:
+            o, alpha = checkpoint(mix_senses, q, k, senses, attn_mask=mask, is_causal=causal, use_reentrant=False)
+        else:
+            o, alpha = mix_senses(q, k, senses, attn_mask=mask, is_causal=causal)
+        cap = self._capture
+        if cap is not None and cap.want_alpha:
+            cap.alpha, cap.senses = alpha, senses
+        del alpha
+        if targets is None:
+            return (o if return_hidden else self.lm_head(o)), None
+        return None, _cross_entropy(self.lm_head(o), targets)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``(B, T, V)`` logits against ``(B, T)`` targets; a function of its
+    own so that no caller holds the logits (only log-softmax's output survives for backward)."""
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+from lmkit.models.backpack_legacy import BackpackLegacy  # noqa: E402  (the documented path; no cycle)
