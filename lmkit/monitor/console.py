@@ -1,9 +1,10 @@
 """Terminal renderers of training events.
 
 :class:`RichProgress` -- on a terminal: a Rich progress line (step, loss, lr, tok/s,
-ETA) with evaluations, checkpoints and notices printed above it.
+ETA) with evaluations, checkpoints, notices and SVD mode switches printed above it.
 :class:`PlainLog` -- off a terminal (CI, SLURM logs, ``| tee``) or with ``--no-tui``:
-one plain line per log interval, evaluation and checkpoint.
+one plain line per log interval, evaluation and checkpoint (and per adaptive-SVD analysis
+of a layer, and switch).
 :class:`WarningsOnly` -- ranks other than 0 under torchrun: warnings only, on stderr.
 The full-screen live dashboard is :class:`lmkit.monitor.dashboard.Dashboard`.
 
@@ -31,6 +32,8 @@ from lmkit.events import (
     RunFinished,
     RunStarted,
     StepMetrics,
+    SVDAnalysis,
+    SVDModeSwitch,
 )
 from lmkit.monitor.steptime import StepTimeWatch
 
@@ -86,6 +89,30 @@ def eval_line(e: EvalResult) -> str:
     best = " (best)" if e.is_best else ""
     metrics = " ".join(fmt_metric(k, v) for k, v in e.metrics.items())
     return f"eval step {e.step} | {e.split} loss {e.loss:.4f}{best} | {metrics}".rstrip(" |")
+
+
+#: The metrics of an SVD analysis line, and their formats (the seed's console: 4 decimals,
+#: 6 for the reconstruction error).
+SVD_LINE_METRICS = (("principal_alignment", ".4f"), ("minor_alignment", ".4f"), ("subspace_angle", ".4f"),
+                    ("reconstruction_error", ".6f"))
+
+
+def svd_lines(e: SVDAnalysis) -> list[str]:
+    """The plain lines of one adaptive-SVD analysis (SEEDS_SPEC 2.5): the layer's mode (and r)
+    before the action, the four metrics present (``subspace_angle`` in radians) and the
+    decision's reason; then ``Updated r: a -> b`` when r changed in low-rank mode
+    (``refactor``). The switch lines come from :class:`~lmkit.events.SVDModeSwitch`."""
+    head = f"svd step {e.step} | {e.layer}"
+    parts = [head, e.mode + (f" r={e.r}" if e.r is not None else "")]
+    for name, spec in SVD_LINE_METRICS:
+        value = e.metrics.get(name)
+        if isinstance(value, (int, float)):
+            parts.append(f"{name} {format(value, spec)}")
+    parts.append(f"decision {e.reason}")
+    lines = [" | ".join(parts)]
+    if e.action == "refactor":
+        lines.append(f"{head} | Updated r: {e.r} -> {e.r_after}")
+    return lines
 
 
 def started_lines(e: RunStarted) -> list[str]:
@@ -168,7 +195,10 @@ class PlainLog:
             self._line(eval_line(event))
         elif isinstance(event, CheckpointSaved):
             self._line(f"saved {', '.join(event.tags)} -> {event.path} ({event.seconds:.2f}s)")
-        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped, StepTimeJump
+        elif isinstance(event, SVDAnalysis):
+            for line in svd_lines(event):
+                self._line(line)
+        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped, StepTimeJump, SVDModeSwitch
             self._line(f"{event.level}: {event.message}")
         elif isinstance(event, RunFinished):
             for line in finished_lines(event):
@@ -236,8 +266,10 @@ class RichProgress:
         elif isinstance(event, CheckpointSaved):
             print_(f"saved {', '.join(event.tags)} -> {event.path} ({event.seconds:.2f}s)", style="dim",
                    highlight=False)
-        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped, StepTimeJump
-            print_(f"{event.level}: {event.message}", style="yellow", highlight=False)
+        elif isinstance(event, MESSAGE_EVENTS):  # Notice, NaNSkipped, StepTimeJump, SVDModeSwitch
+            # SVD switches are shown, each SVDAnalysis is not (the dashboard and svd.jsonl have them)
+            style = "bold magenta" if isinstance(event, SVDModeSwitch) else "yellow"
+            print_(f"{event.level}: {event.message}", style=style, highlight=False)
         elif isinstance(event, RunFinished):
             self._stop()
             table = Table(title=f"run {event.summary.get('name', '')}: {event.status}", show_header=False,

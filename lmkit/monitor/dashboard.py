@@ -11,6 +11,7 @@ into panels::
     │                                       │┌ GPU: NVML per device + torch       ┐
     │                                       ││ allocated/reserved/peak; or host:  │
     │                                       ││ RSS, CPU % (CPU/MPS runs)          │
+    ┌ adaptive SVD (once analysed): per layer mode, r, alignments, angle, switches ┐
     ┌ events: evals, checkpoints, notices, ┐┌ events by kind: latest per kind    ┐
     │ NaN/overflow skips, step-time jumps, ││ (and per group key, e.g. layer)    │
     │ newest at bottom                     ││                                    │
@@ -54,11 +55,14 @@ from lmkit.events import (
     RunStarted,
     StepMetrics,
     StepTimeJump,
+    SVDAnalysis,
+    SVDModeSwitch,
 )
 from lmkit.monitor.console import data_line, finished_lines, fmt_count, fmt_duration, fmt_metric
 from lmkit.monitor.nvml import GpuStat
 from lmkit.monitor.sampler import HostStat, Sampler, SystemSample
 from lmkit.monitor.steptime import StepTimeWatch
+from lmkit.monitor.svd_panel import SVDState, shorten_layers
 
 GiB = 2**30
 
@@ -399,7 +403,8 @@ class KindRow:
     time: float
 
 
-NOT_BY_KIND = ("step", "data_progress", "run_started")  # the stream itself, shown elsewhere
+# the stream itself, shown elsewhere (SVD analyses: one row per layer in the SVD panel)
+NOT_BY_KIND = ("step", "data_progress", "run_started", "svd_analysis")
 
 
 class Dashboard:
@@ -439,6 +444,7 @@ class Dashboard:
         self.events: deque[tuple[float, int | None, str, str]] = deque(maxlen=max_events)
         self.kinds: dict[tuple[str, str], KindRow] = {}
         self.system: SystemSample | None = None
+        self.svd = SVDState()  # the SVD panel's rows; the panel shows once an analysis arrived
         self.t_start = time.time()
         self.t_last_step = time.time()
         self.renders = 0  # frames drawn
@@ -479,7 +485,8 @@ class Dashboard:
             key = str(getattr(e, group, "")) if group else ""
             row = self.kinds.get((e.kind, key))
             step = getattr(e, "step", None)
-            summary = summarise_event(e, skip=(group,) if group else ())
+            summary = (f"→ {e.to_mode}{f' r={e.r}' if e.to_mode == 'lowrank' else ''} {e.reason}"
+                       if isinstance(e, SVDModeSwitch) else summarise_event(e, skip=(group,) if group else ()))
             if row is None:
                 self.kinds[(e.kind, key)] = KindRow(e.kind, key, 1, step, summary, e.time)
             else:
@@ -518,6 +525,11 @@ class Dashboard:
         elif isinstance(e, Notice):
             style = {"warning": "yellow", "error": "bold red"}.get(e.level, "dim")
             self._note(None, style, f"{e.level}: {e.message}")
+        elif isinstance(e, SVDAnalysis):
+            self.svd.analysis(e)  # the SVD panel shows it; the switches reach the events panel
+        elif isinstance(e, SVDModeSwitch):
+            self.svd.switch(e)
+            self._note(e.step, "bold magenta", _Wrap(e.message.removeprefix(f"step {e.step}: ")))
         elif isinstance(e, Resumed):
             moved = (f"; {e.dropped_metrics} later log record(s) moved to {e.superseded_metrics}"
                      if e.superseded_metrics else "")
@@ -625,19 +637,31 @@ class Dashboard:
 
     def layout(self, height: int | None = None) -> Layout:
         """The whole dashboard for a screen of ``height`` rows (call with the lock held, or
-        on a quiescent dashboard): header; loss chart beside stats + system; events beside
-        events by kind."""
+        on a quiescent dashboard): header; loss chart beside stats + system; the SVD panel
+        (:mod:`lmkit.monitor.svd_panel`) once an SVD analysis arrived; events beside events
+        by kind."""
         system, system_rows = self.system_panel()
         top = 14 + system_rows + 2
+        svd = self.svd.height_wanted()  # 0 until the first SVD analysis
         if height is not None:
-            top = max(8, min(top, height - 3 - 6))  # leave the bottom row at least 6 lines
+            # the SVD panel gets up to 5 rows first, then the top its rows (the bottom keeps 6),
+            # then the SVD panel the rest it wants (bottom 6 again), the bottom what is left
+            least = min(svd, 5)
+            top = max(8, min(top, height - 3 - 6 - least))  # leave the bottom row at least 6 lines
+            svd = min(max(least, min(svd, height - 3 - top - 6)), max(0, height - 3 - top - 4))
         root = Layout(name="root")
-        root.split_column(Layout(self.header(), name="header", size=3), Layout(name="top", size=top),
-                          Layout(name="bottom", minimum_size=4))
+        rows = [Layout(self.header(), name="header", size=3), Layout(name="top", size=top)]
+        if svd >= 4:
+            rows.append(Layout(self.svd.panel(), name="svd", size=svd))
+        root.split_column(*rows, Layout(name="bottom", minimum_size=4))
         root["top"].split_row(Layout(self.chart_panel(), name="chart", ratio=3),
                               Layout(name="right", ratio=2, minimum_size=40))
-        root["top"]["right"].split_column(Layout(self.stats_panel(), name="stats", size=14),
-                                          Layout(system, name="system"))
+        # a short top row crops the stats panel and drops the system one (a fixed size past the
+        # row, or a region of no rows, would draw over the rows below)
+        right = [Layout(self.stats_panel(), name="stats", size=min(14, top))]
+        if top - 14 >= 3:
+            right.append(Layout(system, name="system"))
+        root["top"]["right"].split_column(*right)
         root["bottom"].split_row(Layout(self.events_panel(), name="events", ratio=1),
                                  Layout(self.kinds_panel(), name="kinds", ratio=1))
         return root
@@ -788,8 +812,9 @@ class Dashboard:
     def events_panel(self) -> Panel:
         lines = []
         for t, step, style, text in self.events:
-            lines.append(Text.assemble((time.strftime("%H:%M:%S ", time.localtime(t)), "dim"),
-                                       (f"{step:>7,} " if step is not None else " " * 8, "dim"), (text, style)))
+            lines.append((Text.assemble((time.strftime("%H:%M:%S ", time.localtime(t)), "dim"),
+                                        (f"{step:>7,} " if step is not None else " " * 8, "dim"), (text, style)),
+                          isinstance(text, _Wrap)))
         body = _tail(lines)
         return Panel(body, title="[bold]events", title_align="left", border_style="yellow")
 
@@ -800,30 +825,43 @@ class Dashboard:
         table.add_column("n", justify="right", no_wrap=True, min_width=3)
         table.add_column("step", justify="right", no_wrap=True, style="dim", min_width=5)
         table.add_column("last", no_wrap=True, overflow="ellipsis", ratio=1)
+        # dotted keys (layers) lose their common leading components: room for "last"
+        short = shorten_layers([r.key for r in self.kinds.values() if "." in r.key], 14)
         for row in sorted(self.kinds.values(), key=lambda r: -r.time):
-            table.add_row(row.kind, row.key, str(row.count), f"{row.step:,}" if row.step is not None else "",
+            table.add_row(row.kind, short.get(row.key, row.key), str(row.count), f"{row.step:,}" if row.step is not None else "",
                           row.summary)
         return Panel(table, title="[bold]events by kind", title_align="left", border_style="yellow",
                      subtitle="[dim]latest per kind", subtitle_align="right")
 
 
-class _Tail:
-    """The last lines that fit the height Rich gives (newest at the bottom), no wrapping."""
+class _Wrap(str):
+    """Events-panel text that wraps onto more lines instead of being cut (an SVD mode
+    switch: its layer, direction and reason all matter). Equal to the plain string."""
 
-    def __init__(self, lines: list[Text]):
+
+class _Tail:
+    """The last lines that fit the height Rich gives (newest at the bottom); a line is cut
+    at the width, or wrapped where its flag says so."""
+
+    def __init__(self, lines: list[tuple[Text, bool]]):
         self.lines = lines
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         height = options.height or len(self.lines)
-        for text in self.lines[-height:] if height else []:
+        out: list[Text] = []
+        for text, wrap in self.lines[-height:] if height else []:
+            if wrap:
+                out.extend(text.wrap(console, options.max_width, overflow="ellipsis"))
+                continue
             text = text.copy()
             text.no_wrap = True
             text.overflow = "ellipsis"
             text.truncate(options.max_width, overflow="ellipsis")
-            yield text
+            out.append(text)
+        yield from out[-height:] if height else []
 
 
-def _tail(lines: list[Text]) -> RenderableType:
+def _tail(lines: list[tuple[Text, bool]]) -> RenderableType:
     return _Tail(lines) if lines else Text("no events yet", style="dim")
 
 

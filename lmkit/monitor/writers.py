@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmkit.events import DataProgress, EvalResult, Event, RunFinished, StepMetrics
+from lmkit.events import DataProgress, EvalResult, Event, RunFinished, StepMetrics, SVDAnalysis
 
 
 def _jsonable(value: Any) -> Any:
@@ -86,7 +86,10 @@ class EventsWriter(_JsonlWriter):
 
 
 class TensorBoardWriter:
-    """Scalars under ``train/`` and ``val/`` in ``tb/``, x axis = optimizer step."""
+    """Scalars under ``train/`` and ``val/`` in ``tb/``, x axis = optimizer step; and per
+    adaptive-SVD analysis (:class:`~lmkit.events.SVDAnalysis`) ``svd/<layer>/<metric>`` for
+    each finite metric it has, ``svd/<layer>/mode`` (1 = low-rank, 0 = full) and
+    ``svd/<layer>/r`` after the action (the seed's wandb keys, SEEDS_SPEC 2.5)."""
 
     def __init__(self, directory: Path, purge_step: int | None = None):
         """``purge_step``: on resume, TensorBoard hides what earlier sessions wrote at this
@@ -107,5 +110,14 @@ class TensorBoardWriter:
             for name, value in event.metrics.items():
                 self.writer.add_scalar(f"{event.split}/{name}", value, event.step)
             self.writer.flush()
+        elif isinstance(event, SVDAnalysis):
+            prefix = f"svd/{event.layer}"
+            for name, value in event.metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"{prefix}/{name}", value, event.step)
+            self.writer.add_scalar(f"{prefix}/mode", 1.0 if event.mode_after == "lowrank" else 0.0, event.step)
+            if event.r_after is not None:
+                self.writer.add_scalar(f"{prefix}/r", event.r_after, event.step)
+            self.writer.flush()  # a few layers every `svd.interval` steps: cheap, and live in TensorBoard
         elif isinstance(event, RunFinished):
             self.writer.close()
