@@ -15,6 +15,7 @@ EXPECTED = {
     "medium": 124_439_808,
     "gpt2-124m": 124_475_904,
     "transformer-europarl": 202_819_968,
+    "nanochat-d4": 36_700_160,  # nanochat's depth 4 (SEEDS_SPEC 2.1; 2·65536·256 + 4·(4·256² + 2·256·1024))
 }
 
 
@@ -43,10 +44,12 @@ REPRODUCES = {
     "medium": ("oonisim/python-programs", "WikiText GPT preset"),
     "transformer-europarl": ("kavyavenk/multilingual-backpacks", "Backpack vs Transformer"),
     "gpt2-124m": ("zhengpu-berkeley/domain-token-gpt2", "multiplication-tokens"),
+    "nanochat-d4": ("nsivraj/slurm-nanochat", "adaptive SVD"),
 }
 # The warmup each original uses (SEEDS_SPEC 3.4 and 5.2: LambdaLR s/W; 1.8: nanoGPT's (s+1)/W).
 WARMUP_FORM = {"pilot": "s/W", "scale_10m": "s/W", "tiny": "s/W", "small": "s/W", "medium": "s/W",
-               "gpt2-124m": "(s+1)/W", "transformer-europarl": "(s+1)/W"}
+               "gpt2-124m": "(s+1)/W", "transformer-europarl": "(s+1)/W",
+               "nanochat-d4": "(s+1)/W"}  # nanochat's (it + 1) / warmup_iters (no warmup in the preset)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -111,9 +111,11 @@ class ParamCounts:
 def count_params(cfg: ModelConfig) -> ParamCounts:
     """Count the parameters lmkit's GPT has for ``cfg`` (``vocab_size`` must be set).
 
-    Per block: ``ln_1, ln_2`` ``d`` (+``d`` bias) each; ``c_attn`` ``3d²`` (+``3d``); attention
-    ``c_proj`` ``d²`` (+``d``); ``c_fc`` ``d·f`` (+``f``); MLP ``c_proj`` ``f·d`` (+``d``).
-    Plus ``wte`` ``V·d``, ``wpe`` ``block_size·d`` (learned positions), ``ln_f``, and an untied
+    Per block: ``ln_1, ln_2`` ``d`` (+``d`` bias) each (:attr:`GPTConfig.norm_numel
+    <lmkit.config.GPTConfig.norm_numel>`: RMSNorm ``d``, none without ``norm_affine``);
+    ``c_attn`` (or ``c_q, c_k, c_v``) ``3d²`` (+``3d``); attention ``c_proj`` ``d²`` (+``d``);
+    ``c_fc`` ``d·f`` (+``f``); MLP ``c_proj`` ``f·d`` (+``d``). Plus ``wte`` ``V·d``, ``wpe``
+    ``block_size·d`` (learned positions), ``ln_emb`` (``embed_norm``), ``ln_f``, and an untied
     ``lm_head`` ``V·d``.
 
     Raises:
@@ -121,14 +123,14 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     """
     V = _vocab(cfg)
     d, f = cfg.n_embd, cfg.ff_dim
-    ln = d * (2 if cfg.bias else 1)
+    ln = cfg.norm_numel
     attn_b = cfg.use_attn_bias
     mlp_b = cfg.use_mlp_bias
     layer_mm = 3 * d * d + d * d + d * f + f * d
     per_layer = 2 * ln + layer_mm + (4 * d if attn_b else 0) + ((f + d) if mlp_b else 0)
     embeddings = V * d + (cfg.block_size * d if cfg.pos_encoding == "learned" else 0)
     head = 0 if cfg.tie_embeddings else V * d
-    total = embeddings + cfg.n_layer * per_layer + ln + head
+    total = embeddings + cfg.n_layer * per_layer + ln * (2 if cfg.embed_norm else 1) + head
     return ParamCounts(total=total, embeddings=embeddings, head=head, per_layer=per_layer,
                        matmul_weights=cfg.n_layer * layer_mm + V * d, layer_matmul_weights=layer_mm)
 
@@ -209,26 +211,39 @@ def layer_activations(cfg: ModelConfig, batch_size: int, seq_len: int, *, precis
     """Bytes one block saves for backward, by tensor (``B`` = batch_size, ``T`` = seq_len).
 
     ``a`` = 4 (fp32) or 2 (fp16/bf16 autocast) bytes per activation; the residual stream (the
-    LayerNorm inputs) is fp32 in both; ``m`` = dropout-mask bytes per element (1 on CUDA, where
+    norm inputs) is fp32 in both; ``m`` = dropout-mask bytes per element (1 on CUDA, where
     ``native_dropout`` keeps a bool mask; ``a`` on the CPU, which keeps a float mask).
 
     ======================================  ===========================================
-    LayerNorm inputs (ln_1, ln_2)           ``2 · 4·B·T·d`` + mean/rstd ``2 · 8·B·T``
-    c_attn input, c_fc input                ``2 · a·B·T·d`` (under AMP: the 16-bit copies)
+    norm inputs (ln_1, ln_2)                ``2 · 4·B·T·d`` + LayerNorm mean/rstd ``2 · 8·B·T``
+                                            (RMSNorm: rstd ``2 · 4·B·T``, and with a gain the
+                                            normalised ``x·rstd`` it multiplies, ``2 · 4·B·T·d``)
+    c_attn input, c_fc input                ``2 · a·B·T·d`` (under AMP: the 16-bit copies;
+                                            ``qkv: separate`` under AMP casts the input once per
+                                            c_q/c_k/c_v: ``4 · a·B·T·d``)
     q, k, v                                 ``3 · a·B·T·d`` (sdpa: the c_attn output; eager:
-                                            scaled q, k and a contiguous v)
+                                            scaled q, k and a contiguous v); ``separate`` with
+                                            rotary or QK-norm: only v, ``a·B·T·d``
     rotated q, k (rope + sdpa)              ``2 · a·B·T·d`` (+ four 16-bit cos/sin tables
                                             ``T·d_head`` under AMP, any kernel)
-    attention output (= c_proj input)       ``a·B·T·d``
+    QK-norm (qk_norm)                       inputs ``2 · 4·B·T·d`` (fp32: autocast runs
+                                            rms_norm in fp32) + rstd ``2 · 4·B·h·T``; sdpa then
+                                            keeps the normalised q, k (``2 · a·B·T·d``) instead
+                                            of the rotated ones
+    attention output (= c_proj input)       ``a·B·T·d`` (with QK-norm and sdpa one more: the
+                                            output is copied to ``(B, T, d)`` before c_proj)
     log-sum-exp (sdpa)                      ``4·B·h·T`` (CUDA fp32 pads T to 32)
-    GELU input, GELU output                 ``2 · a·B·T·f``
+    activation input, output                ``2 · a·B·T·f`` (GELU: its input and output;
+                                            ReLU²: relu's output, which square also keeps, and
+                                            square's output)
     residual dropout masks (dropout > 0)    ``2 · m·B·T·d``
     attention scores (eager only)           ``B·h·T² · (a + [dropout] (m + a))``
     ======================================  ===========================================
 
     With ``f = 4d``, fp16, sdpa, no rotary and dropout: 38·B·T·d bytes (Korthikanti et al. 2022
     eq. 1 has 34; the difference is the fp32 residual) and the eager kernel adds their
-    ``5·h·T²·B``.
+    ``5·h·T²·B``. The RMSNorm, QK-norm, ReLU² and separate-QKV rows were measured with
+    ``saved_tensors_hooks`` on the CPU (:func:`lmkit.analysis.memory_measure.measure_saved`).
 
     Raises:
         ConfigError: unknown precision or attention kernel.
@@ -242,19 +257,45 @@ def layer_activations(cfg: ModelConfig, batch_size: int, seq_len: int, *, precis
     B, T, d, f, h = batch_size, seq_len, cfg.n_embd, cfg.ff_dim, cfg.n_head
     tok = B * T
     drop = cfg.dropout > 0
+    rope = cfg.pos_encoding == "rope"
+    separate = getattr(cfg, "qkv", "fused") == "separate"
+    qk_norm = bool(getattr(cfg, "qk_norm", False))
+    sdpa = attention == "sdpa"
+    if sdpa:
+        # separate q and k outputs are saved only when SDPA (or QK-norm on fp32) takes them as they come
+        raw_qk = (not rope) and not (qk_norm and a == 2)
+        qkv = 3 * a * tok * d if (not separate or raw_qk) else a * tok * d
+    else:
+        qkv = 3 * 4 * tok * d
+    rotated = 0
+    if rope:
+        rotated = (2 * a * tok * d if sdpa and not qk_norm else 0) + (4 * 2 * T * cfg.head_dim if a == 2 else 0)
+    qk = 0
+    if qk_norm:
+        # the inputs are saved unless they are views already counted (fp32, no rotary, fused: c_attn's output)
+        inputs = 0 if (a == 4 and not rope and sdpa) else 2 * 4 * tok * d
+        qk = inputs + 2 * 4 * B * h * T + (2 * a * tok * d if sdpa else 0)
     out: dict[str, int] = {
-        "layernorm inputs": 2 * r * tok * d + 2 * 8 * tok,
-        "c_attn + c_fc inputs": 2 * a * tok * d,
-        "q, k, v": 3 * (4 if attention == "eager" else a) * tok * d,
-        "rotated q, k": ((2 * a * tok * d if attention == "sdpa" else 0)
-                         + (4 * 2 * T * cfg.head_dim if a == 2 else 0)) if cfg.pos_encoding == "rope" else 0,
-        "attention output": a * tok * d,
-        "log-sum-exp": 4 * B * h * (_pad32(T) if (device == "cuda" and a == 4) else T) if attention == "sdpa" else 0,
+        "layernorm inputs": 2 * _norm_saved(cfg, tok, d),
+        "c_attn + c_fc inputs": (4 if (separate and a == 2) else 2) * a * tok * d,
+        "q, k, v": qkv,
+        "rotated q, k": rotated,
+        "qk-norm": qk,
+        "attention output": a * tok * d * (2 if qk_norm and sdpa else 1),
+        "log-sum-exp": 4 * B * h * (_pad32(T) if (device == "cuda" and a == 4) else T) if sdpa else 0,
         "GELU input + output": 2 * a * tok * f,
         "dropout masks": 2 * m * tok * d if drop else 0,
-        "attention scores": B * h * T * T * (4 + ((ms + 4) if drop else 0)) if attention == "eager" else 0,
+        "attention scores": B * h * T * T * (4 + ((ms + 4) if drop else 0)) if not sdpa else 0,
     }
     return out
+
+
+def _norm_saved(cfg: ModelConfig, tok: int, d: int) -> int:
+    """Bytes one norm over the fp32 residual saves: its input, and LayerNorm's mean and rstd or
+    RMSNorm's rstd (plus, with a gain, the normalised ``x·rstd`` the gain multiplies)."""
+    if getattr(cfg, "norm", "layernorm") == "rmsnorm":
+        return 4 * tok * d + 4 * tok + (4 * tok * d if cfg.norm_affine else 0)
+    return 4 * tok * d + 8 * tok
 
 
 def _pad32(n: int) -> int:
@@ -310,6 +351,7 @@ class MemoryEstimate:
     overhead: int
     total: int
     overhead_detail: dict[str, int] = field(default_factory=dict)
+    optimizer: str = "adamw"
 
     def row(self, name: str) -> MemoryRow:
         for row in self.rows:
@@ -333,8 +375,9 @@ def estimate_memory(
     device: str = "cuda",
     fused_optimizer: bool | None = None,
     overhead: FrameworkOverhead | None = None,
+    optimizer: str = "adamw",
 ) -> MemoryEstimate:
-    """Estimate the device memory of one AdamW training step of lmkit's GPT.
+    """Estimate the device memory of one AdamW (or Muon + AdamW) training step of lmkit's GPT.
 
     Args:
         cfg: the model (``vocab_size`` set; see :func:`resolve_vocab_size`).
@@ -350,14 +393,19 @@ def estimate_memory(
         fused_optimizer: override the fused-AdamW choice (fused: no step temporaries; foreach:
             ``4 P`` bytes of temporaries in the step, ``_foreach_sqrt`` of ``exp_avg_sq``).
         overhead: framework overhead; default :class:`FrameworkOverhead` on CUDA, none on CPU.
+        optimizer: ``adamw`` (8 B of state per parameter) or ``muon`` (``training.optimizer``:
+            Muon's momentum buffer, 4 B, for the blocks' matrices, whose update also needs one
+            fp32 matrix and its bf16 Newton-Schulz copies; AdamW's 8 B for the rest).
 
     Returns:
         A :class:`MemoryEstimate`.
 
     Raises:
         ConfigError: ``vocab_size`` unset, ``seq_len > block_size``, ``batch_size < 1``, unknown
-            precision or attention kernel.
+            precision, attention kernel or optimizer.
     """
+    if optimizer not in ("adamw", "muon"):
+        raise ConfigError(f"training.optimizer {optimizer!r}: use adamw or muon")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
     T = cfg.block_size if seq_len is None else seq_len
@@ -375,19 +423,30 @@ def estimate_memory(
         overhead = FrameworkOverhead() if device == "cuda" else FrameworkOverhead(0, 0.0, 0)
 
     weights, grads_full, optim = 4 * P, 4 * P, 8 * P
+    matrices = L * pc.layer_matmul_weights if optimizer == "muon" else 0  # Muon's parameters
+    optim -= 4 * matrices
+    if matrices:
+        biggest = max(d * cfg.ff_dim, d * d if getattr(cfg, "qkv", "fused") == "separate" else 3 * d * d)
+        muon_step_tmp = 4 * biggest + 2 * 3 * biggest  # nesterov update (fp32), bf16 NS iterates
+    else:
+        muon_step_tmp = 0
     per_layer = layer_activations(cfg, B, T, precision=precision, attention=attention, device=device)
     A_layer = sum(per_layer.values())
     block_input = r * tok * d
     emb_final = {
         "ids + targets": 2 * 8 * tok + (8 * T if cfg.pos_encoding == "learned" else 0),
         "embedding dropout mask": (1 if device == "cuda" else 4) * tok * d if cfg.dropout > 0 else 0,
-        "ln_f input + stats": r * tok * d + 8 * tok,
+        "ln_f input + stats": _norm_saved(cfg, tok, d),
+        "ln_emb input + stats": _norm_saved(cfg, tok, d) if getattr(cfg, "embed_norm", False) else 0,
         "lm_head input": a * tok * d,
     }
     E = sum(emb_final.values())
     head_copy = 2 * V * d if amp else 0
     layer_copies = 2 * pc.layer_matmul_weights if amp else 0
-    log_probs = 4 * tok * V  # log_softmax's saved fp32 output; the logits themselves are not kept
+    # log_softmax's saved fp32 output (the logits themselves are not kept), and with a logit
+    # soft-cap tanh's fp32 output
+    softcap = getattr(cfg, "logit_softcap", None) is not None
+    log_probs = 4 * tok * V * (2 if softcap else 1)
 
     # --- forward end: everything saved ------------------------------------------------
     acts_live = L * block_input if grad_checkpointing else L * A_layer
@@ -420,7 +479,7 @@ def estimate_memory(
     live["autocast copies"] -= head_copy
     live["temporaries"] = 0
     live["embeddings + final norm"] = E - emb_final["lm_head input"] - emb_final["ln_f input + stats"]
-    add_grads(d * (2 if cfg.bias else 1))
+    add_grads(cfg.norm_numel)
 
     # --- backward: blocks, last first ---------------------------------------------------
     grad_resid = r * tok * d
@@ -449,7 +508,7 @@ def estimate_memory(
     record("embedding backward")
 
     # --- optimizer step -----------------------------------------------------------------
-    live["temporaries"] = 0 if fused else 4 * P
+    live["temporaries"] = (0 if fused else 4 * (P - matrices)) + muon_step_tmp
     live["gradients"] = grads_full
     record("optimizer step")
 
@@ -467,7 +526,9 @@ def estimate_memory(
     rows = [
         MemoryRow("weights", weights, weights, f"4 B × {P:,} params (fp32 master copy)"),
         MemoryRow("gradients", grads_full, at_peak["gradients"], "4 B × params (fp32 .grad)"),
-        MemoryRow("optimizer state", optim, optim, "AdamW exp_avg + exp_avg_sq: 8 B × params"),
+        MemoryRow("optimizer state", optim, optim,
+                  "AdamW exp_avg + exp_avg_sq: 8 B × params" if optimizer == "adamw" else
+                  f"Muon momentum 4 B × {matrices:,} block-matrix params + AdamW 8 B × the other {P - matrices:,}"),
         MemoryRow("activations", act_size, at_peak["activations"], act_formula),
         MemoryRow("  of which attention scores", (1 if grad_checkpointing else L) * scores,
                   _scores_at_peak(scores, at_peak["activations"], A_layer),
@@ -489,7 +550,7 @@ def estimate_memory(
         n_params=P, batch_size=B, seq_len=T, precision=precision, attention=attention,
         grad_checkpointing=grad_checkpointing, grad_accum_steps=grad_accum_steps, device=device,
         rows=rows, per_layer=per_layer, n_layer=L, saved_for_backward=saved_for_backward,
-        model_state=weights + grads_full + optim, peak_allocated=peak, peak_phase=phase,
+        model_state=weights + grads_full + optim, peak_allocated=peak, peak_phase=phase, optimizer=optimizer,
         overhead=over, total=peak + over,
         overhead_detail={"cuda_context": overhead.cuda_context_bytes if device == "cuda" else 0,
                          "allocator_slack": over - (overhead.cuda_context_bytes if device == "cuda" else 0)},
@@ -554,7 +615,7 @@ def suggestions(cfg: ModelConfig, est: MemoryEstimate, capacity_bytes: int, *,
     autocast, gradient checkpointing, the fused attention kernel, both, and a smaller micro-batch
     with ``grad_accum_steps`` keeping the tokens per optimizer step."""
     base = {"seq_len": est.seq_len, "precision": est.precision, "attention": est.attention,
-            "grad_checkpointing": est.grad_checkpointing, "device": est.device}
+            "grad_checkpointing": est.grad_checkpointing, "device": est.device, "optimizer": est.optimizer}
     out: list[Suggestion] = []
 
     def try_(text: str, flags: str, batch_size: int | None = None, **change: Any) -> None:

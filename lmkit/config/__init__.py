@@ -140,6 +140,34 @@ class GPTConfig(ModelConfigBase):
     ``bias`` switches every Linear and LayerNorm bias; ``attn_bias`` / ``mlp_bias``
     override it for the attention projections (QKV and output) and the MLP, which is
     how the arithmetic experiment's model (no attention biases, MLP biases) is expressed.
+
+    Options for nanochat's GPT (karpathy/nanochat ``nanochat/gpt.py``; the ``nanochat-d4``
+    preset). Their defaults are GPT-2's, so a config that does not name them builds the
+    same model, initialised bitwise the same:
+
+    * ``norm``: ``layernorm`` (``nn.LayerNorm``) or ``rmsnorm`` (``F.rms_norm``, Zhang &
+      Sennrich 2019), for ``ln_1``, ``ln_2``, ``ln_f`` (and ``ln_emb``). Both use
+      ``layer_norm_eps``; nanochat calls ``F.rms_norm`` without ``eps``, which means
+      ``torch.finfo(float32).eps`` = 1.1920928955078125e-07 on lmkit's fp32 residual stream
+      (the preset sets that value).
+    * ``norm_affine``: ``False`` makes every norm parameter-free (no gain, no bias): nanochat's
+      "no learnable params in rmsnorm". ``True`` gives LayerNorm a gain (and a bias when
+      ``bias``) and RMSNorm a gain (RMSNorm never has a bias).
+    * ``qk_norm``: RMS-normalise each head's queries and keys over ``head_dim`` after the
+      rotary rotation, without weights (eps ``layer_norm_eps``), as nanochat does.
+    * ``embed_norm``: a norm (``transformer.ln_emb``, of the ``norm`` kind) right after the
+      token (+ position) embedding, as nanochat's ``x = norm(wte(idx))``.
+    * ``activation``: ``gelu`` (exact), ``gelu_tanh``, or ``relu2`` = ``relu(x)**2`` (So et al.
+      2021, "Primer"; nanochat's MLP).
+    * ``qkv``: ``fused`` (one ``c_attn`` of ``3·n_embd`` outputs, GPT-2) or ``separate``
+      (``c_q``, ``c_k``, ``c_v``, nanochat); the same function and parameter count.
+    * ``logit_softcap``: ``c`` -> logits ``c·tanh(logits / c)`` in float32, in generation and
+      in the loss (Gemma 2; nanochat uses 15); ``None``: off.
+    * ``init``: ``gpt2`` (N(0, ``init_std``), residual projections scaled by
+      ``1/sqrt(2·n_layer)``) or ``nanochat`` (nanochat's ``_init_weights`` before its
+      January 2026 rewrite: each Linear N(0, ``1/sqrt(fan_in)·min(1, sqrt(fan_out/fan_in))``),
+      embeddings N(0, 1), ``lm_head`` and every ``c_proj`` zero; see
+      :func:`lmkit.models.gpt_layers.init_nanochat`).
     """
 
     type: Literal["gpt"] = "gpt"
@@ -151,7 +179,7 @@ class GPTConfig(ModelConfigBase):
     vocab_size: int | None = Field(None, gt=0)
     pos_encoding: Literal["learned", "rope"] = "learned"
     rope_theta: float = Field(10000.0, gt=0)
-    activation: Literal["gelu", "gelu_tanh"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "relu2"] = "gelu"
     bias: bool = True
     attn_bias: bool | None = None
     mlp_bias: bool | None = None
@@ -159,6 +187,13 @@ class GPTConfig(ModelConfigBase):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     layer_norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_affine: bool = True
+    qk_norm: bool = False
+    embed_norm: bool = False
+    qkv: Literal["fused", "separate"] = "fused"
+    logit_softcap: float | None = Field(None, gt=0)
+    init: Literal["gpt2", "nanochat"] = "gpt2"
 
     @model_validator(mode="after")
     def _check_shapes(self) -> GPTConfig:
@@ -189,6 +224,16 @@ class GPTConfig(ModelConfigBase):
     @property
     def use_mlp_bias(self) -> bool:
         return self.bias if self.mlp_bias is None else self.mlp_bias
+
+    @property
+    def norm_numel(self) -> int:
+        """Parameters of one norm: LayerNorm ``n_embd`` (+ ``n_embd`` bias when ``bias``),
+        RMSNorm ``n_embd``, none when ``norm_affine`` is false."""
+        if not self.norm_affine:
+            return 0
+        if self.norm == "rmsnorm":
+            return self.n_embd
+        return self.n_embd * (2 if self.bias else 1)
 
 
 #: The GPT family's config under its historical name (``from lmkit.config import ModelConfig``).
@@ -373,6 +418,23 @@ class TrainConfig(_Strict):
     Learning-rate schedules are described in :mod:`lmkit.training.schedule`;
     ``warmup_form`` is the warmup's multiplier after ``s`` of ``W`` steps: ``"s/W"`` (LR 0 at
     the first step; HF ``get_cosine_schedule_with_warmup``) or ``"(s+1)/W"`` (nanoGPT; the default).
+    ``schedule: warmdown`` is nanochat's: constant, then linear over the last ``warmdown_ratio``
+    of the steps to ``min_lr_ratio``.
+
+    ``optimizer``: ``adamw`` (every parameter; ``lr``, ``betas``, ``eps``, ``weight_decay``) or
+    ``muon``, nanochat's ``base_train.py`` setup (:func:`lmkit.training.optim.build_optimizer`):
+
+    * ``torch.optim.Muon`` (Jordan et al. 2024) for every trainable 2-D matrix outside the
+      embeddings and the output head (the blocks' weights) at LR ``lr`` (nanochat's
+      ``matrix_lr`` 0.02), weight decay ``muon_weight_decay`` (0; torch's own default is 0.1),
+      Nesterov ``muon_nesterov``, ``muon_ns_steps`` Newton-Schulz steps, and momentum warmed
+      linearly from ``muon_momentum_start`` (0.85) to ``muon_momentum`` (0.95) over
+      ``muon_momentum_warmup_steps`` (300) optimizer steps;
+    * AdamW (``betas``, ``eps``, ``weight_decay``; nanochat: (0.8, 0.95), 1e-10, 0) for the
+      embeddings at ``embedding_lr`` (0.2), the output head at ``head_lr`` (0.004), and any other
+      parameter (biases, norm gains; nanochat's model has none) at ``head_lr``; the AdamW LRs are
+      multiplied by ``(n_embd / lr_reference_width) ** -0.5`` (nanochat tuned them at 768 wide;
+      ``null``: no scaling).
     """
 
     batch_size: int = Field(32, gt=0)
@@ -380,10 +442,21 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, gt=0)
     epochs: int | None = Field(None, gt=0)
     lr: float = Field(3e-4, gt=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "warmdown"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     warmup_form: Literal["s/W", "(s+1)/W"] = "(s+1)/W"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmdown_ratio: float = Field(0.2, ge=0.0, le=1.0)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    embedding_lr: float = Field(0.2, gt=0)
+    head_lr: float = Field(0.004, gt=0)
+    lr_reference_width: int | None = Field(768, gt=0)
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    muon_momentum_start: float = Field(0.85, ge=0.0, lt=1.0)
+    muon_momentum_warmup_steps: int = Field(300, ge=0)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = Field(5, gt=0, lt=100)
+    muon_weight_decay: float = Field(0.0, ge=0.0)
     weight_decay: float = Field(0.1, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)

@@ -15,6 +15,11 @@ Architectures (:func:`hf_architecture`):
   (``[q_0 k_0 v_0 | q_1 k_1 v_1 ...]``), ours stacks them (``[q | k | v]``), so the rows of
   ``c_attn`` are regrouped.
 
+nanochat's options of the GPT family (:class:`~lmkit.config.GPTConfig`: RMSNorm, norms without
+weights, QK-norm, a norm after the embedding, ReLU², separate ``c_q``/``c_k``/``c_v``, a logit
+soft-cap) have no counterpart in either architecture; :func:`hf_architecture` refuses such a
+config in one line naming every such option (``--to safetensors`` exports it).
+
 Parts our model may switch off but the HF architecture always has (GPT-2's biases,
 NeoX's LayerNorm and MLP biases) are written as zeros, which computes the same function.
 Activation names: exact GELU is ``gelu``, tanh GELU is ``gelu_new``.
@@ -112,6 +117,10 @@ def hf_architecture(config: ModelConfig) -> str:
     if config.type != "gpt":
         raise ConfigError(f"model.type {config.type!r} has no Hugging Face architecture that lmkit can export "
                           "to exactly; use --to safetensors")
+    options = unexportable_options(config)
+    if options:
+        raise ConfigError(f"model options {', '.join(options)} have no exact Hugging Face equivalent "
+                          "(GPT-2 / GPT-NeoX); use --to safetensors")
     if config.activation not in HF_ACTIVATIONS:
         raise ConfigError(f"model.activation {config.activation!r} has no exact Hugging Face equivalent; "
                           "use --to safetensors")
@@ -121,6 +130,29 @@ def hf_architecture(config: ModelConfig) -> str:
         return "gpt_neox"
     raise ConfigError(f"model.pos_encoding {config.pos_encoding!r} has no exact Hugging Face equivalent; "
                       "use --to safetensors")
+
+
+def unexportable_options(config: ModelConfig) -> list[str]:
+    """The GPT options set to something neither GPT-2 nor GPT-NeoX computes, as ``key=value``
+    (e.g. ``norm=rmsnorm``, ``qk_norm=true``); empty when the config is exportable. Separate
+    ``c_q``/``c_k``/``c_v`` would map (by stacking), but the state-dict mappings here read the
+    fused ``c_attn``."""
+    out = []
+    if getattr(config, "norm", "layernorm") != "layernorm":
+        out.append(f"norm={config.norm}")
+    if not getattr(config, "norm_affine", True):
+        out.append("norm_affine=false")
+    if getattr(config, "qk_norm", False):
+        out.append("qk_norm=true")
+    if getattr(config, "embed_norm", False):
+        out.append("embed_norm=true")
+    if config.activation not in HF_ACTIVATIONS:
+        out.append(f"activation={config.activation}")
+    if getattr(config, "qkv", "fused") != "fused":
+        out.append(f"qkv={config.qkv}")
+    if getattr(config, "logit_softcap", None) is not None:
+        out.append(f"logit_softcap={config.logit_softcap:g}")
+    return out
 
 
 def _special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:

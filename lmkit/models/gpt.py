@@ -6,7 +6,17 @@ by transposing the four Conv1D weights. Weights of ``nn.Linear`` are ``(out, in)
 
 Enough knobs reproduce the parameter counts of every preset: learned or rotary
 positions, biases switched per part (``bias``/``attn_bias``/``mlp_bias``), exact or
-tanh GELU, tied or untied head, any ``d_ff``.
+tanh GELU, tied or untied head, any ``d_ff``; and nanochat's GPT (karpathy/nanochat
+``nanochat/gpt.py``, the ``nanochat-d4`` preset) as options of the same family: RMSNorm
+without weights, QK-norm, a norm after the embedding, ReLU², separate ``c_q``/``c_k``/``c_v``,
+a tanh logit soft-cap and nanochat's init (:class:`~lmkit.config.GPTConfig`,
+:mod:`lmkit.models.gpt_layers`).
+
+Rotary sign: nanochat's ``apply_rotary_emb`` computes ``y1 = x1 cos + x2 sin``,
+``y2 = -x1 sin + x2 cos``, a rotation by ``-θ`` (its own comment says so), where lmkit's rotate-half
+form rotates by ``+θ``. The two are the same model class -- negating the second half of each
+head's rows of ``c_q`` and ``c_k`` maps one onto the other (QK-norm is sign-blind) -- but a
+nanochat checkpoint would need that change to compute the same logits here.
 
 References:
     Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2:
@@ -43,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 from lmkit.config import GPTConfig
 from lmkit.data.batching import IGNORE_INDEX
 from lmkit.models.base import Capture, HeadEdit, KVCache, LanguageModel, math_attention
+from lmkit.models.gpt_layers import SoftcapLinear, activation_fn, init_nanochat, make_norm
 
 ModelConfig = GPTConfig
 
@@ -94,7 +105,10 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``F.scaled_dot_product_attention``.
 
     Input and output ``(B, T, n_embd)``. ``c_attn`` holds Q, K and V stacked along the
-    output dimension (``[q | k | v]``, heads contiguous within each). ``capture`` (set by
+    output dimension (``[q | k | v]``, heads contiguous within each); with ``qkv: separate``
+    they are three Linears ``c_q``, ``c_k``, ``c_v`` (nanochat). With ``qk_norm`` each head's
+    q and k are RMS-normalised over ``head_dim`` after the rotary rotation (before the cache
+    and the attention), without weights, as nanochat does. ``capture`` (set by
     :meth:`GPT.capture`, else ``None``) records the per-head outputs ``(B, n_head, T,
     head_dim)`` before ``c_proj`` and, when asked, the attention probabilities, computed by
     :func:`math_attention` instead of the fused kernel.
@@ -105,7 +119,14 @@ class CausalSelfAttention(nn.Module):
         d = config.n_embd
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.c_attn = nn.Linear(d, 3 * d, bias=config.use_attn_bias)
+        self.separate_qkv = config.qkv == "separate"
+        if self.separate_qkv:
+            self.c_q = nn.Linear(d, d, bias=config.use_attn_bias)
+            self.c_k = nn.Linear(d, d, bias=config.use_attn_bias)
+            self.c_v = nn.Linear(d, d, bias=config.use_attn_bias)
+        else:
+            self.c_attn = nn.Linear(d, 3 * d, bias=config.use_attn_bias)
+        self.qk_norm_eps = config.layer_norm_eps if config.qk_norm else None
         self.c_proj = nn.Linear(d, d, bias=config.use_attn_bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -121,7 +142,10 @@ class CausalSelfAttention(nn.Module):
         layer ``layer``'s cache and attention runs over all cached columns.
         """
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        if self.separate_qkv:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        else:
+            q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -129,6 +153,9 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
+        if self.qk_norm_eps is not None:
+            q = F.rms_norm(q, (self.head_dim,), eps=self.qk_norm_eps)
+            k = F.rms_norm(k, (self.head_dim,), eps=self.qk_norm_eps)
         causal = kv_cache is None and attn_mask is None
         if not causal:
             past = 0
@@ -158,27 +185,29 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """``c_proj(GELU(c_fc(x)))`` with hidden size ``d_ff``; input/output ``(B, T, n_embd)``."""
+    """``c_proj(act(c_fc(x)))`` with hidden size ``d_ff``; input/output ``(B, T, n_embd)``;
+    ``act`` is GELU (exact or tanh) or ReLU² (``config.activation``)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.ff_dim, bias=config.use_mlp_bias)
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.act = activation_fn(config.activation)
         self.c_proj = nn.Linear(config.ff_dim, config.n_embd, bias=config.use_mlp_bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    """Pre-LN residual block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
+    """Pre-norm residual block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` (the norms are
+    LayerNorm or RMSNorm, :func:`~lmkit.models.gpt_layers.make_norm`)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -212,11 +241,16 @@ class GPT(LanguageModel):
         modules: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, d)}
         if config.pos_encoding == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, d)
+        if config.embed_norm:
+            modules["ln_emb"] = make_norm(config)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        modules["ln_f"] = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        modules["ln_f"] = make_norm(config)
         self.transformer = nn.ModuleDict(modules)
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        if config.logit_softcap is None:
+            self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        else:
+            self.lm_head = SoftcapLinear(d, config.vocab_size, config.logit_softcap, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.rotary = (
@@ -228,19 +262,23 @@ class GPT(LanguageModel):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, init_std) for every Linear and Embedding weight, zero biases, unit LayerNorms;
-        residual output projections (``*.c_proj.weight``) get ``init_std / sqrt(2 * n_layer)``
-        (GPT-2 paper, section 2.3)."""
+        """``init: gpt2``: N(0, init_std) for every Linear and Embedding weight, zero biases, unit
+        norms; residual output projections (``*.c_proj.weight``) get ``init_std / sqrt(2 *
+        n_layer)`` (GPT-2 paper, section 2.3). ``init: nanochat``:
+        :func:`~lmkit.models.gpt_layers.init_nanochat`."""
+        if self.config.init == "nanochat":
+            init_nanochat(self, tied=self.config.tie_embeddings)
+            return
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 if module.weight is not None:
                     nn.init.ones_(module.weight)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
@@ -250,7 +288,8 @@ class GPT(LanguageModel):
     # --- the interface: accessors ------------------------------------------------------
 
     def output_head(self) -> nn.Module:
-        """``lm_head``: ``(..., n_embd) -> (..., vocab_size)``, no bias."""
+        """``lm_head``: ``(..., n_embd) -> (..., vocab_size)``, no bias; with ``logit_softcap``
+        a :class:`~lmkit.models.gpt_layers.SoftcapLinear`, so its logits are capped."""
         return self.lm_head
 
     def input_embedding(self) -> nn.Embedding:
@@ -262,7 +301,8 @@ class GPT(LanguageModel):
         return self.transformer.wpe if "wpe" in self.transformer else None
 
     def target_modules(self, kind: str = "all") -> dict[str, nn.Module]:
-        """``transformer.h.{i}.attn.c_attn`` / ``.attn.c_proj`` (``attention``),
+        """``transformer.h.{i}.attn.c_attn`` / ``.attn.c_proj`` (``attention``; with ``qkv:
+        separate`` ``.attn.c_q`` / ``.attn.c_k`` / ``.attn.c_v`` / ``.attn.c_proj``),
         ``transformer.h.{i}.mlp.c_fc`` / ``.mlp.c_proj`` (``mlp``), ``lm_head`` (``head``), in
         layer order; see :meth:`LanguageModel.target_modules`."""
         self._check_kind(kind)
@@ -271,7 +311,8 @@ class GPT(LanguageModel):
             for i, block in enumerate(self.transformer.h):
                 prefix = f"transformer.h.{i}."
                 if kind != "mlp":
-                    out[prefix + "attn.c_attn"] = block.attn.c_attn
+                    for name in (("c_q", "c_k", "c_v") if block.attn.separate_qkv else ("c_attn",)):
+                        out[prefix + "attn." + name] = getattr(block.attn, name)
                     out[prefix + "attn.c_proj"] = block.attn.c_proj
                 if kind != "attention":
                     out[prefix + "mlp.c_fc"] = block.mlp.c_fc
@@ -373,6 +414,8 @@ class GPT(LanguageModel):
         if "wpe" in self.transformer:
             pos = torch.arange(T, device=idx.device) if position_ids is None else position_ids
             x = x + self.transformer.wpe(pos)
+        if "ln_emb" in self.transformer:
+            x = self.transformer.ln_emb(x)
         x = self.transformer.drop(x)
         rope = None
         if self.rotary is not None:
