@@ -296,6 +296,18 @@ def test_load_adapter_refits_a_model_already_swapped_at_another_r():
     assert sl._adapt_svd_layers in LOAD_ADAPTERS
 
 
+def test_plain_load_state_dict_sets_mode_r_and_trainability():
+    a, b = AdaptiveSVDLinear(_linear(seed=1)), AdaptiveSVDLinear(_linear(seed=2))
+    a.switch_to_lowrank(5)
+    b.switch_to_lowrank(5)
+    b.switch_to_full()
+    a.load_state_dict(b.state_dict())
+    assert (a.mode, a.r) == ("full", 5)
+    assert a.weight.requires_grad and not a.lora_B.requires_grad and not a.lora_A.requires_grad
+    x = torch.randn(3, 48)
+    assert torch.equal(a(x), b(x))
+
+
 def test_fold_gives_a_plain_model_with_the_same_logits():
     model = _svd_model()
     idx = _tokens(3)

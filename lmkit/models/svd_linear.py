@@ -192,7 +192,15 @@ class AdaptiveSVDLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.svd_mode.device.type != "meta":
             code, r = int(self.svd_mode), int(self.svd_r)
+            if code != self._mode_code and code in (0, 1):
+                self._set_trainable(code)
             self._mode_code, self._r = code, (None if r < 0 else r)
+
+    def _set_trainable(self, code: int) -> None:
+        self.weight.requires_grad_(code == 0)
+        for p in (self.lora_B, self.lora_A):
+            if p is not None:
+                p.requires_grad_(code == 1)
 
     def extra_repr(self) -> str:
         r = f", r={self._r}" if self._r is not None else ""
@@ -382,10 +390,7 @@ class AdaptiveSVDLinear(nn.Module):
         r = int(state[prefix + "svd_r"]) if prefix + "svd_r" in state else -1
         if code not in (0, 1):
             raise ValueError(f"{prefix}svd_mode is {code}, not 0 (full) or 1 (lowrank)")
-        self.weight.requires_grad_(code == 0)
-        for p in (self.lora_B, self.lora_A):
-            if p is not None:
-                p.requires_grad_(code == 1)
+        self._set_trainable(code)
         self._set_state(code, None if r < 0 else r)
 
 
