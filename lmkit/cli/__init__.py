@@ -128,6 +128,21 @@ app.command(
 )(doctor_command)
 
 
+from lmkit.cli.svd_analyze import svd_analyze_command  # noqa: E402 - light module: torch loads in its body
+
+app.command(
+    "svd-analyze",
+    help=svd_analyze_command.__doc__,
+    epilog=(
+        "Examples:\n\n"
+        "  lmkit svd-analyze runs/d4-svd                         # every checkpoint, every matrix\n\n"
+        "  lmkit svd-analyze d4-svd --layers 'transformer.h.0.attn.*' --checkpoint latest\n\n"
+        "  lmkit svd-analyze runs/pilot --k 5 --out fig/pilot-svd\n\n"
+        "  lmkit svd-analyze runs/pilot --json > svd.json"
+    ),
+)(svd_analyze_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
