@@ -62,7 +62,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def load_run(run: str | Path, checkpoint: str = "best", *, device: str | torch.device = "cpu",
-             out_dir: str | Path = "runs") -> LoadedRun:
+             out_dir: str | Path = "runs", fold: bool = True) -> LoadedRun:
     """Rebuild a run's model from one of its checkpoints.
 
     Args:
@@ -70,6 +70,10 @@ def load_run(run: str | Path, checkpoint: str = "best", *, device: str | torch.d
         checkpoint: ``best``, ``latest``, ``step_…``/``epoch_…`` or a path to a ``.pt``
             file. ``best`` falls back to ``latest`` when the run never evaluated.
         device: where to put the model (it is returned in eval mode, fp32).
+        fold: replace adaptive-SVD layers by plain linears holding their effective weight
+            ``W_p + B·A`` (:func:`lmkit.models.svd_linear.fold_svd_layers`; the same logits),
+            so that eval, generation, export and compare see an ordinary model. ``False``
+            keeps them (``svd-analyze`` reads their mode and r).
 
     Raises:
         ConfigError: no such run (exit 2; the message lists the runs that exist).
@@ -96,6 +100,10 @@ def load_run(run: str | Path, checkpoint: str = "best", *, device: str | torch.d
         model.load_state_dict_flexible(state["model"])  # the family's load adapters (changed layer shapes)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    if fold:
+        from lmkit.models.svd_linear import fold_svd_layers
+
+        fold_svd_layers(model)
     model.to(device).eval()
     tokenizer = load_tokenizer(run_dir.tokenizer_dir)
     last_val = state.get("last_val") or {}

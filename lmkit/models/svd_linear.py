@@ -93,7 +93,9 @@ def svd(w: torch.Tensor, device: str = "auto") -> SVDTriple:
         U, S, Vh = torch.linalg.svd(x, full_matrices=False)
     except torch.linalg.LinAlgError as exc:
         raise TrainingError(f"SVD of a {tuple(w.shape)} matrix failed: {str(exc).splitlines()[0]}") from None
-    return U.to(w.device), S.to(w.device), Vh.to(w.device)
+    # contiguous: LAPACK returns column-major U; a layout that a checkpoint round trip would change
+    # makes later matmuls differ in the last bit (resume must be bitwise)
+    return U.to(w.device).contiguous(), S.to(w.device).contiguous(), Vh.to(w.device).contiguous()
 
 
 def svdvals(w: torch.Tensor, device: str = "auto") -> torch.Tensor:
@@ -292,8 +294,8 @@ class AdaptiveSVDLinear(nn.Module):
         k = self.rank_limit - r
         dtype, device = self.weight.dtype, self.weight.device
         root = S[k:].clamp_min(0).sqrt()
-        B = (U[:, k:] * root).to(device=device, dtype=dtype)
-        A = (root[:, None] * Vh[k:]).to(device=device, dtype=dtype)
+        B = (U[:, k:] * root).to(device=device, dtype=dtype).contiguous()
+        A = (root[:, None] * Vh[k:]).to(device=device, dtype=dtype).contiguous()
         with torch.no_grad():
             # W_p = U_k diag(S_k) Vh_k up to the SVD's float32 rounding; taken as W - B A so that
             # W_p + B A reproduces W to one rounding instead of to the SVD's accuracy.

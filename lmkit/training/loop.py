@@ -30,6 +30,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -444,7 +445,12 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.model.zero_grad(set_to_none=True)  # the model's: a hook may have frozen a parameter this step
-        self.scheduler.step()
+        if out.applied is False:  # a skipped update still advances the schedule (torch warns when the
+            with warnings.catch_warnings():  # optimizer has not stepped yet, e.g. one rebuilt this step)
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         self.step += 1
         self.tokens += total
         return out

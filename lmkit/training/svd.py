@@ -91,6 +91,10 @@ class AdaptiveSVDHook(TrainingHook):
             module = trainer.model.get_submodule(name)
             if not isinstance(module, torch.nn.Linear) and not hasattr(module, "effective_weight"):
                 raise ConfigError(f"svd.targets: {name} is a {type(module).__name__}, not a linear layer")
+            if module is trainer.model.output_head() and trainer.model.tied_embeddings:
+                raise ConfigError(f"svd.targets: {name} shares its weight with the token embedding (tied); "
+                                  "freezing it would freeze the embedding: leave it out, or set "
+                                  "model.tie_embeddings=false")
         self.switches: dict[str, int] = {n: 0 for n in self.targets}
         self.last_switch: dict[str, list[Any]] = {}
         self.analyses = 0
@@ -170,7 +174,7 @@ class AdaptiveSVDHook(TrainingHook):
                 layer.switch_to_full()
                 action = "to_full"
             elif layer.mode == "lowrank" and a.r_next is not None and a.r_next != layer.r \
-                    and a.reason not in ("no_gradient_yet", "invalid_gradient"):
+                    and a.reason not in ("no_gradient_yet", "invalid_gradient", "invalid_weight"):
                 layer.refactor(a.r_next)
                 action = "refactor"
             if action in ("to_lowrank", "to_full"):
@@ -178,7 +182,7 @@ class AdaptiveSVDHook(TrainingHook):
                 self.switches[name] += 1
                 self.last_switch[name] = [step.step, a.reason]
             refactored = refactored or action == "refactor"
-            if a.reason not in ("no_gradient_yet", "invalid_gradient"):
+            if a.reason not in ("no_gradient_yet", "invalid_gradient", "invalid_weight"):
                 layer.update_snapshot(svd=self.cfg.svd_device)
             layer.capture_grad = False
             event = SVDAnalysis(step=step.step, layer=name, mode=mode_before, r=r_before, r_next=a.r_next,
