@@ -172,7 +172,13 @@ def _shim_powerlaw_2(monkeypatch):
             kwargs.setdefault("parameter_ranges", {"alpha": [1, None]})
             super().__init__(data, *args, **kwargs)
 
-    monkeypatch.setattr(WW_powerlaw.powerlaw, "Fit", Fit1x)
+    class OnlyForWeightwatcher:  # lmkit's own `powerlaw.Fit` calls stay unpatched
+        Fit = Fit1x
+
+        def __getattr__(self, name):
+            return getattr(powerlaw, name)
+
+    monkeypatch.setattr(WW_powerlaw, "powerlaw", OnlyForWeightwatcher())
 
 
 def test_alpha_and_stable_rank_match_weightwatcher(monkeypatch):
@@ -182,11 +188,12 @@ def test_alpha_and_stable_rank_match_weightwatcher(monkeypatch):
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     _shim_powerlaw_2(monkeypatch)
     torch.manual_seed(0)
-    shapes = [(128, 64), (96, 128), (40, 40)]  # tall, wide, square (the quarter-circle MP branch)
+    shapes = [(128, 64), (96, 128), (40, 40), (100, 50)]  # tall, wide, square (the quarter-circle MP branch)
     model = torch.nn.Sequential(*[torch.nn.Linear(n_in, n_out, bias=False) for n_out, n_in in shapes])
     with torch.no_grad():
-        for i, layer in enumerate(model):  # heavy-tailed entries, as trained layers have
+        for i, layer in enumerate(model[:3]):  # heavy-tailed entries, as trained layers have
             layer.weight.copy_(torch.distributions.StudentT(2.0 + i).sample(layer.weight.shape) * 0.05)
+        model[3].weight.normal_(0, 0.05)  # Gaussian: a light tail, alpha well above 3
     watcher = ww.WeightWatcher(model=model)
     details = {pkg: watcher.analyze(pl_package=pkg, mp_fit=pkg == "powerlaw") for pkg in ("powerlaw", "ww")}
     for i, layer in enumerate(model):
@@ -199,6 +206,8 @@ def test_alpha_and_stable_rank_match_weightwatcher(monkeypatch):
         assert mine["alpha_weighted"] == pytest.approx(theirs["alpha_weighted"], rel=1e-4, abs=1e-5)
         assert mine["log_spectral_norm"] == pytest.approx(theirs["log_spectral_norm"], abs=1e-6)
         assert mine["mp_softrank"] == pytest.approx(theirs["mp_softrank"], rel=1e-3)
+        if i == 3:
+            assert mine["alpha"] > 3.5  # what powerlaw 2.0's default alpha range [0, 3] would hide
         # weightwatcher's own fitter (no powerlaw package) finds the same exponent
         assert mine["alpha"] == pytest.approx(details["ww"].iloc[i]["alpha"], rel=1e-3)
 
