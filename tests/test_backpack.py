@@ -112,17 +112,23 @@ def naive_alpha_and_o(model, idx):
     return alpha, o
 
 
-def test_alpha_is_causal_non_negative_sums_to_one_and_matches_the_formula():
-    torch.manual_seed(0)
+@pytest.fixture(scope="module")
+def reference():
+    """A tiny Backpack with spread weights, its input, and the naive loops' α and o (computed once)."""
     model = spread(build_model(bp_cfg()))
     idx = ids()
+    alpha, o = naive_alpha_and_o(model, idx)
+    return model, idx, alpha, o
+
+
+def test_alpha_is_causal_non_negative_sums_to_one_and_matches_the_formula(reference):
+    model, idx, naive, _ = reference
     alpha = model.contextualization(idx)
     assert alpha.shape == (2, 4, 12, 12) and alpha.dtype == torch.float32
     future = torch.ones(12, 12, dtype=torch.bool).triu(1)
     assert torch.all(alpha[..., future] == 0)  # exactly causal
     assert torch.all(alpha >= 0)
     torch.testing.assert_close(alpha.sum(-1), torch.ones(2, 4, 12))  # per sense and position
-    naive, _ = naive_alpha_and_o(model, idx)
     torch.testing.assert_close(alpha.double(), naive, atol=1e-5, rtol=1e-4)
     assert alpha[:, 0].std() > 0.05 and not torch.allclose(alpha[:, 0], alpha[:, 1])  # not uniform, per sense
     # α depends on the tokens (the legacy variant's weights do not)
@@ -131,12 +137,9 @@ def test_alpha_is_causal_non_negative_sums_to_one_and_matches_the_formula():
     assert not torch.allclose(model.contextualization(other)[:, :, 5], alpha[:, :, 5])
 
 
-def test_output_is_the_alpha_weighted_sum_of_sense_vectors_and_logits_are_E_o():
-    torch.manual_seed(0)
-    model = spread(build_model(bp_cfg()))
-    idx = ids()
+def test_output_is_the_alpha_weighted_sum_of_sense_vectors_and_logits_are_E_o(reference):
+    model, idx, _, naive_o = reference
     o, _ = model(idx, return_hidden=True)
-    _, naive_o = naive_alpha_and_o(model, idx)
     torch.testing.assert_close(o.double(), naive_o, atol=1e-4, rtol=1e-4)
     # sense vectors: the model's and the hand-written reference layout's
     torch.testing.assert_close(model.sense_vectors(idx[0]), naive_senses(model, idx[0]), atol=1e-5, rtol=1e-5)
@@ -148,11 +151,8 @@ def test_output_is_the_alpha_weighted_sum_of_sense_vectors_and_logits_are_E_o():
     torch.testing.assert_close(model.sense_logits(idx[0]), naive_senses(model, idx[0]) @ E.T, atol=1e-4, rtol=1e-4)
 
 
-def test_zeroing_all_senses_but_one_gives_that_senses_contribution():
-    torch.manual_seed(0)
-    model = spread(build_model(bp_cfg()))
-    idx = ids()
-    alpha, _ = naive_alpha_and_o(model, idx)
+def test_zeroing_all_senses_but_one_gives_that_senses_contribution(reference):
+    model, idx, alpha, _ = reference
     E = model.input_embedding().weight.double()
     total = 0
     for ell in range(4):
@@ -184,9 +184,8 @@ def test_zeroing_all_senses_but_one_gives_that_senses_contribution():
             pass
 
 
-def test_capture_gives_alpha_senses_and_the_contextualisers_heads():
-    model = spread(build_model(bp_cfg()))
-    idx = ids()
+def test_capture_gives_alpha_senses_and_the_contextualisers_heads(reference):
+    model, idx, _, _ = reference
     with model.capture(heads=True, attn_probs=True, alpha=True) as cap:
         o, _ = model(idx, return_hidden=True)
     assert len(cap.heads) == 2 and cap.heads[0].shape == (2, 2, 12, 8)
@@ -195,9 +194,8 @@ def test_capture_gives_alpha_senses_and_the_contextualisers_heads():
     assert cap.senses.shape == (2, 4, 12, 16)
 
 
-def test_later_tokens_do_not_change_earlier_outputs():
-    model = spread(build_model(bp_cfg()))
-    idx = ids()
+def test_later_tokens_do_not_change_earlier_outputs(reference):
+    model, idx, _, _ = reference
     other = idx.clone()
     other[:, 7:] = (other[:, 7:] + 3) % V
     a, _ = model(idx)
@@ -206,13 +204,11 @@ def test_later_tokens_do_not_change_earlier_outputs():
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
-@pytest.mark.parametrize("family", ["backpack", "backpack-legacy"])
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize(("family", "pos"), [("backpack", "learned"), ("backpack", "rope"),
+                                           ("backpack-legacy", "learned")])  # legacy: learned positions only
 def test_cached_generation_equals_full_recompute(family, pos):
     from lmkit.evaluation.generate import generate_ex
 
-    if family == "backpack-legacy" and pos == "rope":
-        pytest.skip("the legacy model has learned positions only")
     cfg = (bp_cfg if family == "backpack" else legacy_cfg)(pos_encoding=pos, block_size=16)
     model = spread(build_model(cfg), std=0.2)
     # step by step with the cache against one full forward
@@ -265,10 +261,12 @@ def test_grad_checkpointing_and_bf16_autocast(make):
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5)
     model.set_grad_checkpointing(False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = model(idx, idx)
-    loss.backward()
-    assert abs(loss.item() - loss0.item()) < 0.05 and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    for dtype in (torch.bfloat16, torch.float16):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            _, loss = model(idx, idx)
+        loss.backward()
+        assert abs(loss.item() - loss0.item()) < 0.05 and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("make", [bp_cfg, legacy_cfg])
@@ -363,6 +361,24 @@ def test_legacy_output_matches_the_original_forward_on_fixed_weights():
     assert w.shape == (12, 4) and torch.allclose(w.sum(-1), torch.ones(12))
 
 
+def test_legacy_with_one_sense_is_the_transformer_baseline():
+    # the original compares k = 16 with k = 1: one sense weight is softmax over one logit = 1, so the
+    # model is the untied GPT whose token table is the sense table (plus an unused predictor)
+    from lmkit.config import GPTConfig
+
+    legacy = spread(build_model(legacy_cfg(n_senses=1)), std=0.2, seed=5)
+    gpt = build_model(GPTConfig(n_layer=2, n_head=2, n_embd=16, d_ff=64, block_size=12, vocab_size=V, dropout=0.0,
+                                bias=False, tie_embeddings=False)).eval()
+    state = {k.replace("blocks.", "transformer.h."): v for k, v in legacy.state_dict().items()
+             if not k.startswith("sense_predictor")}
+    state["transformer.wte.weight"] = state.pop("sense_embeddings.weight")
+    state["transformer.wpe.weight"] = state.pop("pos_embeddings.weight")
+    state["transformer.ln_f.weight"] = state.pop("ln_f.weight")
+    gpt.load_state_dict(state)
+    idx = ids()
+    torch.testing.assert_close(legacy(idx)[0], gpt(idx)[0])
+
+
 def test_legacy_parameter_formula():
     cfg = legacy_cfg(vocab_size=100, n_embd=24, n_senses=3, n_head=2, block_size=10, d_ff=96)
     d, k, L = 24, 3, 2
@@ -406,3 +422,40 @@ def test_a_short_training_run_works_and_resumes_exactly(tmp_path):
     a, b = straight.model.state_dict(), second.model.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_compiled_training_step_equals_eager():
+    torch.manual_seed(0)
+    model = build_model(bp_cfg(n_layer=1)).train()
+    idx = ids()
+    _, eager = model(idx, idx)
+    _, compiled = torch.compile(model)(idx, idx)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_fp16_training_step_and_cached_generation_on_cuda():
+    torch.manual_seed(0)
+    for make in (bp_cfg, legacy_cfg):
+        model = build_model(make(dropout=0.1), device="cuda").train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda")
+        idx = ids().cuda()
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.float16):
+                _, loss = model(idx, idx)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        assert math.isfinite(loss.item())
+        model.eval()
+        with torch.autocast("cuda", dtype=torch.float16):
+            full, _ = model(idx[:, :10])
+            cache = model.new_kv_cache(2, 10)
+            steps = [model(idx[:, :5], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0]
+                                                               for t in range(5, 10)]
+        torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=2e-2, rtol=2e-2)
