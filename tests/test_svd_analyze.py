@@ -156,6 +156,45 @@ def test_identical_checkpoints_have_angle_zero(run, tmp_path):
         assert again["relative_change"] == 0.0 and again["delta_in_topk"] is None  # ΔW = 0
 
 
+def test_adaptive_svd_layers_use_the_effective_weight_and_k_g_minus_r(run, tmp_path):
+    from lmkit.models.svd_linear import AdaptiveSVDLinear
+    from lmkit.runs import load_run
+    from lmkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+    copy = tmp_path / "t3lowrank"
+    shutil.copytree(run, copy)
+    name = "transformer.h.0.mlp.c_fc"  # 64 x 32: g = 32
+    effective = {}
+    for step, r in ((4, 20), (6, 24)):  # low-rank checkpoints, as an adaptive-SVD run writes them
+        path = copy / "checkpoints" / f"step_{step:07d}.pt"
+        model = load_run(copy, str(path), fold=False).model
+        layer = AdaptiveSVDLinear(model.get_submodule(name))
+        model.swap_module(name, layer)
+        layer.switch_to_lowrank(r, svd="cpu")
+        with torch.no_grad():
+            layer.lora_B.mul_(3.0)  # now W_p + B A differs from the stored (unused) W
+        state = load_checkpoint(path)
+        state["model"] = model.state_dict()
+        save_checkpoint(state, path)
+        sd = state["model"]
+        effective[step] = (sd[f"{name}.weight_principal"] + sd[f"{name}.lora_B"] @ sd[f"{name}.lora_A"]).double().numpy()
+    rep = analyze_run(copy, layers=[name], heavy_tail=False)
+    layer_report = rep.layers[name]
+    assert layer_report["kind"] == "adaptive_svd"
+    plain, low4, low6 = layer_report["checkpoints"]
+    assert (plain["mode"], plain["r"], plain["k"]) == (None, None, 10)  # step 2 is a plain linear
+    assert (low4["mode"], low4["r"], low4["k"]) == ("lowrank", 20, 12)
+    assert (low6["mode"], low6["r"], low6["k"]) == ("lowrank", 24, 8)
+    for rec, step in ((low4, 4), (low6, 6)):
+        np.testing.assert_allclose(rec["singular_values"], np.linalg.svd(effective[step], compute_uv=False),
+                                   rtol=1e-5, atol=1e-6)
+    from scipy.linalg import subspace_angles
+
+    u4 = np.linalg.svd(effective[4], full_matrices=False)[0][:, :8]
+    u6 = np.linalg.svd(effective[6], full_matrices=False)[0][:, :8]
+    assert low6["subspace_angle"] == pytest.approx(subspace_angles(u4, u6).max(), abs=2e-4)
+
+
 def _shim_powerlaw_2(monkeypatch):
     """weightwatcher passes ``distribution=`` to ``powerlaw.Fit``: powerlaw 1.x swallowed it, 2.0
     raises (so weightwatcher's pl_package='powerlaw' path always fails there), and 2.0 caps alpha at 3.

@@ -16,7 +16,8 @@ The library never prints: progress is :class:`SVDAnalyzeProgress` events through
 * ``run`` (folder), ``name``, ``k`` (the ``--k`` default), ``layer_patterns`` (``--layers``),
   ``heavy_tail`` (whether the power-law fits ran);
 * ``checkpoints``: ``[{step, file, tokens, val_loss}]`` in step order;
-* ``layers``: ``{name: {shape [m, n], kind ("linear", "embedding", "adaptive_svd"), aliases
+* ``layers``: ``{name: {shape [m, n], kind ("linear", "embedding", or "adaptive_svd" when it is
+  one at any analysed checkpoint), aliases
   (other names of the same tensor, e.g. a tied head), checkpoints: [record]}}`` with one record per
   checkpoint where the layer exists: ``step``, ``mode`` / ``r`` (adaptive-SVD layers, else
   null), ``k``, ``singular_values`` (descending, 7 significant digits), every key of
@@ -252,7 +253,7 @@ def analyze_run(run: str | Path, *, checkpoints: Iterable[str] = ("all",), layer
     total = done = 0
     thresholds = None
     for index, (_, path) in enumerate(selected):
-        loaded = load_run(run_dir.path, str(path))
+        loaded = load_run(run_dir.path, str(path), fold=False)  # adaptive-SVD layers stay (mode, r)
         available = weight_matrices(loaded.model)
         if names is None:
             names = match_layers(available, patterns)
@@ -274,6 +275,8 @@ def analyze_run(run: str | Path, *, checkpoints: Iterable[str] = ("all",), layer
             g = min(shape)
             entry = report.layers.setdefault(name, {"shape": list(shape), "kind": info["kind"],
                                                     "aliases": info["aliases"], "checkpoints": []})
+            if info["kind"] == "adaptive_svd":  # became one after the first checkpoint
+                entry["kind"] = "adaptive_svd"
             s = singular_values(w)
             top_k = max(1, min(g, g - r if r is not None else k))
             record: dict[str, Any] = {"step": loaded.step, "mode": mode, "r": r, "k": top_k,

@@ -134,7 +134,7 @@ def _changes(path: Path, report: SVDReport) -> Path:
         handles, labels = axes[0][1].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize=6, ncol=1 + len(labels) // 30)
-        fig.tight_layout(rect=(0, 0, 0.8, 1))
+        fig.tight_layout(rect=(0, 0, 0.86, 1))
     else:
         fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -149,10 +149,13 @@ def _timeline(ax, log: dict[str, Any], name: str) -> None:
     ax.step(steps, r_after, where="post", color="tab:blue", label="r (after the analysis)")
     ax.set_ylabel("r (minor components)", fontsize=8)
     ax.set_xlabel("step", fontsize=8)
+    pad = max(1.0, (steps[-1] - steps[0]) * 0.02) if steps else 1.0
+    if steps:
+        ax.set_xlim(steps[0] - pad, steps[-1] + pad)
     # shade the stretches spent in low-rank mode: from a record whose mode_after is lowrank to the next record
     for i, (step, mode) in enumerate(zip(steps, entry["mode_after"], strict=True)):
         if mode == "lowrank":
-            end = steps[i + 1] if i + 1 < len(steps) else step + max(1, (steps[-1] - steps[0]) // max(1, len(steps)))
+            end = steps[i + 1] if i + 1 < len(steps) else step + pad
             ax.axvspan(step, end, color="tab:orange", alpha=0.18, linewidth=0)
     for switch in (s for s in log.get("switches", []) if s["layer"] == name):
         down = switch["to_mode"] == "lowrank"
