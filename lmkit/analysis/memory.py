@@ -43,6 +43,14 @@ no ``torch.compile``):
   table (below) leaves it out. The spec's "3.3 GB at B=32, T=512" is one fp32 ``B·T·V`` copy,
   the one the training loop used to keep alive (``_, loss = model(x, y)`` held the logits
   until the step ended).
+* **nanochat's options** (:class:`~lmkit.config.GPTConfig`): RMSNorm keeps its input and
+  rstd (and, with a gain, the normalised input); QK-norm its fp32 inputs and rstd, and SDPA the
+  normalised q, k; separate ``c_q``/``c_k``/``c_v`` keep only ``v`` when rotary or QK-norm
+  consume q and k (under AMP each casts its input); ReLU² keeps what GELU keeps; a logit
+  soft-cap keeps tanh's fp32 output (``4·B·T·V``) next to the log-probs. Each measured with
+  ``saved_tensors_hooks`` (:func:`lmkit.analysis.memory_measure.measure_saved`).
+* **optimizer** ``muon``: Muon's momentum buffer (4 B) for the blocks' matrices, AdamW's 8 B for
+  the rest.
 * **framework overhead**: the CUDA context (driver, kernels; not seen by PyTorch's allocator) and
   the caching allocator's slack (reserved but not allocated: block rounding, fragmentation) as a
   fraction of the peak allocated bytes (:class:`FrameworkOverhead`).
@@ -539,7 +547,8 @@ def estimate_memory(
         MemoryRow("embeddings + final norm", E, at_peak["embeddings + final norm"],
                   "ids, targets, ln_f input, lm_head input"),
         MemoryRow("logits + loss", log_probs + 8 * tok * V, at_peak["logits + loss"],
-                  "fp32 log-probs 4·B·T·V + their grads 8·B·T·V (the logits are not kept)"),
+                  "fp32 log-probs 4·B·T·V" + (" + soft-cap tanh output 4·B·T·V" if softcap else "")
+                  + " + their grads 8·B·T·V (the logits are not kept)"),
         MemoryRow("backward temporaries", max(e[1]["temporaries"] for e in events), at_peak["temporaries"],
                   "largest gradient buffers alive inside one op" + ("" if fused else "; foreach AdamW 4 B × params")),
     ]
