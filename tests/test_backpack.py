@@ -459,3 +459,35 @@ def test_fp16_training_step_and_cached_generation_on_cuda():
             steps = [model(idx[:, :5], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0]
                                                                for t in range(5, 10)]
         torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=2e-2, rtol=2e-2)
+
+
+# --------------------------------------------------------------------------------------
+# Memory: what a Backpack saves for backward beyond the GPT of the same shapes
+# --------------------------------------------------------------------------------------
+
+
+def backpack_extra_saved_bytes(B, T, d, k, r, precision):
+    """On the CPU with dropout > 0 (a CPU dropout mask has its input's dtype): the sense network's
+    activations, the senses (B·T·k·d) for α·C, q and k, α (B·k·T·T, fp32, plus its 16-bit cast
+    under autocast), the causal mask, o, and under autocast the 16-bit copies of the sense and
+    weight networks' weights. Written term by term, not from the code."""
+    a = 4 if precision == "fp32" else 2
+    N, stats = B * T, 2 * B * T * 4
+    sense = (3 * (N * d * 4 + stats) + 2 * N * d * 4  # ln, ln_1, ln_2 inputs (fp32) + 2 fp32 dropout masks
+             + 2 * (N * d * a + 2 * N * r * d * a)  # two MLPs: c_fc input, GELU input, c_proj input
+             + N * d * a + N * k * d * a)  # dropout masks of the two MLP outputs
+    mix = N * k * d * a + 2 * N * d * a + B * k * T * T * 4 + (B * k * T * T * a if a == 2 else 0) + T * T + N * d * a
+    casts = (3 * r + r * k + 2) * d * d * a if a == 2 else 0
+    return sense + mix + casts
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_saved_tensors_beyond_the_gpt_follow_the_formula(precision):
+    from lmkit.analysis.memory_measure import measure_saved
+    from lmkit.config import GPTConfig
+
+    B, T, d, k, r = 2, 32, 64, 4, 2
+    base = dict(n_layer=1, n_head=4, n_embd=d, block_size=T, vocab_size=300, dropout=0.1, bias=False)
+    gpt = measure_saved(GPTConfig(**base), B, precision=precision)["saved_for_backward"]
+    bp = measure_saved(BackpackConfig(**base, n_senses=k, sense_mlp_ratio=r), B, precision=precision)
+    assert bp["saved_for_backward"] - gpt == backpack_extra_saved_bytes(B, T, d, k, r, precision)
