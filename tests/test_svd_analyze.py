@@ -195,6 +195,22 @@ def test_adaptive_svd_layers_use_the_effective_weight_and_k_g_minus_r(run, tmp_p
     assert low6["subspace_angle"] == pytest.approx(subspace_angles(u4, u6).max(), abs=2e-4)
 
 
+def test_a_non_finite_weight_is_reported_not_fatal(run, tmp_path):
+    from lmkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(run / "checkpoints" / "step_0000004.pt")
+    state["model"]["transformer.h.0.attn.c_proj.weight"][0, 0] = float("nan")
+    bad = tmp_path / "diverged.pt"
+    save_checkpoint(state, bad)
+    rep = analyze_run(run, checkpoints=["step_0000002", str(bad), "step_0000006"], layers=["*h.0.attn.c_*"],
+                      heavy_tail=False)
+    c_proj = rep.layers["transformer.h.0.attn.c_proj"]["checkpoints"]
+    assert c_proj[1]["error"] == "non-finite values in the weight"
+    assert c_proj[2]["subspace_angle"] is None and c_proj[2]["effective_rank"] > 1  # no comparison across it
+    assert rep.layers["transformer.h.0.attn.c_attn"]["checkpoints"][2]["subspace_angle"] is not None
+    json.dumps(rep.to_dict(), allow_nan=False)
+
+
 def _shim_powerlaw_2(monkeypatch):
     """weightwatcher passes ``distribution=`` to ``powerlaw.Fit``: powerlaw 1.x swallowed it, 2.0
     raises (so weightwatcher's pl_package='powerlaw' path always fails there), and 2.0 caps alpha at 3.

@@ -107,7 +107,8 @@ def fit_powerlaw(evals: np.ndarray) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             fit = powerlaw.Fit(data, xmin=None, xmax=None, verbose=False, xmin_distribution="power_law",
                                parameter_ranges={"alpha": [1, None]})
-            alpha, xmin, dist, sigma = fit.alpha, fit.xmin, fit.D, fit.sigma
+            alpha, xmin, dist = fit.alpha, fit.xmin, fit.D
+            sigma = getattr(fit, "sigma", None)  # powerlaw 2.0 deprecates it (standard_err) for 2.1
     except Exception as exc:  # noqa: BLE001 - a fit that fails is a finding, not a crash
         out["status"] = f"failed: {type(exc).__name__}: {exc}"[:200]
         return out

@@ -26,7 +26,8 @@ The library never prints: progress is :class:`SVDAnalyzeProgress` events through
   ``log_spectral_norm``, ``log_norm``, ``log_alpha_norm``, ``mp_softrank``, ``powerlaw``), and vs
   the previous checkpoint: ``subspace_angle`` (radians), ``delta_in_topk`` (``‖P_prev ΔW‖_F /
   ‖ΔW‖_F``), ``relative_change`` (``‖ΔW‖_F / ‖W_prev‖_F``) -- null at the first checkpoint,
-  when the shape changed or when ``ΔW = 0`` (``delta_in_topk``);
+  when the shape changed or when ``ΔW = 0`` (``delta_in_topk``); a weight with NaN/inf values gets
+  only ``step``, ``mode``, ``r``, ``k`` (null) and ``error``;
 * ``svd_log``: null without ``svd.jsonl``, else :func:`read_svd_log`'s dict (``path``,
   ``records``, ``skipped_lines``, ``layers`` {name: {step, mode, r, r_next, mode_after, r_after,
   reason, action, metrics {name: [...]}}} as parallel lists, ``switches``, ``refactors``,
@@ -277,6 +278,12 @@ def analyze_run(run: str | Path, *, checkpoints: Iterable[str] = ("all",), layer
                                                     "aliases": info["aliases"], "checkpoints": []})
             if info["kind"] == "adaptive_svd":  # became one after the first checkpoint
                 entry["kind"] = "adaptive_svd"
+            if not bool(torch.isfinite(w).all()):  # a diverged checkpoint: say so, analyse the rest
+                previous.pop(name, None)
+                entry["checkpoints"].append({"step": loaded.step, "mode": mode, "r": r, "k": None,
+                                             "error": "non-finite values in the weight"})
+                emit(SVDAnalyzeProgress(completed=done, total=total, step=loaded.step, layer=name))
+                continue
             s = singular_values(w)
             top_k = max(1, min(g, g - r if r is not None else k))
             record: dict[str, Any] = {"step": loaded.step, "mode": mode, "r": r, "k": top_k,

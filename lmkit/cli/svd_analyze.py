@@ -97,9 +97,12 @@ def build_table(report: SVDReport, checkpoint: dict[str, Any]) -> Table:
         if row["kind"] == "adaptive_svd":
             mode = str(row["mode"]) + (f" r={row['r']}" if row["r"] is not None else "")
         name = row["layer"] + "".join(f" (= {alias})" for alias in report.layers[row["layer"]]["aliases"])
-        table.add_row(name, f"{row['shape'][0]}×{row['shape'][1]}", mode, _num(row["effective_rank"], 1),
-                      _num(row["stable_rank"], 2), _num(row["spectral_norm"], 4, g=True), _num(row.get("alpha"), 2),
-                      str(row["k"]), _num(row["subspace_angle"], 4), _num(row["delta_in_topk"], 3))
+        if row.get("error"):
+            mode = f"{mode} ({row['error']})"
+        table.add_row(name, f"{row['shape'][0]}×{row['shape'][1]}", mode, _num(row.get("effective_rank"), 1),
+                      _num(row.get("stable_rank"), 2), _num(row.get("spectral_norm"), 4, g=True),
+                      _num(row.get("alpha"), 2), MISSING if row.get("k") is None else str(row["k"]),
+                      _num(row.get("subspace_angle"), 4), _num(row.get("delta_in_topk"), 3))
     return table
 
 
