@@ -280,6 +280,32 @@ def test_interface_target_modules_and_param_counts(make):
     assert model.num_params(exclude_embeddings=True) == model.num_params() - emb
 
 
+NANOCHAT = dict(norm="rmsnorm", norm_affine=False, qk_norm=True, activation="relu2", qkv="separate",
+                embed_norm=True, init="nanochat", pos_encoding="rope", bias=False)
+
+
+def test_the_gpt_options_apply_to_the_contextualiser_and_sense_network():
+    from lmkit.evaluation.generate import generate_ex
+
+    cfg = bp_cfg(**NANOCHAT)
+    model = build_model(cfg)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    assert "transformer.h.0.attn.c_q" in model.target_modules("attention")
+    # 8 norms (2 per block, ln_f, 3 in the sense network) lose their gains; c_q/c_k/c_v hold c_attn's count
+    assert model.num_params() == build_model(bp_cfg(bias=False, pos_encoding="rope")).num_params() - 8 * 16
+    model.train()
+    _, loss = model(ids(), ids())
+    loss.backward()
+    assert math.isfinite(loss.item())
+    meta = build_model(cfg.model_copy(update={"vocab_size": 500, "n_embd": 32}), device="meta")
+    assert meta.flops_per_token() == pytest.approx(counted_flops(cfg.model_copy(update={"vocab_size": 500,
+                                                                                          "n_embd": 32}), 12), rel=0.01)
+    spread(model, std=0.2)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    assert generate_ex(model, prompts, max_new_tokens=5).tokens == \
+        generate_ex(model, prompts, max_new_tokens=5, use_cache=False).tokens
+
+
 def test_config_errors_are_one_line():
     for override, words in (("model.tie_embeddings=false", "tie_embeddings must be true"),
                             ("model.n_senses=5", "multiple of n_senses")):
@@ -288,6 +314,10 @@ def test_config_errors_are_one_line():
         assert words in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match="pos_encoding must be learned"):
         build_run_config("backpack-europarl-legacy", ["model.pos_encoding=rope"])
+    with pytest.raises(ConfigError, match="logit_softcap is not supported"):
+        build_run_config("backpack-tiny", ["model.logit_softcap=15"])
+    with pytest.raises(ConfigError, match="embed_norm, init is not supported"):
+        build_run_config("backpack-europarl-legacy", ["model.embed_norm=true", "model.init=nanochat"])
 
 
 # --------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ class BackpackConfig(GPTConfig):
             ``n_embd`` (the reference code's ``sense_intermediate_scale``, 4).
         tie_embeddings: always true: the output embedding is the input embedding E (the
             paper's log-linear form logits = E·o).
+
+    The GPT keys shape the contextualiser; ``norm``/``norm_affine`` and ``activation`` also the
+    sense network's norms and MLPs; ``qk_norm``, ``qkv``, ``embed_norm`` and ``init`` work as in
+    the GPT family. ``logit_softcap`` is refused (it would make the logits non-linear in the senses).
     """
 
     type: Literal["backpack"] = "backpack"
@@ -35,6 +39,8 @@ class BackpackConfig(GPTConfig):
     def _check_backpack(self) -> BackpackConfig:
         if not self.tie_embeddings:
             raise ValueError("a backpack's output embedding is its input embedding: tie_embeddings must be true")
+        if self.logit_softcap is not None:
+            raise ValueError("a backpack's logits are E·o, log-linear in the senses: logit_softcap is not supported")
         if self.n_embd % self.n_senses != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_senses ({self.n_senses})")
         return self
@@ -49,7 +55,9 @@ class BackpackLegacyConfig(GPTConfig):
     """The d40efde model (:class:`lmkit.models.backpack.BackpackLegacy`): an
     ``Embedding(V, n_embd * n_senses)`` sense table, position-only softmax sense weights, the
     mixture as the input of an ordinary Transformer, untied head. Learned positions only (the
-    sense weights are computed from them)."""
+    sense weights are computed from them); the GPT block options (``norm``, ``qk_norm``, ``qkv``,
+    ``activation``) apply to its blocks, ``embed_norm``, ``logit_softcap`` and ``init: nanochat``
+    are refused (not part of the original)."""
 
     type: Literal["backpack-legacy"] = "backpack-legacy"
     n_senses: int = Field(16, gt=0)
@@ -63,6 +71,10 @@ class BackpackLegacyConfig(GPTConfig):
         if self.pos_encoding != "learned":
             raise ValueError("backpack-legacy computes its sense weights from learned positions: "
                              "pos_encoding must be learned")
+        extras = [key for key, off in (("embed_norm", False), ("logit_softcap", None), ("init", "gpt2"))
+                  if getattr(self, key) != off]
+        if extras:
+            raise ValueError(f"backpack-legacy reproduces the original model: {', '.join(extras)} is not supported")
         return self
 
 

@@ -50,6 +50,7 @@ from lmkit.models.backpack_layers import (
 )
 from lmkit.models.base import HeadEdit, KVCache, LanguageModel
 from lmkit.models.gpt import Block, CausalSelfAttention, RotaryEmbedding
+from lmkit.models.gpt_layers import init_nanochat, make_norm
 
 __all__ = ["Backpack", "BackpackCapture", "BackpackKVCache", "BackpackLegacy", "SenseNetwork", "mix_senses"]
 
@@ -72,9 +73,11 @@ class Backpack(LanguageModel):
         modules: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, d)}
         if config.pos_encoding == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, d)
+        if config.embed_norm:
+            modules["ln_emb"] = make_norm(config)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        modules["ln_f"] = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        modules["ln_f"] = make_norm(config)
         self.transformer = nn.ModuleDict(modules)
         self.sense_network = SenseNetwork(config)
         self.sense_weight_net = SenseWeightNetwork(config)
@@ -88,19 +91,23 @@ class Backpack(LanguageModel):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init (as :meth:`lmkit.models.gpt.GPT.reset_parameters` and the reference code):
-        N(0, init_std) weights, zero biases, unit LayerNorms, ``*.c_proj.weight`` (the
-        sense network's too) ``init_std / sqrt(2 * n_layer)``."""
+        """``init: gpt2`` (as :meth:`lmkit.models.gpt.GPT.reset_parameters` and the reference
+        code): N(0, init_std) weights, zero biases, unit norms, ``*.c_proj.weight`` (the sense
+        network's too) ``init_std / sqrt(2 * n_layer)``. ``init: nanochat``:
+        :func:`~lmkit.models.gpt_layers.init_nanochat` (tied)."""
+        if self.config.init == "nanochat":
+            init_nanochat(self, tied=True)
+            return
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 if module.weight is not None:
                     nn.init.ones_(module.weight)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -121,7 +128,8 @@ class Backpack(LanguageModel):
         return self.transformer.wpe if "wpe" in self.transformer else None
 
     def target_modules(self, kind: str = "all") -> dict[str, nn.Module]:
-        """``attention``: the contextualiser's ``c_attn``/``c_proj`` per layer and
+        """``attention``: the contextualiser's ``c_attn`` (``c_q``/``c_k``/``c_v`` with ``qkv:
+        separate``) and ``c_proj`` per layer, and
         ``sense_weight_net.c_attn`` (α's queries and keys); ``mlp``: the contextualiser's MLPs
         and the sense network's two (``sense_network.block.mlp.*``, ``sense_network.final_mlp.*``);
         ``head``: ``lm_head``. See :meth:`LanguageModel.target_modules`."""
@@ -130,7 +138,8 @@ class Backpack(LanguageModel):
         if kind != "head":
             for i, block in enumerate(self.transformer.h):
                 if kind != "mlp":
-                    out[f"transformer.h.{i}.attn.c_attn"] = block.attn.c_attn
+                    for name in (("c_q", "c_k", "c_v") if block.attn.separate_qkv else ("c_attn",)):
+                        out[f"transformer.h.{i}.attn.{name}"] = getattr(block.attn, name)
                     out[f"transformer.h.{i}.attn.c_proj"] = block.attn.c_proj
                 if kind != "attention":
                     out[f"transformer.h.{i}.mlp.c_fc"] = block.mlp.c_fc
@@ -282,6 +291,8 @@ class Backpack(LanguageModel):
         x = emb
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device) if position_ids is None else position_ids)
+        if "ln_emb" in self.transformer:
+            x = self.transformer.ln_emb(x)
         x = self.transformer.drop(x)
         rope = None
         if self.rotary is not None:

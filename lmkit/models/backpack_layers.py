@@ -10,40 +10,41 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmkit.config.backpack import BackpackConfig
 from lmkit.models.base import Capture, KVCache
+from lmkit.models.gpt_layers import activation_fn, make_norm
 
 __all__ = ["BackpackCapture", "BackpackKVCache", "SenseBlock", "SenseMLP", "SenseNetwork", "SenseWeightNetwork",
            "mix_senses"]
 
 
 class SenseMLP(nn.Module):
-    """``dropout(c_proj(act(c_fc(x))))``: ``(..., d_in) -> (..., d_out)``, hidden ``d_hidden``."""
+    """``dropout(c_proj(act(c_fc(x))))``: ``(..., d_in) -> (..., d_out)``, hidden ``d_hidden``;
+    ``act`` is the config's activation (GELU by default, as the reference's GPT-2 MLP)."""
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, config: BackpackConfig):
         super().__init__()
         self.c_fc = nn.Linear(d_in, d_hidden, bias=config.use_mlp_bias)
         self.c_proj = nn.Linear(d_hidden, d_out, bias=config.use_mlp_bias)
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.act = activation_fn(config.activation)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class SenseBlock(nn.Module):
-    """The sense network's residual block (no token mixing):
+    """The sense network's residual block (no token mixing; norms of the config's ``norm`` kind):
     ``r = dropout(x) + residual; r = r + mlp(ln_1(r)); return ln_2(r)``."""
 
     def __init__(self, config: BackpackConfig):
         super().__init__()
         d = config.n_embd
-        self.ln_1 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.mlp = SenseMLP(d, config.sense_mlp_ratio * d, d, config)
-        self.ln_2 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class SenseNetwork(nn.Module):
         d, k = config.n_embd, config.n_senses
         self.n_senses = k
         self.dropout = nn.Dropout(config.dropout)
-        self.ln = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln = make_norm(config)
         self.block = SenseBlock(config)
         self.final_mlp = SenseMLP(d, config.sense_mlp_ratio * d, k * d, config)
 

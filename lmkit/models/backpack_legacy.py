@@ -30,6 +30,7 @@ from lmkit.config.backpack import BackpackLegacyConfig
 from lmkit.data.batching import IGNORE_INDEX
 from lmkit.models.base import Capture, HeadEdit, KVCache, LanguageModel
 from lmkit.models.gpt import Block, CausalSelfAttention
+from lmkit.models.gpt_layers import make_norm
 
 __all__ = ["BackpackLegacy"]
 
@@ -56,7 +57,7 @@ class BackpackLegacy(LanguageModel):
         self.pos_embeddings = nn.Embedding(config.block_size, d)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.grad_checkpointing = False
         self.reset_parameters()
@@ -70,10 +71,10 @@ class BackpackLegacy(LanguageModel):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 if module.weight is not None:
                     nn.init.ones_(module.weight)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -102,7 +103,8 @@ class BackpackLegacy(LanguageModel):
         if kind != "head":
             for i, block in enumerate(self.blocks):
                 if kind != "mlp":
-                    out[f"blocks.{i}.attn.c_attn"] = block.attn.c_attn
+                    for name in (("c_q", "c_k", "c_v") if block.attn.separate_qkv else ("c_attn",)):
+                        out[f"blocks.{i}.attn.{name}"] = getattr(block.attn, name)
                     out[f"blocks.{i}.attn.c_proj"] = block.attn.c_proj
                 if kind != "attention":
                     out[f"blocks.{i}.mlp.c_fc"] = block.mlp.c_fc
