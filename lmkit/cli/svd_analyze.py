@@ -74,8 +74,11 @@ def svd_analyze_command(
             where = "LOW-RANK (r={})".format(switch["r"]) if switch["to_mode"] == "lowrank" else "FULL MATRIX"
             console.print(f"  step {switch['step']}: {switch['layer']} switched to {where} - Reason: "
                           f"{switch['reason']}", highlight=False, soft_wrap=True)
-    console.print("angle: largest principal angle (rad) between the top-k left singular subspaces of this and "
-                  "the previous checkpoint; ΔW in top-k: ‖P_prev ΔW‖/‖ΔW‖", highlight=False, soft_wrap=True)
+    console.print("erank: effective rank (Roy & Vetterli 2007); srank: stable rank ‖W‖F²/‖W‖₂²; α: power-law "
+                  "exponent of the eigenvalues of WᵀW (WeightWatcher); mode: adaptive-SVD layers (low = low-rank, "
+                  "r minor components); angle: largest principal angle (rad) between the top-k left singular "
+                  "subspaces of this and the previous checkpoint; ΔW∥k: ‖P_prev ΔW‖F/‖ΔW‖F, the share of the "
+                  "change in the previous top-k subspace", highlight=False, soft_wrap=True)
     console.print(f"wrote {written[0]}", highlight=False, soft_wrap=True)
     for path in written[1:]:
         console.print(f"plot: {path}", highlight=False, soft_wrap=True)
@@ -83,19 +86,19 @@ def svd_analyze_command(
 
 def build_table(report: SVDReport, checkpoint: dict[str, Any]) -> Table:
     """The Rich table of one checkpoint: a row per weight matrix."""
+    from rich import box
     from rich.table import Table
 
     step = checkpoint["step"]
     table = Table(title=f"{report.name} @ step {step:,} ({Path(checkpoint['file']).name})", title_justify="left",
-                  header_style="bold")
-    for column, justify in (("layer", "left"), ("shape", "right"), ("mode", "left"), ("eff. rank", "right"),
-                            ("stable rank", "right"), ("top σ", "right"), ("α", "right"), ("k", "right"),
-                            ("angle", "right"), ("ΔW in top-k", "right")):
-        table.add_column(column, justify=justify, no_wrap=True)
+                  header_style="bold", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    table.add_column("layer", overflow="fold", min_width=20)  # long names wrap on a narrow terminal; numbers do not
+    for column in ("shape", "mode", "erank", "srank", "σ_max", "α", "k", "angle", "ΔW∥k"):
+        table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=True)
     for row in report.rows(step):
         mode = MISSING
         if row["kind"] == "adaptive_svd":
-            mode = str(row["mode"]) + (f" r={row['r']}" if row["r"] is not None else "")
+            mode = {"lowrank": "low"}.get(row["mode"], str(row["mode"])) + (f" r={row['r']}" if row["r"] is not None else "")
         name = row["layer"] + "".join(f" (= {alias})" for alias in report.layers[row["layer"]]["aliases"])
         if row.get("error"):
             mode = f"{mode} ({row['error']})"
