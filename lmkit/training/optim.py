@@ -49,15 +49,19 @@ def build_optimizer(model: nn.Module, training: TrainConfig, device: torch.devic
     kernel (one launch for all parameters, and non-finite steps skipped on the device) when
     ``training.fused_optimizer`` says so, by default on CUDA only.
 
-    ``muon``: a :class:`MuonAdamW` over :func:`muon_param_groups`.
+    ``muon``: a :class:`MuonAdamW` over :func:`muon_param_groups`: ``torch.optim.Muon`` with
+    ``lr``, ``muon_weight_decay`` (torch's default would be 0.1; nanochat's is 0),
+    ``muon_nesterov``, ``muon_ns_steps`` and ``adjust_lr_fn="original"`` -- Keller Jordan's
+    ``lr · sqrt(max(1, rows / cols))``, which is nanochat's own Muon (``p.add_(g, alpha=-lr *
+    max(1, p.size(-2) / p.size(-1)) ** 0.5)``); ``"match_rms_adamw"`` (Moonshot's ``0.2 ·
+    sqrt(max(rows, cols))``) is not. AdamW over the rest with ``betas``, ``eps``,
+    ``weight_decay`` (fused as above).
     """
     fused = training.fused_optimizer if training.fused_optimizer is not None else device.type == "cuda"
     if training.optimizer == "muon":
         muon_params, adam_groups = muon_param_groups(model, training)
         muon = None
         if muon_params:
-            # adjust_lr_fn="original" is Keller Jordan's scale sqrt(max(1, rows/cols)), which is
-            # nanochat's Muon: p.add_(g, alpha=-lr * max(1, p.size(-2) / p.size(-1)) ** 0.5).
             muon = torch.optim.Muon(muon_params, lr=training.lr, weight_decay=training.muon_weight_decay,
                                     momentum=training.muon_momentum_start, nesterov=training.muon_nesterov,
                                     ns_steps=training.muon_ns_steps, adjust_lr_fn="original")
