@@ -19,7 +19,8 @@ from lmkit.analysis.spectral import (
     singular_values,
     spectrum_metrics,
 )
-from lmkit.analysis.svd_analyze import analyze_run, read_svd_log, write_outputs
+from lmkit.analysis.svd_analyze import analyze_run, write_outputs
+from lmkit.analysis.svd_log import read_svd_log
 from lmkit.cli import app
 from lmkit.config import build_run_config
 from lmkit.errors import CheckpointError, ConfigError

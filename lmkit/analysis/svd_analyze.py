@@ -28,7 +28,7 @@ The library never prints: progress is :class:`SVDAnalyzeProgress` events through
   ‖ΔW‖_F``), ``relative_change`` (``‖ΔW‖_F / ‖W_prev‖_F``) -- null at the first checkpoint,
   when the shape changed or when ``ΔW = 0`` (``delta_in_topk``); a weight with NaN/inf values gets
   only ``step``, ``mode``, ``r``, ``k`` (null) and ``error``;
-* ``svd_log``: null without ``svd.jsonl``, else :func:`read_svd_log`'s dict (``path``,
+* ``svd_log``: null without ``svd.jsonl``, else :func:`lmkit.analysis.svd_log.read_svd_log`'s dict (``path``,
   ``records``, ``skipped_lines``, ``layers`` {name: {step, mode, r, r_next, mode_after, r_after,
   reason, action, metrics {name: [...]}}} as parallel lists, ``switches``, ``refactors``,
   ``thresholds``);
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 FORMAT = 1
-SWITCH_ACTIONS = ("to_lowrank", "to_full")
 
 
 @dataclass(frozen=True)
@@ -231,15 +230,6 @@ def analyze_run(run: str | Path, *, checkpoints: Iterable[str] = ("all",), layer
         ConfigError: no such run; ``k < 1``; a glob matches nothing.
         CheckpointError: no checkpoints; a named checkpoint missing or corrupt.
     """
-    import torch
-
-    from lmkit.analysis.spectral import (
-        LeftSubspaces,
-        delta_in_subspace,
-        largest_principal_angle,
-        singular_values,
-        spectrum_metrics,
-    )
     from lmkit.rundir import RunDir
     from lmkit.runs import load_run
 
@@ -272,39 +262,19 @@ def analyze_run(run: str | Path, *, checkpoints: Iterable[str] = ("all",), layer
                 emit(SVDAnalyzeProgress(completed=done, total=total, step=loaded.step, layer=name))
                 continue
             w, mode, r = current_weight(info)
-            shape = (int(w.shape[0]), int(w.shape[1]))
-            g = min(shape)
-            entry = report.layers.setdefault(name, {"shape": list(shape), "kind": info["kind"],
+            entry = report.layers.setdefault(name, {"shape": list(w.shape), "kind": info["kind"],
                                                     "aliases": info["aliases"], "checkpoints": []})
             if info["kind"] == "adaptive_svd":  # became one after the first checkpoint
                 entry["kind"] = "adaptive_svd"
-            if not bool(torch.isfinite(w).all()):  # a diverged checkpoint: say so, analyse the rest
-                previous.pop(name, None)
-                entry["checkpoints"].append({"step": loaded.step, "mode": mode, "r": r, "k": None,
-                                             "error": "non-finite values in the weight"})
-                emit(SVDAnalyzeProgress(completed=done, total=total, step=loaded.step, layer=name))
-                continue
-            s = singular_values(w)
-            top_k = max(1, min(g, g - r if r is not None else k))
-            record: dict[str, Any] = {"step": loaded.step, "mode": mode, "r": r, "k": top_k,
-                                      "singular_values": [float(f"{v:.7g}") for v in s.tolist()],
-                                      **spectrum_metrics(s, shape, heavy_tail=heavy_tail),
-                                      "subspace_angle": None, "delta_in_topk": None, "relative_change": None}
-            prev = previous.pop(name, None)
-            basis = LeftSubspaces(w) if need_subspace or prev is not None else None
-            if prev is not None and basis is not None and tuple(prev.weight.shape) == shape:
-                u_prev, u_cur = prev.top(top_k), basis.top(top_k)
-                delta = w - prev.weight
-                if u_prev is not None and u_cur is not None:
-                    record["subspace_angle"] = largest_principal_angle(u_prev, u_cur)
-                    record["delta_in_topk"] = delta_in_subspace(u_prev, delta)
-                prev_norm = float(torch.linalg.matrix_norm(prev.weight))
-                record["relative_change"] = float(torch.linalg.matrix_norm(delta)) / prev_norm if prev_norm > 0 else None
-            if need_subspace:
+            record, basis = matrix_record(w, mode, r, k=k, step=loaded.step, previous=previous.pop(name, None),
+                                          keep_basis=need_subspace, heavy_tail=heavy_tail)
+            if basis is not None:
                 previous[name] = basis
             entry["checkpoints"].append(record)
             emit(SVDAnalyzeProgress(completed=done, total=total, step=loaded.step, layer=name))
         del loaded, available
+    from lmkit.analysis.svd_log import read_svd_log
+
     log_path = run_dir.path / "svd.jsonl"
     if log_path.is_file():
         report.svd_log = read_svd_log(log_path)
@@ -312,68 +282,45 @@ def analyze_run(run: str | Path, *, checkpoints: Iterable[str] = ("all",), layer
     return report
 
 
-# --------------------------------------------------------------------------- svd.jsonl
+def matrix_record(w: torch.Tensor, mode: str | None, r: int | None, *, k: int, step: int, previous: Any,
+                  keep_basis: bool, heavy_tail: bool = True) -> tuple[dict[str, Any], Any]:
+    """One matrix at one checkpoint: its ``analysis.json`` record and, with ``keep_basis``, its
+    :class:`~lmkit.analysis.spectral.LeftSubspaces` for the next checkpoint (else ``None``).
 
-
-def read_svd_log(path: Path) -> dict[str, Any]:
-    """The adaptive-SVD timeline from ``svd.jsonl`` (one :meth:`lmkit.events.SVDAnalysis.to_dict`
-    per line).
-
-    Lines that are not a JSON object with an integer ``step`` and a string ``layer`` are
-    skipped and counted (``skipped_lines``), never fatal. When a step of a layer appears twice
-    (a resumed run that analysed it again) the later record wins.
-
-    Returns:
-        ``path``, ``records`` (kept), ``skipped_lines``, ``layers`` -- per layer, in step order,
-        parallel lists ``step``, ``mode``, ``r``, ``r_next``, ``mode_after``, ``r_after``,
-        ``reason``, ``action``, ``seconds`` and ``metrics`` {metric: [value or None]} --,
-        ``switches`` ``[{step, layer, from_mode, to_mode, r, reason}]`` (actions ``to_lowrank``
-        / ``to_full``) and ``refactors`` ``[{step, layer, r, r_after, reason}]``, in step order.
+    ``previous``: the previous checkpoint's basis of this layer or ``None``. The top-k size is
+    ``g - r`` when ``r`` is set (adaptive-SVD layers), else ``k``, clamped to ``[1, g]``. A weight
+    with NaN/inf values gets an ``error`` record and no basis (nothing is compared across it).
     """
-    skipped = 0
-    by_key: dict[tuple[str, int], dict[str, Any]] = {}
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        raw = b""
-        skipped = 1
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            skipped += 1
-            continue
-        step = rec.get("step") if isinstance(rec, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool) or not isinstance(rec.get("layer"), str):
-            skipped += 1
-            continue
-        by_key[(rec["layer"], step)] = rec
-    layers: dict[str, dict[str, Any]] = {}
-    switches: list[dict[str, Any]] = []
-    refactors: list[dict[str, Any]] = []
-    fields = ("mode", "r", "r_next", "mode_after", "r_after", "reason", "action", "seconds")
-    for (layer, step), rec in sorted(by_key.items(), key=lambda item: (item[0][1], item[0][0])):
-        entry = layers.setdefault(layer, {"step": [], **{f: [] for f in fields}, "metrics": {}})
-        n = len(entry["step"])
-        entry["step"].append(step)
-        for f in fields:
-            entry[f].append(rec.get(f))
-        metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
-        for key in metrics:
-            entry["metrics"].setdefault(key, [None] * n)
-        for key, values in entry["metrics"].items():
-            values.append(_number(metrics.get(key)))
-        action = rec.get("action")
-        if action in SWITCH_ACTIONS:
-            switches.append({"step": step, "layer": layer, "from_mode": rec.get("mode"),
-                             "to_mode": rec.get("mode_after"), "r": rec.get("r_after"), "reason": rec.get("reason")})
-        elif action == "refactor":
-            refactors.append({"step": step, "layer": layer, "r": rec.get("r"), "r_after": rec.get("r_after"),
-                              "reason": rec.get("reason")})
-    return {"path": str(path), "records": len(by_key), "skipped_lines": skipped, "layers": layers,
-            "switches": switches, "refactors": refactors, "thresholds": None}
+    import torch
+
+    from lmkit.analysis.spectral import (
+        LeftSubspaces,
+        delta_in_subspace,
+        largest_principal_angle,
+        singular_values,
+        spectrum_metrics,
+    )
+
+    if not bool(torch.isfinite(w).all()):  # a diverged checkpoint: say so, analyse the rest
+        return {"step": step, "mode": mode, "r": r, "k": None, "error": "non-finite values in the weight"}, None
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    g = min(shape)
+    s = singular_values(w)
+    top_k = max(1, min(g, g - r if r is not None else k))
+    record: dict[str, Any] = {"step": step, "mode": mode, "r": r, "k": top_k,
+                              "singular_values": [float(f"{v:.7g}") for v in s.tolist()],
+                              **spectrum_metrics(s, shape, heavy_tail=heavy_tail),
+                              "subspace_angle": None, "delta_in_topk": None, "relative_change": None}
+    basis = LeftSubspaces(w) if keep_basis or previous is not None else None
+    if previous is not None and tuple(previous.weight.shape) == shape:
+        u_prev, u_cur = previous.top(top_k), basis.top(top_k)
+        delta = w - previous.weight
+        if u_prev is not None and u_cur is not None:
+            record["subspace_angle"] = largest_principal_angle(u_prev, u_cur)
+            record["delta_in_topk"] = delta_in_subspace(u_prev, delta)
+        prev_norm = float(torch.linalg.matrix_norm(previous.weight))
+        record["relative_change"] = float(torch.linalg.matrix_norm(delta)) / prev_norm if prev_norm > 0 else None
+    return record, basis if keep_basis else None
 
 
 # --------------------------------------------------------------------------- outputs
@@ -390,16 +337,6 @@ def write_outputs(report: SVDReport, out: Path) -> list[Path]:
     json_path = out / "analysis.json"
     json_path.write_text(json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return [json_path, *pngs]
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _json_safe(value: Any) -> Any:
