@@ -125,11 +125,16 @@ def _changes(path: Path, report: SVDReport) -> Path:
               ("delta_in_topk", "‖P_prev ΔW‖ / ‖ΔW‖ (top-k)"))
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
+        drawn = False
         for name, layer in report.layers.items():
             points = [(rec["step"], rec[key]) for rec in layer["checkpoints"] if rec.get(key) is not None]
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, linewidth=1,
                         label=name)
+                drawn = True
+        if not drawn:
+            why = "not computed (--no-heavy-tail)" if key == "alpha" else "needs two checkpoints"
+            ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(True, alpha=0.3)
@@ -138,7 +143,8 @@ def _changes(path: Path, report: SVDReport) -> Path:
         handles, labels = axes[0][1].get_legend_handles_labels()
     fig.subplots_adjust(left=0.04, right=0.84 if handles else 0.98, bottom=0.12, top=0.92, wspace=0.22)
     if handles:
-        fig.legend(handles, labels, loc="center right", fontsize=6, ncol=1 + len(labels) // 30)
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.85, 0.5), fontsize=6,
+                   ncol=1 + len(labels) // 30)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
