@@ -133,7 +133,9 @@ def _changes(path: Path, report: SVDReport) -> Path:
                         label=name)
                 drawn = True
         if not drawn:
-            why = "not computed (--no-heavy-tail)" if key == "alpha" else "needs two checkpoints"
+            why = "needs two checkpoints"
+            if key == "alpha":
+                why = "no power-law fit succeeded" if report.heavy_tail else "not computed (--no-heavy-tail)"
             ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
