@@ -42,7 +42,7 @@ ENERGY_RANKS = {"energy_rank_90": 0.9, "energy_rank_99": 0.99, "energy_rank_999"
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.svdvals`` of ``weight`` in float32 on the CPU, descending, shape ``(g,)``.
-    A 50,304 x 768 matrix takes about a second on two CPU cores."""
+    A 50,304 x 768 matrix takes about a second on one CPU core."""
     return torch.linalg.svdvals(weight.detach().to("cpu", torch.float32))
 
 
@@ -230,8 +230,8 @@ class LeftSubspaces:
     Computed from the Gram matrix of the smaller side, ``g x g`` with ``g = min(m, n)``: the
     eigenvectors of ``W Wᵀ`` are ``U`` when ``m <= n``; when ``m > n`` the eigenvectors ``V`` of
     ``Wᵀ W`` give ``span(U_k) = span(W V_k)`` (orthonormalised by a QR). The Gram product runs
-    in float32 and its eigendecomposition in float64: a 50,304 x 768 embedding takes ~1.5 s on one
-    contended CPU core where a thin ``torch.linalg.svd`` takes ~7 s. The basis error is of the order
+    in float32 and its eigendecomposition in float64: a 50,304 x 768 embedding takes 0.7-1.5 s on one
+    CPU core shared with other processes, where a thin ``torch.linalg.svd`` takes 3-7 s (measured). The basis error is of the order
     ``1e-7 · s_1² / (s_k² - s_(k+1)²)`` (Davis-Kahan), that of a float32 SVD. Identical matrices
     give identical bases (the computation is deterministic), hence an angle of exactly 0.
     """
