@@ -3,7 +3,7 @@
 import pytest
 
 from lmkit.config import available_presets, build_run_config
-from lmkit.data.tokenizers import KNOWN_VOCAB_SIZES, SEED_ALPHABET
+from lmkit.analysis.memory import resolve_vocab_size
 from lmkit.models import build_model
 
 # Counts from the issue / SEEDS_SPEC (sections 3.3, 5.1, 4.2, 1.8).
@@ -16,6 +16,11 @@ EXPECTED = {
     "gpt2-124m": 124_475_904,
     "transformer-europarl": 202_819_968,
     "nanochat-d4": 36_700_160,  # nanochat's depth 4 (SEEDS_SPEC 2.1; 2·65536·256 + 4·(4·256² + 2·256·1024))
+    # SEEDS_SPEC 4.2: the d40efde model's count, checked there term by term; the paper-style
+    # Backpack at the same sizes (spec estimate "≈118M"); a CPU-sized one (BPE 2,048 ids).
+    "backpack-europarl-legacy": 1_642_985_488,
+    "backpack-europarl": 118_321_920,
+    "backpack-tiny": 1_418_240,
 }
 
 
@@ -28,8 +33,7 @@ def test_param_count(name):
     config = build_run_config(name)
     model_cfg = config.model.model_copy()
     if model_cfg.vocab_size is None:
-        tok = config.data.tokenizer
-        model_cfg.vocab_size = 4 + len(SEED_ALPHABET) if tok == "char" else KNOWN_VOCAB_SIZES[tok]
+        model_cfg.vocab_size = resolve_vocab_size(config)
     model = build_model(model_cfg, device="meta")
     assert sum(p.numel() for p in model.parameters()) == EXPECTED[name]
 
@@ -45,11 +49,15 @@ REPRODUCES = {
     "transformer-europarl": ("kavyavenk/multilingual-backpacks", "Backpack vs Transformer"),
     "gpt2-124m": ("zhengpu-berkeley/domain-token-gpt2", "multiplication-tokens"),
     "nanochat-d4": ("nsivraj/slurm-nanochat", "adaptive SVD"),
+    "backpack-europarl": ("kavyavenk/multilingual-backpacks", "Backpack vs Transformer"),
+    "backpack-europarl-legacy": ("kavyavenk/multilingual-backpacks", "Backpack vs Transformer"),
+    "backpack-tiny": ("kavyavenk/multilingual-backpacks", "Backpack vs Transformer"),
 }
 # The warmup each original uses (SEEDS_SPEC 3.4 and 5.2: LambdaLR s/W; 1.8: nanoGPT's (s+1)/W).
 WARMUP_FORM = {"pilot": "s/W", "scale_10m": "s/W", "tiny": "s/W", "small": "s/W", "medium": "s/W",
                "gpt2-124m": "(s+1)/W", "transformer-europarl": "(s+1)/W",
-               "nanochat-d4": "(s+1)/W"}  # nanochat's (it + 1) / warmup_iters (no warmup in the preset)
+               "nanochat-d4": "(s+1)/W", "backpack-europarl": "(s+1)/W", "backpack-europarl-legacy": "(s+1)/W",
+               "backpack-tiny": "(s+1)/W"}  # nanochat's (it + 1) / warmup_iters (no warmup in the preset)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -81,8 +89,7 @@ def _built_params(name: str) -> int:
     config = build_run_config(name)
     model_cfg = config.model.model_copy()
     if model_cfg.vocab_size is None:
-        tok = config.data.tokenizer
-        model_cfg.vocab_size = 4 + len(SEED_ALPHABET) if tok == "char" else KNOWN_VOCAB_SIZES[tok]
+        model_cfg.vocab_size = resolve_vocab_size(config)
     return sum(p.numel() for p in build_model(model_cfg, device="meta").parameters())
 
 
