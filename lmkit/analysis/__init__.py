@@ -1,1 +1,3 @@
-"""Analysis of models without training them: the memory estimator (later: SVD metrics)."""
+"""Analysis of models without training them: the memory estimator (``memory``,
+``memory_measure``), the environment report (``environment``) and the SVD metrics of
+``lmkit svd-analyze`` (``spectral``, ``svd_analyze``, ``svd_log``, ``svd_plots``)."""
