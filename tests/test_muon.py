@@ -194,6 +194,10 @@ def test_groups_state_mapping_and_a_rebuild_after_a_swap():
     assert new.state[model.lm_head.weight]["step"] == 1
     with pytest.raises(KeyError):
         new.state[wq] = {}
+    # the warmup position carries over when the caller hands it on
+    assert new.steps_taken == 0 and new.muon.param_groups[0]["momentum"] == 0.85
+    new.steps_taken = opt.steps_taken
+    assert new.muon.param_groups[0]["momentum"] == muon_momentum(1)
 
 
 def test_lambda_lr_grad_scaler_and_a_skipped_step():

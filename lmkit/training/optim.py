@@ -184,7 +184,8 @@ class MuonAdamW(torch.optim.Optimizer):
     both children, then counts. ``state_dict()`` holds both children's state dicts and
     ``steps_taken``, so a resumed run continues the warmup bitwise. A skipped step (``step()`` not
     called: non-finite gradients, an SVD switch) does not advance the warmup. A rebuilt optimizer
-    (``Trainer.rebuild_optimizer``) starts at 0 unless the caller copies ``steps_taken`` over.
+    (``Trainer.rebuild_optimizer``) starts at 0 unless the caller sets ``new.steps_taken =
+    old.steps_taken``.
 
     Args:
         muon, adamw: the children; either may be ``None`` (no parameter of that kind), not both.
@@ -207,6 +208,16 @@ class MuonAdamW(torch.optim.Optimizer):
         self.state = _UnionState(self)  # type: ignore[assignment]
         self.momentum_start, self.momentum_end, self.warmup_steps = momentum_start, momentum_end, warmup_steps
         self.steps_taken = 0
+
+    @property
+    def steps_taken(self) -> int:
+        """``step()`` calls so far: the momentum warmup's position. Setting it (a rebuilt optimizer
+        taking over its predecessor's position) also sets the Muon groups' momentum."""
+        return self._steps_taken
+
+    @steps_taken.setter
+    def steps_taken(self, value: int) -> None:
+        self._steps_taken = int(value)
         self._set_momentum()
 
     def _owner_of(self, param: Any) -> torch.optim.Optimizer | None:
@@ -236,7 +247,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self._set_momentum()
         for child in self.children:
             child.step()
-        self.steps_taken += 1
+        self._steps_taken += 1  # the groups keep the momentum this step used until the next one
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
@@ -278,4 +289,3 @@ class MuonAdamW(torch.optim.Optimizer):
         # the children's load_state_dict replaced their group dicts: re-point the union at them
         self.param_groups = [g for c in self.children for g in c.param_groups]
         self.steps_taken = int(state_dict["steps_taken"])
-        self._set_momentum()
