@@ -8,13 +8,14 @@ import io
 
 import pytest
 import torch
+from test_resume import ONE_THREAD, assert_same_state, train_losses
 
-from conftest import run_cli
 from lmkit.config import GPTConfig, TrainConfig
 from lmkit.models import build_model
 from lmkit.training.optim import MuonAdamW, build_optimizer, muon_momentum
 from lmkit.training.schedule import build_scheduler, lr_multiplier
-from test_resume import ONE_THREAD, assert_same_state, train_losses
+
+from conftest import run_cli
 
 CPU = torch.device("cpu")
 NANO = dict(n_layer=2, n_head=2, n_embd=32, d_ff=64, block_size=16, vocab_size=53, pos_encoding="rope",

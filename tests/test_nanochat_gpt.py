@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
 from lmkit.config import GPTConfig, build_run_config
 from lmkit.errors import ConfigError
 from lmkit.models import build_model
+
+from conftest import run_cli
 
 FINFO_EPS = torch.finfo(torch.float32).eps  # what F.rms_norm(x, shape) uses on fp32 when eps is None
 

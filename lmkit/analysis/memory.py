@@ -259,7 +259,6 @@ def layer_activations(cfg: ModelConfig, batch_size: int, seq_len: int, *, precis
     if attention not in ("sdpa", "eager"):
         raise ConfigError(f"--attention {attention}: use sdpa or eager")
     a = _dtype_bytes(precision)
-    r = 4
     m = 1 if device == "cuda" else a
     ms = 1 if device == "cuda" else 4  # the math kernel's dropout runs in fp32
     B, T, d, f, h = batch_size, seq_len, cfg.n_embd, cfg.ff_dim, cfg.n_head
