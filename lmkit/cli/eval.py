@@ -131,7 +131,7 @@ class _Progress:
 def eval_command(
     run: str = typer.Argument(..., help="Run directory (runs/NAME) or a run name under --out-dir."),
     tasks: list[str] = typer.Option(..., "--task", "-t", help="Task to run (repeatable): perplexity, arithmetic, "
-                                    "hellaswag, gsm8k, arithmetic-probes, sample."),
+                                    "hellaswag, gsm8k, arithmetic-probes, sample, senses."),
     checkpoint: str = typer.Option("best", "--checkpoint", "-c", help="best, latest, step_…, epoch_…, a path, or "
                                    "'all' to sweep every checkpoint (writes a curve per task)."),
     data: Path = typer.Option(None, "--data", help="Local data instead of the task's default (a text file for "
@@ -156,6 +156,10 @@ def eval_command(
     top_k: int = typer.Option(None, "--top-k", min=1, help="sample: keep the K most likely tokens."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Generation length limit."),
     seed: int = typer.Option(None, "--seed", help="Random seed (sampling, few-shot draws)."),
+    words: list[str] = typer.Option([], "--word", help="senses: a word whose sense table to show (repeatable)."),
+    sense_top_k: int = typer.Option(None, "--sense-top-k", min=1, help="senses: vocabulary items per sense (10)."),
+    sense_scale: list[str] = typer.Option([], "--sense-scale", help="sample, perplexity (backpack): WORD:SENSE=FACTOR "
+                                          "multiplies that sense's weights for WORD's tokens (0 removes it; repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (human output "
                                   "goes to stderr)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: the cores "
@@ -177,7 +181,7 @@ def eval_command(
             raise ConfigError(f"--encoding {encoding}: unknown text encoding (e.g. utf-8, latin-1)") from None
         options["encoding"] = encoding
     for key, value in (("fewshot", fewshot), ("temperature", temperature), ("top_k", top_k),
-                       ("max_new_tokens", max_new_tokens), ("seed", seed)):
+                       ("max_new_tokens", max_new_tokens), ("seed", seed), ("sense_top_k", sense_top_k)):
         if value is not None:
             options[key] = value
     if legacy_eos_metric:
@@ -188,6 +192,10 @@ def eval_command(
         options["legacy_extraction"] = True
     if prompts:
         options["prompt"] = list(prompts)
+    if words:
+        options["word"] = list(words)
+    if sense_scale:
+        options["sense_scale"] = list(sense_scale)
 
     from lmkit.threads import apply_threads, choose_threads
 
@@ -227,7 +235,9 @@ def eval_command(
                                   # the checkpoint's data fingerprint: tasks that rebuild the run's data check it
                                   options={**options, "data_fingerprint": loaded.state.get("data_fingerprint")})
                 started = time.perf_counter()
-                with torch.inference_mode() if dev.type != "mps" else nullcontext():
+                from lmkit.evaluation.senses import steering
+
+                with torch.inference_mode() if dev.type != "mps" else nullcontext(), steering(ctx, name):
                     result = evaluate(ctx)
                 wall = time.perf_counter() - started
                 record = {
@@ -312,6 +322,10 @@ def _render_table(records: list[dict[str, Any]], stream) -> None:
         for sample in (rec.get("details") or {}).get("samples", [])[:20]:
             if isinstance(sample, dict) and "text" in sample:
                 console.print(Text.assemble((str(sample.get("prompt", "")), "bold"), str(sample["text"])))
+        if rec["task"] == "senses":
+            from lmkit.cli.senses_view import print_sense_tables
+
+            print_sense_tables(rec, console)
     seen: set[str] = set()
     for rec in records:
         for note in rec.get("notes", []):

@@ -904,3 +904,4 @@ from lmkit.config.svd import SVDConfig  # noqa: E402  (needs _Strict above)
 register_feature("svd", SVDConfig, "lmkit.training.svd:build_hook")
 
 import lmkit.config.backpack  # noqa: E402,F401  (registers the backpack families)
+import lmkit.config.senses  # noqa: E402,F401  (registers the senses: feature)

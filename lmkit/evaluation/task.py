@@ -40,6 +40,7 @@ TASKS: dict[str, str] = {
     "gsm8k": "lmkit.evaluation.gsm8k:evaluate",
     "arithmetic-probes": "lmkit.evaluation.probes:evaluate",
     "sample": "lmkit.evaluation.sample:evaluate",
+    "senses": "lmkit.evaluation.senses:evaluate",
 }
 
 #: What a metric's direction may be (:attr:`TaskResult.directions`): a larger value is
