@@ -21,6 +21,10 @@ _PRESETS = ", ".join(available_presets())
 _GiB = 2**30
 
 
+def _optimizer_label(name: str) -> str:
+    return "Muon + AdamW" if name == "muon" else "AdamW"
+
+
 def _gib(n: int | None) -> str:
     """Bytes as GiB (or MiB below 1 GiB)."""
     if n is None:
@@ -141,7 +145,8 @@ def _preset_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, gra
     }
     tcfg = config.training
     kw = {"seq_len": seq_len, "precision": tcfg.precision, "attention": attention,
-          "grad_checkpointing": tcfg.grad_checkpointing, "grad_accum_steps": tcfg.grad_accum_steps, "device": "cuda"}
+          "grad_checkpointing": tcfg.grad_checkpointing, "grad_accum_steps": tcfg.grad_accum_steps, "device": "cuda",
+          "optimizer": tcfg.optimizer}
     est = mem.estimate_memory(model_cfg, tcfg.batch_size, **kw)
     out["memory"] = est.to_dict()
 
@@ -245,7 +250,7 @@ def _render(report: dict[str, Any], env) -> None:
 
     kernel = "fused SDPA" if m["attention"] == "sdpa" else "eager (math) attention"
     prec = "fp32" if m["precision"] == "fp32" else f"{m['precision']} autocast"
-    mt = Table(title=f"Memory of one training step: B={m['batch_size']}, T={m['seq_len']}, {prec}, AdamW, {kernel}, "
+    mt = Table(title=f"Memory of one training step: B={m['batch_size']}, T={m['seq_len']}, {prec}, {_optimizer_label(m.get('optimizer', 'adamw'))}, {kernel}, "
                f"gradient checkpointing {'on' if m['grad_checkpointing'] else 'off'}", title_justify="left")
     mt.add_column("component")
     mt.add_column("size", justify="right")

@@ -300,7 +300,7 @@ class Trainer:
         tcfg = self.config.training
         return build_scheduler(optimizer, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
                                total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio,
-                               warmup_form=tcfg.warmup_form)
+                               warmup_form=tcfg.warmup_form, warmdown_ratio=tcfg.warmdown_ratio)
 
     def position_schedule(self, steps_taken: int) -> None:
         """Put the schedule at ``steps_taken`` and set every group's LR to what the next step
@@ -319,6 +319,8 @@ class Trainer:
         (``step.applied = False``): the old optimizer's gradients are not carried over."""
         old = self.optimizer
         self.optimizer = build_optimizer(self.model, self.config.training, self.plan.device)
+        if hasattr(old, "steps_taken") and hasattr(self.optimizer, "steps_taken"):
+            self.optimizer.steps_taken = old.steps_taken  # Muon's momentum warmup goes on where it was
         if keep_state:
             for group in self.optimizer.param_groups:
                 for param in group["params"]:
@@ -481,7 +483,7 @@ class Trainer:
         if steps_to_peak(tcfg.warmup_steps, tcfg.warmup_form) > self.max_steps:
             last = lr_multiplier(self.max_steps - 1, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
                                  total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio,
-                                 warmup_form=tcfg.warmup_form)
+                                 warmup_form=tcfg.warmup_form, warmdown_ratio=tcfg.warmdown_ratio)
             peak = tcfg.lr * last
             self.emit(Notice(level="warning", message=(
                 f"training.warmup_steps ({tcfg.warmup_steps}) outlasts the run's {self.max_steps} steps: the LR only "
