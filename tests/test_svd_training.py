@@ -207,3 +207,16 @@ def test_a_tied_head_is_refused_as_a_target(tmp_path):
 
     with pytest.raises(ConfigError, match="tied"):
         train_in_process(tmp_path, ["svd.targets=[lm_head]"])
+
+
+def test_muon_keeps_its_momentum_warmup_across_the_rebuilds_of_a_switch(tmp_path):
+    overrides = [*FORCE, "training.optimizer=muon", "training.embedding_lr=0.05", "training.head_lr=0.004",
+                 "training.muon_momentum_warmup_steps=100", "model.qkv=separate", "model.bias=false",
+                 "svd.targets=[transformer.h.0.attn.c_q, transformer.h.0.attn.c_v]"]
+    trainer, _ = train_in_process(tmp_path, overrides)
+    records = svd_records(trainer.run.path)
+    rebuilt = {r["step"] for r in records if r["action"] in ("to_lowrank", "to_full", "refactor")}
+    skipped = {r["step"] for r in records if r["action"] in ("to_lowrank", "to_full")}
+    assert rebuilt and skipped
+    # one count of the optimizer steps actually taken, through every rebuild (not since the last one)
+    assert trainer.optimizer.steps_taken == 30 - len(skipped)
