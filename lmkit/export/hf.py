@@ -473,6 +473,10 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dty
     _folder.check_out(out, force)
     loaded = load_run(run, checkpoint, device="cpu", out_dir=out_dir)
     model_config = loaded.config.model
+    if model_config.type == "backpack":  # its own modelling code (trust_remote_code)
+        from lmkit.export.backpack_hf import export_backpack_hf
+
+        return export_backpack_hf(loaded, out, dtype=dtype, verify=verify, sample_text=sample_text, emit=emit)
     arch = hf_architecture(model_config)
     emit(Notice("info", f"loaded {loaded.checkpoint} (step {loaded.step:,}) -> "
                         f"{'GPT2LMHeadModel' if arch == 'gpt2' else 'GPTNeoXForCausalLM'}, {dtype}"))
