@@ -311,3 +311,34 @@ def test_safetensors_export_works_and_legacy_refuses_hf_in_one_line(runs):
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert res.returncode == 2 and len(lines) == 1 and "safetensors" in lines[0], res.stderr
     assert math.isfinite(legacy.last_val.loss)
+
+
+@pytest.mark.parametrize("options", [
+    {"pos_encoding": "rope", "bias": False, "activation": "gelu_tanh"},
+    {"norm": "rmsnorm", "norm_affine": False, "qk_norm": True, "qkv": "separate", "embed_norm": True,
+     "activation": "relu2", "pos_encoding": "rope"},
+    {"norm": "rmsnorm", "attn_bias": True, "mlp_bias": False, "bias": False, "d_ff": 24},
+])
+def test_remote_code_computes_every_backpack_option(tmp_path, options):
+    pytest.importorskip("transformers")
+    from lmkit.config.backpack import BackpackConfig
+    from lmkit.export.backpack_hf import load_remote, write_backpack_folder
+    from lmkit.models import build_model
+
+    torch.manual_seed(0)
+    config = BackpackConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_senses=4, block_size=12, **options)
+    model = build_model(config).eval()
+    with torch.no_grad():  # non-trivial norm gains and biases
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    write_backpack_folder(model, config, None, tmp_path)
+    hf = load_remote(tmp_path).eval()
+    x = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(input_ids=x).logits - model(x)[0]).abs().max() < 1e-5
+        # left padding: the padded row's real tokens see what an unpadded row sees (positions from 0)
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, :3] = 0
+        padded = hf(input_ids=x[:2], attention_mask=mask).logits
+        assert (padded[1, 3:] - model(x[1:2, 3:])[0][0]).abs().max() < 1e-5

@@ -208,14 +208,17 @@ class LmkitBackpackForCausalLM(LmkitBackpackPreTrainedModel, GenerationMixin):
         self.sense_network = SenseNetwork(config)
         self.sense_weight_net = SenseWeightNetwork(config)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
-        if config.pos_encoding == "rope":
-            hd = d // config.n_head
-            inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-            freqs = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self.register_buffer("rope_cos", emb.cos(), persistent=False)
-            self.register_buffer("rope_sin", emb.sin(), persistent=False)
         self.post_init()
+
+    def _rope(self, positions):
+        """Cos/sin tables ``(B, 1, T, head_dim)`` of ``positions`` (RoFormer, rotate-half form), computed
+        here rather than kept as buffers (transformers builds the model on the meta device)."""
+        hd = self.config.n_embd // self.config.n_head
+        inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32,
+                                                             device=positions.device) / hd))
+        freqs = torch.outer(torch.arange(self.config.block_size, dtype=torch.float32, device=positions.device), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos()[positions].unsqueeze(1), emb.sin()[positions].unsqueeze(1)
 
     def get_input_embeddings(self):
         return self.transformer.wte
@@ -257,7 +260,7 @@ class LmkitBackpackForCausalLM(LmkitBackpackPreTrainedModel, GenerationMixin):
         x = self.transformer.drop(x)
         rope = None
         if self.config.pos_encoding == "rope":
-            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+            rope = self._rope(positions)
         for block in self.transformer.h:
             x = block(x, rope, mask)
         q, k = self.sense_weight_net(self.transformer.ln_f(x))
