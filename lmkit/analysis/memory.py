@@ -62,6 +62,11 @@ point and reports the largest total -- what ``torch.cuda.max_memory_allocated()`
 the breakdown at that moment. Gradient checkpointing (one ``torch.utils.checkpoint`` per block)
 keeps only the ``L`` block inputs (``4·B·T·d`` each) and recomputes one block at a time in backward.
 
+Other families: a model made of GPT blocks plus parts of its own describes those parts in
+:data:`FAMILY_MEMORY` (its parameters, the bytes it saves for backward, the backward stages
+that free them; :mod:`lmkit.analysis.memory_family`); the Backpacks' are in
+:mod:`lmkit.analysis.memory_backpack` (sense network, senses ``B·T·k·d``, α ``B·k·T²``).
+
 The WikiText GPT guide's hand table is :func:`legacy_seed001` (SEEDS_SPEC 5.3).
 """
 
@@ -72,6 +77,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from lmkit.analysis import memory_backpack
+from lmkit.analysis.memory_family import FamilyActivations, FamilyMemory, FamilyParams
+from lmkit.analysis.memory_family import norm_saved_bytes as _norm_saved
 from lmkit.config import ModelConfig, RunConfig
 from lmkit.errors import ConfigError
 
@@ -84,6 +92,17 @@ Attention = Literal["sdpa", "eager"]
 
 #: Fraction of a card's memory above which a run is "tight" rather than "fits".
 TIGHT_FRACTION = 0.9
+
+#: ``model.type`` -> what that family adds to the GPT arithmetic (:mod:`lmkit.analysis.memory_family`);
+#: a family not listed is the GPT (its blocks, embeddings, head).
+FAMILY_MEMORY: dict[str, FamilyMemory] = {
+    "backpack": memory_backpack.BACKPACK,
+    "backpack-legacy": memory_backpack.BACKPACK_LEGACY,
+}
+
+
+def _family(cfg: ModelConfig) -> FamilyMemory | None:
+    return FAMILY_MEMORY.get(getattr(cfg, "type", "gpt"))
 
 
 # --------------------------------------------------------------------------------------
@@ -102,6 +121,9 @@ class ParamCounts:
         per_layer: one transformer block.
         matmul_weights: every ``Linear`` weight, the (tied) head included -- what autocast copies.
         layer_matmul_weights: the ``Linear`` weights of one block.
+        extra: a family's own parameters beyond the GPT's (:class:`FamilyParams`; 0 for the GPT).
+        extra_matrices: of which 2-D weights (Muon's).
+        token_table: elements of the token embedding (``V·d``; ``V·d·k`` for backpack-legacy).
     """
 
     total: int
@@ -110,6 +132,9 @@ class ParamCounts:
     per_layer: int
     matmul_weights: int
     layer_matmul_weights: int
+    extra: int = 0
+    extra_matrices: int = 0
+    token_table: int = 0
 
     @property
     def non_embedding(self) -> int:
@@ -124,7 +149,8 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     ``c_attn`` (or ``c_q, c_k, c_v``) ``3d²`` (+``3d``); attention ``c_proj`` ``d²`` (+``d``);
     ``c_fc`` ``d·f`` (+``f``); MLP ``c_proj`` ``f·d`` (+``d``). Plus ``wte`` ``V·d``, ``wpe``
     ``block_size·d`` (learned positions), ``ln_emb`` (``embed_norm``), ``ln_f``, and an untied
-    ``lm_head`` ``V·d``.
+    ``lm_head`` ``V·d``. A family in :data:`FAMILY_MEMORY` adds its own (the Backpacks' sense
+    networks: :mod:`lmkit.analysis.memory_backpack`) and may widen the token table.
 
     Raises:
         ConfigError: ``vocab_size`` is not set.
@@ -136,11 +162,16 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     mlp_b = cfg.use_mlp_bias
     layer_mm = 3 * d * d + d * d + d * f + f * d
     per_layer = 2 * ln + layer_mm + (4 * d if attn_b else 0) + ((f + d) if mlp_b else 0)
-    embeddings = V * d + (cfg.block_size * d if cfg.pos_encoding == "learned" else 0)
+    family = _family(cfg)
+    fp = family.params(cfg) if family is not None else FamilyParams(0, 0)
+    table = V * d if fp.token_table is None else fp.token_table
+    embeddings = table + (cfg.block_size * d if cfg.pos_encoding == "learned" else 0)
     head = 0 if cfg.tie_embeddings else V * d
-    total = embeddings + cfg.n_layer * per_layer + ln * (2 if cfg.embed_norm else 1) + head
+    total = embeddings + cfg.n_layer * per_layer + ln * (2 if cfg.embed_norm else 1) + head + fp.extra
     return ParamCounts(total=total, embeddings=embeddings, head=head, per_layer=per_layer,
-                       matmul_weights=cfg.n_layer * layer_mm + V * d, layer_matmul_weights=layer_mm)
+                       matmul_weights=cfg.n_layer * layer_mm + V * d + fp.extra_matrices,
+                       layer_matmul_weights=layer_mm, extra=fp.extra, extra_matrices=fp.extra_matrices,
+                       token_table=table)
 
 
 def _vocab(cfg: ModelConfig) -> int:
@@ -297,14 +328,6 @@ def layer_activations(cfg: ModelConfig, batch_size: int, seq_len: int, *, precis
     return out
 
 
-def _norm_saved(cfg: ModelConfig, tok: int, d: int) -> int:
-    """Bytes one norm over the fp32 residual saves: its input, and LayerNorm's mean and rstd or
-    RMSNorm's rstd (plus, with a gain, the normalised ``x·rstd`` the gain multiplies)."""
-    if getattr(cfg, "norm", "layernorm") == "rmsnorm":
-        return 4 * tok * d + 4 * tok + (4 * tok * d if cfg.norm_affine else 0)
-    return 4 * tok * d + 8 * tok
-
-
 def _pad32(n: int) -> int:
     return 32 * math.ceil(n / 32)
 
@@ -384,7 +407,8 @@ def estimate_memory(
     overhead: FrameworkOverhead | None = None,
     optimizer: str = "adamw",
 ) -> MemoryEstimate:
-    """Estimate the device memory of one AdamW (or Muon + AdamW) training step of lmkit's GPT.
+    """Estimate the device memory of one AdamW (or Muon + AdamW) training step of lmkit's GPT, or
+    of a family in :data:`FAMILY_MEMORY` (its rows follow the activations row).
 
     Args:
         cfg: the model (``vocab_size`` set; see :func:`resolve_vocab_size`).
@@ -429,11 +453,16 @@ def estimate_memory(
     if overhead is None:
         overhead = FrameworkOverhead() if device == "cuda" else FrameworkOverhead(0, 0.0, 0)
 
+    family = _family(cfg)
+    fam = (family.activations(cfg, B, T, precision=precision, device=device, grad_checkpointing=grad_checkpointing)
+           if family is not None else FamilyActivations({}, {}))
     weights, grads_full, optim = 4 * P, 4 * P, 8 * P
-    matrices = L * pc.layer_matmul_weights if optimizer == "muon" else 0  # Muon's parameters
+    # Muon's parameters: the blocks' matrices and a family's own
+    matrices = L * pc.layer_matmul_weights + pc.extra_matrices if optimizer == "muon" else 0
     optim -= 4 * matrices
     if matrices:
-        biggest = max(d * cfg.ff_dim, d * d if getattr(cfg, "qkv", "fused") == "separate" else 3 * d * d)
+        biggest = max(d * cfg.ff_dim, d * d if getattr(cfg, "qkv", "fused") == "separate" else 3 * d * d,
+                      family.params(cfg).largest_matrix if family is not None else 0)
         muon_step_tmp = 4 * biggest + 2 * 3 * biggest  # nesterov update (fp32), bf16 NS iterates
     else:
         muon_step_tmp = 0
@@ -460,9 +489,10 @@ def estimate_memory(
     copies_live = head_copy + (0 if grad_checkpointing else L * layer_copies)
     pre_grads = grads_full if grad_accum_steps > 1 else 0
     live = {"gradients": pre_grads, "activations": acts_live, "autocast copies": copies_live,
-            "embeddings + final norm": E, "logits + loss": log_probs, "temporaries": 0}
+            "embeddings + final norm": E, "logits + loss": log_probs, "temporaries": 0, **fam.saved}
     saved_for_backward = (L * A_layer + L * layer_copies + head_copy + E + log_probs + 4
                           if not grad_checkpointing else acts_live + copies_live + E + log_probs + 4)
+    saved_for_backward += sum(fam.saved.values())
     events: list[tuple[str, dict[str, int]]] = []
 
     def record(phase: str) -> None:
@@ -474,6 +504,26 @@ def estimate_memory(
             live["temporaries"] += 4 * numel
         else:
             live["gradients"] += 4 * numel
+
+    carry = 0  # a family stage's input gradient, waiting in autograd's buffer for the next stage
+
+    def family_stages(after: str) -> None:
+        nonlocal carry
+        for stage in (s for s in fam.stages if s.after == after):
+            live["temporaries"] = stage.temporaries + stage.carry
+            for name, freed in stage.early_frees.items():
+                live[name] -= freed
+            add_grads(stage.grads)
+            record(stage.name)
+            for name, freed in stage.frees.items():
+                live[name] -= freed - stage.early_frees.get(name, 0)
+            live["temporaries"], carry = 0, stage.carry
+
+    if fam.forward_live:  # the loss being computed: logits (+ autocast's fp32 copy), log-probs
+        live["logits + loss"] = log_probs + a * tok * V + (4 * tok * V if amp else 0)
+        live["temporaries"] = fam.forward_live
+        record("forward end (cross-entropy)")
+        live["temporaries"] = 0
 
     # --- backward: loss -> head --------------------------------------------------------
     live["logits + loss"] = log_probs + 8 * tok * V  # d(log-probs), d(logits) fp32
@@ -487,6 +537,7 @@ def estimate_memory(
     live["temporaries"] = 0
     live["embeddings + final norm"] = E - emb_final["lm_head input"] - emb_final["ln_f input + stats"]
     add_grads(cfg.norm_numel)
+    family_stages("head")
 
     # --- backward: blocks, last first ---------------------------------------------------
     grad_resid = r * tok * d
@@ -498,16 +549,18 @@ def estimate_memory(
             live["activations"] += A_layer
             live["autocast copies"] += layer_copies
         add_grads(pc.per_layer)
-        live["temporaries"] = layer_tmp
+        live["temporaries"] = layer_tmp + carry
         record(f"block {L - 1 - i} backward")
         live["temporaries"] = 0
         live["activations"] -= A_layer + (block_input if grad_checkpointing else 0)
         live["autocast copies"] -= layer_copies
 
+    family_stages("blocks")
+
     # --- backward: embeddings -----------------------------------------------------------
-    wte = V * d
+    wte = pc.token_table
     live["embeddings + final norm"] = 0
-    live["temporaries"] = grad_resid + 4 * wte  # embedding_dense_backward's full-size gradient
+    live["temporaries"] = grad_resid + carry + 4 * wte  # embedding_dense_backward's full-size gradient
     if pc.head == 0:  # tied: the head already allocated wte's gradient
         add_grads(pc.embeddings - wte)
     else:
@@ -551,6 +604,7 @@ def estimate_memory(
         MemoryRow("backward temporaries", max(e[1]["temporaries"] for e in events), at_peak["temporaries"],
                   "largest gradient buffers alive inside one op" + ("" if fused else "; foreach AdamW 4 B × params")),
     ]
+    rows[5:5] = [MemoryRow(name, size, at_peak[name], fam.formulas[name]) for name, size in fam.saved.items()]
     if device == "cuda":
         rows.append(MemoryRow("cuBLAS workspace", overhead.workspace_bytes, overhead.workspace_bytes,
                               "allocated through PyTorch's caching allocator"))

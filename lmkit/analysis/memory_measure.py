@@ -1,6 +1,6 @@
 """Measure what :func:`lmkit.analysis.memory.estimate_memory` predicts, on a real model.
 
-* :func:`measure_saved` (any device, used on the CPU): one AdamW step, then a second forward under
+* :func:`measure_saved` (any device and model family, used on the CPU): one AdamW step, then a second forward under
   ``torch.autograd.graph.saved_tensors_hooks`` recording every tensor autograd saves for backward.
   Storages are de-duplicated by ``data_ptr`` and counted whole (a view keeps its whole storage
   alive); parameters and buffers are left out (they are the weights). Parameter, gradient and
@@ -51,8 +51,9 @@ def _attention_context(attention: str):
 
 
 def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "fp32",
-                  attention: str = "sdpa", device: str = "cpu", seed: int = 0) -> dict[str, int]:
-    """Bytes of one training step of lmkit's GPT, counted tensor by tensor.
+                  attention: str = "sdpa", device: str = "cpu", seed: int = 0,
+                  grad_checkpointing: bool = False) -> dict[str, int]:
+    """Bytes of one training step of any registered model family, counted tensor by tensor.
 
     Args:
         cfg: model config with ``vocab_size`` set.
@@ -61,6 +62,9 @@ def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
         attention: ``sdpa`` (whatever kernel PyTorch picks: on the CPU with ``dropout > 0`` that is
             the math kernel) or ``eager`` (the math SDPA kernel forced).
         device: where to run.
+        grad_checkpointing: ``model.set_grad_checkpointing(True)``; the inputs each
+            ``torch.utils.checkpoint`` region keeps (which it stores outside autograd's saved
+            tensors, so the hooks never see them) are counted too.
 
     Returns:
         ``{"weights", "gradients", "optimizer_state", "saved_for_backward", "total"}`` in bytes.
@@ -70,6 +74,7 @@ def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
     dev = torch.device(device)
     model = build_model(cfg, device=device)
     model.train()
+    model.set_grad_checkpointing(grad_checkpointing)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -92,7 +97,7 @@ def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
                 saved[s.data_ptr()] = s.nbytes()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _checkpoint_inputs(pack):
             with autocast:
                 _, loss = model(x, y)
         loss.backward()
@@ -104,6 +109,32 @@ def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
     }
     out["total"] = sum(out.values())
     return out
+
+
+@contextlib.contextmanager
+def _checkpoint_inputs(record):
+    """Call ``record`` on every tensor input a non-reentrant ``torch.utils.checkpoint`` region
+    keeps for its recomputation (``_CheckpointFrame.save_inputs``, torch 2.1+: a private hook
+    point, so a torch without it fails loudly rather than under-counting)."""
+    from torch.utils import checkpoint as ckpt
+
+    frame = getattr(ckpt, "_CheckpointFrame", None)
+    if frame is None or not hasattr(frame, "save_inputs"):
+        raise RuntimeError("this torch has no torch.utils.checkpoint._CheckpointFrame.save_inputs: "
+                           "measure_saved cannot see the checkpointed inputs")
+    original = frame.save_inputs
+
+    def save_inputs(self, *args):
+        for arg in args:
+            if torch.is_tensor(arg):
+                record(arg)
+        return original(self, *args)
+
+    frame.save_inputs = save_inputs
+    try:
+        yield
+    finally:
+        frame.save_inputs = original
 
 
 def measure_cpu_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "fp32",
