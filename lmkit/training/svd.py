@@ -165,9 +165,12 @@ class AdaptiveSVDHook(TrainingHook):
             metrics = dict(a.metrics)
             action = "snapshot" if a.reason == "initial_svd_computation" else "keep"
             mode_before, r_before = layer.mode, layer.r
+            # the analysis's SVD is of the effective weight every action keeps (up to rounding):
+            # one SVD per layer and analysis
+            svd = a.svd if a.svd is not None else self.cfg.svd_device
             if a.want == "lowrank" and layer.mode == "full":
                 before = layer.effective_weight()
-                layer.switch_to_lowrank(a.r_next, svd=self.cfg.svd_device)
+                layer.switch_to_lowrank(a.r_next, svd=svd)
                 metrics["milora_max_abs_diff"] = float((layer.effective_weight() - before).abs().max())
                 action = "to_lowrank"
             elif a.want == "full" and layer.mode == "lowrank":
@@ -175,7 +178,7 @@ class AdaptiveSVDHook(TrainingHook):
                 action = "to_full"
             elif layer.mode == "lowrank" and a.r_next is not None and a.r_next != layer.r \
                     and a.reason not in ("no_gradient_yet", "invalid_gradient", "invalid_weight"):
-                layer.refactor(a.r_next)
+                layer.refactor(a.r_next, svd=svd)
                 action = "refactor"
             if action in ("to_lowrank", "to_full"):
                 switched = True
@@ -183,7 +186,7 @@ class AdaptiveSVDHook(TrainingHook):
                 self.last_switch[name] = [step.step, a.reason]
             refactored = refactored or action == "refactor"
             if a.reason not in ("no_gradient_yet", "invalid_gradient", "invalid_weight"):
-                layer.update_snapshot(svd=self.cfg.svd_device)
+                layer.update_snapshot(svd=svd)
             layer.capture_grad = False
             event = SVDAnalysis(step=step.step, layer=name, mode=mode_before, r=r_before, r_next=a.r_next,
                                 metrics=metrics, reason=a.reason, action=action, mode_after=layer.mode,
