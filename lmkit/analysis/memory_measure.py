@@ -63,8 +63,8 @@ def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
             the math kernel) or ``eager`` (the math SDPA kernel forced).
         device: where to run.
         grad_checkpointing: ``model.set_grad_checkpointing(True)``; the inputs each
-            ``torch.utils.checkpoint`` region keeps (which it stores outside autograd's saved
-            tensors, so the hooks never see them) are counted too.
+            (non-reentrant) ``torch.utils.checkpoint`` region keeps for its recomputation are
+            saved through autograd too, so the hooks count them.
 
     Returns:
         ``{"weights", "gradients", "optimizer_state", "saved_for_backward", "total"}`` in bytes.
@@ -97,7 +97,7 @@ def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
                 saved[s.data_ptr()] = s.nbytes()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _checkpoint_inputs(pack):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with autocast:
                 _, loss = model(x, y)
         loss.backward()
@@ -109,32 +109,6 @@ def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
     }
     out["total"] = sum(out.values())
     return out
-
-
-@contextlib.contextmanager
-def _checkpoint_inputs(record):
-    """Call ``record`` on every tensor input a non-reentrant ``torch.utils.checkpoint`` region
-    keeps for its recomputation (``_CheckpointFrame.save_inputs``, torch 2.1+: a private hook
-    point, so a torch without it fails loudly rather than under-counting)."""
-    from torch.utils import checkpoint as ckpt
-
-    frame = getattr(ckpt, "_CheckpointFrame", None)
-    if frame is None or not hasattr(frame, "save_inputs"):
-        raise RuntimeError("this torch has no torch.utils.checkpoint._CheckpointFrame.save_inputs: "
-                           "measure_saved cannot see the checkpointed inputs")
-    original = frame.save_inputs
-
-    def save_inputs(self, *args):
-        for arg in args:
-            if torch.is_tensor(arg):
-                record(arg)
-        return original(self, *args)
-
-    frame.save_inputs = save_inputs
-    try:
-        yield
-    finally:
-        frame.save_inputs = original
 
 
 def measure_cpu_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "fp32",
