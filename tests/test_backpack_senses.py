@@ -342,3 +342,23 @@ def test_remote_code_computes_every_backpack_option(tmp_path, options):
         mask[1, :3] = 0
         padded = hf(input_ids=x[:2], attention_mask=mask).logits
         assert (padded[1, 3:] - model(x[1:2, 3:])[0][0]).abs().max() < 1e-5
+
+
+def test_the_log_resumes_exactly(runs):
+    """Resuming a copy of the run from its step-4 checkpoint moves the later records aside and
+    writes the same senses.jsonl and training_log.json as the uninterrupted run."""
+    import shutil
+
+    from lmkit.training.loop import Trainer
+    from lmkit.training.resume import resume_config
+
+    straight = runs["bp"].run.path
+    copy = runs["root"] / "runs" / "bp-resumed"
+    shutil.copytree(straight, copy)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMKIT_CACHE_DIR", str(runs["root"] / "cache"))
+        config, changes = resume_config(copy / "config.yaml", [])
+        Trainer(config, lambda e: None, resume_dir=copy, checkpoint="step_0000004", config_changes=changes).run()
+    assert (copy / "senses.jsonl").read_text() == (straight / "senses.jsonl").read_text()
+    assert json.loads((copy / "training_log.json").read_text()) == json.loads((straight / "training_log.json").read_text())
+    assert (copy / "superseded" / "senses.jsonl").exists()

@@ -110,11 +110,17 @@ class SensesHook(TrainingHook):
     # -- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"log": json.loads(json.dumps(self.log)), "logs": self.logs}
+        loss_sum = None if self.loss_sum is None else float(self.loss_sum.item())
+        return {"log": json.loads(json.dumps(self.log)), "logs": self.logs, "loss_sum": loss_sum,
+                "loss_steps": self.loss_steps, "last_lr": self.last_lr}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.log = {**_empty_log(), **{k: list(v) for k, v in dict(state.get("log", {})).items()}}
         self.logs = int(state.get("logs", 0))
+        loss_sum = state.get("loss_sum")
+        self.loss_sum = None if loss_sum is None else torch.tensor(float(loss_sum), dtype=torch.float64)
+        self.loss_steps = int(state.get("loss_steps", 0))
+        self.last_lr = float(state.get("last_lr", math.nan))
 
     def summary(self) -> dict[str, Any]:
         """``summary.json["senses"]``: how many logs were written and of which words."""
@@ -134,8 +140,8 @@ class SensesHook(TrainingHook):
             f"{len(self.queries)} word token(s), activation over {len(self.val):,} val tokens")))
 
     def after_step(self, trainer: Trainer, step: StepOutput) -> None:
-        loss = step.loss.detach().float()
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        loss = step.loss.detach().double()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss.to(self.loss_sum.device)
         self.loss_steps += 1
         self.last_lr = float(step.lr)
         if trainer.due(self.cfg.log_interval) or trainer.step == trainer.max_steps:
