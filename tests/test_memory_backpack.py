@@ -130,3 +130,36 @@ def test_doctor_shows_the_sense_rows(preset, rows, params):
     assert "Difference from" in result.output and "target: 0.0%" in result.output
     for row in rows:
         assert f"│ {row} " in result.output, row
+
+
+# --------------------------------------------------------------------------------------
+# CUDA (not run on the CPU machines this was written on: the CUDA-only terms -- 1-byte dropout
+# masks, the legacy sense weights' fp32 softmax -- are checked here first)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [bp_cfg, legacy_cfg], ids=["backpack", "legacy"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cuda_fp16_saved_bytes_beyond_the_same_shape_gpt(make, dropout):
+    from lmkit.analysis.memory_measure import measure_saved
+    from lmkit.config import GPTConfig
+
+    cfg = make(dropout=dropout, n_embd=64, block_size=64)
+    gpt = GPTConfig(**{**BASE, "n_embd": 64, "block_size": 64, "dropout": dropout,
+                       "tie_embeddings": cfg.tie_embeddings})
+    measured = {c.type: measure_saved(c, 4, precision="fp16", device="cuda")["saved_for_backward"] for c in (cfg, gpt)}
+    est = {c.type: estimate_memory(c, 4, precision="fp16", device="cuda").saved_for_backward for c in (cfg, gpt)}
+    assert est[cfg.type] - est["gpt"] == measured[cfg.type] - measured["gpt"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("make", "ckpt"), [(bp_cfg, False), (bp_cfg, True), (legacy_cfg, False)])
+def test_cuda_peak_within_10_percent_of_max_memory_allocated(make, ckpt):
+    from lmkit.analysis.memory_measure import measure_cuda_peak
+
+    cfg = make(n_layer=4, n_head=8, n_embd=256, block_size=256, vocab_size=2048, n_senses=16, dropout=0.1)
+    measured = measure_cuda_peak(cfg, 8, precision="fp16", grad_checkpointing=ckpt)
+    est = estimate_memory(cfg, 8, precision="fp16", grad_checkpointing=ckpt, device="cuda")
+    assert not measured["oom"]
+    assert est.peak_allocated == pytest.approx(measured["max_allocated"], rel=0.10)
