@@ -68,6 +68,21 @@ def test_saved_bytes_equal_the_measurement(make, precision, ckpt, dropout):
     assert 0 <= measured["optimizer_state"] - est.row("optimizer state").size_bytes < 4 * 100
 
 
+@pytest.mark.parametrize("options", [dict(norm="rmsnorm"), dict(norm="rmsnorm", norm_affine=False), dict(bias=True),
+                                     dict(activation="relu2"), dict(pos_encoding="rope", qk_norm=True)],
+                         ids=["rmsnorm", "no-gain", "bias", "relu2", "rope-qknorm"])
+@pytest.mark.parametrize(("precision", "ckpt"), [("bf16", False), ("fp32", True)])
+def test_saved_bytes_equal_the_measurement_with_the_gpt_options(options, precision, ckpt):
+    # the sense network's norms and MLPs follow the config's norm, gain, bias and activation
+    from lmkit.analysis.memory_measure import measure_saved
+
+    torch.set_num_threads(1)
+    cfg = bp_cfg(dropout=0.1, **options)
+    measured = measure_saved(cfg, 3, precision=precision, grad_checkpointing=ckpt)
+    est = estimate_memory(cfg, 3, precision=precision, attention="eager", device="cpu", grad_checkpointing=ckpt)
+    assert est.saved_for_backward == measured["saved_for_backward"]
+
+
 def test_the_sense_rows_follow_the_documented_formulas_at_the_europarl_preset():
     # backpack-europarl: B 32, T 512, d 384, k 16, r 4, fp16 on CUDA (1-byte dropout masks)
     cfg = bp_cfg(n_layer=6, n_head=6, n_embd=384, block_size=512, vocab_size=250_002, n_senses=16,

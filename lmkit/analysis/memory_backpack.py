@@ -19,9 +19,10 @@ with and without dropout and gradient checkpointing: :func:`lmkit.analysis.memor
 
 ==============================  ================================================================
 ``backpack``
-sense network                   norm inputs ``3·(4Nd + 8N)`` (LayerNorm), MLP inputs ``2·(aNd +
-                                2a·N·r·d)``, masks ``2·m₃₂·Nd + m_a·Nd + m_a·N·k·d``; with
-                                checkpointing only its input ``E x`` (``4Nd``)
+sense network                   norm inputs ``3·(4Nd + 8N)`` (LayerNorm; RMSNorm's as in the
+                                GPT), MLP inputs ``2·(aNd + 2a·N·r·d)``, masks ``2·m₃₂·Nd +
+                                m_a·Nd + m_a·N·k·d``; with checkpointing only its input ``E x``
+                                (``4Nd``)
 senses                          ``a·N·k·d`` (for ``α·C``; the checkpointed mixture's input too)
 α                               ``4·B·k·T²`` fp32 softmax output, plus its ``a``-byte cast
                                 ``a·B·k·T²`` under autocast; none with checkpointing
