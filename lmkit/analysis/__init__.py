@@ -1,3 +1,4 @@
-"""Analysis of models without training them: the memory estimator (``memory``,
-``memory_measure``), the environment report (``environment``) and the SVD metrics of
-``lmkit svd-analyze`` (``spectral``, ``svd_analyze``, ``svd_log``, ``svd_plots``)."""
+"""Analysis of models without training them: the memory estimator (``memory``, with the
+per-family terms of ``memory_family`` / ``memory_backpack``, checked by ``memory_measure``),
+the environment report (``environment``) and the SVD metrics of ``lmkit svd-analyze``
+(``spectral``, ``svd_analyze``, ``svd_log``, ``svd_plots``)."""
