@@ -329,7 +329,7 @@ def test_remote_code_computes_every_backpack_option(tmp_path, options):
     config = BackpackConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_senses=4, block_size=12, **options)
     model = build_model(config).eval()
     with torch.no_grad():  # non-trivial norm gains and biases
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     write_backpack_folder(model, config, None, tmp_path)
@@ -362,3 +362,19 @@ def test_the_log_resumes_exactly(runs):
     assert (copy / "senses.jsonl").read_text() == (straight / "senses.jsonl").read_text()
     assert json.loads((copy / "training_log.json").read_text()) == json.loads((straight / "training_log.json").read_text())
     assert (copy / "superseded" / "senses.jsonl").exists()
+
+
+def test_the_examples_transformer_differs_from_backpack_tiny_only_in_the_senses():
+    from pathlib import Path
+
+    from lmkit.config import build_run_config
+    from lmkit.models import build_model
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "backpack_vs_transformer" / "transformer-tiny.yaml"
+    gpt, bp = build_run_config(str(path), [], {}), build_run_config("backpack-tiny", [], {})
+    a, b = gpt.model_dump(), bp.model_dump()
+    assert a["data"] == b["data"] and a["training"] == b["training"]
+    assert {k for k in a["model"].keys() | b["model"].keys() if a["model"].get(k) != b["model"].get(k)} == {
+        "type", "n_senses", "sense_mlp_ratio"}
+    gpt.model.vocab_size = 2048
+    assert build_model(gpt.model, device="meta").num_params() == gpt.target_params == 664_192
