@@ -220,3 +220,40 @@ def test_muon_keeps_its_momentum_warmup_across_the_rebuilds_of_a_switch(tmp_path
     assert rebuilt and skipped
     # one count of the optimizer steps actually taken, through every rebuild (not since the last one)
     assert trainer.optimizer.steps_taken == 30 - len(skipped)
+
+
+def test_a_refactor_step_under_a_loss_scaler_unscales_once(tmp_path, monkeypatch):
+    # fp16 needs a GPU; on the CPU the same GradScaler code path runs with a forced scaler. A
+    # power-of-two scale is exact in fp32, so with the gradients unscaled once the run equals
+    # the unscaled one bit for bit; unscaling twice (the rebuilt optimizer unknown to the scaler)
+    # would shrink the re-factor steps' updates by 1024.
+    import lmkit.training.loop as loop
+
+    real = torch.amp.GradScaler
+
+    def run(scaled):
+        if scaled:
+            monkeypatch.setattr(loop.torch.amp, "GradScaler",
+                                lambda device, enabled: real(device, init_scale=1024.0, enabled=True))
+        else:
+            monkeypatch.setattr(loop.torch.amp, "GradScaler", real)
+        where = tmp_path / ("s" if scaled else "p")
+        where.mkdir()
+        trainer, _ = train_in_process(where, [*FORCE, "training.max_steps=14"])
+        assert isinstance(trainer.scaler, real) and trainer.scaler.is_enabled() == scaled
+        return trainer
+
+    plain, scaled = run(False), run(True)
+    actions = [r["action"] for r in svd_records(scaled.run.path)]
+    assert "refactor" in actions
+    a, b = plain.model.state_dict(), scaled.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_soft_capped_head_is_refused_as_a_target(tmp_path):
+    from lmkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a plain linear"):
+        train_in_process(tmp_path, ["svd.targets=[lm_head]", "model.tie_embeddings=false", "model.logit_softcap=15"])

@@ -321,6 +321,14 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.config.training, self.plan.device)
         if hasattr(old, "steps_taken") and hasattr(self.optimizer, "steps_taken"):
             self.optimizer.steps_taken = old.steps_taken  # Muon's momentum warmup goes on where it was
+        if hasattr(old, "found_inf"):  # the NaN guard's verdict for this step (fused AdamW)
+            self.optimizer.found_inf = old.found_inf
+        # Rebuilt between unscale_ and step (a hook's after_backward): GradScaler keys "already
+        # unscaled" by optimizer object, so hand the old one's record over, else the step would
+        # divide the gradients by the loss scale a second time.
+        records = getattr(self.scaler, "_per_optimizer_states", None)
+        if records is not None and id(old) in records:
+            records[id(self.optimizer)] = records.pop(id(old))
         if keep_state:
             for group in self.optimizer.param_groups:
                 for param in group["params"]:

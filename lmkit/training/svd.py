@@ -89,8 +89,11 @@ class AdaptiveSVDHook(TrainingHook):
         self.targets = resolve_targets(trainer.model, config.targets)
         for name in self.targets:
             module = trainer.model.get_submodule(name)
-            if not isinstance(module, torch.nn.Linear) and not hasattr(module, "effective_weight"):
-                raise ConfigError(f"svd.targets: {name} is a {type(module).__name__}, not a linear layer")
+            if type(module) is not torch.nn.Linear and not hasattr(module, "effective_weight"):
+                # a subclass (the soft-capped head) computes more than x·Wᵀ + b: the low-rank
+                # layer would silently drop it
+                raise ConfigError(f"svd.targets: {name} is a {type(module).__name__}, not a plain linear layer; "
+                                  "leave it out of svd.targets")
             if module is trainer.model.output_head() and trainer.model.tied_embeddings:
                 raise ConfigError(f"svd.targets: {name} shares its weight with the token embedding (tied); "
                                   "freezing it would freeze the embedding: leave it out, or set "
@@ -188,6 +191,7 @@ class AdaptiveSVDHook(TrainingHook):
             if a.reason not in ("no_gradient_yet", "invalid_gradient", "invalid_weight"):
                 layer.update_snapshot(svd=svd)
             layer.capture_grad = False
+            layer.reset_effective_grad()  # an out x in buffer: not kept between analyses
             event = SVDAnalysis(step=step.step, layer=name, mode=mode_before, r=r_before, r_next=a.r_next,
                                 metrics=metrics, reason=a.reason, action=action, mode_after=layer.mode,
                                 r_after=layer.r, seconds=time.perf_counter() - started)
