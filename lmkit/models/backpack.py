@@ -30,7 +30,6 @@ The Europarl experiment's original variant with a V × (d·k) sense table is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,8 +48,8 @@ from lmkit.models.backpack_layers import (
     mix_senses,
 )
 from lmkit.models.base import HeadEdit, KVCache, LanguageModel
-from lmkit.models.gpt import Block, CausalSelfAttention, RotaryEmbedding
-from lmkit.models.gpt_layers import init_nanochat, make_norm
+from lmkit.models.gpt import CausalSelfAttention, RotaryEmbedding, gpt_trunk
+from lmkit.models.gpt_layers import init_gpt2, init_nanochat
 
 __all__ = ["Backpack", "BackpackCapture", "BackpackKVCache", "BackpackLegacy", "SenseNetwork", "mix_senses"]
 
@@ -70,15 +69,7 @@ class Backpack(LanguageModel):
             raise ValueError("config.vocab_size must be set")
         self.config = config
         d = config.n_embd
-        modules: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, d)}
-        if config.pos_encoding == "learned":
-            modules["wpe"] = nn.Embedding(config.block_size, d)
-        if config.embed_norm:
-            modules["ln_emb"] = make_norm(config)
-        modules["drop"] = nn.Dropout(config.dropout)
-        modules["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        modules["ln_f"] = make_norm(config)
-        self.transformer = nn.ModuleDict(modules)
+        self.transformer = gpt_trunk(config)
         self.sense_network = SenseNetwork(config)
         self.sense_weight_net = SenseWeightNetwork(config)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -98,20 +89,7 @@ class Backpack(LanguageModel):
         if self.config.init == "nanochat":
             init_nanochat(self, tied=True)
             return
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        init_gpt2(self, self.config.init_std, self.config.n_layer)
 
     # --- the interface: accessors ------------------------------------------------------
 

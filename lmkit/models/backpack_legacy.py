@@ -17,7 +17,6 @@ original's description and forward pass, not copied.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,7 +29,7 @@ from lmkit.config.backpack import BackpackLegacyConfig
 from lmkit.data.batching import IGNORE_INDEX
 from lmkit.models.base import Capture, HeadEdit, KVCache, LanguageModel
 from lmkit.models.gpt import Block, CausalSelfAttention
-from lmkit.models.gpt_layers import make_norm
+from lmkit.models.gpt_layers import init_gpt2, make_norm
 
 __all__ = ["BackpackLegacy"]
 
@@ -65,20 +64,7 @@ class BackpackLegacy(LanguageModel):
     def reset_parameters(self) -> None:
         """The original's init: N(0, init_std) for Linear and Embedding weights, zero biases,
         unit LayerNorms, ``*.c_proj.weight`` ``init_std / sqrt(2 * n_layer)``."""
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        init_gpt2(self, self.config.init_std, self.config.n_layer)
 
     # --- the interface: accessors ------------------------------------------------------
 

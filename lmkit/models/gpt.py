@@ -41,7 +41,6 @@ an exact math path) attention probabilities.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -53,11 +52,11 @@ from torch.utils.checkpoint import checkpoint
 from lmkit.config import GPTConfig
 from lmkit.data.batching import IGNORE_INDEX
 from lmkit.models.base import Capture, HeadEdit, KVCache, LanguageModel, math_attention
-from lmkit.models.gpt_layers import SoftcapLinear, activation_fn, init_nanochat, make_norm
+from lmkit.models.gpt_layers import SoftcapLinear, activation_fn, init_gpt2, init_nanochat, make_norm
 
 ModelConfig = GPTConfig
 
-__all__ = ["GPT", "IGNORE_INDEX", "KVCache", "RotaryEmbedding", "apply_rotary", "math_attention"]
+__all__ = ["GPT", "gpt_trunk", "IGNORE_INDEX", "KVCache", "RotaryEmbedding", "apply_rotary", "math_attention"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -217,6 +216,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def gpt_trunk(config: GPTConfig) -> nn.ModuleDict:
+    """The decoder trunk, ``transformer``: ``wte`` ``(V, d)``, ``wpe`` ``(block_size, d)`` with
+    learned positions, ``ln_emb`` with ``embed_norm``, ``drop``, ``h`` (``n_layer`` :class:`Block`)
+    and ``ln_f``, built in that order (module creation draws from the RNG: the order is part of
+    a seeded model's weights). Shared by the families built on GPT blocks."""
+    d = config.n_embd
+    modules: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, d)}
+    if config.pos_encoding == "learned":
+        modules["wpe"] = nn.Embedding(config.block_size, d)
+    if config.embed_norm:
+        modules["ln_emb"] = make_norm(config)
+    modules["drop"] = nn.Dropout(config.dropout)
+    modules["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+    modules["ln_f"] = make_norm(config)
+    return nn.ModuleDict(modules)
+
+
 class GPT(LanguageModel):
     """Decoder-only language model (the ``gpt`` family); the interface is
     :class:`~lmkit.models.base.LanguageModel`.
@@ -238,15 +254,7 @@ class GPT(LanguageModel):
             raise ValueError("config.vocab_size must be set")
         self.config = config
         d = config.n_embd
-        modules: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, d)}
-        if config.pos_encoding == "learned":
-            modules["wpe"] = nn.Embedding(config.block_size, d)
-        if config.embed_norm:
-            modules["ln_emb"] = make_norm(config)
-        modules["drop"] = nn.Dropout(config.dropout)
-        modules["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        modules["ln_f"] = make_norm(config)
-        self.transformer = nn.ModuleDict(modules)
+        self.transformer = gpt_trunk(config)
         if config.logit_softcap is None:
             self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         else:
@@ -269,21 +277,7 @@ class GPT(LanguageModel):
         if self.config.init == "nanochat":
             init_nanochat(self, tied=self.config.tie_embeddings)
             return
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        resid_std = std / math.sqrt(2 * self.config.n_layer)
-        for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=resid_std)
+        init_gpt2(self, self.config.init_std, self.config.n_layer)
 
     # --- the interface: accessors ------------------------------------------------------
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from lmkit.config import GPTConfig
 
-__all__ = ["SoftcapLinear", "activation_fn", "init_nanochat", "make_norm", "relu2"]
+__all__ = ["SoftcapLinear", "activation_fn", "init_gpt2", "init_nanochat", "make_norm", "relu2"]
 
 
 def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
@@ -81,6 +81,27 @@ class SoftcapLinear(nn.Linear):
 
 
 @torch.no_grad()
+def init_gpt2(model: nn.Module, std: float, n_layer: int) -> None:
+    """GPT-2's initialisation over ``model`` (Radford et al. 2019, section 2.3; nanoGPT):
+    ``N(0, std)`` for every ``nn.Linear`` and ``nn.Embedding`` weight, zero biases, unit norm
+    gains and zero norm biases, then every ``*.c_proj.weight`` (the residual output
+    projections) ``N(0, std / sqrt(2 * n_layer))``."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    resid_std = std / math.sqrt(2 * n_layer)
+    for name, param in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(param, mean=0.0, std=resid_std)
+
+
 def init_nanochat(model: nn.Module, tied: bool) -> None:
     """nanochat's initialisation (``GPT.init_weights`` of November 2025) over ``model``.
 
