@@ -251,6 +251,8 @@ def test_no_code_outside_models_reaches_into_model_modules():
         rel = path.relative_to(root)
         if rel.parts[0] == "models":
             continue
+        if rel.as_posix() == "export/backpack_remote_modeling.py":
+            continue  # the Hugging Face model's own code, copied into exports: its modules, not lmkit's
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             code = line.split("#", 1)[0]
             code = re.sub(r"(\"[^\"]*\"|'[^']*')", "''", code)  # drop string literals (state-dict keys)
