@@ -257,3 +257,31 @@ def test_a_soft_capped_head_is_refused_as_a_target(tmp_path):
 
     with pytest.raises(ConfigError, match="not a plain linear"):
         train_in_process(tmp_path, ["svd.targets=[lm_head]", "model.tie_embeddings=false", "model.logit_softcap=15"])
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_optimizer_state_decides_what_a_switch_keeps(tmp_path, keep):
+    seen = {}
+
+    class OptState(TrainingHook):
+        name = "opt_state"
+
+        def before_step(self, trainer):
+            p = trainer.model.get_submodule("transformer.h.1.mlp.c_fc").weight
+            st = trainer.optimizer.state.get(p)
+            seen[trainer.step + 1] = None if not st else st["exp_avg"].clone()
+
+        def after_step(self, trainer, step):
+            p = trainer.model.get_submodule("transformer.h.1.mlp.c_fc").weight
+            st = trainer.optimizer.state.get(p)
+            seen[(trainer.step, "after")] = None if not st else st["exp_avg"].clone()
+
+    trainer, _ = train_in_process(tmp_path, [*FORCE, "training.max_steps=10",
+                                             f"svd.keep_optimizer_state={str(keep).lower()}"], hooks=[OptState()])
+    switch = min(r["step"] for r in svd_records(trainer.run.path) if r["action"] == "to_lowrank")
+    before, after = seen[switch], seen[(switch, "after")]
+    assert before is not None  # the layer that did not switch had its moments
+    if keep:
+        assert after is not None and torch.equal(before, after)  # kept, and not stepped (skipped update)
+    else:
+        assert after is None  # rebuilt fresh, as the original experiment did
