@@ -15,10 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmkit.errors import ConfigError
+from lmkit.errors import ConfigError, LmkitError
 
 METADATA_FILE = "lmkit_export.json"
 FAILED_MARKER = "EXPORT_FAILED"
+
+
+class ExportError(LmkitError):
+    """The export was written but failed verification (exit code 1); the folder is marked failed."""
+
+    exit_code = 1
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -83,3 +89,21 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def conclude(tmp: Path, out: Path, metadata: dict[str, Any], verification: dict[str, Any]) -> None:
+    """Finish a verified export: record ``verification`` in the metadata, then publish ``tmp`` as
+    ``out``, marked ``verified``, or marked failed when ``verification["passed"]`` is false.
+
+    Raises:
+        ExportError: verification failed (``out`` is written and marked failed; exit 1).
+    """
+    metadata["verification"] = verification
+    if not verification["passed"]:
+        reason = "; ".join(verification["problems"])
+        mark_failed(tmp, reason, metadata)
+        publish(tmp, out)
+        raise ExportError(f"export FAILED verification: {reason}; {out} is marked failed (see {out}/{FAILED_MARKER})")
+    metadata["status"] = "verified"
+    write_json(tmp / METADATA_FILE, metadata)
+    publish(tmp, out)

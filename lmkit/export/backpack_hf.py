@@ -180,7 +180,7 @@ def export_backpack_hf(loaded: LoadedRun, out: Path, *, dtype: str = "float32", 
     Raises:
         ExportError: verification failed; ``out`` is written and marked failed (exit 1).
     """
-    from lmkit.export.hf import ExportError, ExportResult, _source_metadata
+    from lmkit.export.hf import ExportResult, _source_metadata
     from lmkit.export.sample import validation_sample
     from lmkit.export.tokenizer import save_hf_tokenizer
 
@@ -217,15 +217,7 @@ def export_backpack_hf(loaded: LoadedRun, out: Path, *, dtype: str = "float32", 
             verification = verify_backpack_folder(tmp, loaded.model, loaded.tokenizer, sample.texts, sample.ids,
                                                   dtype=dtype)
             verification["sample_source"] = sample.source
-        metadata["verification"] = verification
-        if not verification["passed"]:
-            reason = "; ".join(verification["problems"])
-            _folder.mark_failed(tmp, reason, metadata)
-            _folder.publish(tmp, out)
-            raise ExportError(f"export FAILED verification: {reason}; {out} is marked failed (see {out}/EXPORT_FAILED)")
-        metadata["status"] = "verified"
-        _folder.write_json(tmp / _folder.METADATA_FILE, metadata)
-        _folder.publish(tmp, out)
+        _folder.conclude(tmp, out, metadata, verification)
     except BaseException:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -46,9 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmkit.errors import ConfigError, DataError, LmkitError, first_line
+from lmkit.errors import ConfigError, DataError, first_line
 from lmkit.events import Event, Notice, null_emit
 from lmkit.export import _folder
+from lmkit.export._folder import ExportError  # noqa: F401  (re-exported: lmkit.export.hf.ExportError)
 
 if TYPE_CHECKING:
     import torch
@@ -70,12 +71,6 @@ HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 INSTALL_HINT = 'lmkit export --to hf needs transformers: pip install "lmkit[hf]"'
-
-
-class ExportError(LmkitError):
-    """The export was written but failed verification (exit code 1); the folder is marked failed."""
-
-    exit_code = 1
 
 
 @dataclass
@@ -520,15 +515,7 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dty
                                 f"and {len(sample.texts)} text(s) through both tokenizers"))
             verification = verify_hf_folder(tmp, loaded.model, loaded.tokenizer, sample.texts, sample.ids, dtype=dtype)
             verification["sample_source"] = sample.source
-        metadata["verification"] = verification
-        if not verification["passed"]:
-            reason = "; ".join(verification["problems"])
-            _folder.mark_failed(tmp, reason, metadata)
-            _folder.publish(tmp, out)
-            raise ExportError(f"export FAILED verification: {reason}; {out} is marked failed (see {out}/EXPORT_FAILED)")
-        metadata["status"] = "verified"
-        _folder.write_json(tmp / _folder.METADATA_FILE, metadata)
-        _folder.publish(tmp, out)
+        _folder.conclude(tmp, out, metadata, verification)
     except BaseException:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
