@@ -63,6 +63,7 @@ class DataReady(Event):
     unit: str
     cache_dir: str | None
     reused: bool
+    stats: dict[str, Any] | None = None  # data statistics of the build (e.g. mul-token counts, compression)
 
 
 @dataclass(frozen=True)

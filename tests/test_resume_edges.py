@@ -106,9 +106,11 @@ def test_hand_edited_config_or_foreign_checkpoint_is_refused(cwd):
 def test_finished_runs_and_shorter_lengths_are_refused(cwd):
     assert train(cwd, "done", "--max-steps", "6").returncode == 0
     before = (cwd / "runs/done/summary.json").read_text()
-    for args in ([], ["--max-steps", "4"]):
-        result = run_cli("resume", "runs/done", *args, cwd=cwd, env=ENV)
-        assert result.returncode == 2 and "already at step 6" in result.stderr
+    finished = run_cli("resume", "runs/done", cwd=cwd, env=ENV)
+    assert finished.returncode == 2 and "has finished its 6 steps" in finished.stderr
+    shorter = run_cli("resume", "runs/done", "--max-steps", "4", cwd=cwd, env=ENV)
+    assert shorter.returncode == 2 and "the new length (4 steps) is shorter than what" in shorter.stderr
+    assert "has trained (6 steps)" in shorter.stderr
     assert (cwd / "runs/done/summary.json").read_text() == before
 
 

@@ -36,6 +36,8 @@ def train_command(
     seed: int = typer.Option(None, "--seed", help="Seed for initialisation, batches and dropout."),
     compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward."),
+    init_from: str = typer.Option(None, "--init-from", help="Start from weights: another run (RUN or "
+                                  "RUN:CHECKPOINT) or a Hugging Face model (hf:PATH_OR_NAME); fresh optimizer."),
     overrides: list[str] = typer.Option([], "--set", help="Override any config key, e.g. --set training.lr=3e-4 "
                                         "(repeatable)."),
     on_nan: str = typer.Option(None, "--on-nan", help="abort (default: stop before the update, exit 1) or skip "
@@ -66,6 +68,7 @@ def train_command(
         ("training.lr", "--lr", lr),
         ("training.seed", "--seed", seed),
         ("training.compile", "--compile", compile_),
+        ("init_from", "--init-from", init_from),
     ):
         if value is not None:
             flags[key] = (label, value)

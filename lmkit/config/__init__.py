@@ -58,6 +58,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from lmkit.config.mixture import SourceConfig
 from lmkit.errors import ConfigError
 
 # --------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ MODEL_CONFIGS: dict[str, type[BaseModel]] = {}
 DEFAULT_MODEL_TYPE = "gpt"
 
 #: Tokenizer names accepted by ``data.tokenizer`` (plus ``hf:NAME_OR_PATH``).
-TOKENIZERS = ("char", "byte", "bpe", "gpt2")
+TOKENIZERS = ("char", "byte", "bpe", "gpt2", "gpt2+mul")
 
 #: Data set names that are not paths: the built-in task and Hugging Face hub data sets.
 BUILTIN_DATASETS = ("arithmetic",)
@@ -371,14 +372,27 @@ class DataConfig(_Strict):
     max_tokens: int | None = Field(None, gt=0)
     cache_dir: str | None = None
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
+    # Seed 004's multiplication-fact tokens (lmkit.data.mul_tokens): None = not that study.
+    condition: Literal["baseline", "mul_tokens"] | None = None
+    legacy_regex: bool = False
+    include_synthetic: bool = False
+    # A mixture of several datasets (lmkit.data.mixture); replaces ``dataset`` when given.
+    sources: list[SourceConfig] | None = None
+    # Chat / supervised fine-tuning data (lmkit.data.chat).
+    format: Literal["text", "chat"] = "text"
+    loss_on: Literal["assistant", "all"] = "assistant"
+    inject_answers: bool = False
+    legacy_pad_mask: bool = False
 
     @field_validator("tokenizer")
     @classmethod
     def _known_tokenizer(cls, value: str) -> str:
         if value in TOKENIZERS or (value.startswith("hf:") and len(value) > 3):
             return value
+        close = difflib.get_close_matches(value, TOKENIZERS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
-            f"unknown tokenizer {value!r} (known: {', '.join(TOKENIZERS)}, or hf:NAME_OR_PATH)"
+            f"unknown tokenizer {value!r} ({hint}known: {', '.join(TOKENIZERS)}, or hf:NAME_OR_PATH)"
         )
 
     @field_validator("encoding")
@@ -485,6 +499,11 @@ class TrainConfig(_Strict):
     checkpoint_every_epochs: int | None = Field(None, gt=0)
     keep_last: int | None = Field(3, ge=1)
     tensorboard: bool = True
+    # Extra observers of the training events besides metrics.jsonl / events.jsonl / TensorBoard.
+    loggers: list[Literal["tensorboard", "wandb"]] | None = None
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None
 
     @field_validator("betas")
     @classmethod
@@ -570,6 +589,9 @@ class RunConfig(_Strict):
     model: _model_union() = Field(default_factory=GPTConfig)  # type: ignore[valid-type]
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainConfig
+    # Start from another run's weights (``RUN[:CHECKPOINT]``) or a Hugging Face model
+    # (``hf:PATH_OR_NAME``) with a fresh optimizer and schedule (lmkit.training.init_from).
+    init_from: str | None = None
 
     @field_validator("name")
     @classmethod

@@ -230,9 +230,14 @@ class Trainer:
         self.rng_notes: list[str] = []
         if resume_state is not None:
             restore_state(self, resume_state)
-            if self.max_steps <= self.step:
+            if self.max_steps < self.step:
                 raise ConfigError(
-                    f"resume: {self.run.path} is already at step {self.step} of {self.max_steps}; "
+                    f"resume: the new length ({self.max_steps} steps) is shorter than what {self.run.path} "
+                    f"has trained ({self.step} steps); pass --max-steps N with N > {self.step} to train further"
+                )
+            if self.max_steps == self.step:
+                raise ConfigError(
+                    f"resume: {self.run.path} has finished its {self.max_steps} steps; "
                     f"to train further pass --max-steps N with N > {self.step} (or a larger --epochs)"
                 )
         self.train_model = torch.compile(self.model) if tcfg.compile else self.model
@@ -249,8 +254,13 @@ class Trainer:
             self.superseded = align_checkpoints(self.run.checkpoints, self.resume_path, self.step, resume_state)
         writers: list[Callable[[Event], None]] = [MetricsWriter(self.run.metrics_path),
                                                   EventsWriter(self.run.events_path)]
-        if tcfg.tensorboard:
+        loggers = tcfg.loggers if tcfg.loggers is not None else (["tensorboard"] if tcfg.tensorboard else [])
+        if "tensorboard" in loggers:
             writers.append(TensorBoardWriter(self.run.tb_dir, purge_step=self.step + 1 if resume_state else None))
+        if "wandb" in loggers:
+            from lmkit.monitor.wandb import WandbWriter  # needs the lmkit[wandb] extra
+
+            writers.append(WandbWriter(cfg, self.run, resumed=resume_state is not None))
         for event in data_events:  # the console saw these already; the run directory records them
             broadcast(writers)(event)
         self.emit = broadcast([*writers, self.user_emit])
