@@ -46,7 +46,7 @@ def resolve_tasks(names: list[str]) -> dict[str, Any]:
         ConfigError: unknown task (listing the known ones), or a task whose module is not
             part of this build.
     """
-    from lmkit.evaluation.task import TASKS, get_task
+    from lmkit.evaluation.task import TASKS, get_task, task_module
 
     funcs: dict[str, Any] = {}
     for name in names:
@@ -55,7 +55,7 @@ def resolve_tasks(names: list[str]) -> dict[str, Any]:
         try:
             funcs[name] = get_task(name)
         except ModuleNotFoundError as exc:
-            module = TASKS[name].partition(":")[0]
+            module = task_module(name)
             if exc.name != module:
                 raise
             raise ConfigError(f"--task {name}: not available in this build ({module} is missing); "
@@ -131,7 +131,8 @@ class _Progress:
 def eval_command(
     run: str = typer.Argument(..., help="Run directory (runs/NAME) or a run name under --out-dir."),
     tasks: list[str] = typer.Option(..., "--task", "-t", help="Task to run (repeatable): perplexity, arithmetic, "
-                                    "hellaswag, gsm8k, arithmetic-probes, sample, senses."),
+                                    "hellaswag, gsm8k, arithmetic-probes, sample, senses, head-ablation, depth-probe, attention, "
+                                    "lm-eval:TASK."),
     checkpoint: str = typer.Option("best", "--checkpoint", "-c", help="best, latest, step_…, epoch_…, a path, or "
                                    "'all' to sweep every checkpoint (writes a curve per task)."),
     data: Path = typer.Option(None, "--data", help="Local data instead of the task's default (a text file for "
@@ -162,6 +163,15 @@ def eval_command(
                                           "multiplies that sense's weights for WORD's tokens (0 removes it; repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (human output "
                                   "goes to stderr)."),
+    ablate_heads: str = typer.Option(None, "--ablate-heads", help="head-ablation: also ablate these heads together, "
+                                     "e.g. L0H2,L0H3."),
+    probe_heads: bool = typer.Option(False, "--probe-heads", help="depth-probe: also probe every (layer, head)'s "
+                                     "output, not only the residual stream."),
+    exprs: list[str] = typer.Option([], "--expr", help="attention: the expression whose attention patterns to draw "
+                                    "(repeatable)."),
+    accuracy: str = typer.Option(None, "--accuracy", help="head-ablation: teacher-forced (default), exact-match "
+                                 "(greedy generation) or legacy-eos (the seed's last-label metric)."),
+    include_path: Path = typer.Option(None, "--include-path", help="lm-eval:TASK: a folder of extra task YAML files."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: the cores "
                                 "that other processes leave free; also LMKIT_THREADS, OMP_NUM_THREADS)."),
 ) -> None:
@@ -196,6 +206,20 @@ def eval_command(
         options["word"] = list(words)
     if sense_scale:
         options["sense_scale"] = list(sense_scale)
+    if ablate_heads is not None:
+        options["ablate_heads"] = ablate_heads
+    if probe_heads:
+        options["probe_heads"] = True
+    if exprs:
+        options["expr"] = list(exprs)
+    if accuracy is not None:
+        if accuracy not in ("teacher-forced", "exact-match", "legacy-eos"):
+            raise ConfigError(f"--accuracy {accuracy}: choose teacher-forced, exact-match or legacy-eos")
+        options["accuracy"] = accuracy
+    if include_path is not None:
+        if not include_path.is_dir():
+            raise ConfigError(f"--include-path {include_path}: not a folder (give the folder of the task YAML files)")
+        options["include_path"] = str(include_path)
 
     from lmkit.threads import apply_threads, choose_threads
 
@@ -204,7 +228,7 @@ def eval_command(
 
     from lmkit import __version__
     from lmkit.device import resolve_device
-    from lmkit.evaluation.task import EvalContext
+    from lmkit.evaluation.task import EvalContext, file_stem
     from lmkit.rundir import RunDir
     from lmkit.runs import list_checkpoints, load_run
 
@@ -256,10 +280,10 @@ def eval_command(
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
                 if sweep:
-                    path = run_dir.eval_dir / name / f"step_{loaded.step:07d}.json"
+                    path = run_dir.eval_dir / file_stem(name) / f"step_{loaded.step:07d}.json"
                     sweeps[name].append(record)
                 else:
-                    path = run_dir.eval_dir / f"{name}.json"
+                    path = run_dir.eval_dir / f"{file_stem(name)}.json"
                 _write_json(path, record)
                 record["file"] = str(path)
                 files.append(str(path))
@@ -280,12 +304,12 @@ def eval_command(
         headline = rows[-1]["headline"]
         table = [{"step": r["step"], "tokens": r["tokens"], "checkpoint": r["checkpoint"], "headline": headline,
                   "metrics": r["metrics"]} for r in rows]
-        summary_path = run_dir.eval_dir / name / "checkpoint_results.json"
+        summary_path = run_dir.eval_dir / file_stem(name) / "checkpoint_results.json"
         _write_json(summary_path, table)
         from lmkit.evaluation.curves import plot_sweep
 
         chance = rows[-1].get("details", {}).get("chance")
-        png = plot_sweep(table, task=name, metric=headline, path=run_dir.eval_dir / name / "curve.png",
+        png = plot_sweep(table, task=name, metric=headline, path=run_dir.eval_dir / file_stem(name) / "curve.png",
                          title=f"{run_dir.name}: {name} {headline}{_direction(rows[-1], headline)}",
                          chance=chance)
         files += [str(summary_path), str(png)]

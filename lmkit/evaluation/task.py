@@ -41,6 +41,15 @@ TASKS: dict[str, str] = {
     "arithmetic-probes": "lmkit.evaluation.probes:evaluate",
     "sample": "lmkit.evaluation.sample:evaluate",
     "senses": "lmkit.evaluation.senses:evaluate",
+    "head-ablation": "lmkit.evaluation.head_ablation:evaluate",
+    "depth-probe": "lmkit.evaluation.depth_probe:evaluate",
+    "attention": "lmkit.evaluation.attention_map:evaluate",
+}
+
+#: task-name prefix -> "module:function" taking ``(ctx, rest)``: ``lm-eval:TASK`` runs an
+#: lm-evaluation-harness task named ``TASK``.
+TASK_PREFIXES: dict[str, str] = {
+    "lm-eval:": "lmkit.evaluation.lm_eval:evaluate",
 }
 
 #: What a metric's direction may be (:attr:`TaskResult.directions`): a larger value is
@@ -158,10 +167,33 @@ def get_task(name: str) -> Callable[[EvalContext], TaskResult]:
     Raises:
         ConfigError: unknown task (the message lists the known ones).
     """
+    for prefix, target in TASK_PREFIXES.items():
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            if not rest:
+                raise ConfigError(f"--task {name}: name the task after {prefix!r} (e.g. {prefix}hellaswag)")
+            module, _, func = target.partition(":")
+            evaluate = getattr(importlib.import_module(module), func)
+            return lambda ctx: evaluate(ctx, rest)
     if name not in TASKS:
-        raise ConfigError(f"--task {name}: unknown task; choose from {', '.join(TASKS)}")
+        known = [*TASKS, *(f"{p}TASK" for p in TASK_PREFIXES)]
+        raise ConfigError(f"--task {name}: unknown task; choose from {', '.join(known)}")
     module, _, func = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def task_module(name: str) -> str:
+    """The module that implements task ``name`` (a registered name or a prefixed one)."""
+    for prefix, target in TASK_PREFIXES.items():
+        if name.startswith(prefix):
+            return target.partition(":")[0]
+    return TASKS[name].partition(":")[0]
+
+
+def file_stem(name: str) -> str:
+    """The file/folder name of task ``name``'s results under ``runs/NAME/eval/``
+    (``lm-eval:hellaswag`` -> ``lm-eval_hellaswag``: no ``:`` in file names)."""
+    return name.replace(":", "_").replace("/", "_")
 
 
 def file_sha256(path: Path) -> str:
