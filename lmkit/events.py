@@ -49,6 +49,7 @@ class DataProgress(Event):
     completed: int
     total: int | None
     unit: str = "rows"
+    tokens: int | None = None  # tokens written so far (the console shows tokens and tokens/s)
 
 
 @dataclass(frozen=True)
