@@ -1,15 +1,20 @@
-"""Data: from ``data.dataset`` to token ids ready for batching.
+"""Data: from ``data.dataset`` (or a ``data.sources`` mixture) to token ids ready for batching.
 
-:func:`prepare_data` returns a :class:`PreparedData` for one of two tasks:
+:func:`prepare_data` returns a :class:`PreparedData` for one of three tasks:
 
 * ``"lm"`` -- a token stream per split (memory-mapped shards, see
-  :mod:`lmkit.data.shards`), trained on random windows;
+  :mod:`lmkit.data.shards`), trained on random windows; one data set or a mixture of
+  several (:mod:`lmkit.data.mixture`);
 * ``"arithmetic"`` -- the arithmetic experiment's examples (built in, or the seed's JSONL files), trained
-  as whole padded sequences and evaluated by exact match of the generated answer.
+  as whole padded sequences and evaluated by exact match of the generated answer;
+* ``"chat"`` -- conversations for supervised fine-tuning (``data.format: chat``,
+  :mod:`lmkit.data.chat`), trained as whole padded sequences whose targets carry the loss
+  mask (:class:`~lmkit.data.batching.LabelledSequence`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,13 +29,13 @@ from lmkit.data.arithmetic import (
     generate_arithmetic,
     load_arithmetic_files,
 )
-from lmkit.data.batching import ExampleBatches, TokenWindows
+from lmkit.data.batching import IGNORE_INDEX, ExampleBatches, LabelledSequence, TokenWindows
 from lmkit.data.shards import TokenShards, prepare_shards
 from lmkit.data.sources import load_text_source
 from lmkit.data.token_bytes import token_byte_table
 from lmkit.data.tokenizers import AddedToken, CharTokenizer, Tokenizer
 from lmkit.errors import ConfigError, DataError
-from lmkit.events import DataReady, Event, null_emit
+from lmkit.events import DataReady, Event, Notice, null_emit
 
 
 @dataclass
@@ -38,11 +43,14 @@ class PreparedData:
     """Tokenised data of a run.
 
     Attributes:
-        task: ``"lm"`` or ``"arithmetic"``.
+        task: ``"lm"``, ``"arithmetic"`` or ``"chat"``.
         tokenizer: the tokenizer the ids come from (saved into the run directory).
         description: human-readable source description.
         shards: token shards (``lm``).
-        examples / sequences: per split, the examples and their id sequences (``arithmetic``).
+        examples / sequences: per split, the examples and their id sequences (``arithmetic``;
+            ``chat`` has sequences only, each a :class:`LabelledSequence`).
+        texts: per split, each conversation's text (``chat``).
+        stats: data statistics of the build (:class:`~lmkit.events.DataReady` ``stats``).
         max_id: the largest id in any split (must be < ``model.vocab_size``).
     """
 
@@ -53,6 +61,9 @@ class PreparedData:
     shards: TokenShards | None = None
     examples: dict[str, list[ArithmeticExample]] = field(default_factory=dict)
     sequences: dict[str, list[list[int]]] = field(default_factory=dict)
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    stats: dict | None = None
+    _fixed_fingerprint: str | None = field(default=None, repr=False)
     _table_bytes: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -109,10 +120,15 @@ class PreparedData:
 
         Text data: the rows as tokenized (from the shard's meta.json; for an older entry,
         of the decoded ids, which is the same text for the lossless byte/gpt2/bpe/char
-        tokenizers). Arithmetic: of the split's examples, one ``expr=result`` per line.
+        tokenizers). Arithmetic: of the split's examples, one ``expr=result`` per line. Chat: of
+        the conversations' texts, one per line.
         """
         import hashlib
 
+        if self.task == "chat":
+            if split not in self.texts:
+                raise DataError(f"the data has no {split} split (splits: {', '.join(self.texts)})")
+            return hashlib.sha256("".join(t + "\n" for t in self.texts[split]).encode()).hexdigest()
         if self.shards is None:
             lines = "".join(f"{ex.expr}={ex.result}\n" for ex in self.examples.get(split, []))
             return hashlib.sha256(lines.encode()).hexdigest()
@@ -124,9 +140,12 @@ class PreparedData:
 
     def fingerprint(self) -> str:
         """Identifies the exact token ids of every split (tokenizer + source content), so a
-        resume can refuse data that changed since the run started."""
+        resume can refuse data that changed since the run started. Chat data: of the ids and
+        labels as encoded, before any cut to the model's length (which the run config fixes)."""
         import hashlib
 
+        if self._fixed_fingerprint is not None:
+            return self._fixed_fingerprint
         h = hashlib.sha256(self.tokenizer.fingerprint().encode())
         if self.shards is not None:
             h.update(str(self.shards.meta["source"]["fingerprint"]).encode())
@@ -136,7 +155,23 @@ class PreparedData:
                 h.update(split.encode())
                 for seq in self.sequences[split]:
                     h.update(np.asarray(seq, dtype=np.int32).tobytes())
+                    labels = getattr(seq, "labels", None)
+                    if labels is not None:
+                        h.update(np.asarray(labels, dtype=np.int32).tobytes())
         return h.hexdigest()[:16]
+
+    def truncate(self, block_size: int) -> int:
+        """Cut every chat sequence to ``block_size + 1`` ids (``block_size`` inputs; a cut item
+        loses its final EOS); return how many were cut now. Other tasks: nothing (0)."""
+        if self.task != "chat":
+            return 0
+        cut = 0
+        for seqs in self.sequences.values():
+            for k, seq in enumerate(seqs):
+                if len(seq) > block_size + 1:
+                    seqs[k] = seq.truncated(block_size + 1) if isinstance(seq, LabelledSequence) else seq[:block_size + 1]
+                    cut += 1
+        return cut
 
     def longest_sequence(self) -> int:
         """Longest example in ids (arithmetic), including BOS and EOS."""
@@ -170,10 +205,15 @@ class PreparedData:
             for split in ("train", "val"):
                 count = self.shards.count(split)
                 if count < model.block_size + 1:
+                    # A larger val_fraction grows val but shrinks train (and does nothing for a val file).
+                    fix = "a smaller" if split == "train" else "a larger"
+                    fix += " data.val_fraction (when val is split off the training text)"
                     raise DataError(
                         f"the {split} split has {count:,} tokens, fewer than block_size + 1 = {model.block_size + 1}; "
-                        f"use more data, a larger data.val_fraction, or a smaller model.block_size"
+                        f"use more data, {fix}, or a smaller model.block_size"
                     )
+        if self.task == "chat":
+            self.truncate(model.block_size)
         if self.task == "arithmetic":
             need = self.longest_sequence() - 1
             if need > model.block_size:
@@ -184,39 +224,145 @@ class PreparedData:
 
 
 def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit, *,
-                 added_tokens: tuple[AddedToken, ...] = ()) -> PreparedData:
+                 added_tokens: tuple[AddedToken, ...] = (), tokenizer: Tokenizer | None = None,
+                 block_size: int | None = None) -> PreparedData:
     """Load, tokenise (or reuse cached shards) and describe the data of a run.
 
     Args:
         config: the run's data settings.
-        emit: receives data events.
+        emit: receives data events (:class:`~lmkit.events.DataProgress`, a
+            :class:`~lmkit.events.Notice` when chat items are cut, then
+            :class:`~lmkit.events.DataReady` with the build's ``stats``).
         added_tokens: tokens added to the tokenizer at fixed ids (text data only).
+        tokenizer: encode with this tokenizer (e.g. the source run's, when fine-tuning)
+            instead of building or training the one ``data.tokenizer`` names.
+        block_size: the model's context; chat items longer than ``block_size + 1`` ids are cut
+            here and counted in the description (without it, :meth:`PreparedData.check_model`
+            cuts them).
 
     Raises:
+        ConfigError: conflicting settings (``data.dataset`` and ``data.sources``, a mixture of
+            chat data, ``data.inject_answers`` outside the ``mul_tokens`` condition).
         DataError: any problem with the source (one line naming the file or name).
     """
     dataset = config.dataset
-    if added_tokens and (dataset == "arithmetic" or _is_arithmetic_jsonl(dataset)):
-        raise DataError("added tokens apply to text data, not to the arithmetic task's fixed vocabulary")
-    if dataset == "arithmetic":
-        splits = generate_arithmetic(config.arithmetic)
-        data = _arithmetic_data(splits, "built-in arithmetic task (seed "
-                                f"{config.arithmetic.seed})", config)
-    elif _is_arithmetic_jsonl(dataset):
-        splits = load_arithmetic_files(Path(dataset))
-        data = _arithmetic_data(splits, f"arithmetic examples from {dataset}", config)
+    if config.sources is not None:
+        from lmkit.data.mixture import check_sources
+
+        check_sources(config)
+    elif config.format == "chat":
+        return _chat_data(config, emit, tuple(added_tokens), tokenizer, block_size)
+    if config.sources is None and (dataset == "arithmetic" or _is_arithmetic_jsonl(dataset)):
+        if added_tokens:
+            raise DataError("added tokens apply to text data, not to the arithmetic task's fixed vocabulary")
+        if tokenizer is not None and tokenizer.fingerprint() != CharTokenizer().fingerprint():
+            raise DataError(f"the arithmetic task has its own character vocabulary; the given {tokenizer.kind} "
+                            "tokenizer cannot encode it")
+        if dataset == "arithmetic":
+            splits = generate_arithmetic(config.arithmetic)
+            data = _arithmetic_data(splits, "built-in arithmetic task (seed "
+                                    f"{config.arithmetic.seed})", config)
+        else:
+            splits = load_arithmetic_files(Path(dataset))
+            data = _arithmetic_data(splits, f"arithmetic examples from {dataset}", config)
+        emit(DataReady(description=data.description, tokenizer=data.tokenizer.kind,
+                       vocab_size=data.tokenizer.vocab_size, split_sizes=data.split_sizes(),
+                       unit="examples", cache_dir=None, reused=False))
+        return data
+    if config.sources is not None:
+        from lmkit.data.mixture import load_mixture
+
+        source = load_mixture(config, emit)
+        shard_config = config.model_copy(update={"dataset": "mixture"})
     else:
         source = load_text_source(config)
-        shards, tokenizer = prepare_shards(source, config, emit, added_tokens=tuple(added_tokens))
-        max_id = max(shards.max_id(s) for s in shards.splits)
-        data = PreparedData("lm", tokenizer, source.description, max_id, shards=shards)
-        emit(DataReady(description=source.description, tokenizer=tokenizer.kind,
-                       vocab_size=tokenizer.vocab_size, split_sizes=data.split_sizes(), unit="tokens",
-                       cache_dir=str(shards.directory), reused=shards.reused))
-        return data
-    emit(DataReady(description=data.description, tokenizer=data.tokenizer.kind,
-                   vocab_size=data.tokenizer.vocab_size, split_sizes=data.split_sizes(),
-                   unit="examples", cache_dir=None, reused=False))
+        shard_config = config
+    shards, used = _shards_with(source, shard_config, emit, tuple(added_tokens), tokenizer)
+    max_id = max(shards.max_id(s) for s in shards.splits)
+    stats = getattr(shards, "stats", None)
+    data = PreparedData("lm", used, source.description, max_id, shards=shards, stats=stats)
+    emit(DataReady(description=source.description, tokenizer=used.kind,
+                   vocab_size=used.vocab_size, split_sizes=data.split_sizes(), unit="tokens",
+                   cache_dir=str(shards.directory), reused=shards.reused, stats=stats))
+    return data
+
+
+def _shards_with(source, config: DataConfig, emit: Callable[[Event], None], added_tokens: tuple[AddedToken, ...],
+                 tokenizer: Tokenizer | None) -> tuple[TokenShards, Tokenizer]:
+    """:func:`prepare_shards`, encoding with ``tokenizer`` when one is given."""
+    if tokenizer is None:
+        return prepare_shards(source, config, emit, added_tokens=added_tokens)
+    import inspect
+
+    if "tokenizer" in inspect.signature(prepare_shards).parameters:
+        return prepare_shards(source, config, emit, added_tokens=added_tokens, tokenizer=tokenizer)
+    # Until the shard builder takes a tokenizer: the one built from the same settings must be it.
+    shards, built = prepare_shards(source, config, emit, added_tokens=tuple(added_tokens) or tokenizer.added_tokens)
+    if built.fingerprint() != tokenizer.fingerprint():
+        raise DataError(f"data.tokenizer: the {built.kind} tokenizer built for {config.dataset} differs from the "
+                        f"given {tokenizer.kind} tokenizer; encoding text shards with a given tokenizer needs "
+                        "lmkit.data.shards.prepare_shards(tokenizer=...)")
+    return shards, tokenizer
+
+
+def _chat_data(config: DataConfig, emit: Callable[[Event], None], added_tokens: tuple[AddedToken, ...],
+               tokenizer: Tokenizer | None, block_size: int | None) -> PreparedData:
+    from lmkit.data.chat import chat_text, encode_chat, load_chat_rows
+    from lmkit.data.tokenizers import build_tokenizer
+
+    if config.inject_answers and config.condition != "mul_tokens":
+        raise ConfigError("data.inject_answers: it injects mul tokens into GSM8K answers, so it needs "
+                          "data.condition: mul_tokens")
+    if _is_arithmetic_jsonl(config.dataset) or config.dataset == "arithmetic":
+        raise ConfigError(f"data.format: chat reads conversations; {config.dataset!r} is arithmetic data")
+    rows = load_chat_rows(config.dataset, encoding=config.encoding, val_fraction=config.val_fraction)
+    if tokenizer is None:
+        train_texts = (chat_text(item) for item in rows.splits["train"])
+        tokenizer = build_tokenizer(config.tokenizer, train_texts=train_texts, bpe_vocab_size=config.bpe_vocab_size)
+        if added_tokens:
+            tokenizer.add_tokens(added_tokens)
+    else:
+        missing = [t.text for t in added_tokens if t not in tokenizer.added_tokens]
+        if missing:
+            raise DataError(f"the given {tokenizer.kind} tokenizer lacks the added tokens {', '.join(missing[:3])}")
+    inject = None
+    if config.condition == "mul_tokens":
+        from lmkit.data.mul_tokens import inject_segments  # helper of the mul_tokens condition
+
+        inject = functools.partial(inject_segments, legacy_regex=config.legacy_regex)
+    sequences: dict[str, list[list[int]]] = {}
+    texts: dict[str, list[str]] = {}
+    stats: dict = {"conversations": {}, "label_tokens": {}, "skipped_rows": rows.skipped,
+                   "loss_on": "legacy pad mask" if config.legacy_pad_mask else config.loss_on}
+    if inject is not None:
+        stats["mul_tokens"] = {}
+    for split, items in rows.splits.items():
+        enc = encode_chat(items, tokenizer, loss_on=config.loss_on, legacy_pad_mask=config.legacy_pad_mask,
+                          inject=inject, inject_qa=config.inject_answers, plain_text=config.condition is not None)
+        if not enc.sequences:
+            raise DataError(f"data.dataset: the {split} split of {config.dataset} has no conversations")
+        sequences[split], texts[split] = enc.sequences, enc.texts
+        stats["conversations"][split] = len(enc.sequences)
+        stats["label_tokens"][split] = enc.label_tokens
+        if inject is not None:
+            stats["mul_tokens"][split] = enc.mul_tokens
+    max_id = max(max(seq) for seqs in sequences.values() for seq in seqs)
+    data = PreparedData("chat", tokenizer, rows.description, max_id, sequences=sequences, texts=texts, stats=stats)
+    data._fixed_fingerprint = data.fingerprint()
+    if block_size is not None:
+        total = sum(len(v) for v in sequences.values())
+        cut = data.truncate(block_size)
+        stats["truncated"] = cut
+        if cut:
+            data.description += f"; {cut:,} of {total:,} cut to block_size + 1 = {block_size + 1} tokens"
+            emit(Notice(level="warning", message=(
+                f"{cut:,} of {total:,} conversations are longer than block_size + 1 = {block_size + 1} tokens and "
+                "were cut (a cut one loses its final EOS); raise model.block_size to keep them whole")))
+        # labels of cut items changed: recount
+        stats["label_tokens"] = {split: sum(sum(1 for x in seq.labels[1:] if x != IGNORE_INDEX) for seq in seqs)
+                                 for split, seqs in sequences.items()}
+    emit(DataReady(description=data.description, tokenizer=tokenizer.kind, vocab_size=tokenizer.vocab_size,
+                   split_sizes=data.split_sizes(), unit="examples", cache_dir=None, reused=False, stats=stats))
     return data
 
 
@@ -261,6 +407,9 @@ def make_train_batches(data: PreparedData, block_size: int, batch_size: int, see
     """The training batcher of ``data`` (see :mod:`lmkit.data.batching`)."""
     if data.task == "lm":
         return TokenWindows(data.tokens("train"), block_size, batch_size, seed, split="train")
+    if data.task == "chat":  # seed 004 pads with EOS; padded positions are never targets
+        data.truncate(block_size)
+        return ExampleBatches(data.sequences["train"], batch_size, seed, data.tokenizer.eos_id)
     pad_id = data.tokenizer.pad_id if data.tokenizer.pad_id is not None else 0
     return ExampleBatches(data.sequences["train"], batch_size, seed, pad_id)
 

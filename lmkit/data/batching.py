@@ -2,9 +2,11 @@
 
 * :class:`TokenWindows` -- random windows over a token stream: batch ``i`` draws its
   ``batch_size`` start positions from ``numpy.random.default_rng([seed, i])``.
-* :class:`ExampleBatches` -- whole examples (arithmetic), shuffled once per epoch with
+* :class:`ExampleBatches` -- whole examples (arithmetic, chat), shuffled once per epoch with
   ``default_rng([seed, epoch])`` and padded to the longest in the batch: inputs with
-  ``pad_id``, targets with ``-100`` (ignored by the loss).
+  ``pad_id``, targets with ``-100`` (ignored by the loss). An example given as a
+  :class:`LabelledSequence` (chat data) brings its own targets: position ``t`` learns
+  ``labels[t + 1]``, ``-100`` where the loss mask hides it.
 
 Both return ``(x, y)`` as ``int64`` numpy arrays of shape ``(B, T)``; ``y`` is ``x``
 shifted by one token. The position to resume from is just the next batch index.
@@ -20,6 +22,28 @@ import numpy as np
 from lmkit.errors import DataError
 
 IGNORE_INDEX = -100
+
+
+class LabelledSequence(list):
+    """Token ids of one example with a label per position (chat data, :mod:`lmkit.data.chat`).
+
+    ``labels[i]`` is the id the model must learn at position ``i`` (so the target of input
+    ``i`` is ``labels[i + 1]``), or :data:`IGNORE_INDEX` where the loss mask hides it; it has
+    the length of the ids. Slicing gives plain lists (the labels stay on the whole sequence).
+
+    Raises:
+        ValueError: ``labels`` is not as long as ``ids``.
+    """
+
+    def __init__(self, ids: Sequence[int], labels: Sequence[int]):
+        super().__init__(ids)
+        if len(labels) != len(ids):
+            raise ValueError(f"{len(labels)} labels for {len(ids)} ids")
+        self.labels = list(labels)
+
+    def truncated(self, length: int) -> LabelledSequence:
+        """The first ``length`` ids and their labels."""
+        return LabelledSequence(self[:length], self.labels[:length])
 
 
 class TokenWindows:
@@ -77,14 +101,17 @@ def sequential_windows(tokens: np.ndarray, block_size: int, batch_size: int,
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs ``seq[:-1]`` padded with ``pad_id`` and targets ``seq[1:]`` padded with -100."""
+    """Inputs ``seq[:-1]`` padded with ``pad_id`` and targets ``seq[1:]`` padded with -100
+    (``seq.labels[1:]`` for a :class:`LabelledSequence`); both ``(len(sequences), T)`` int64
+    with ``T`` the longest sequence minus one."""
     width = max(len(s) for s in sequences) - 1
     x = np.full((len(sequences), width), pad_id, dtype=np.int64)
     y = np.full((len(sequences), width), IGNORE_INDEX, dtype=np.int64)
     for row, seq in enumerate(sequences):
         n = len(seq) - 1
         x[row, :n] = seq[:-1]
-        y[row, :n] = seq[1:]
+        labels = getattr(seq, "labels", None)
+        y[row, :n] = seq[1:] if labels is None else labels[1:]
     return x, y
 
 

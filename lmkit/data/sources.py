@@ -86,23 +86,29 @@ def is_hub_name(name: str) -> bool:
     return name in HUB_SOURCES or name.startswith("hf:")
 
 
-def load_text_source(config: DataConfig) -> TextSource:
+def load_text_source(config: DataConfig, *, fields: list[str] | None = None) -> TextSource:
     """Open ``config.dataset`` as a :class:`TextSource`.
+
+    Args:
+        config: the data settings (``dataset``, ``text_field``, ``encoding``, ``val_fraction``).
+        fields: JSON/JSONL/parquet (or hub) columns whose values are joined with a newline
+            into each row's text (e.g. ``["question", "answer"]`` for GSM8K); ``None`` reads
+            ``config.text_field`` alone. Text files have no columns.
 
     Raises:
         DataError: missing path, undecodable text (naming the file, byte and what to
-            pass to ``--encoding``), no usable split, or an unreachable hub.
+            pass to ``--encoding``), no usable split, a missing column, or an unreachable hub.
     """
     _quiet_datasets()
     name = config.dataset
     if is_hub_name(name):
-        return _load_hub(name, config)
+        return _load_hub(name, config, fields)
     path = Path(name).expanduser()
     if not path.exists():
         known = ", ".join(["arithmetic", *HUB_SOURCES])
         raise DataError(f"data.dataset: {name!r} is not a file or folder, nor a known data set ({known})")
-    files = _split_files(path)
-    return _load_local(files, config, path)
+    files = split_files(path)
+    return _load_local(files, config, path, fields)
 
 
 # --------------------------------------------------------------------------------------
@@ -110,7 +116,13 @@ def load_text_source(config: DataConfig) -> TextSource:
 # --------------------------------------------------------------------------------------
 
 
-def _split_files(path: Path) -> dict[str, list[Path]]:
+def split_files(path: Path) -> dict[str, list[Path]]:
+    """The files of a local data set per split (``train``/``val``/``test``): a file is
+    ``train``; a folder's files are named by split, or all ``train`` when none is named.
+
+    Raises:
+        DataError: an empty folder, or named splits without a training file.
+    """
     if path.is_file():
         return {"train": [path]}
     # Hidden files and Spark/Hadoop markers (_SUCCESS, _metadata) are not data.
@@ -174,12 +186,18 @@ def check_encoding(file: Path, encoding: str) -> str:
     return digest.hexdigest()
 
 
-def _load_local(files: dict[str, list[Path]], config: DataConfig, root: Path) -> TextSource:
+def _load_local(files: dict[str, list[Path]], config: DataConfig, root: Path,
+                fields: list[str] | None = None) -> TextSource:
     import datasets
 
     all_files = [f for group in files.values() for f in group]
     builder = _builder_for(all_files)
-    digest = hashlib.sha256(f"{builder}|{config.encoding}|{config.text_field}".encode())
+    if fields is not None and builder == "text":
+        raise DataError(f"data.sources: {root} is plain text (one row per line); fields apply to "
+                        "JSON/JSONL/parquet rows -- drop fields for this source")
+    columns = fields if fields is not None else [config.text_field]
+    field_key = config.text_field if fields is None else "fields=" + "+".join(fields)
+    digest = hashlib.sha256(f"{builder}|{config.encoding}|{field_key}".encode())
     for split, group in sorted(files.items()):
         for file in group:
             if file.stat().st_size == 0:
@@ -197,16 +215,20 @@ def _load_local(files: dict[str, list[Path]], config: DataConfig, root: Path) ->
         dsd = datasets.load_dataset(builder, data_files=data_files, **kwargs)
     except Exception as exc:
         raise DataError(f"data.dataset: cannot read {root} as {builder} ({first_line(exc)})") from None
-    text_field = "text" if builder == "text" else config.text_field
+    if builder == "text":
+        columns = ["text"]
     for split, ds in dsd.items():
-        if text_field.split(".")[0] not in ds.column_names:
-            raise DataError(
-                f"data.text_field: {root} ({split}) has no column {text_field!r}; "
-                f"columns: {', '.join(ds.column_names)} (set --set data.text_field=NAME)"
-            )
+        for column in columns:
+            if column.split(".")[0] not in ds.column_names:
+                fix = ("list the source's fields" if fields is not None
+                       else "set --set data.text_field=NAME")
+                raise DataError(
+                    f"{'data.sources' if fields is not None else 'data.text_field'}: {root} ({split}) has no "
+                    f"column {column!r}; columns: {', '.join(ds.column_names)} ({fix})"
+                )
     separator = "newline" if builder == "text" else "eos"
     splits = {_SPLIT_NAMES.get(k, k): v for k, v in dsd.items()}
-    return _from_datasets(splits, text_field, digest.hexdigest()[:16], separator, str(root), config)
+    return _from_datasets(splits, columns, digest.hexdigest()[:16], separator, str(root), config)
 
 
 def _file_sha256(file: Path) -> str:
@@ -217,7 +239,7 @@ def _file_sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def _from_datasets(splits: dict[str, Any], text_field: str, fingerprint: str, separator: str,
+def _from_datasets(splits: dict[str, Any], columns: list[str], fingerprint: str, separator: str,
                    label: str, config: DataConfig) -> TextSource:
     if "val" not in splits:
         train = splits["train"]
@@ -229,20 +251,25 @@ def _from_datasets(splits: dict[str, Any], text_field: str, fingerprint: str, se
         splits["train"] = train.select(range(n - n_val))
         splits["val"] = train.select(range(n - n_val, n))
         fingerprint = f"{fingerprint}-val{config.val_fraction}"
-    fields = text_field.split(".")
+    paths = [column.split(".") for column in columns]
 
     def rows(ds: Any) -> Callable[[], Iterator[str]]:
         def iterate() -> Iterator[str]:
             for batch in ds.iter(batch_size=1000):
-                column = batch[fields[0]]
-                for value in column:
-                    for sub in fields[1:]:
-                        value = value[sub] if isinstance(value, dict) else None
-                    if isinstance(value, str):
-                        yield value
-                    elif value is not None:
-                        raise DataError(f"data.text_field: {text_field!r} of {label} holds "
-                                        f"{type(value).__name__} values, not text")
+                for i in range(len(batch[paths[0][0]])):
+                    parts = []
+                    for column, path in zip(columns, paths, strict=True):
+                        value = batch[path[0]][i]
+                        for sub in path[1:]:
+                            value = value[sub] if isinstance(value, dict) else None
+                        if isinstance(value, str):
+                            parts.append(value)
+                        elif value is not None:
+                            what = "data.text_field" if len(columns) == 1 else "data.sources fields"
+                            raise DataError(f"{what}: {column!r} of {label} holds "
+                                            f"{type(value).__name__} values, not text")
+                    if parts:
+                        yield "\n".join(parts)
 
         return iterate
 
@@ -298,7 +325,7 @@ def _offline_if_unreachable() -> Iterator[bool]:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
-def _load_hub(name: str, config: DataConfig) -> TextSource:
+def _load_hub(name: str, config: DataConfig, fields: list[str] | None = None) -> TextSource:
     import datasets
 
     if name.startswith("hf:"):
@@ -306,6 +333,8 @@ def _load_hub(name: str, config: DataConfig) -> TextSource:
         spec = HubSource(repo, subset or None, text_field=config.text_field, separator="eos")
     else:
         spec = HUB_SOURCES[name]
+    if fields is not None and spec.streaming:
+        raise DataError(f"data.sources: {name!r} is streamed; fields are read from non-streamed data sets only")
     with _offline_if_unreachable() as online:
         try:
             loaded = datasets.load_dataset(spec.path, spec.name, streaming=spec.streaming, **spec.kwargs)
@@ -324,8 +353,10 @@ def _load_hub(name: str, config: DataConfig) -> TextSource:
     fingerprint = hashlib.sha256(
         "|".join(f"{k}:{getattr(v, '_fingerprint', '')}" for k, v in sorted(splits.items())).encode()
     ).hexdigest()[:16]
-    source = _from_datasets(splits, spec.text_field, fingerprint, spec.separator, name, config)
-    return source
+    if fields is not None:
+        fingerprint = hashlib.sha256(f"{fingerprint}|fields={'+'.join(fields)}".encode()).hexdigest()[:16]
+    columns = fields if fields is not None else [spec.text_field]
+    return _from_datasets(splits, columns, fingerprint, spec.separator, name, config)
 
 
 def _from_stream(name: str, spec: HubSource, splits: dict[str, Any], config: DataConfig) -> TextSource:
