@@ -26,7 +26,12 @@ What is computed (SEEDS_SPEC §1.4: the GSM8K evaluation of
   solutions give the same answer under both).
 
 Metrics: ``accuracy`` (headline), ``correct``, ``total``, ``mean_response_tokens``
-(generated tokens up to the stop, EOS and the stop string not counted); with
+(generated tokens up to the stop, EOS and the stop string not counted); when the tokenizer
+has the 45 multiplication-fact tokens (:func:`lmkit.evaluation.mul_usage.mul_token_ids`: a
+``gpt2+mul`` tokenizer of the ``mul_tokens`` condition) also ``mul_token_count`` (generated
+ids in 50304..50348, over all responses, counted from the ids up to the stop) and
+``mul_tokens_per_response`` (that count / ``total``), with ``n_mul_tokens`` per example
+(SEEDS_SPEC §1.2 "Mul-token accounting"); with
 ``legacy_extraction`` also ``accuracy_legacy`` and ``correct_legacy``, the same responses
 scored with :func:`extract_answer_legacy` (for prediction and gold, as the original
 does). Details: the first 50 examples (question, response, prediction, gold, correct,
@@ -52,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from lmkit.errors import ConfigError, DataError
+from lmkit.evaluation.mul_usage import count_mul, mul_token_ids
 from lmkit.evaluation.task import EvalContext, TaskResult, file_sha256, iter_jsonl, load_hub_rows
 
 VERSION = "2"
@@ -65,7 +71,8 @@ N_EXAMPLES = 50
 
 #: Metric directions (see :class:`lmkit.evaluation.task.TaskResult`).
 DIRECTIONS = {"accuracy": "higher", "correct": "higher", "total": "neither", "mean_response_tokens": "neither",
-              "accuracy_legacy": "higher", "correct_legacy": "higher"}
+              "accuracy_legacy": "higher", "correct_legacy": "higher",
+              "mul_token_count": "neither", "mul_tokens_per_response": "neither"}
 
 # A number: an optional sign (not a hyphen between two words/numbers: "5-3" reads 3), digits
 # with optional thousands groups ("1,234,567"; a comma not followed by exactly three digits
@@ -115,15 +122,28 @@ def extract_answer_legacy(text: str) -> str | None:
     3. else the LAST match of ``-?\\d+(\\.\\d+)?`` anywhere (``$1,234.`` gives ``234``);
     4. else ``None``.
     """
-    text = text.strip()
-    match = _LEGACY_HASH_ANSWER.search(text)
+    found = extract_answer_legacy_span(text)
+    return found[0] if found else None
+
+
+def extract_answer_legacy_span(text: str) -> tuple[str, int, int] | None:
+    """:func:`extract_answer_legacy` with where it read the number: ``(answer, start, end)``,
+    ``text[start:end]`` being the matched number in ``text`` itself (before stripping and
+    before the commas are removed), or ``None``. Tells, e.g., that the last number of
+    ``" 6 <MUL_6_9_54>"`` was read from inside the mul-token string."""
+    offset = len(text) - len(text.lstrip())
+    stripped = text.strip()
+    match = _LEGACY_HASH_ANSWER.search(stripped)
     if match:
-        return match.group(1).replace(",", "")
-    match = _LEGACY_THE_ANSWER_IS.search(text)
+        return match.group(1).replace(",", ""), offset + match.start(1), offset + match.end(1)
+    match = _LEGACY_THE_ANSWER_IS.search(stripped)
     if match:
-        return match.group(1)
-    numbers = _LEGACY_NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+        return match.group(1), offset + match.start(1), offset + match.end(1)
+    numbers = list(_LEGACY_NUMBER.finditer(stripped))
+    if not numbers:
+        return None
+    last = numbers[-1]
+    return last.group(0), offset + last.start(), offset + last.end()
 
 
 def normalize_answer(answer: str | None) -> str:
@@ -269,8 +289,9 @@ def evaluate(ctx: EvalContext) -> TaskResult:
                       stop_strings=STOP_STRINGS, decode=tok.decode, batch_size=ctx.batch_size,
                       progress=ctx.progress)
 
+    mul_ids = mul_token_ids(tok)
     correct = correct_legacy = 0
-    n_tokens = 0
+    n_tokens = n_mul = 0
     examples = []
     for i, (item, ids) in enumerate(zip(items, gen.tokens, strict=True)):
         response = cut_response(tok.decode(ids))
@@ -279,6 +300,9 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         n_tokens += len(ids)
         example = {"question": item["question"], "response": response, "prediction": prediction,
                    "gold": gold, "correct": ok, "n_tokens": len(ids)}
+        if mul_ids:
+            example["n_mul_tokens"] = count_mul(ids, mul_ids)
+            n_mul += example["n_mul_tokens"]
         if legacy:
             legacy_prediction, _, legacy_ok = score(response, item["answer"], legacy=True)
             correct_legacy += legacy_ok
@@ -288,6 +312,8 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     total = len(items)
     metrics = {"accuracy": correct / total, "correct": float(correct), "total": float(total),
                "mean_response_tokens": n_tokens / total}
+    if mul_ids:
+        metrics.update(mul_token_count=float(n_mul), mul_tokens_per_response=n_mul / total)
     n_truncated = sum(gen.prompt_truncated)
     notes = []
     if n_truncated:
@@ -310,7 +336,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
             "fewshot": fewshot, "fewshot_seed": seed if fewshot else None, "fewshot_ids": shot_ids,
             "fewshot_source": shot_source or None, "max_new_tokens": max_new, "legacy_extraction": legacy,
             "stop": ["eos", *STOP_STRINGS], "finish_reasons": dict(Counter(gen.finish)),
-            "n_prompts_truncated": n_truncated, "examples": examples,
+            "n_prompts_truncated": n_truncated, "mul_tokens_counted": bool(mul_ids), "examples": examples,
         },
         notes=notes,
     )

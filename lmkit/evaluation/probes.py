@@ -28,8 +28,14 @@ Scoring -- the response's answer, normalised with
   ``" 6. 6*9=54"`` and the inner number of a mul-token string.
 
 Metrics: ``accuracy`` (headline, overall) and ``acc_mul_table``, ``acc_mul_multidigit``,
-``acc_addition``; details hold per-category correct/total/accuracy, the mean response
-length in tokens, and every probe's response and prediction.
+``acc_addition``; when the tokenizer has the 45 mul tokens
+(:func:`lmkit.evaluation.mul_usage.mul_token_ids`) also ``total_mul_tokens`` (generated ids in
+50304..50348, counted from the ids up to EOS) and ``mul_tokens_per_probe``, and each
+category's ``mul_tokens``. Details hold per-category correct/total/accuracy(/mul_tokens),
+the answer rule (``extraction``: ``first_number`` or ``legacy_last_number``, described in
+``extraction_rule`` and in a note), ``n_answers_from_mul_token`` (answers read from a
+mul-token string; a note says how many, and that under the legacy rule it is a number inside
+the string), the mean response length in tokens, and every probe's response and prediction.
 
 Options read from ``ctx.options``:
     legacy_last_number (bool, default False): score with the original last-number rule.
@@ -47,14 +53,22 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from lmkit.errors import ConfigError
-from lmkit.evaluation.gsm8k import extract_answer_legacy, normalize_answer
+from lmkit.evaluation.gsm8k import extract_answer_legacy_span, normalize_answer
+from lmkit.evaluation.mul_usage import count_mul, mul_token_ids
 from lmkit.evaluation.task import EvalContext, TaskResult
 
 VERSION = "1"
 SEED = 42
 CATEGORIES = ("mul_table", "mul_multidigit", "addition")
 #: Metric directions (see :class:`lmkit.evaluation.task.TaskResult`): every accuracy is higher-better.
-DIRECTIONS = {"accuracy": "higher", **{f"acc_{cat}": "higher" for cat in CATEGORIES}}
+DIRECTIONS = {"accuracy": "higher", **{f"acc_{cat}": "higher" for cat in CATEGORIES},
+              "total_mul_tokens": "neither", "mul_tokens_per_probe": "neither"}
+#: What each answer rule reads (named in every result's details and notes).
+RULES = {
+    "first_number": "the FIRST number of the response (a mul-token string <MUL_a_b_c> reads as its product c)",
+    "legacy_last_number": "the seed's rule: '####', then 'The answer is', then the LAST number of the response "
+                          "(which can be a number inside a mul-token string)",
+}
 PROMPT = "User: {question}\nAssistant: The answer is"
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -117,17 +131,51 @@ def probes_sha256(probes: list[Probe]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def _first_number_read(response: str) -> tuple[str | None, bool]:
+    """``(first number or None, whether it is a mul-token string's product)``."""
+    pieces: list[str] = []
+    products: list[tuple[int, int]] = []  # spans of the substituted products in the new text
+    pos = length = 0
+    for m in _MUL_TOKEN.finditer(response):
+        pieces.append(response[pos : m.start()])
+        length += m.start() - pos
+        pieces.append(f" {m.group(3)} ")
+        products.append((length + 1, length + 1 + len(m.group(3))))
+        length += len(m.group(3)) + 2
+        pos = m.end()
+    pieces.append(response[pos:])
+    match = _FIRST_NUMBER.search("".join(pieces))
+    if not match:
+        return None, False
+    inside = any(a <= match.start() < b for a, b in products)
+    return match.group(0).replace(",", ""), inside
+
+
 def first_number(response: str) -> str | None:
     """The first number in ``response`` (mul-token strings read as their product), or ``None``."""
-    text = _MUL_TOKEN.sub(lambda m: f" {m.group(3)} ", response)
-    match = _FIRST_NUMBER.search(text)
-    return match.group(0).replace(",", "") if match else None
+    return _first_number_read(response)[0]
+
+
+def read_answer(response: str, legacy_last_number: bool = False) -> tuple[str, bool]:
+    """``(normalised prediction, from_mul_token)``: the prediction (``""`` when the response
+    has no number) and whether the number was read from a mul-token string ``<MUL_a_b_c>``
+    in the text: as its product ``c`` by :func:`first_number`, or -- with the legacy rule --
+    as a number inside the string (the last number of ``" 6 <MUL_6_9_54>"`` is ``54``, of
+    ``" <MUL_6_9_54>>"`` too; SEEDS_SPEC §1.3)."""
+    if legacy_last_number:
+        found = extract_answer_legacy_span(response)
+        if not found:
+            return "", False
+        raw, start, _ = found
+        inside = any(m.start() < start < m.end() for m in _MUL_TOKEN.finditer(response))
+    else:
+        raw, inside = _first_number_read(response)
+    return (normalize_answer(raw) if raw else ""), bool(raw) and inside
 
 
 def predict(response: str, legacy_last_number: bool = False) -> str:
     """The normalised prediction for a response ("" when it has no number)."""
-    raw = extract_answer_legacy(response) if legacy_last_number else first_number(response)
-    return normalize_answer(raw) if raw else ""
+    return read_answer(response, legacy_last_number)[0]
 
 
 def evaluate(ctx: EvalContext) -> TaskResult:
@@ -152,29 +200,41 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     gen = generate_ex(ctx.model, prompts, max_new_tokens=max_new, eos_id=tok.eos_id,
                       batch_size=ctx.batch_size, progress=ctx.progress)
 
+    mul_ids = mul_token_ids(tok)
     per_cat: dict[str, dict[str, float]] = {}
     rows = []
-    n_tokens = 0
+    n_tokens = n_mul = n_from_mul = 0
     for probe, ids in zip(probes, gen.tokens, strict=True):
         response = tok.decode(ids)
-        prediction = predict(response, legacy)
+        prediction, from_mul = read_answer(response, legacy)
         ok = prediction == normalize_answer(probe.answer)
-        stats = per_cat.setdefault(probe.category, {"correct": 0, "total": 0})
+        stats = per_cat.setdefault(probe.category, {"correct": 0, "total": 0, **({"mul_tokens": 0} if mul_ids else {})})
         stats["correct"] += ok
         stats["total"] += 1
         n_tokens += len(ids)
-        rows.append({**asdict(probe), "response": response, "prediction": prediction, "correct": ok})
+        n_from_mul += from_mul
+        row = {**asdict(probe), "response": response, "prediction": prediction, "correct": ok,
+               "answer_from_mul_token": from_mul}
+        if mul_ids:
+            row["n_mul_tokens"] = count_mul(ids, mul_ids)
+            stats["mul_tokens"] += row["n_mul_tokens"]
+            n_mul += row["n_mul_tokens"]
+        rows.append(row)
     for stats in per_cat.values():
         stats["accuracy"] = stats["correct"] / stats["total"]
     total = len(probes)
     correct = sum(s["correct"] for s in per_cat.values())
     metrics = {"accuracy": correct / total if total else float("nan")}
     metrics.update({f"acc_{cat}": per_cat[cat]["accuracy"] for cat in CATEGORIES if cat in per_cat})
+    if mul_ids:
+        metrics.update(total_mul_tokens=float(n_mul), mul_tokens_per_probe=n_mul / total if total else 0.0)
     rule = "legacy_last_number" if legacy else "first_number"
-    notes = []
-    if legacy:
-        notes.append("legacy_last_number: scored with the original rule (#### / 'The answer is' / LAST number "
-                     "of the response), which can read a later number than the answer")
+    notes = [f"answers read with {rule}: {RULES[rule]}"
+             + ("" if legacy else "; --legacy-last-number scores with the seed's last-number rule")]
+    if n_from_mul:
+        where = ("the number was inside a mul-token string <MUL_a_b_c> (the last number of the text, not "
+                 "necessarily the answer)" if legacy else "a mul-token string <MUL_a_b_c> was read as its product c")
+        notes.append(f"{n_from_mul} of {total} answers came from a mul-token string: {where}")
     if ctx.data is not None:
         notes.append(f"--data {ctx.data} is not used: the probes are generated (random.seed({SEED}) per set)")
     n_truncated = sum(gen.prompt_truncated)
@@ -191,7 +251,8 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         data_file=f"generated: domain-token-gpt2 probes, random.seed({SEED}) per set",
         data_sha256=None,
         details={
-            "extraction": rule, "seed": SEED, "probes_sha256": probes_sha256(probes), "max_new_tokens": max_new,
+            "extraction": rule, "extraction_rule": RULES[rule], "n_answers_from_mul_token": n_from_mul,
+            "mul_tokens_counted": bool(mul_ids), "seed": SEED, "probes_sha256": probes_sha256(probes), "max_new_tokens": max_new,
             "correct": correct, "total": total, "per_category": per_cat,
             "mean_response_tokens": n_tokens / total if total else 0.0,
             "finish_reasons": dict(Counter(gen.finish)), "n_prompts_truncated": n_truncated,
