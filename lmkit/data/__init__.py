@@ -279,7 +279,9 @@ def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit, 
         shard_config = config
     shards, used = _shards_with(source, shard_config, emit, tuple(added_tokens), tokenizer)
     max_id = max(shards.max_id(s) for s in shards.splits)
-    stats = getattr(shards, "stats", None)
+    stats = getattr(shards, "stats", None)  # token counts of the build (mul tokens, compression)
+    if source.extra.get("mixture"):
+        stats = {**(stats or {}), "mixture": source.extra["mixture"]}
     data = PreparedData("lm", used, source.description, max_id, shards=shards, stats=stats)
     emit(DataReady(description=source.description, tokenizer=used.kind,
                    vocab_size=used.vocab_size, split_sizes=data.split_sizes(), unit="tokens",
@@ -318,13 +320,18 @@ def _chat_data(config: DataConfig, emit: Callable[[Event], None], added_tokens: 
     rows = load_chat_rows(config.dataset, encoding=config.encoding, val_fraction=config.val_fraction)
     if tokenizer is None:
         train_texts = (chat_text(item) for item in rows.splits["train"])
-        tokenizer = build_tokenizer(config.tokenizer, train_texts=train_texts, bpe_vocab_size=config.bpe_vocab_size)
-        if added_tokens:
-            tokenizer.add_tokens(added_tokens)
-    else:
-        missing = [t.text for t in added_tokens if t not in tokenizer.added_tokens]
-        if missing:
-            raise DataError(f"the given {tokenizer.kind} tokenizer lacks the added tokens {', '.join(missing[:3])}")
+        extra = {"condition": config.condition} if config.condition is not None else {}
+        tokenizer = build_tokenizer(config.tokenizer, train_texts=train_texts, bpe_vocab_size=config.bpe_vocab_size,
+                                    **extra)
+    missing = [t for t in added_tokens if t not in tokenizer.added_tokens]
+    if missing:
+        tokenizer.add_tokens(missing)
+    if config.condition is not None and tokenizer.kind != "gpt2+mul":
+        raise DataError(f"data.condition {config.condition} needs data.tokenizer gpt2+mul, not {tokenizer.kind}; "
+                        "set --set data.tokenizer=gpt2+mul")
+    if getattr(tokenizer, "condition", None) not in (None, config.condition):
+        raise DataError(f"data.condition is {config.condition} but the tokenizer given is the "
+                        f"{tokenizer.condition} one; set --set data.condition={tokenizer.condition}")
     inject = None
     if config.condition == "mul_tokens":
         from lmkit.data.mul_tokens import inject_segments  # helper of the mul_tokens condition
@@ -338,7 +345,7 @@ def _chat_data(config: DataConfig, emit: Callable[[Event], None], added_tokens: 
         stats["mul_tokens"] = {}
     for split, items in rows.splits.items():
         enc = encode_chat(items, tokenizer, loss_on=config.loss_on, legacy_pad_mask=config.legacy_pad_mask,
-                          inject=inject, inject_qa=config.inject_answers, plain_text=config.condition is not None)
+                          inject=inject, inject_qa=config.inject_answers)
         if not enc.sequences:
             raise DataError(f"data.dataset: the {split} split of {config.dataset} has no conversations")
         sequences[split], texts[split] = enc.sequences, enc.texts

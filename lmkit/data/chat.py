@@ -26,9 +26,8 @@ Injection of multiplication-fact tokens (``data.condition: mul_tokens``,
 :func:`lmkit.data.mul_tokens.inject_segments`) applies to assistant turns only: always for
 ``messages`` rows (the seed's Tulu stage), for GSM8K answers only with
 ``data.inject_answers: true`` (the seed's ``--inject-mul-tokens``, option "A1"). Prompts are
-never rewritten. In a ``baseline``/``mul_tokens`` condition the text goes through the base
-tokenizer (an added token's string in the text stays plain text); only injected facts
-become mul ids.
+never rewritten. Text outside the injected turns is encoded as the tokenizer encodes any
+text (``gpt2+mul`` in the ``baseline`` condition keeps a mul-token string as plain text).
 """
 
 from __future__ import annotations
@@ -150,7 +149,7 @@ class EncodedChat:
 
 def encode_chat(items: Sequence[ChatItem], tokenizer: Any, *, loss_on: str = "assistant",
                 legacy_pad_mask: bool = False, inject: Callable[[str], list[Segment]] | None = None,
-                inject_qa: bool = False, plain_text: bool = False, max_length: int | None = None) -> EncodedChat:
+                inject_qa: bool = False, max_length: int | None = None) -> EncodedChat:
     """Encode chat items as labelled sequences (ids + final EOS).
 
     Args:
@@ -161,8 +160,6 @@ def encode_chat(items: Sequence[ChatItem], tokenizer: Any, *, loss_on: str = "as
             seed's pad is EOS), prompt included, so the final EOS is unlabelled.
         inject: the assistant-content rewrite (mul tokens), or ``None``.
         inject_qa: apply ``inject`` to question/answer rows too (else ``messages`` rows only).
-        plain_text: encode text with the base tokenizer only (added-token strings stay text);
-            forced whenever ``inject`` is given.
         max_length: keep at most this many ids per item (``block_size + 1``), counting cut items.
 
     Returns:
@@ -180,10 +177,17 @@ def encode_chat(items: Sequence[ChatItem], tokenizer: Any, *, loss_on: str = "as
     item_parts = [chat_parts(item, inject if inject is not None and (item.kind == "messages" or inject_qa)
                              else None) for item in items]
     rows = [segments for parts in item_parts for segments, _ in parts]
-    if inject is not None or plain_text:
-        encoded = [ids for ids, _ in tokenizer.encode_segments_with_bytes(rows)] if rows else []
-    else:
-        encoded = tokenizer.encode_batch(["".join(seg for seg in row) for row in rows]) if rows else []
+    # Plain text goes through encode (added tokens as the tokenizer matches them, e.g. by its
+    # condition); injected parts are segments, each mul token standing for its original text.
+    plain = [k for k, row in enumerate(rows) if len(row) == 1 and isinstance(row[0], str)]
+    mixed = [k for k, row in enumerate(rows) if not (len(row) == 1 and isinstance(row[0], str))]
+    encoded: list[list[int]] = [[] for _ in rows]
+    if plain:
+        for k, ids in zip(plain, tokenizer.encode_batch([rows[k][0] for k in plain]), strict=True):
+            encoded[k] = ids
+    if mixed:
+        for k, (ids, _) in zip(mixed, tokenizer.encode_segments_with_bytes([rows[k] for k in mixed]), strict=True):
+            encoded[k] = ids
     out = EncodedChat([], [chat_text(item) for item in items])
     position = 0
     for parts in item_parts:
