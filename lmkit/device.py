@@ -94,8 +94,35 @@ def _cuda_missing_reason() -> str:
     return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
 
 
-def resolve_device(requested: str, gpu_only: bool = False) -> tuple[torch.device, str]:
-    """The device for ``training.device`` and the reason it was chosen.
+def preset_requires_gpu(preset: str | None) -> bool:
+    """Whether the shipped preset named ``preset`` sets ``training.gpu_only`` itself (so a
+    GPU-only run was asked for by the preset, not only by ``--gpu-only``)."""
+    if not preset:
+        return False
+    from lmkit.config import available_presets, read_yaml
+
+    path = available_presets().get(preset)
+    if path is None:
+        return False
+    try:
+        training = read_yaml(path).get("training") or {}
+    except Exception:  # noqa: BLE001 - an unreadable preset would have failed earlier
+        return False
+    return bool(isinstance(training, dict) and training.get("gpu_only"))
+
+
+def gpu_only_origin(preset: str | None = None) -> str:
+    """Who asked for a GPU-only run, in the words of the error: ``preset scale_10m requires a
+    GPU`` when the shipped preset sets ``training.gpu_only``, else the flag and the key."""
+    if preset_requires_gpu(preset):
+        return f"preset {preset} requires a GPU (training.gpu_only)"
+    return "this run is GPU-only (--gpu-only / training.gpu_only)"
+
+
+def resolve_device(requested: str, gpu_only: bool = False, *, preset: str | None = None) -> tuple[torch.device, str]:
+    """The device for ``training.device`` and the reason it was chosen. ``preset``: the run's
+    preset name, so that a GPU-only error says the preset asked for it (the user may have
+    typed no ``--gpu-only``).
 
     Raises:
         DeviceError: ``gpu_only`` without CUDA, or an explicit device that is missing.
@@ -104,11 +131,12 @@ def resolve_device(requested: str, gpu_only: bool = False) -> tuple[torch.device
     if gpu_only:
         if not cuda:
             raise DeviceError(
-                f"--gpu-only: CUDA is not available ({_cuda_missing_reason()}); lmkit never falls back "
-                "to the CPU -- run on a machine with an NVIDIA GPU and a CUDA build of torch"
+                f"{gpu_only_origin(preset)}, but CUDA is not available ({_cuda_missing_reason()}); lmkit never "
+                "falls back to the CPU -- run on a machine with an NVIDIA GPU and a CUDA build of torch"
             )
         if not requested.startswith("cuda") and requested != "auto":
-            raise DeviceError(f"--gpu-only with --device {requested}: gpu-only runs must use CUDA")
+            raise DeviceError(f"{gpu_only_origin(preset)}, but --device {requested} is not CUDA: "
+                              "gpu-only runs must use CUDA")
     if requested == "auto":
         if cuda:
             return torch.device("cuda", torch.cuda.current_device()), "auto: CUDA is available"
@@ -160,14 +188,15 @@ def peak_flops(device: torch.device, precision: str = "bf16", tf32: bool = False
     return None, None
 
 
-def plan_device(training: TrainConfig) -> DevicePlan:
-    """Resolve device and precision for a run, before any data or model work.
+def plan_device(training: TrainConfig, *, preset: str | None = None) -> DevicePlan:
+    """Resolve device and precision for a run, before any data or model work. ``preset``:
+    the run config's ``preset`` (names the preset in a GPU-only error).
 
     Raises:
         DeviceError: see :func:`resolve_device`; bf16 on a GPU without bf16.
         ConfigError: fp16 on the CPU.
     """
-    device, reason = resolve_device(training.device, training.gpu_only)
+    device, reason = resolve_device(training.device, training.gpu_only, preset=preset)
     precision = training.precision
     dtype: torch.dtype | None = None
     if precision == "fp16":

@@ -164,7 +164,7 @@ def test_dashboard_from_a_scripted_100k_step_run_on_cpu():
     assert "100,000 logged steps · 256 per bucket" in text and "step 100,000" in text
     assert sum(1 for ch in text if 0x2800 < ord(ch) <= 0x28FF) > 100
     # stats
-    for expected in ("100,000 / 100,000", "100.0%", "epoch     100.00", "102M", "3.000e-04",
+    for expected in ("100,000 / 100,000", "100.0%", "epoch 100.00", "102M targets", "3.000e-04",
                      f"{loss_at(N_STEPS):.4f}", f"best {loss_at(N_STEPS) + 0.1:.4f} @100,000", "17.3k", "n/a (peak unknown)", "59.2 ms",
                      "ETA       done"):
         assert expected in text, expected

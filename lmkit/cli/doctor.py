@@ -12,6 +12,8 @@ import sys
 from typing import Any
 
 import typer
+from rich.markup import escape
+from rich.text import Text
 
 from lmkit.cli._common import handle_errors
 from lmkit.config import available_presets
@@ -36,6 +38,14 @@ def _gib(n: int | None) -> str:
 
 def _yes(flag: bool | None) -> str:
     return "-" if flag is None else ("yes" if flag else "no")
+
+
+def target_is_approximate(target: int) -> bool:
+    """Whether a preset's ``target_params`` is a stated round target (at most two significant
+    digits: scale_10m's 10,000,000) rather than the preset's own documented count
+    (small's 44,909,056), against which a "difference from target" says nothing."""
+    digits = str(abs(int(target))).rstrip("0")
+    return len(digits) <= 2
 
 
 def _target_label(target: int) -> str:
@@ -141,7 +151,9 @@ def _preset_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, gra
         "params": {"total": total, "trainable": trainable, "embeddings": embeddings, "head": head,
                    "non_embedding": total - embeddings - head, "target": config.target_params,
                    "target_diff_pct": (100.0 * (total - config.target_params) / config.target_params
-                                       if config.target_params else None)},
+                                       if config.target_params else None),
+                   "target_approximate": (target_is_approximate(config.target_params)
+                                          if config.target_params else None)},
     }
     tcfg = config.training
     kw = {"seq_len": seq_len, "precision": tcfg.precision, "attention": attention,
@@ -196,7 +208,7 @@ def _render(report: dict[str, Any], env) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console()  # dynamic text (names, paths, messages) goes through Text() or escape()
     table = Table(title="Environment", show_header=False, title_justify="left")
     table.add_column("item", style="bold")
     table.add_column("value")
@@ -211,16 +223,16 @@ def _render(report: dict[str, Any], env) -> None:
         ("RAM", f"{_gib(env.ram_total_bytes)} ({_gib(env.ram_available_bytes)} available)"),
     ]
     for key, value in rows:
-        table.add_row(key, str(value))
+        table.add_row(key, Text(str(value)))  # process names, paths: shown as written, not read as markup
     console.print(table)
     if env.cpu_load is not None and env.cpu_load.warning:
-        console.print(f"[yellow]warning:[/yellow] {env.cpu_load.warning}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(env.cpu_load.warning)}", highlight=False)
     if env.gpus:
         gt = Table(title="GPUs", title_justify="left")
         for col in ("index", "name", "capability", "total", "free", "bf16", "TF32", "usable by torch"):
             gt.add_column(col)
         for g in env.gpus:
-            gt.add_row(str(g.index), g.name, g.capability or "-", _gib(g.total_bytes), _gib(g.free_bytes),
+            gt.add_row(str(g.index), Text(g.name), g.capability or "-", _gib(g.total_bytes), _gib(g.free_bytes),
                        _yes(g.bf16), _yes(g.tf32), _yes(g.usable_by_torch))
         console.print(gt)
     else:
@@ -230,7 +242,7 @@ def _render(report: dict[str, Any], env) -> None:
         return
     p, m, info = report["params"], report["memory"], report["preset"]
     console.print()
-    pt = Table(title=f"Model: {info['name']}", show_header=False, title_justify="left")
+    pt = Table(title=Text(f"Model: {info['name']}"), show_header=False, title_justify="left")
     pt.add_column("item", style="bold")
     pt.add_column("value", justify="right")
     pt.add_row("shape", f"n_layer {info['n_layer']}, n_head {info['n_head']}, n_embd {info['n_embd']}, "
@@ -243,10 +255,13 @@ def _render(report: dict[str, Any], env) -> None:
     pt.add_row("non-embedding", f"{p['non_embedding']:,}")
     console.print(pt)
     console.print(f"Total parameters: {p['total']:,} ({p['total'] / 1e6:.2f}M)")
-    if p["target"]:
+    if p["target"] and target_is_approximate(p["target"]):
         console.print(f"Difference from {_target_label(p['target'])} target: {p['target_diff_pct']:.1f}%")
+    elif p["target"] and p["target"] != p["total"]:  # an override changed the preset's documented shape
+        console.print(f"The preset documents {p['target']:,} parameters; this configuration has "
+                      f"{p['total'] - p['target']:+,} ({p['target_diff_pct']:+.1f}%)", highlight=False)
     if report.get("warning"):
-        console.print(f"[yellow]warning:[/yellow] {report['warning']}")
+        console.print(f"[yellow]warning:[/yellow] {escape(report['warning'])}")
 
     kernel = "fused SDPA" if m["attention"] == "sdpa" else "eager (math) attention"
     prec = "fp32" if m["precision"] == "fp32" else f"{m['precision']} autocast"
@@ -257,7 +272,7 @@ def _render(report: dict[str, Any], env) -> None:
     mt.add_column("at peak", justify="right")
     mt.add_column("formula / source")
     for row in m["rows"]:
-        mt.add_row(row["name"], _gib(row["size_bytes"]), _gib(row["at_peak_bytes"]), row["formula"])
+        mt.add_row(Text(row["name"]), _gib(row["size_bytes"]), _gib(row["at_peak_bytes"]), Text(row["formula"]))
     mt.add_section()
     mt.add_row("peak allocated", "", _gib(m["peak_allocated"]), f"torch.cuda.max_memory_allocated; at {m['peak_phase']}")
     mt.add_row("framework overhead", "", _gib(m["overhead"]),
@@ -293,7 +308,7 @@ def _render(report: dict[str, Any], env) -> None:
     for card in report["verdicts"]:
         v = card["verdict"]
         note = " (more than is free now)" if card["free_note"] else ""
-        vt.add_row(card["gpu"], _gib(card["capacity_bytes"]), _gib(m["total"]), f"[{colour[v]}]{v}[/]{note}",
+        vt.add_row(Text(card["gpu"]), _gib(card["capacity_bytes"]), _gib(m["total"]), f"[{colour[v]}]{v}[/]{note}",
                    str(card["max_batch_size"]) if card["max_batch_size"] else "none (B=1 does not fit)")
     console.print(vt)
     for card in report["verdicts"]:
@@ -303,5 +318,6 @@ def _render(report: dict[str, Any], env) -> None:
         for col in ("try", "estimate", "verdict", "flags"):
             st.add_column(col)
         for s in card["suggestions"]:
-            st.add_row(s["try"], _gib(s["total_bytes"]), f"[{colour[s['verdict']]}]{s['verdict']}[/]", s["flags"])
+            st.add_row(Text(s["try"]), _gib(s["total_bytes"]), f"[{colour[s['verdict']]}]{s['verdict']}[/]",
+                       Text(s["flags"]))
         console.print(st)

@@ -21,6 +21,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from lmkit.events import (
     MESSAGE_EVENTS,
@@ -35,6 +36,7 @@ from lmkit.events import (
     SVDAnalysis,
     SVDModeSwitch,
 )
+from lmkit.monitor.history import read_warmup_steps, warmup_warning
 from lmkit.monitor.steptime import StepTimeWatch
 
 
@@ -115,14 +117,81 @@ def svd_lines(e: SVDAnalysis) -> list[str]:
     return lines
 
 
-def started_lines(e: RunStarted) -> list[str]:
-    return [
+def started_lines(e: RunStarted, warmup_steps: int | None = None) -> list[str]:
+    """The lines printed when a run starts; with ``warmup_steps``, a warning line when the
+    warmup takes half the run or more. ``tokens/step`` is what a batch holds (batch x
+    block_size x grad_accum_steps, padding included); the token counts of the step lines
+    count loss targets (padding and masked prompts excluded)."""
+    lines = [
         f"run {e.name} -> {e.run_dir}",
         f"model {e.model_type} ({e.preset or 'custom'}): {e.n_params:,} params | device {e.device_name} "
         f"[{e.device}] | {e.precision}{' | compiled' if e.compile else ''}",
-        f"{e.max_steps} optimizer steps ({e.steps_per_epoch}/epoch), {fmt_count(e.tokens_per_step)} tokens/step"
+        f"{e.max_steps} optimizer steps ({e.steps_per_epoch}/epoch), {fmt_count(e.tokens_per_step)} tokens/step "
+        "(batch x block, padding included; tokens seen count loss targets)"
         + (f", resuming at step {e.start_step}" if e.start_step else ""),
     ]
+    warning = warmup_warning(warmup_steps, e.max_steps)
+    if warning:
+        lines.append(f"warning: {warning}")
+    return lines
+
+
+def data_tokens_text(e: DataProgress, tokens_per_s: float | None = None) -> str:
+    """``34.5k tokens · 81.2k tokens/s`` (``""`` when the event carries no token count)."""
+    if e.tokens is None:
+        return ""
+    text = f"{fmt_count(e.tokens)} tokens"
+    if tokens_per_s is not None and math.isfinite(tokens_per_s) and tokens_per_s > 0:
+        text += f" · {fmt_count(tokens_per_s)} tokens/s"
+    return text
+
+
+def data_progress_line(e: DataProgress, tokens_per_s: float | None = None) -> str:
+    """``tokenize train 1,200/2,000 rows · 34.5k tokens · 81.2k tokens/s``."""
+    done = f"{e.completed:,}" + (f"/{e.total:,}" if e.total else "") + (f" {e.unit}" if e.unit else "")
+    tokens = data_tokens_text(e, tokens_per_s)
+    return f"{e.stage} {done}" + (f" · {tokens}" if tokens else "")
+
+
+class DataRate:
+    """Tokens per second of a data-preparation stage, from successive :class:`DataProgress`
+    events (the rate over the stage so far; ``None`` until two events of a stage with
+    ``tokens`` arrived)."""
+
+    def __init__(self):
+        self._stage: str | None = None
+        self._first: tuple[float, int] | None = None
+        self.rate: float | None = None
+
+    def update(self, e: DataProgress) -> float | None:
+        if e.stage != self._stage or e.tokens is None:
+            self._stage, self.rate = e.stage, None
+            self._first = (e.time, e.tokens) if e.tokens is not None else None
+            return None
+        if self._first is None:
+            self._first = (e.time, e.tokens)
+        elif e.time > self._first[0]:
+            self.rate = (e.tokens - self._first[1]) / (e.time - self._first[0])
+        return self.rate
+
+
+def message_warnings(event: Event) -> str | None:
+    """``level: message`` of a warning or error among :data:`~lmkit.events.MESSAGE_EVENTS`."""
+    if isinstance(event, MESSAGE_EVENTS) and event.level in ("warning", "error"):
+        return f"{event.level}: {event.message}"
+    return None
+
+
+def summary_table(e: RunFinished, warnings: dict[str, int] | None = None) -> Table:
+    """The end-of-run table: :func:`finished_lines`, then every warning of the run once
+    (with its count when repeated), so none scrolled away unseen. Plain text, no markup."""
+    table = Table(title=Text(f"run {e.summary.get('name', '')}: {e.status}"), show_header=False,
+                  title_justify="left")
+    for line in finished_lines(e):
+        table.add_row(Text(line))
+    for message, count in (warnings or {}).items():
+        table.add_row(Text(message + (f" (x{count})" if count > 1 else ""), style="yellow"))
+    return table
 
 
 def data_line(e: DataReady) -> str:
@@ -159,6 +228,7 @@ class PlainLog:
         self._stage: str | None = None
         self.closed = False
         self._steps = StepTimeWatch()
+        self._rate = DataRate()
 
     def _line(self, text: str) -> None:
         # A reader that went away (`| head`, a dropped pipe) must not kill a training run:
@@ -177,17 +247,20 @@ class PlainLog:
 
     def _render(self, event: Event) -> None:
         if isinstance(event, DataProgress):
+            rate = self._rate.update(event)
             done = event.total is not None and event.completed >= event.total
             if done:
-                count = f" ({event.completed:,} {event.unit})" if event.unit else ""
-                self._line(f"data: {event.stage} done{count}")
+                count = [f"{event.completed:,} {event.unit}"] if event.unit else []
+                if event.tokens is not None:
+                    count.append(f"{event.tokens:,} tokens" + (f", {fmt_count(rate)} tokens/s" if rate else ""))
+                self._line(f"data: {event.stage} done" + (f" ({', '.join(count)})" if count else ""))
             elif event.stage != self._stage:
                 self._line(f"data: {event.stage} ...")
             self._stage = event.stage
         elif isinstance(event, DataReady):
             self._line(data_line(event))
         elif isinstance(event, RunStarted):
-            for line in started_lines(event):
+            for line in started_lines(event, read_warmup_steps(event.run_dir)):
                 self._line(line)
         elif isinstance(event, StepMetrics):
             self._line(step_line(event))
@@ -210,11 +283,12 @@ class RichProgress:
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
+        # markup=False: stage names, messages and paths are shown as written ("[cpu]" stays)
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
+            TextColumn("{task.fields[stats]}", markup=False),
             TimeRemainingColumn(),
             console=self.console,
         )
@@ -222,6 +296,8 @@ class RichProgress:
         self._train_task: TaskID | None = None
         self._started = False
         self._steps = StepTimeWatch()
+        self._rate = DataRate()
+        self.warnings: dict[str, int] = {}
 
     def _start(self) -> None:
         if not self._started:
@@ -238,21 +314,28 @@ class RichProgress:
             self._render(e)
 
     def _render(self, event: Event) -> None:
-        print_ = self.progress.console.print
+        def print_(text: str, **kw) -> None:  # user and event text, never read as markup
+            self.progress.console.print(text, markup=False, **kw)
+
+        warning = message_warnings(event)
+        if warning is not None:
+            self.warnings[warning] = self.warnings.get(warning, 0) + 1
         if isinstance(event, DataProgress):
             self._start()
+            rate = self._rate.update(event)
+            stats = data_tokens_text(event, rate)
             if self._data_task is None:
-                self._data_task = self.progress.add_task(event.stage, total=event.total, stats="")
+                self._data_task = self.progress.add_task(event.stage, total=event.total, stats=stats)
             self.progress.update(self._data_task, description=event.stage, completed=event.completed,
-                                 total=event.total)
+                                 total=event.total, stats=stats)
         elif isinstance(event, DataReady):
             if self._data_task is not None:
                 self.progress.remove_task(self._data_task)
                 self._data_task = None
             print_(data_line(event), highlight=False)
         elif isinstance(event, RunStarted):
-            for line in started_lines(event):
-                print_(line, highlight=False)
+            for line in started_lines(event, read_warmup_steps(event.run_dir)):
+                print_(line, highlight=False, style="yellow" if line.startswith("warning:") else None)
             self._start()
             self._train_task = self.progress.add_task("train", total=event.max_steps, completed=event.start_step,
                                                       stats="")
@@ -272,11 +355,7 @@ class RichProgress:
             print_(f"{event.level}: {event.message}", style=style, highlight=False)
         elif isinstance(event, RunFinished):
             self._stop()
-            table = Table(title=f"run {event.summary.get('name', '')}: {event.status}", show_header=False,
-                          title_justify="left")
-            for line in finished_lines(event):
-                table.add_row(line)
-            self.console.print(table)
+            self.console.print(summary_table(event, self.warnings))
 
     def close(self) -> None:
         """Stop the live display (also on errors), restoring the terminal."""

@@ -26,6 +26,7 @@ changed, or once a second for the clocks); system numbers come from
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -35,9 +36,9 @@ from typing import Any
 
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.layout import Layout
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
-from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
@@ -58,287 +59,24 @@ from lmkit.events import (
     SVDAnalysis,
     SVDModeSwitch,
 )
-from lmkit.monitor.console import data_line, finished_lines, fmt_count, fmt_duration, fmt_metric
+from lmkit.monitor.chart import BrailleCanvas, BucketSeries, LossChart
+from lmkit.monitor.console import (
+    DataRate,
+    data_line,
+    data_tokens_text,
+    fmt_count,
+    fmt_duration,
+    fmt_metric,
+    message_warnings,
+    summary_table,
+)
+from lmkit.monitor.history import RunFacts, read_run_facts, warmup_warning
 from lmkit.monitor.nvml import GpuStat
 from lmkit.monitor.sampler import HostStat, Sampler, SystemSample
 from lmkit.monitor.steptime import StepTimeWatch
 from lmkit.monitor.svd_panel import SVDState, shorten_layers
 
 GiB = 2**30
-
-# --------------------------------------------------------------------------------------
-# A bounded, bucketed series
-# --------------------------------------------------------------------------------------
-
-
-class BucketSeries:
-    """Values over steps, kept in at most ``capacity`` buckets of equal step width.
-
-    Each bucket holds min, max, sum and count of the values whose step falls in it. When
-    a step lands past the last bucket, neighbouring buckets are merged pairwise and the
-    width doubles, so memory is O(capacity) and :meth:`add` is O(1) amortised, however
-    long the run (100k logged steps fit in 512 buckets of 256 steps).
-    Non-finite values are counted in ``non_finite`` and not bucketed.
-    """
-
-    def __init__(self, capacity: int = 512):
-        if capacity < 2:
-            raise ValueError("capacity must be >= 2")
-        self.capacity = capacity
-        self.width = 1
-        self.origin: int | None = None
-        self.buckets: list[list[float] | None] = []  # [min, max, sum, count]
-        self.count = 0
-        self.non_finite = 0
-        self.last: tuple[int, float] | None = None
-        self.first_step: int | None = None
-        self.last_step: int | None = None
-
-    def add(self, step: int, value: float) -> None:
-        if not math.isfinite(value):
-            self.non_finite += 1
-            return
-        if self.origin is None:
-            self.origin = step
-        index = max(0, step - self.origin) // self.width
-        while index >= self.capacity:
-            self._merge()
-            index = max(0, step - self.origin) // self.width
-        if index >= len(self.buckets):
-            self.buckets.extend([None] * (index + 1 - len(self.buckets)))
-        bucket = self.buckets[index]
-        if bucket is None:
-            self.buckets[index] = [value, value, value, 1.0]
-        else:
-            bucket[0] = min(bucket[0], value)
-            bucket[1] = max(bucket[1], value)
-            bucket[2] += value
-            bucket[3] += 1
-        self.count += 1
-        self.last = (step, value)
-        self.first_step = step if self.first_step is None else min(self.first_step, step)
-        self.last_step = step if self.last_step is None else max(self.last_step, step)
-
-    def _merge(self) -> None:
-        merged: list[list[float] | None] = []
-        for i in range(0, len(self.buckets), 2):
-            pair = [b for b in self.buckets[i:i + 2] if b is not None]
-            if not pair:
-                merged.append(None)
-            else:
-                merged.append([min(b[0] for b in pair), max(b[1] for b in pair), sum(b[2] for b in pair),
-                               sum(b[3] for b in pair)])
-        self.buckets = merged
-        self.width *= 2
-
-    def points(self) -> list[tuple[float, float, float, float]]:
-        """``(step, min, mean, max)`` per non-empty bucket, the step being the bucket's centre
-        (clipped to the steps actually seen)."""
-        out = []
-        if self.origin is None:
-            return out
-        for i, b in enumerate(self.buckets):
-            if b is None:
-                continue
-            lo = self.origin + i * self.width
-            centre = min(max(lo + (self.width - 1) / 2, self.first_step or lo), self.last_step or lo)
-            out.append((float(centre), b[0], b[2] / b[3], b[1]))
-        return out
-
-    def copy(self) -> BucketSeries:
-        other = BucketSeries(self.capacity)
-        other.width, other.origin, other.count, other.non_finite = self.width, self.origin, self.count, self.non_finite
-        other.buckets = [None if b is None else list(b) for b in self.buckets]
-        other.last, other.first_step, other.last_step = self.last, self.first_step, self.last_step
-        return other
-
-
-# --------------------------------------------------------------------------------------
-# Braille chart
-# --------------------------------------------------------------------------------------
-
-# Dot (x, y) of a 2x4 braille cell -> bit (Unicode 3.0, block U+2800).
-_BRAILLE_BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
-
-
-class BrailleCanvas:
-    """A ``cols`` x ``rows`` character canvas of 2x4 braille dots per character, with
-    layers: each character shows the dots of its highest-priority layer."""
-
-    def __init__(self, cols: int, rows: int):
-        self.cols, self.rows = cols, rows
-        self.layers: list[tuple[Style, dict[tuple[int, int], int]]] = []
-
-    @property
-    def width(self) -> int:
-        return 2 * self.cols
-
-    @property
-    def height(self) -> int:
-        return 4 * self.rows
-
-    def layer(self, style: Style | str) -> dict[tuple[int, int], int]:
-        """A new layer on top of the previous ones; returns its cell -> bits map."""
-        cells: dict[tuple[int, int], int] = {}
-        self.layers.append((Style.parse(style) if isinstance(style, str) else style, cells))
-        return cells
-
-    def dot(self, cells: dict[tuple[int, int], int], x: int, y: int) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            key = (y // 4, x // 2)
-            cells[key] = cells.get(key, 0) | _BRAILLE_BITS[y % 4][x % 2]
-
-    def vline(self, cells: dict[tuple[int, int], int], x: int, y0: int, y1: int) -> None:
-        for y in range(min(y0, y1), max(y0, y1) + 1):
-            self.dot(cells, x, y)
-
-    def segment(self, cells: dict[tuple[int, int], int], x0: int, y0: int, x1: int, y1: int) -> None:
-        """A connected line from (x0, y0) to (x1, y1), ``x0 <= x1``: each column gets the
-        vertical run the line crosses in it, so steep falls have no gaps."""
-        if x1 <= x0:
-            self.vline(cells, x0, y0, y1)
-            return
-        slope = (y1 - y0) / (x1 - x0)
-        for x in range(x0, x1 + 1):
-            ya = y0 + slope * (max(x - 0.5, x0) - x0)
-            yb = y0 + slope * (min(x + 0.5, x1) - x0)
-            self.vline(cells, x, int(round(ya)), int(round(yb)))
-
-    def lines(self) -> list[Text]:
-        """One :class:`~rich.text.Text` per row; runs of one style are appended together
-        (a row costs O(cols), not one Rich span per character)."""
-        grid: list[list[tuple[str, Style | None]]] = [[(" ", None)] * self.cols for _ in range(self.rows)]
-        for style, cells in self.layers:  # later layers overwrite earlier ones
-            for (row, col), bits in cells.items():
-                if bits and 0 <= row < self.rows and 0 <= col < self.cols:
-                    grid[row][col] = (chr(0x2800 + bits), style)
-        out = []
-        for cells in grid:
-            text = Text()
-            run, run_style = [], None
-            for char, style in cells:
-                if style is not run_style and run:
-                    text.append("".join(run), run_style)
-                    run = []
-                run.append(char)
-                run_style = style
-            if run:
-                text.append("".join(run), run_style)
-            out.append(text)
-        return out
-
-
-def _fmt_axis(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1000 else fmt_count(value)
-
-
-class LossChart:
-    """Train loss (a line through the mean of each bucket, and dots at each bucket's
-    minimum) and val loss (marked at each evaluation) over steps, drawn with braille dots
-    to fit the space Rich gives it (``options.height`` rows, ``options.max_width`` columns).
-    Several buckets that fall on one pixel column are merged again (min of mins, mean of
-    means), so drawing costs O(buckets + width x height) whatever the run's length.
-
-    Args:
-        train / val: the series (copies: the chart is rendered on another thread).
-        max_steps: the run's length (for the caption); the x axis spans the steps seen
-            so far, from ``start_step``, so an early curve is not squeezed to the left.
-    """
-
-    TRAIN = Style(color="cyan", bold=True)
-    BAND = Style(color="blue")
-    VAL = Style(color="yellow", bold=True)
-
-    def __init__(self, train: BucketSeries, val: BucketSeries, *, max_steps: int | None = None,
-                 start_step: int = 0, cache: dict | None = None):
-        self.train, self.val = train, val
-        self.max_steps = max_steps
-        self.start_step = start_step
-        self.cache = cache  # reuse the last drawing while the data and the size are the same
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        key = (options.max_width, options.height, self.train.count, self.train.last, self.val.count,
-               self.train.width, self.start_step)
-        if self.cache is not None and self.cache.get("key") == key:
-            yield from self.cache["lines"]
-            return
-        lines = list(self._draw(options))
-        if self.cache is not None:
-            self.cache.update(key=key, lines=lines)
-        yield from lines
-
-    def _draw(self, options: ConsoleOptions) -> Iterable[Text]:
-        width = options.max_width
-        height = options.height or 10
-        train, val = self.train.points(), self.val.points()
-        if not train and not val:
-            yield Text("waiting for the first logged step…", style="dim")
-            return
-        rows = max(2, height - 1)  # the last line is the x axis
-        steps = [p[0] for p in train] + [p[0] for p in val]
-        x0 = min(min(steps), self.start_step)
-        last = [series.last_step for series in (self.train, self.val) if series.last_step is not None]
-        x1 = max(max(steps), *last, x0 + 1)  # the axis grows with the run (the stats panel shows progress)
-        # The y range: lowest min to highest mean. The first 5% of the x axis (the fall
-        # from the initial loss) does not stretch the scale; it is clipped at the top (↑).
-        settled = [p[2] for p in train + val if p[0] - x0 >= 0.05 * (x1 - x0)]
-        all_means = [p[2] for p in train + val]
-        lo = min(p[1] for p in train + val)
-        hi = max(settled) if len(settled) >= 2 else max(all_means)
-        clipped = max(all_means) > hi
-        if hi - lo < 1e-9:
-            lo, hi = lo - 0.5, hi + 0.5
-        labels = [_fmt_axis(hi) + ("↑" if clipped else ""), _fmt_axis((hi + lo) / 2), _fmt_axis(lo)]
-        gutter = max(len(s) for s in labels) + 2
-        cols = max(4, width - gutter)
-        canvas = BrailleCanvas(cols, rows)
-
-        def px(step: float) -> int:
-            return min(canvas.width - 1, int((step - x0) / (x1 - x0) * (canvas.width - 1) + 0.5))
-
-        def py(value: float) -> int:
-            value = min(max(value, lo), hi)
-            return int((hi - value) / (hi - lo) * (canvas.height - 1) + 0.5)
-
-        def columns(points: list[tuple[float, float, float, float]]) -> dict[int, tuple[float, float, float]]:
-            # re-bucket onto pixel columns: min, mean (weighted equally per bucket), max
-            acc: dict[int, list[float]] = {}
-            for step, vmin, vmean, vmax in points:
-                a = acc.setdefault(px(step), [math.inf, 0.0, 0.0, -math.inf])
-                a[0], a[1], a[2], a[3] = min(a[0], vmin), a[1] + vmean, a[2] + 1, max(a[3], vmax)
-            return {x: (a[0], a[1] / a[2], a[3]) for x, a in acc.items()}
-
-        band, line = canvas.layer(self.BAND), canvas.layer(self.TRAIN)
-        cols_train = columns(train)
-        prev: tuple[int, int] | None = None
-        for x in sorted(cols_train):
-            vmin, vmean, _ = cols_train[x]
-            canvas.dot(band, x, py(vmin))
-            y = py(vmean)
-            canvas.segment(line, *(prev or (x, y)), x, y)
-            prev = (x, y)
-        vlayer = canvas.layer(self.VAL)
-        cols_val = columns(val)
-        prev = None
-        for x in sorted(cols_val):
-            y = py(cols_val[x][1])
-            canvas.segment(vlayer, *(prev or (x, y)), x, y)
-            for dx in (-1, 0, 1):  # a visible marker at each evaluation
-                canvas.dot(vlayer, x + dx, y)
-            canvas.vline(vlayer, x, y - 1, y + 1)
-            prev = (x, y)
-
-        label_rows = {0: labels[0], (rows - 1) // 2: labels[1], rows - 1: labels[2]}
-        for i, text in enumerate(canvas.lines()):
-            label = label_rows.get(i, "")
-            row = Text(no_wrap=True)
-            row.append(label.rjust(gutter - 2) + " ┤", style="dim")
-            row.append_text(text)
-            yield row
-        left, right = f"{x0:,.0f}", f"step {x1:,.0f}"
-        axis = " " * gutter + left + " " * max(1, cols - len(left) - len(right)) + right
-        yield Text(axis[:width], style="dim", no_wrap=True)
-
 
 # --------------------------------------------------------------------------------------
 # Small formatting helpers
@@ -445,6 +183,9 @@ class Dashboard:
         self.kinds: dict[tuple[str, str], KindRow] = {}
         self.system: SystemSample | None = None
         self.svd = SVDState()  # the SVD panel's rows; the panel shows once an analysis arrived
+        self.facts = RunFacts()  # read from the run directory at RunStarted (warmup, earlier losses)
+        self.warnings: dict[str, int] = {}  # every warning of the run, repeated in the summary
+        self.data_rate = DataRate()
         self.t_start = time.time()
         self.t_last_step = time.time()
         self.renders = 0  # frames drawn
@@ -453,6 +194,7 @@ class Dashboard:
         self._dirty = True
         self._chart_cache: dict = {}
         self._live = None
+        self._tty: tuple[int, list] | None = None  # (fd, termios attributes) while the echo is off
         self._sampler: Sampler | None = None
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
@@ -462,7 +204,11 @@ class Dashboard:
     # ------------------------------------------------------------------ events
 
     def __call__(self, event: Event) -> None:
+        # files are read before the lock is taken: the refresh thread keeps drawing meanwhile
+        facts = read_run_facts(event.run_dir, event.start_step) if isinstance(event, RunStarted) else None
         with self._lock:
+            if facts is not None:
+                self._load_facts(facts)
             for e in self._steps.expand(event):
                 self._handle(e)
             self._dirty = True
@@ -479,7 +225,29 @@ class Dashboard:
     def _note(self, step: int | None, style: str, text: str) -> None:
         self.events.append((time.time(), step, style, text))
 
+    def _load_facts(self, facts: RunFacts) -> None:
+        """A resumed run's history (losses logged before the resume step) into the chart, and
+        its last and best evaluation into the stats."""
+        self.facts = facts
+        for step, loss in facts.train:
+            self.train.add(step, loss)
+        for record in facts.val:
+            try:
+                e = EvalResult(step=int(record["step"]), epoch=float(record.get("epoch", 0.0)),
+                               tokens=int(record.get("tokens", 0)), split=str(record.get("split", "val")),
+                               loss=float(record["loss"]), metrics={}, is_best=bool(record.get("is_best")),
+                               elapsed_s=float(record.get("elapsed_s", 0.0)), time=float(record.get("time", 0.0)))
+            except (KeyError, TypeError, ValueError):
+                continue
+            self.val.add(e.step, e.loss)
+            self.last_val = e
+            if e.is_best or (self.best_val is not None and e.loss < self.best_val.loss and e.step > 0):
+                self.best_val = e
+
     def _handle(self, e: Event) -> None:
+        warning = message_warnings(e)
+        if warning is not None:
+            self.warnings[warning] = self.warnings.get(warning, 0) + 1
         if e.kind not in NOT_BY_KIND:
             group = type(e).group_by
             key = str(getattr(e, group, "")) if group else ""
@@ -493,6 +261,7 @@ class Dashboard:
                 row.count, row.step, row.summary, row.time = row.count + 1, step, summary, e.time
         if isinstance(e, DataProgress):
             self.data = e
+            self.data_rate.update(e)
         elif isinstance(e, DataReady):
             self.data = None
             self._note(None, "dim", data_line(e))
@@ -529,7 +298,7 @@ class Dashboard:
             self.svd.analysis(e)  # the SVD panel shows it; the switches reach the events panel
         elif isinstance(e, SVDModeSwitch):
             self.svd.switch(e)
-            self._note(e.step, "bold magenta", _Wrap(e.message.removeprefix(f"step {e.step}: ")))
+            self._note(e.step, "bold magenta", e.message.removeprefix(f"step {e.step}: "))
         elif isinstance(e, Resumed):
             moved = (f"; {e.dropped_metrics} later log record(s) moved to {e.superseded_metrics}"
                      if e.superseded_metrics else "")
@@ -552,11 +321,42 @@ class Dashboard:
     def _start_live(self) -> None:
         from rich.live import Live
 
+        self._echo_off()
         self._live = Live(self, console=self.console, auto_refresh=False, transient=False,
                           redirect_stdout=True, redirect_stderr=True)
         self._live.start(refresh=True)
         self._ticker = threading.Thread(target=self._tick, name="lmkit-dashboard", daemon=True)
         self._ticker.start()
+
+    def _echo_off(self) -> None:
+        """Stop the terminal echoing keys while the dashboard is live. An echoed ``^C`` lands
+        after the frame's last, full-width row, wraps and scrolls the screen one row: the next
+        frame is then drawn one row lower and the old frame's top border (``╭── training ─╮``)
+        stays above it. Ctrl-C still interrupts (signals do not need the echo); :meth:`close`
+        restores the terminal's settings."""
+        try:
+            import termios
+
+            fd = self.console.file.fileno()
+            if not os.isatty(fd):
+                return
+            attrs = termios.tcgetattr(fd)
+            quiet = list(attrs)
+            quiet[3] &= ~termios.ECHO
+            termios.tcsetattr(fd, termios.TCSADRAIN, quiet)
+            self._tty = (fd, attrs)
+        except Exception:  # noqa: BLE001 - no termios (Windows), no file descriptor, not a terminal
+            self._tty = None
+
+    def _echo_restore(self) -> None:
+        tty, self._tty = self._tty, None
+        if tty is not None:
+            try:
+                import termios
+
+                termios.tcsetattr(tty[0], termios.TCSADRAIN, tty[1])
+            except Exception:  # noqa: BLE001 - the terminal went away
+                pass
 
     def _start_sampler(self, gpus: bool) -> None:
         self._sampler = Sampler(self.update_system, interval=self.sample_interval, gpus=gpus).start()
@@ -596,16 +396,14 @@ class Dashboard:
                 live.stop()
             finally:
                 self.console.show_cursor(True)
+                self._echo_restore()
             if self.finished is not None:
                 self.console.print(self.summary_table())
 
     def summary_table(self) -> Table:
-        e = self.finished
-        assert e is not None
-        table = Table(title=f"run {e.summary.get('name', '')}: {e.status}", show_header=False, title_justify="left")
-        for line in finished_lines(e):
-            table.add_row(line)
-        return table
+        """The end-of-run table, with every warning of the run repeated below the results."""
+        assert self.finished is not None
+        return summary_table(self.finished, self.warnings)
 
     # ------------------------------------------------------------------ rendering
 
@@ -626,13 +424,17 @@ class Dashboard:
             yield from console.render(view, options.update(width=width, height=height))
 
     def _preparing(self) -> RenderableType:
+        """One line while the data is prepared: stage, a bar (pulsing when the total is
+        unknown), documents done, tokens written and tokens/s."""
         d = self.data
         if d is None:
             return Text("preparing…", style="dim")
-        done = f"{d.completed:,}" + (f"/{d.total:,}" if d.total else "") + f" {d.unit}"
+        done = f"{d.completed:,}" + (f"/{d.total:,}" if d.total else "") + (f" {d.unit}" if d.unit else "")
+        tokens = data_tokens_text(d, self.data_rate.rate)
         grid = Table.grid(padding=(0, 1))
         grid.add_row(Text("data", style="bold"), Text(d.stage),
-                     ProgressBar(total=d.total or None, completed=d.completed, width=30), Text(done, style="dim"))
+                     ProgressBar(total=d.total or None, completed=d.completed, width=30), Text(done, style="dim"),
+                     Text(tokens, style="cyan"))
         return grid
 
     def layout(self, height: int | None = None) -> Layout:
@@ -685,18 +487,24 @@ class Dashboard:
         if self.finished is not None:
             status = self.finished.status
             style = "bold green" if status == "completed" else "bold red"
-        return Panel(text, title=Text(status, style=style), title_align="right", border_style="magenta")
+        # a warmup of half the run or more, on the border: seen whatever the width
+        max_steps = self.last_step.max_steps if self.last_step is not None else s.max_steps
+        warmup = warmup_warning(self.facts.warmup_steps, max_steps)
+        subtitle = Text(f" ⚠ {warmup} ", style="bold yellow") if warmup else None
+        return Panel(text, title=Text(status, style=style), title_align="right", border_style="magenta",
+                     subtitle=subtitle, subtitle_align="left")
 
     def chart_panel(self) -> Panel:
         s = self.started
         chart = LossChart(self.train.copy(), self.val.copy(), max_steps=s.max_steps if s else None,
                           start_step=s.start_step if s else 0, cache=self._chart_cache)
-        title = Text.assemble(("loss  ", "bold"), ("━ train", LossChart.TRAIN), (" (mean, ", "dim"),
-                              ("⠄ min", LossChart.BAND), (" per bucket)  ", "dim"), ("◆ val", LossChart.VAL))
+        title = LossChart.legend()
         width = self.train.width
         subtitle = f"{self.train.count:,} logged steps · {width} per bucket" if self.train.count else None
         if self.train.non_finite:
             subtitle = f"{subtitle} · {self.train.non_finite} non-finite"
+        if subtitle and self.facts.train:
+            subtitle = f"steps ≤ {s.start_step:,} from metrics.jsonl · {subtitle}"
         return Panel(chart, title=title, title_align="left", subtitle=subtitle, subtitle_align="right",
                      border_style="cyan")
 
@@ -709,12 +517,23 @@ class Dashboard:
         step = m.step if m else (s.start_step if s else 0)
         frac = step / max_steps if max_steps else 0.0
         grid.add_row("step", Text.assemble((f"{step:,}", "bold"), f" / {max_steps:,}  ", (f"{100 * frac:.1f}%", "dim")))
-        grid.add_row("", ProgressBar(total=max(1, max_steps), completed=step, width=24))
+        bar = ProgressBar(total=max(1, max_steps), completed=step, width=24)
         if m is None:
+            grid.add_row("", bar)
             grid.add_row("", Text("waiting for the first logged step…", style="dim"))
             return Panel(grid, title="[bold]stats", title_align="left", border_style="green")
-        grid.add_row("epoch", f"{m.epoch:.2f}")
-        grid.add_row("tokens", fmt_count(m.tokens))
+        bar_row = Table.grid(padding=(0, 1))
+        bar_row.add_row(bar, Text(f"epoch {m.epoch:.2f}", style="dim"))
+        grid.add_row("", bar_row)
+        # tokens seen count loss targets; a batch holds tokens_per_step positions (padding included)
+        grid.add_row("tokens", Text.assemble(fmt_count(m.tokens), (" targets", "dim")))
+        positions = s.tokens_per_step if s else 0
+        per_step = m.tokens / m.step if m.step else 0.0
+        if positions and per_step and abs(per_step - positions) > 0.01 * positions:
+            grid.add_row("per step", Text.assemble(f"~{fmt_count(per_step)}", (" targets of ", "dim"),
+                                                   fmt_count(positions), (" positions", "dim"), overflow="ellipsis"))
+        else:
+            grid.add_row("per step", Text.assemble(fmt_count(positions or per_step), (" targets", "dim")))
         grid.add_row("lr", f"{m.lr:.3e}")
         loss = Text(f"{m.loss:.4f}", style="bold cyan")
         if m.grad_norm is not None:
@@ -736,7 +555,12 @@ class Dashboard:
         grid.add_row("step time", f"{1000 * m.step_time_s:.1f} ms")
         elapsed = m.elapsed_s + (0.0 if self.finished else time.time() - self.t_last_step)
         eta = (m.max_steps - m.step) * m.step_time_s
-        grid.add_row("elapsed", fmt_duration(elapsed))
+        if s is not None and s.start_step:  # the run's training time in all sessions, and this one's
+            session = (self.t_last_step if self.finished else time.time()) - self.t_start
+            grid.add_row("elapsed", Text.assemble(fmt_duration(elapsed), (" in all · ", "dim"), fmt_duration(session),
+                                                  (" since resume", "dim")))
+        else:
+            grid.add_row("elapsed", fmt_duration(elapsed))
         grid.add_row("ETA", "done" if m.step >= m.max_steps else fmt_duration(eta))
         return Panel(grid, title="[bold]stats", title_align="left", border_style="green")
 
@@ -788,7 +612,7 @@ class Dashboard:
         if host is not None:
             grid.add_row("host", f"RSS {fmt_gib(host.rss_bytes)} GiB · CPU {host.cpu_percent:.0f}% · "
                                  f"RAM {fmt_gib(host.mem_used_bytes)}/{fmt_gib(host.mem_total_bytes)} GiB")
-        title = f"[bold]GPU[/] [dim]({s.device if s else ''})"
+        title = f"[bold]GPU[/] [dim]({escape(s.device) if s else ''})"
         return Panel(grid, title=title, title_align="left", border_style="blue"), grid.row_count
 
     def host_panel(self) -> tuple[Panel, int]:
@@ -806,15 +630,15 @@ class Dashboard:
             mem = host.mem_used_bytes / host.mem_total_bytes if host.mem_total_bytes else None
             grid.add_row("RAM", meter(mem) + Text(f" {fmt_gib(host.mem_used_bytes)}/{fmt_gib(host.mem_total_bytes)} GiB"))
             grid.add_row("threads", str(host.threads))
-        title = f"[bold]host[/] [dim]({s.device_name if s else ''})"
+        title = f"[bold]host[/] [dim]({escape(s.device_name) if s else ''})"
         return Panel(grid, title=title, title_align="left", border_style="blue"), max(4, grid.row_count)
 
     def events_panel(self) -> Panel:
         lines = []
         for t, step, style, text in self.events:
-            lines.append((Text.assemble((time.strftime("%H:%M:%S ", time.localtime(t)), "dim"),
-                                        (f"{step:>7,} " if step is not None else " " * 8, "dim"), (text, style)),
-                          isinstance(text, _Wrap)))
+            prefix = Text.assemble((time.strftime("%H:%M:%S ", time.localtime(t)), "dim"),
+                                   (f"{step:>7,} " if step is not None else " " * 8, "dim"))
+            lines.append((prefix, Text(text, style=style)))
         body = _tail(lines)
         return Panel(body, title="[bold]events", title_align="left", border_style="yellow")
 
@@ -828,40 +652,42 @@ class Dashboard:
         # dotted keys (layers) lose their common leading components: room for "last"
         short = shorten_layers([r.key for r in self.kinds.values() if "." in r.key], 14)
         for row in sorted(self.kinds.values(), key=lambda r: -r.time):
-            table.add_row(row.kind, short.get(row.key, row.key), str(row.count), f"{row.step:,}" if row.step is not None else "",
-                          row.summary)
+            table.add_row(Text(row.kind), Text(short.get(row.key, row.key)), str(row.count),
+                          f"{row.step:,}" if row.step is not None else "", Text(row.summary))
         return Panel(table, title="[bold]events by kind", title_align="left", border_style="yellow",
                      subtitle="[dim]latest per kind", subtitle_align="right")
 
 
-class _Wrap(str):
-    """Events-panel text that wraps onto more lines instead of being cut (an SVD mode
-    switch: its layer, direction and reason all matter). Equal to the plain string."""
-
-
 class _Tail:
-    """The last lines that fit the height Rich gives (newest at the bottom); a line is cut
-    at the width, or wrapped where its flag says so."""
+    """The newest events that fit the height Rich gives (newest at the bottom). Each event is
+    its prefix (time, step) and its text, wrapped at the width with the continuation lines
+    indented under the text, so no advice at the end of a long warning is cut off; only the
+    oldest event shown may lose its first lines when the panel is full."""
 
-    def __init__(self, lines: list[tuple[Text, bool]]):
+    def __init__(self, lines: list[tuple[Text, Text]]):
         self.lines = lines
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         height = options.height or len(self.lines)
+        width = options.max_width
         out: list[Text] = []
-        for text, wrap in self.lines[-height:] if height else []:
-            if wrap:
-                out.extend(text.wrap(console, options.max_width, overflow="ellipsis"))
-                continue
-            text = text.copy()
-            text.no_wrap = True
-            text.overflow = "ellipsis"
-            text.truncate(options.max_width, overflow="ellipsis")
-            out.append(text)
+        for prefix, text in reversed(self.lines):  # newest first, until the panel is full
+            indent = prefix.cell_len if width - prefix.cell_len >= 20 else 0
+            body = text.wrap(console, max(1, width - indent), overflow="fold")
+            rows = []
+            for i, line in enumerate(body):
+                row = prefix.copy() if i == 0 and indent else Text(" " * indent)
+                if i == 0 and not indent:
+                    rows.append(prefix.copy())
+                row.append_text(line)
+                rows.append(row)
+            out[:0] = rows
+            if len(out) >= height:
+                break
         yield from out[-height:] if height else []
 
 
-def _tail(lines: list[tuple[Text, bool]]) -> RenderableType:
+def _tail(lines: list[tuple[Text, Text]]) -> RenderableType:
     return _Tail(lines) if lines else Text("no events yet", style="dim")
 
 

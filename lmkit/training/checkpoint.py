@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import tempfile
+import warnings
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -322,6 +323,16 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------
 
 
+def _torch_load(path: Path, **kw: Any) -> Any:
+    """``torch.load(path, weights_only=True, ...)`` without torch's ``UserWarning`` about a
+    pickle protocol it did not write ("Detected pickle protocol 4 in the checkpoint ..."): a
+    foreign file gets lmkit's own one-line error, not a warning printed before it. Only that
+    warning, and only around this call, is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
+        return torch.load(path, weights_only=True, **kw)
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read and verify a checkpoint (``weights_only=True``).
 
@@ -332,7 +343,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = _torch_load(path, map_location=map_location)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
         text = str(exc)
         if "Unsupported global" in text or "weights_only" in text.lower():
@@ -360,7 +371,7 @@ def peek_step(path: Path) -> int | None:
     """The step stored in a checkpoint, read through a memory map (no full load);
     ``None`` when the file cannot be read."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+        return int(_torch_load(path, map_location="cpu", mmap=True)["step"])
     except Exception:  # noqa: BLE001 - any unreadable file
         return None
 
