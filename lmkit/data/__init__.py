@@ -246,6 +246,8 @@ def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit, 
         DataError: any problem with the source (one line naming the file or name).
     """
     dataset = config.dataset
+    if config.sources is None and dataset == "mixture":
+        raise ConfigError("data.dataset: mixture needs data.sources (the list of data sets to mix)")
     if config.sources is not None:
         from lmkit.data.mixture import check_sources
 
