@@ -48,6 +48,8 @@ def train_command(
                                 "that other processes leave free; also LMKIT_THREADS, OMP_NUM_THREADS)."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Plain log lines even on a terminal."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout at the end."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, parameter count, memory "
+                                 "estimate and step/token plan; train nothing, write nothing."),
 ) -> None:
     """Train a model; writes runs/NAME/ (config.yaml, metrics.jsonl, events.jsonl, tb/, checkpoints/,
     tokenizer/, summary.json)."""
@@ -84,6 +86,17 @@ def train_command(
     if on_nan is not None:
         flags["training.on_nan"] = ("--on-nan", on_nan)
 
+    if dry_run:
+        if resume_run:
+            raise ConfigError("--dry-run plans a new run; it does not combine with --resume")
+        from lmkit.dry_run import plan_run
+
+        report = plan_run(build_run_config(preset, overrides, flags))
+        if json_out:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        else:
+            render_dry_run(report)
+        return
     if resume_run:
         if threads is not None:
             flags["training.threads"] = ("--threads", threads)
@@ -121,3 +134,48 @@ def length_flags(max_steps: int | None, epochs: int | None) -> dict[str, tuple[s
     if epochs is not None:
         return {"training.epochs": ("--epochs", epochs), "training.max_steps": ("--epochs", None)}
     return {}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def render_dry_run(report: dict[str, Any]) -> None:
+    """Print a :func:`lmkit.dry_run.plan_run` report: the YAML, then one line each for the
+    model, the memory, the data and the plan (estimates say so)."""
+    out = sys.stdout
+    cfg, params, mem, data, plan = (report[k] for k in ("config", "params", "memory", "data", "plan"))
+    out.write("# dry run: nothing trained, nothing written\n# resolved config (what runs/NAME/config.yaml would hold)\n")
+    out.write(report["yaml"])
+    out.write("\n")
+    name = f" ({cfg['preset']})" if cfg.get("preset") else ""
+    if params["total"] is not None:
+        out.write(f"model {cfg['model']['type']}{name}: {params['total']:,} params "
+                  f"({params['total'] / 1e6:.2f}M; vocab {params['vocab_size']:,})\n")
+    else:
+        out.write(f"model {cfg['model']['type']}{name}: params unknown ({params['note']})\n")
+    if mem is not None:
+        prec = "fp32" if mem["precision"] == "fp32" else f"{mem['precision']} autocast"
+        out.write(f"memory of one training step on CUDA (lmkit doctor's estimate; B={mem['batch_size']}, "
+                  f"T={mem['seq_len']}, {prec}, {mem['optimizer']}, gradient checkpointing "
+                  f"{'on' if mem['grad_checkpointing'] else 'off'}): {_gib(mem['total_bytes'])} "
+                  f"(peak allocated {_gib(mem['peak_allocated_bytes'])} + overhead {_gib(mem['overhead_bytes'])})\n")
+    size = f"{data['train_size']:,} {data['unit']}" if data["train_size"] is not None else "size unknown"
+    mark = "" if data["exact"] else "~"
+    out.write(f"data: train {mark}{size} ({data['source']})\n")
+    steps = plan["max_steps"]
+    if steps is None:
+        out.write("plan: unknown length (training.epochs needs the data's size; give --max-steps N)\n")
+    else:
+        est = lambda exact: "" if exact else "~"  # noqa: E731
+        per = f"{plan['tokens_per_step']:,} tokens/step" + (" at most (padded to each batch's longest)"
+                                                            if plan["padded"] else "")
+        epochs = (f", {est(plan['epochs_exact'])}{plan['epochs']:.2f} epochs ({est(plan['epochs_exact'])}"
+                  f"{plan['steps_per_epoch']:,} steps/epoch)" if plan["epochs"] is not None else "")
+        out.write(f"plan: {est(plan['steps_exact'])}{steps:,} optimizer steps, {per}, "
+                  f"{est(plan['steps_exact'])}{plan['total_tokens']:,} tokens{epochs}\n")
+        if not (plan["steps_exact"] and plan["epochs_exact"]):
+            out.write("(~ = estimated from the data's size in bytes; exact once the token cache exists)\n")
+    if report["gpu_only"]:
+        out.write("note: the config requires a GPU (training.gpu_only): `lmkit train` without --dry-run exits 3 "
+                  "on a machine without CUDA\n")
