@@ -215,3 +215,12 @@ def test_labelled_sequence_checks_lengths():
 def test_chat_item_without_turns_is_skipped():
     assert _item({"messages": [{"role": "user", "content": "  "}]}) is None
     assert ChatItem((Turn("user", "x"),), "messages").kind == "messages"
+
+
+def test_given_tokenizer_encodes_text_shards(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i} é\n" for i in range(200)))
+    tok = ByteTokenizer()
+    data = prepare_data(DataConfig(dataset=str(text), tokenizer="char", cache_dir=str(tmp_path / "c")), tokenizer=tok)
+    assert data.tokenizer is tok
+    assert bytes(np.asarray(data.tokens("train"))[:9].astype(np.uint8)).decode() == "line 0 é\n"
