@@ -9,11 +9,12 @@ import types
 import pytest
 import torch
 
-from conftest import shared
 from lmkit.data.tokenizers import AddedToken, GPT2Tokenizer
 from lmkit.evaluation import generate, gsm8k, probes
 from lmkit.evaluation.mul_usage import mul_token_ids
 from lmkit.evaluation.task import EvalContext
+
+from conftest import shared
 
 # Written out by hand from SEEDS_SPEC §1.1 (not derived from lmkit.data.mul_tokens).
 SIX_NINE = 50342  # <MUL_6_9_54>

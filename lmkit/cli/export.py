@@ -31,6 +31,9 @@ def export_command(
     json_out: bool = typer.Option(False, "--json", help="Print lmkit_export.json on stdout at the end."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: the cores "
                                 "that other processes leave free; also LMKIT_THREADS, OMP_NUM_THREADS)."),
+    legacy_hf_tokenizer: bool = typer.Option(False, "--legacy-hf-tokenizer", help="gpt2+mul baseline runs: add "
+                                             "the 47 padding and 45 <MUL_a_b_c> strings to the HF tokenizer as "
+                                             "the seed's builder did (lmkit's baseline tokenization then differs)."),
 ) -> None:
     """Export a run's checkpoint. --to hf writes a folder that transformers' AutoModelForCausalLM and
     AutoTokenizer load offline (GPT-2 for learned positions, GPT-NeoX for rotary), then proves it: native vs
@@ -46,15 +49,19 @@ def export_command(
 
     def emit(event: object) -> None:
         if isinstance(event, Notice):
-            stream.write(f"  {event.message}\n")
+            prefix = f"{event.level}: " if event.level in ("warning", "error") else ""
+            stream.write(f"  {prefix}{event.message}\n")
             stream.flush()
 
     if to == "hf":
         from lmkit.export.hf import export_hf
 
         result = export_hf(run, out, checkpoint=checkpoint, dtype=dtype, verify=not no_verify, force=force,
-                           out_dir=out_dir, sample_text=sample_text, emit=emit)
+                           out_dir=out_dir, sample_text=sample_text, emit=emit,
+                           legacy_hf_tokenizer=legacy_hf_tokenizer)
     elif to == "safetensors":
+        if legacy_hf_tokenizer:
+            raise ConfigError("--legacy-hf-tokenizer is for --to hf (a safetensors export copies lmkit's tokenizer)")
         from lmkit.export.safetensors_export import export_safetensors
 
         result = export_safetensors(run, out, checkpoint=checkpoint, dtype=dtype, verify=not no_verify,
@@ -79,5 +86,9 @@ def export_command(
     stream.write(f"exported {source['run_name']} {source['checkpoint_name']} (step {source['step']:,}, "
                  f"val loss {'n/a' if source['val_loss'] is None else format(source['val_loss'], '.4f')}) -> {result.out} [{meta.get('hf_class', 'safetensors')}, "
                  f"{meta['dtype']}]\n{verdict}\n")
+    mul = (meta.get("tokenizer") or {}).get("mul_tokens")
+    if mul:
+        stream.write(f"tokenizer: {mul['condition']} condition, {meta['tokenizer']['vocab_size']:,} ids in the HF "
+                     f"tokenizer; padding and mul strings: {mul['mul_strings']}\n")
     if json_out:
         sys.stdout.write(json.dumps(meta, indent=2) + "\n")

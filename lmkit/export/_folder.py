@@ -47,8 +47,29 @@ def temp_folder(out: Path) -> Path:
     return tmp
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a newly created file gets (``0o666`` less the
+    umask; folders ``0o777`` less the umask): some writers (safetensors' ``save_file``, through
+    a temporary file) leave ``0o600`` where the other files of the export are ``0o644``."""
+    mask = current_umask()
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing what is there."""
+    """Move the finished ``tmp`` folder to ``out``, replacing what is there (file modes made
+    ordinary first: :func:`ordinary_modes`)."""
+    ordinary_modes(tmp)
+    tmp.chmod(0o777 & ~current_umask())
     old = None
     if out.is_dir():
         if any(out.iterdir()):

@@ -352,12 +352,18 @@ def rounded_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def verify_hf_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer, sample_texts: list[str],
                      sample_ids: list[int], *, dtype: str = "float32",
-                     tolerance: float = LOGIT_TOLERANCE) -> dict[str, Any]:
+                     tolerance: float = LOGIT_TOLERANCE, legacy_hf_tokenizer: bool = False) -> dict[str, Any]:
     """Load ``folder`` with transformers and compare it with the native ``model``.
+
+    With a tokenizer that has the 45 mul tokens (``gpt2+mul``, either condition) the logits are
+    also compared on a batch holding every mul id (:func:`lmkit.export.mul.mul_token_batch`, batch
+    ``"mul"``), and the HF tokenizer is checked on :func:`lmkit.export.mul.mul_token_text`
+    (:func:`lmkit.export.mul.check_mul_tokenizer`).
 
     Returns:
         ``{"passed", "max_abs_diff": {batch: float}, "tolerance", "rounding_max_abs_diff",
-        "tokenizer_ids_equal", "tokenizer_texts", "loading": {...}, "problems": [str]}``.
+        "tokenizer_ids_equal", "tokenizer_texts", "loading": {...}, "problems": [str]}``
+        (plus ``"mul_ids_in_batch"`` and ``"mul_tokens"`` for the mul study).
         Never raises for a mismatch: ``passed`` is false and ``problems`` says why.
     """
     import torch
@@ -383,8 +389,15 @@ def verify_hf_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer, sampl
     config = model.config
     diffs: dict[str, float] = {}
     rounding = 0.0
+    from lmkit.export.mul import check_mul_tokenizer, mul_ids_in, mul_token_batch
+
+    batches = _batches(sample_ids, config.block_size, config.vocab_size)
+    mul_batch = mul_token_batch(tokenizer, config.block_size)
+    if mul_batch is not None:
+        batches["mul"] = mul_batch
+        result["mul_ids_in_batch"] = mul_ids_in(mul_batch)
     with torch.no_grad():
-        for name, idx in _batches(sample_ids, config.block_size, config.vocab_size).items():
+        for name, idx in batches.items():
             ours = native(idx)[0]
             theirs = hf_model(input_ids=idx).logits.float()
             if theirs.shape != ours.shape:
@@ -400,9 +413,12 @@ def verify_hf_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer, sampl
         if not diff < tolerance:  # also catches NaN
             problems.append(f"{name} ids: max |Δ logit| = {diff:.3g} >= {tolerance:g}")
     try:
-        hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        mismatched = [text for text in sample_texts
-                      if hf_tok(text, add_special_tokens=False)["input_ids"] != tokenizer.encode(text)]
+        with _quiet_transformers():  # "Token indices sequence length is longer than ..." on long texts
+            hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            mismatched = [text for text in sample_texts
+                          if hf_tok(text, add_special_tokens=False)["input_ids"] != tokenizer.encode(text)]
+            if mul_batch is not None:
+                result["mul_tokens"] = check_mul_tokenizer(hf_tok, tokenizer, problems, legacy_hf_tokenizer)
         result["tokenizer_texts"] = len(sample_texts)
         result["tokenizer_chars"] = sum(len(t) for t in sample_texts)
         result["tokenizer_ids_equal"] = not mismatched
@@ -431,7 +447,8 @@ def _source_metadata(loaded: LoadedRun) -> dict[str, Any]:
 
 def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dtype: str = "float32",
               verify: bool = True, force: bool = False, out_dir: str | Path = "runs",
-              sample_text: Path | None = None, emit: Callable[[Event], None] = null_emit) -> ExportResult:
+              sample_text: Path | None = None, emit: Callable[[Event], None] = null_emit,
+              legacy_hf_tokenizer: bool = False) -> ExportResult:
     """Write ``out`` as a Hugging Face model folder and (by default) verify it.
 
     Files: ``config.json``, ``model.safetensors``, ``generation_config.json``,
@@ -445,6 +462,10 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dty
         verify: compare the folder with the native model (see module docstring).
         force: replace a non-empty ``out``.
         sample_text: a text file to use instead of the run's validation data.
+        legacy_hf_tokenizer: for a ``gpt2+mul`` run of the ``baseline`` condition, add the 47
+            padding and 45 mul strings to the HF tokenizer as the seed's builder did (emits a
+            warning: lmkit's own baseline tokenization then differs); see
+            :func:`lmkit.export.tokenizer.save_hf_tokenizer`.
 
     Returns:
         An :class:`ExportResult` with status ``verified`` or ``unverified``.
@@ -473,6 +494,10 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dty
 
         return export_backpack_hf(loaded, out, dtype=dtype, verify=verify, sample_text=sample_text, emit=emit)
     arch = hf_architecture(model_config)
+    if legacy_hf_tokenizer:
+        from lmkit.export.mul import legacy_tokenizer_notice
+
+        legacy_tokenizer_notice(loaded.tokenizer, emit)
     emit(Notice("info", f"loaded {loaded.checkpoint} (step {loaded.step:,}) -> "
                         f"{'GPT2LMHeadModel' if arch == 'gpt2' else 'GPTNeoXForCausalLM'}, {dtype}"))
     sample = None
@@ -501,7 +526,8 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dty
 
             GenerationConfig(**_special_ids(loaded.tokenizer)).save_pretrained(str(tmp))
         metadata["tokenizer"] = save_hf_tokenizer(loaded.tokenizer, tmp, run_tokenizer_dir=loaded.run.tokenizer_dir,
-                                                  model_max_length=model_config.block_size)
+                                                  model_max_length=model_config.block_size,
+                                                  legacy_hf_tokenizer=legacy_hf_tokenizer)
         emit(Notice("info", f"wrote {', '.join(sorted(p.name for p in tmp.iterdir()))}"))
         if not verify:
             metadata["verification"] = None
@@ -513,7 +539,8 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dty
         else:
             emit(Notice("info", f"verifying: native vs transformers logits on {sample.source}, "
                                 f"and {len(sample.texts)} text(s) through both tokenizers"))
-            verification = verify_hf_folder(tmp, loaded.model, loaded.tokenizer, sample.texts, sample.ids, dtype=dtype)
+            verification = verify_hf_folder(tmp, loaded.model, loaded.tokenizer, sample.texts, sample.ids, dtype=dtype,
+                                            legacy_hf_tokenizer=legacy_hf_tokenizer)
             verification["sample_source"] = sample.source
         _folder.conclude(tmp, out, metadata, verification)
     except BaseException:

@@ -36,7 +36,10 @@ from typing import Any
 from lmkit.data.token_bytes import bytes_to_unicode
 from lmkit.data.tokenizers import CHAR_SPECIALS, ENDOFTEXT, GPT2_PATTERN, Tokenizer
 
-__all__ = ["bytes_to_unicode", "save_hf_tokenizer", "special_tokens"]
+__all__ = ["bytes_to_unicode", "mul_condition", "save_hf_tokenizer", "special_tokens"]
+
+#: An added token of ``tokenizer.json``: ``(id, text, special)``.
+AddedTokenSpec = tuple[int, str, bool]
 
 
 def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
@@ -46,7 +49,7 @@ def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
     if kind == "char":
         pad, bos, eos, unk = CHAR_SPECIALS
         return {"pad_token": pad, "bos_token": bos, "eos_token": eos, "unk_token": unk}
-    if kind in ("byte", "bpe", "gpt2"):
+    if kind in ("byte", "bpe", "gpt2", "gpt2+mul"):
         return {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
     out: dict[str, str] = {}
     backend = getattr(tokenizer, "backend", None)
@@ -177,13 +180,64 @@ def _gpt2_backend(tokenizer: Any, run_tokenizer_dir: Path | None, directory: Pat
     return backend, origin
 
 
+def mul_condition(tokenizer: Tokenizer) -> str | None:
+    """``"mul_tokens"``, ``"baseline"`` or ``None`` (not the multiplication-tokens study).
+
+    A ``gpt2+mul`` tokenizer says its condition (``tokenizer.condition``); any other tokenizer
+    whose added tokens include a mul string at its id (``<MUL_6_9_54>`` at 50342) matches them
+    in text, i.e. the ``mul_tokens`` condition.
+    """
+    condition = getattr(tokenizer, "condition", None)
+    if condition in ("baseline", "mul_tokens"):
+        return condition
+    from lmkit.data.mul_tokens import is_mul_id, mul_strings
+
+    strings = mul_strings()
+    return "mul_tokens" if any(is_mul_id(t.id) and strings.get(t.text) == t.id for t in tokenizer.added_tokens) \
+        else None
+
+
+def _hf_added_tokens(tokenizer: Tokenizer, legacy_hf_tokenizer: bool) -> tuple[list[AddedTokenSpec], dict[str, Any]]:
+    """The added tokens ``tokenizer.json`` gets, and what was decided (for the metadata).
+
+    The multiplication-tokens study (SEEDS_SPEC §1.1, HF side): in the ``mul_tokens``
+    condition the 47 padding strings ``<|padding_i|>`` (50257..50303) and the 45 mul strings
+    (50304..50348) are added as the seed's builder did, with ``add_tokens`` -- NOT special, so
+    ``decode(..., skip_special_tokens=True)`` keeps them (lmkit itself treats the padding ids
+    as special; no text maps to them either way). In the ``baseline`` condition the strings
+    were plain text in training, so they are left out (the model still has 50,349 rows; an id
+    above 50256 has no text); ``legacy_hf_tokenizer`` adds them anyway, as the seed's builder
+    did for both conditions -- then the HF tokenizer reads ``<MUL_6_9_54>`` as one id where
+    lmkit's baseline tokenizer (and the baseline's training data) spells it out.
+    """
+    condition = mul_condition(tokenizer)
+    tokens = [(t.id, t.text, t.special) for t in tokenizer.added_tokens]
+    info: dict[str, Any] = {"condition": condition, "legacy_hf_tokenizer": bool(legacy_hf_tokenizer)}
+    if condition is None:
+        return tokens, info
+    from lmkit.data.mul_tokens import MUL_VOCAB_SIZE, PADDING_IDS
+
+    study = range(PADDING_IDS[0], MUL_VOCAB_SIZE)
+    if condition == "baseline" and not legacy_hf_tokenizer:
+        tokens = [t for t in tokens if t[0] not in study]
+        info["mul_strings"] = "plain text (as the baseline was trained)"
+    else:
+        tokens = [(i, text, False if i in study else special) for i, text, special in tokens]
+        info["mul_strings"] = "added tokens (add_tokens, not special)"
+    return tokens, info
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_dir: Path | None = None,
-                      model_max_length: int | None = None) -> dict[str, Any]:
+                      model_max_length: int | None = None, legacy_hf_tokenizer: bool = False) -> dict[str, Any]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
-    (plus ``vocab.json``/``merges.txt`` for ``gpt2``) into ``directory``.
+    (plus ``vocab.json``/``merges.txt`` for ``gpt2`` and ``gpt2+mul``) into ``directory``.
+
+    ``gpt2+mul`` (the multiplication-tokens study): see :func:`_hf_added_tokens` for what the
+    ``mul_tokens`` and ``baseline`` conditions get and what ``legacy_hf_tokenizer`` changes.
 
     Returns:
-        ``{"kind", "class", "special_tokens", "origin"}`` for ``lmkit_export.json``.
+        ``{"kind", "class", "special_tokens", "origin", "added_tokens"}`` (and ``"mul_tokens"``
+        for the study: condition, how the strings were written) for ``lmkit_export.json``.
 
     Raises:
         ValueError: an lmkit tokenizer kind this function does not know.
@@ -200,12 +254,13 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_di
 
         backend = Backend.from_str(tokenizer.backend.to_str())  # type: ignore[attr-defined]
         origin = "the run's own tokenizer.json"
-    elif kind == "gpt2":
+    elif kind in ("gpt2", "gpt2+mul"):
         backend, origin = _gpt2_backend(tokenizer, run_tokenizer_dir, directory)
         tokenizer_class = "GPT2Tokenizer"
     else:
         raise ValueError(f"no Hugging Face form for the {kind!r} tokenizer")
-    backend = _with_added_tokens(backend, tokenizer)
+    added, mul_info = _hf_added_tokens(tokenizer, legacy_hf_tokenizer)
+    backend = _with_added_tokens(backend, added)
     backend.save(str(directory / "tokenizer.json"))
     specials = special_tokens(tokenizer)
     config: dict[str, Any] = {
@@ -219,8 +274,11 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_di
         config["model_max_length"] = model_max_length
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
-    return {"kind": kind, "class": tokenizer_class, "special_tokens": specials, "origin": origin,
-            "added_tokens": len(tokenizer.added_tokens)}
+    out = {"kind": kind, "class": tokenizer_class, "special_tokens": specials, "origin": origin,
+           "added_tokens": len(added), "vocab_size": backend.get_vocab_size(with_added_tokens=True)}
+    if mul_info["condition"] is not None:
+        out["mul_tokens"] = mul_info
+    return out
 
 
 def _added_entry(token_id: int, content: str, special: bool) -> dict[str, Any]:
@@ -228,26 +286,26 @@ def _added_entry(token_id: int, content: str, special: bool) -> dict[str, Any]:
             "normalized": False, "special": special}
 
 
-def _with_added_tokens(backend: Any, tokenizer: Tokenizer) -> Any:
-    """``backend`` with lmkit's added tokens at their ids (placeholders fill unused ids).
+def _with_added_tokens(backend: Any, added: list[AddedTokenSpec]) -> Any:
+    """``backend`` with ``added`` (``(id, text, special)`` in id order) at their ids
+    (special placeholders fill unused ids).
 
     Raises:
         ValueError: the rebuilt tokenizer does not give an added token its id.
     """
-    added = tokenizer.added_tokens
     if not added:
         return backend
     from tokenizers import Tokenizer as Backend
 
     spec = json.loads(backend.to_str())
     entries = list(spec.get("added_tokens") or [])
-    taken = set(backend.get_vocab(with_added_tokens=True)) | {t.text for t in added}
-    by_id = {t.id: t for t in added}
+    taken = set(backend.get_vocab(with_added_tokens=True)) | {text for _, text, _ in added}
+    by_id = {i: (text, special) for i, text, special in added}
     n_pad = 0
-    for token_id in range(backend.get_vocab_size(with_added_tokens=True), added[-1].id + 1):
+    for token_id in range(backend.get_vocab_size(with_added_tokens=True), added[-1][0] + 1):
         token = by_id.get(token_id)
         if token is not None:
-            entries.append(_added_entry(token_id, token.text, token.special))
+            entries.append(_added_entry(token_id, *token))
             continue
         while f"<|padding_{n_pad}|>" in taken:
             n_pad += 1
@@ -255,7 +313,7 @@ def _with_added_tokens(backend: Any, tokenizer: Tokenizer) -> Any:
         n_pad += 1
     spec["added_tokens"] = entries
     rebuilt = Backend.from_str(json.dumps(spec))
-    wrong = [t.text for t in added if rebuilt.token_to_id(t.text) != t.id]
+    wrong = [text for i, text, _ in added if rebuilt.token_to_id(text) != i]
     if wrong:
         raise ValueError(f"tokenizer.json: added token(s) {', '.join(wrong[:3])} did not keep their ids")
     return rebuilt
