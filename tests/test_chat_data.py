@@ -223,4 +223,4 @@ def test_given_tokenizer_encodes_text_shards(tmp_path):
     tok = ByteTokenizer()
     data = prepare_data(DataConfig(dataset=str(text), tokenizer="char", cache_dir=str(tmp_path / "c")), tokenizer=tok)
     assert data.tokenizer is tok
-    assert bytes(np.asarray(data.tokens("train"))[:9].astype(np.uint8)).decode() == "line 0 é\n"
+    assert bytes(np.asarray(data.tokens("train"))[:10].astype(np.uint8)).decode() == "line 0 é\n"
