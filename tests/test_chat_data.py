@@ -224,3 +224,28 @@ def test_given_tokenizer_encodes_text_shards(tmp_path):
     data = prepare_data(DataConfig(dataset=str(text), tokenizer="char", cache_dir=str(tmp_path / "c")), tokenizer=tok)
     assert data.tokenizer is tok
     assert bytes(np.asarray(data.tokens("train"))[:10].astype(np.uint8)).decode() == "line 0 é\n"
+
+
+def test_max_tokens_takes_whole_items_in_order():
+    budget = 20_000
+    data = prepare_data(DataConfig(dataset=GSM8K, format="chat", tokenizer="byte", max_tokens=budget))
+    used, n = 0, 0
+    with open(f"{GSM8K}/train.jsonl") as f:  # reference: bytes of the seed's text + 1 EOS per item
+        for line in f:
+            row = json.loads(line)
+            used += len(f"User: {row['question'].strip()}\nAssistant: {row['answer'].strip()}".encode()) + 1
+            n += 1
+            if used >= budget:
+                break
+    sizes = data.split_sizes()
+    assert sizes["train"] + sizes["val"] == n and sizes["val"] == round(n * 0.1) and sizes["test"] == 1319
+    with pytest.raises(ConfigError, match="max_tokens: a chat budget"):
+        prepare_data(DataConfig(dataset=GSM8K, format="chat", tokenizer="bpe", max_tokens=budget))
+    with pytest.raises(ConfigError, match="include_synthetic"):
+        prepare_data(DataConfig(dataset=GSM8K, format="chat", tokenizer="byte", include_synthetic=True))
+
+
+def test_hub_chat_data_offline_is_one_line(hub_offline):
+    with pytest.raises(DataError, match="cannot load 'hf:allenai/tulu-3-sft-mixture'.*no network"):
+        prepare_data(DataConfig(dataset="hf:allenai/tulu-3-sft-mixture", format="chat", tokenizer="byte",
+                                max_tokens=1000))

@@ -319,10 +319,22 @@ def _chat_data(config: DataConfig, emit: Callable[[Event], None], added_tokens: 
                           "data.condition: mul_tokens")
     if _is_arithmetic_jsonl(config.dataset) or config.dataset == "arithmetic":
         raise ConfigError(f"data.format: chat reads conversations; {config.dataset!r} is arithmetic data")
-    rows = load_chat_rows(config.dataset, encoding=config.encoding, val_fraction=config.val_fraction)
+    if config.include_synthetic:
+        raise ConfigError("data.include_synthetic: the drill block is pretraining text; chat data has no place for it")
+    extra = {"condition": config.condition} if config.condition is not None else {}
+    trained = config.tokenizer in ("bpe", "char")
+    if tokenizer is None and not trained:
+        tokenizer = build_tokenizer(config.tokenizer, **extra)
+    take = None
+    if config.max_tokens is not None:
+        if tokenizer is None:
+            raise ConfigError(f"data.max_tokens: a chat budget is counted in tokens of a tokenizer that is not trained "
+                              f"on the data ({config.tokenizer} is); use byte, gpt2, gpt2+mul, hf:NAME, or the tokenizer "
+                              "of the run you fine-tune")
+        take = functools.partial(_take_tokens, tokenizer=tokenizer, budget=config.max_tokens)
+    rows = load_chat_rows(config.dataset, encoding=config.encoding, val_fraction=config.val_fraction, take=take)
     if tokenizer is None:
         train_texts = (chat_text(item) for item in rows.splits["train"])
-        extra = {"condition": config.condition} if config.condition is not None else {}
         tokenizer = build_tokenizer(config.tokenizer, train_texts=train_texts, bpe_vocab_size=config.bpe_vocab_size,
                                     **extra)
     missing = [t for t in added_tokens if t not in tokenizer.added_tokens]
@@ -373,6 +385,31 @@ def _chat_data(config: DataConfig, emit: Callable[[Event], None], added_tokens: 
     emit(DataReady(description=data.description, tokenizer=tokenizer.kind, vocab_size=tokenizer.vocab_size,
                    split_sizes=data.split_sizes(), unit="examples", cache_dir=None, reused=False, stats=stats))
     return data
+
+
+def _take_tokens(items, *, tokenizer: Tokenizer, budget: int, chunk: int = 256) -> list:
+    """Chat items in order until their texts (+ EOS) reach ``budget`` tokens (whole items)."""
+    from lmkit.data.chat import chat_text
+
+    taken: list = []
+    used = 0
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) < chunk:
+            continue
+        for it, ids in zip(batch, tokenizer.encode_batch([chat_text(b) for b in batch]), strict=True):
+            taken.append(it)
+            used += len(ids) + 1
+            if used >= budget:
+                return taken
+        batch = []
+    for it, ids in zip(batch, tokenizer.encode_batch([chat_text(b) for b in batch]), strict=True):
+        taken.append(it)
+        used += len(ids) + 1
+        if used >= budget:
+            break
+    return taken
 
 
 def _is_arithmetic_jsonl(dataset: str) -> bool:

@@ -254,11 +254,17 @@ def _json_rows(file: Path, encoding: str) -> Iterator[tuple[Any, str]]:
             raise DataError(f"{file}:{number}: not a JSON object ({exc.msg})") from None
 
 
-def load_chat_rows(dataset: str, *, encoding: str = "utf-8", val_fraction: float = 0.1) -> ChatRows:
+def load_chat_rows(dataset: str, *, encoding: str = "utf-8", val_fraction: float = 0.1,
+                   take: Callable[[Iterator[ChatItem]], list[ChatItem]] | None = None) -> ChatRows:
     """Read chat rows of ``dataset`` (a local JSON/JSONL file or folder, or ``hf:NAME[:CONFIG]``).
 
     A data set without a ``val`` split gets one: the last ``val_fraction`` of the training
     items (at least one). A ``test`` split is kept as such (never trained on).
+
+    Args:
+        take: reads the training items it needs from the (lazy) iterator of all of them, in
+            file order, e.g. up to a token budget; a hub data set is then streamed, so only
+            the rows taken are downloaded. The validation split is cut from what it took.
 
     Raises:
         DataError: a missing path, a non-JSON file, a bad row (naming file and line), no items,
@@ -270,7 +276,7 @@ def load_chat_rows(dataset: str, *, encoding: str = "utf-8", val_fraction: float
     splits: dict[str, list[ChatItem]] = {}
     skipped = 0
     if is_hub_name(dataset):
-        raw = _hub_rows(dataset)
+        raw = _hub_rows(dataset, streaming=take is not None)
         digest.update(dataset.encode())
     else:
         path = Path(dataset).expanduser()
@@ -283,15 +289,18 @@ def load_chat_rows(dataset: str, *, encoding: str = "utf-8", val_fraction: float
                     raise DataError(f"data.format: chat reads .jsonl/.json files, not {file.name}")
                 digest.update(f"{split}:{file.name}:{hashlib.sha256(file.read_bytes()).hexdigest()}".encode())
             raw[split] = (row for file in files for row in _json_rows(file, encoding))
-    for split, rows in raw.items():
-        items = []
+    def items_of(rows: Iterable[tuple[Any, str]]) -> Iterator[ChatItem]:
+        nonlocal skipped
         for row, where in rows:
             item = item_from_row(row, where)
             if item is None:
                 skipped += 1
             else:
-                items.append(item)
-        splits[{"validation": "val", "valid": "val"}.get(split, split)] = items
+                yield item
+
+    for split, rows in raw.items():
+        name = {"validation": "val", "valid": "val"}.get(split, split)
+        splits[name] = take(items_of(rows)) if take is not None and name == "train" else list(items_of(rows))
     if not splits.get("train"):
         raise DataError(f"data.dataset: {dataset} holds no training conversations")
     if "val" not in splits:
@@ -308,7 +317,7 @@ def load_chat_rows(dataset: str, *, encoding: str = "utf-8", val_fraction: float
     return ChatRows(splits, digest.hexdigest()[:16], f"chat data {dataset} ({counts} conversations)", skipped)
 
 
-def _hub_rows(name: str) -> dict[str, Iterable[tuple[Any, str]]]:
+def _hub_rows(name: str, streaming: bool = False) -> dict[str, Iterable[tuple[Any, str]]]:
     import datasets
 
     from lmkit.data.sources import _offline_if_unreachable, _quiet_datasets
@@ -318,7 +327,7 @@ def _hub_rows(name: str) -> dict[str, Iterable[tuple[Any, str]]]:
     repo, _, subset = name.removeprefix("hf:").partition(":")
     with _offline_if_unreachable() as online:
         try:
-            loaded = datasets.load_dataset(repo, subset or None)
+            loaded = datasets.load_dataset(repo, subset or None, streaming=streaming)
         except Exception as exc:
             why = "no network and no cached copy" if not online else first_line(exc)
             raise DataError(f"data.dataset: cannot load {name!r} from the Hugging Face hub ({why}); "
