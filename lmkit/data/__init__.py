@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,13 +28,13 @@ from lmkit.data.arithmetic import (
     generate_arithmetic,
     load_arithmetic_files,
 )
-from lmkit.data.batching import IGNORE_INDEX, ExampleBatches, LabelledSequence, TokenWindows
+from lmkit.data.batching import ExampleBatches, LabelledSequence, TokenWindows
 from lmkit.data.shards import TokenShards, prepare_shards
 from lmkit.data.sources import load_text_source
 from lmkit.data.token_bytes import token_byte_table
 from lmkit.data.tokenizers import AddedToken, CharTokenizer, Tokenizer
 from lmkit.errors import ConfigError, DataError
-from lmkit.events import DataReady, Event, Notice, null_emit
+from lmkit.events import DataReady, Event, null_emit
 
 
 @dataclass
@@ -253,7 +252,12 @@ def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit, 
 
         check_sources(config)
     elif config.format == "chat":
-        return _chat_data(config, emit, tuple(added_tokens), tokenizer, block_size)
+        from lmkit.data.chat_data import prepare_chat_data
+
+        if _is_arithmetic_jsonl(dataset) or dataset == "arithmetic":
+            raise ConfigError(f"data.format: chat reads conversations; {dataset!r} is arithmetic data")
+        return prepare_chat_data(config, emit, added_tokens=tuple(added_tokens), tokenizer=tokenizer,
+                                 block_size=block_size)
     if config.sources is None and (dataset == "arithmetic" or _is_arithmetic_jsonl(dataset)):
         if added_tokens:
             raise DataError("added tokens apply to text data, not to the arithmetic task's fixed vocabulary")
@@ -307,109 +311,6 @@ def _shards_with(source, config: DataConfig, emit: Callable[[Event], None], adde
                         f"given {tokenizer.kind} tokenizer; encoding text shards with a given tokenizer needs "
                         "lmkit.data.shards.prepare_shards(tokenizer=...)")
     return shards, tokenizer
-
-
-def _chat_data(config: DataConfig, emit: Callable[[Event], None], added_tokens: tuple[AddedToken, ...],
-               tokenizer: Tokenizer | None, block_size: int | None) -> PreparedData:
-    from lmkit.data.chat import chat_text, encode_chat, load_chat_rows
-    from lmkit.data.tokenizers import build_tokenizer
-
-    if config.inject_answers and config.condition != "mul_tokens":
-        raise ConfigError("data.inject_answers: it injects mul tokens into GSM8K answers, so it needs "
-                          "data.condition: mul_tokens")
-    if _is_arithmetic_jsonl(config.dataset) or config.dataset == "arithmetic":
-        raise ConfigError(f"data.format: chat reads conversations; {config.dataset!r} is arithmetic data")
-    if config.include_synthetic:
-        raise ConfigError("data.include_synthetic: the drill block is pretraining text; chat data has no place for it")
-    extra = {"condition": config.condition} if config.condition is not None else {}
-    trained = config.tokenizer in ("bpe", "char")
-    if tokenizer is None and not trained:
-        tokenizer = build_tokenizer(config.tokenizer, **extra)
-    take = None
-    if config.max_tokens is not None:
-        if tokenizer is None:
-            raise ConfigError(f"data.max_tokens: a chat budget is counted in tokens of a tokenizer that is not trained "
-                              f"on the data ({config.tokenizer} is); use byte, gpt2, gpt2+mul, hf:NAME, or the tokenizer "
-                              "of the run you fine-tune")
-        take = functools.partial(_take_tokens, tokenizer=tokenizer, budget=config.max_tokens)
-    rows = load_chat_rows(config.dataset, encoding=config.encoding, val_fraction=config.val_fraction, take=take)
-    if tokenizer is None:
-        train_texts = (chat_text(item) for item in rows.splits["train"])
-        tokenizer = build_tokenizer(config.tokenizer, train_texts=train_texts, bpe_vocab_size=config.bpe_vocab_size,
-                                    **extra)
-    missing = [t for t in added_tokens if t not in tokenizer.added_tokens]
-    if missing:
-        tokenizer.add_tokens(missing)
-    if config.condition is not None and tokenizer.kind != "gpt2+mul":
-        raise DataError(f"data.condition {config.condition} needs data.tokenizer gpt2+mul, not {tokenizer.kind}; "
-                        "set --set data.tokenizer=gpt2+mul")
-    if getattr(tokenizer, "condition", None) not in (None, config.condition):
-        raise DataError(f"data.condition is {config.condition} but the tokenizer given is the "
-                        f"{tokenizer.condition} one; set --set data.condition={tokenizer.condition}")
-    inject = None
-    if config.condition == "mul_tokens":
-        from lmkit.data.mul_tokens import inject_segments  # helper of the mul_tokens condition
-
-        inject = functools.partial(inject_segments, legacy_regex=config.legacy_regex)
-    sequences: dict[str, list[list[int]]] = {}
-    texts: dict[str, list[str]] = {}
-    stats: dict = {"conversations": {}, "label_tokens": {}, "skipped_rows": rows.skipped,
-                   "loss_on": "legacy pad mask" if config.legacy_pad_mask else config.loss_on}
-    if inject is not None:
-        stats["mul_tokens"] = {}
-    for split, items in rows.splits.items():
-        enc = encode_chat(items, tokenizer, loss_on=config.loss_on, legacy_pad_mask=config.legacy_pad_mask,
-                          inject=inject, inject_qa=config.inject_answers)
-        if not enc.sequences:
-            raise DataError(f"data.dataset: the {split} split of {config.dataset} has no conversations")
-        sequences[split], texts[split] = enc.sequences, enc.texts
-        stats["conversations"][split] = len(enc.sequences)
-        stats["label_tokens"][split] = enc.label_tokens
-        if inject is not None:
-            stats["mul_tokens"][split] = enc.mul_tokens
-    max_id = max(max(seq) for seqs in sequences.values() for seq in seqs)
-    data = PreparedData("chat", tokenizer, rows.description, max_id, sequences=sequences, texts=texts, stats=stats)
-    data._fixed_fingerprint = data.fingerprint()
-    if block_size is not None:
-        total = sum(len(v) for v in sequences.values())
-        cut = data.truncate(block_size)
-        stats["truncated"] = cut
-        if cut:
-            data.description += f"; {cut:,} of {total:,} cut to block_size + 1 = {block_size + 1} tokens"
-            emit(Notice(level="warning", message=(
-                f"{cut:,} of {total:,} conversations are longer than block_size + 1 = {block_size + 1} tokens and "
-                "were cut (a cut one loses its final EOS); raise model.block_size to keep them whole")))
-        # labels of cut items changed: recount
-        stats["label_tokens"] = {split: sum(sum(1 for x in seq.labels[1:] if x != IGNORE_INDEX) for seq in seqs)
-                                 for split, seqs in sequences.items()}
-    emit(DataReady(description=data.description, tokenizer=tokenizer.kind, vocab_size=tokenizer.vocab_size,
-                   split_sizes=data.split_sizes(), unit="examples", cache_dir=None, reused=False, stats=stats))
-    return data
-
-
-def _take_tokens(items, *, tokenizer: Tokenizer, budget: int, chunk: int = 256) -> list:
-    """Chat items in order until their texts (+ EOS) reach ``budget`` tokens (whole items)."""
-    from lmkit.data.chat import chat_text
-
-    taken: list = []
-    used = 0
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) < chunk:
-            continue
-        for it, ids in zip(batch, tokenizer.encode_batch([chat_text(b) for b in batch]), strict=True):
-            taken.append(it)
-            used += len(ids) + 1
-            if used >= budget:
-                return taken
-        batch = []
-    for it, ids in zip(batch, tokenizer.encode_batch([chat_text(b) for b in batch]), strict=True):
-        taken.append(it)
-        used += len(ids) + 1
-        if used >= budget:
-            break
-    return taken
 
 
 def _is_arithmetic_jsonl(dataset: str) -> bool:
