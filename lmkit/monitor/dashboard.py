@@ -329,11 +329,14 @@ class Dashboard:
         self._ticker.start()
 
     def _echo_off(self) -> None:
-        """Stop the terminal echoing keys while the dashboard is live. An echoed ``^C`` lands
-        after the frame's last, full-width row, wraps and scrolls the screen one row: the next
-        frame is then drawn one row lower and the old frame's top border (``╭── training ─╮``)
-        stays above it. Ctrl-C still interrupts (signals do not need the echo); :meth:`close`
-        restores the terminal's settings."""
+        """Keep Ctrl-C from breaking the frame while the dashboard is live. By default the
+        terminal (1) discards the output not yet shown when Ctrl-C arrives (the rest of a
+        frame, with its cursor moves), and (2) echoes ``^C`` after the frame's last,
+        full-width row, which wraps and scrolls the screen: either way the next frame is drawn
+        off by some rows and an old frame's top border (``╭── training ─╮``) stays above the
+        ``interrupted`` one. So: ``NOFLSH`` on (keep the output), ``ECHO`` off (no ``^C``,
+        no typed keys in the frame). Ctrl-C still interrupts; :meth:`close` restores the
+        terminal's settings."""
         try:
             import termios
 
@@ -342,7 +345,7 @@ class Dashboard:
                 return
             attrs = termios.tcgetattr(fd)
             quiet = list(attrs)
-            quiet[3] &= ~termios.ECHO
+            quiet[3] = (quiet[3] & ~termios.ECHO) | termios.NOFLSH
             termios.tcsetattr(fd, termios.TCSADRAIN, quiet)
             self._tty = (fd, attrs)
         except Exception:  # noqa: BLE001 - no termios (Windows), no file descriptor, not a terminal
@@ -490,7 +493,7 @@ class Dashboard:
         # a warmup of half the run or more, on the border: seen whatever the width
         max_steps = self.last_step.max_steps if self.last_step is not None else s.max_steps
         warmup = warmup_warning(self.facts.warmup_steps, max_steps)
-        subtitle = Text(f" ⚠ {warmup} ", style="bold yellow") if warmup else None
+        subtitle = Text(f"⚠ {warmup}", style="bold yellow") if warmup else None
         return Panel(text, title=Text(status, style=style), title_align="right", border_style="magenta",
                      subtitle=subtitle, subtitle_align="left")
 
