@@ -184,7 +184,8 @@ def test_mul_injection_only_in_assistant_turns(monkeypatch, tmp_path):
     assert list(tulu[prompt_len:-1]).count(mul_6_9) == 2  # "6*9=54" and "9 x 6" in the reply
     assert all(label == i for label, i in zip(tulu.labels[prompt_len:], tulu[prompt_len:], strict=True))
     assert mul_6_9 not in gsm  # GSM8K answers: only with data.inject_answers (the seed's A1 option)
-    assert data.stats["mul_tokens"]["train"] == 4
+    assert data.stats["mul_tokens_by_split"]["train"] == 4  # 2 of the 3 repeats of each row are train
+    assert data.stats["mul_tokens"] == 6
     _, (_, gsm_a1) = first_two(condition="mul_tokens", inject_answers=True)
     assert list(gsm_a1).count(mul_6_9) == 1
     assert tok.decode(gsm_a1).startswith("User: What is 6*9?\nAssistant: <MUL_6_9_54>")

@@ -69,10 +69,11 @@ def prepare_chat_data(config: DataConfig, emit: Callable[[Event], None] = null_e
         inject = functools.partial(inject_segments, legacy_regex=config.legacy_regex)
     sequences: dict[str, list[list[int]]] = {}
     texts: dict[str, list[str]] = {}
-    stats: dict = {"conversations": {}, "label_tokens": {}, "skipped_rows": rows.skipped,
+    stats: dict = {"format": "chat", "condition": config.condition, "conversations": {}, "label_tokens": {},
+                   "skipped_rows": rows.skipped,
                    "loss_on": "legacy pad mask" if config.legacy_pad_mask else config.loss_on}
     if inject is not None:
-        stats["mul_tokens"] = {}
+        stats["mul_tokens_by_split"] = {}
     for split, items in rows.splits.items():
         enc = encode_chat(items, tokenizer, loss_on=config.loss_on, legacy_pad_mask=config.legacy_pad_mask,
                           inject=inject, inject_qa=config.inject_answers)
@@ -82,7 +83,9 @@ def prepare_chat_data(config: DataConfig, emit: Callable[[Event], None] = null_e
         stats["conversations"][split] = len(enc.sequences)
         stats["label_tokens"][split] = enc.label_tokens
         if inject is not None:
-            stats["mul_tokens"][split] = enc.mul_tokens
+            stats["mul_tokens_by_split"][split] = enc.mul_tokens
+    if inject is not None:
+        stats["mul_tokens"] = sum(stats["mul_tokens_by_split"].values())
     max_id = max(max(seq) for seqs in sequences.values() for seq in seqs)
     data = PreparedData("chat", tokenizer, rows.description, max_id, sequences=sequences, texts=texts, stats=stats)
     data._fixed_fingerprint = data.fingerprint()

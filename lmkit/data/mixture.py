@@ -124,11 +124,16 @@ def load_mixture(config: DataConfig, emit: Callable[[Event], None] = null_emit) 
     digest = hashlib.sha256(f"mixture-{MIXTURE_FORMAT}|seed={MIXTURE_SEED}|chunk={CHUNK_BYTES}".encode())
     for p in parts:
         digest.update(p.fingerprint.encode())
-    shares = ", ".join(f"{e['dataset']} {100 * e['share']:.1f}%" for e in extra)
+    shares = ", ".join(f"{_short(e['dataset'])} {100 * e['share']:.1f}%" for e in extra)
     sizes = ", ".join(f"{k} {len(v):,}" for k, v in mixed.items())
     description = f"mixture of {len(parts)} sources ({shares} of the training text; {sizes} documents)"
     return TextSource({k: _iterate(v) for k, v in mixed.items()}, {k: len(v) for k, v in mixed.items()},
                       digest.hexdigest()[:16], "eos", description, extra={"mixture": extra})
+
+
+def _short(label: str) -> str:
+    """``/a/b/train.jsonl [q+a]`` -> ``train.jsonl [q+a]`` (hub names stay whole)."""
+    return label if label.startswith("hf:") else label.rsplit("/", 1)[-1] if "/" in label.split(" [")[0] else label
 
 
 def _iterate(docs: list[str]) -> Callable[[], Iterator[str]]:
