@@ -142,7 +142,7 @@ def test_doctor_shows_the_sense_rows(preset, rows, params):
     result = CliRunner().invoke(app, ["doctor", "--preset", preset], env={"COLUMNS": "220"})
     assert result.exit_code == 0, result.output
     assert f"Total parameters: {params}" in result.output
-    assert "Difference from" in result.output and "target: 0.0%" in result.output
+    assert "Difference from" not in result.output  # the target is the preset's own documented count (issue 16)
     for row in rows:
         assert f"│ {row} " in result.output, row
 
