@@ -16,8 +16,11 @@ class SourceConfig(BaseModel):
         dataset: a local file or folder, or a hub name (as ``data.dataset``).
         fields: the fields of a JSON/JSONL/parquet row joined into the text (e.g.
             ``[question, answer]`` for GSM8K); ``None`` reads ``data.text_field``.
-        weight: share of the mixture's tokens (relative to the other sources); ``None`` takes
-            the whole source once.
+        weight: this source's share of the weighted part of the training split, relative to
+            the other weighted sources and measured in UTF-8 bytes of text (token shares follow
+            closely, whatever the tokenizer); the source with the least text per unit of weight
+            is taken whole, the others subsampled, none repeated. ``None`` takes the whole
+            source once. Validation and test splits are always whole.
         val_fraction: this source's own split rule when it has no validation split
             (``None``: ``data.val_fraction``).
         encoding: text encoding of local files (``None``: ``data.encoding``).
