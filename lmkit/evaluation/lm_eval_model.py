@@ -13,8 +13,9 @@ run's own tokenizer, with no export:
   which keeps the last ``block_size + 1`` ids as the harness's ``HFLM`` does.
 * ``loglikelihood_rolling(text)`` -> ``log p(text)``: the harness's disjoint rolling
   windows (``lm_eval.utils.get_rolling_token_windows`` with the EOS token as prefix and
-  ``block_size`` as the maximum length; every token predicted once, with as much context
-  as fits), each window scored by ``continuation_logprobs``.
+  ``block_size`` as the maximum length and ``context_len=1``: the text is cut into
+  disjoint windows, every token predicted once, the last window given a full context),
+  each window scored by ``continuation_logprobs``.
 * ``generate_until(context, gen_kwargs)`` -> text: lmkit's batched KV-cache decoder
   (:func:`lmkit.evaluation.generate.generate_ex`), greedy unless ``do_sample``; stops at
   EOS, at any ``until`` string (the text is cut before it, as the harness's
