@@ -30,12 +30,12 @@ data:
   tokenizer: byte
 training:
   batch_size: 6
-  max_steps: 160
+  max_steps: 100
   lr: 1.0e-2
   warmup_steps: 5
   schedule: cosine
-  log_interval: 80
-  eval_interval: 160
+  log_interval: 50
+  eval_interval: 100
   eval_at_start: false
   keep_last: 1
   seed: 1
