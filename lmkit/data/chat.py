@@ -276,6 +276,9 @@ def load_chat_rows(dataset: str, *, encoding: str = "utf-8", val_fraction: float
     splits: dict[str, list[ChatItem]] = {}
     skipped = 0
     if is_hub_name(dataset):
+        if not dataset.startswith("hf:"):
+            raise DataError(f"data.format: chat reads conversation rows; {dataset!r} is a text corpus "
+                            "(use a local JSONL file or hf:owner/name)")
         raw = _hub_rows(dataset, streaming=take is not None)
         digest.update(dataset.encode())
     else:
