@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmkit.errors import CheckpointError
-
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -80,34 +78,15 @@ def load_run(run: str | Path, checkpoint: str = "best", *, device: str | torch.d
         CheckpointError: the checkpoint is missing, corrupt or not an lmkit checkpoint.
         DataError: the run's tokenizer folder is missing or unreadable.
     """
-    from lmkit.config import RunConfig
     from lmkit.data.tokenizers import load_tokenizer
-    from lmkit.models import build_model
     from lmkit.rundir import RunDir
-    from lmkit.training.checkpoint import checkpoint_by_name, load_checkpoint
+    from lmkit.training.init_from import load_run_checkpoint
 
     run_dir = RunDir.existing(run, out_dir)
-    path = checkpoint_by_name(run_dir.checkpoints, checkpoint)
-    if checkpoint == "best" and not path.is_file():
-        path = run_dir.checkpoints / "latest.pt"
-    if not path.is_file():
-        have = sorted(p.stem for p in run_dir.checkpoints.glob("*.pt")) if run_dir.checkpoints.is_dir() else []
-        raise CheckpointError(f"{path}: no such checkpoint in {run_dir.path} (have: {', '.join(have) or 'none'})")
-    state = load_checkpoint(path)
-    config = RunConfig.model_validate(state["config"])
-    model = build_model(config.model)
-    try:
-        model.load_state_dict_flexible(state["model"])  # the family's load adapters (changed layer shapes)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    if fold:
-        from lmkit.models.svd_linear import fold_svd_layers
-
-        fold_svd_layers(model)
+    config, model, path, rest = load_run_checkpoint(run_dir, checkpoint, fold=fold)
     model.to(device).eval()
     tokenizer = load_tokenizer(run_dir.tokenizer_dir)
-    last_val = state.get("last_val") or {}
-    val_loss = last_val.get("loss") if last_val.get("step") == state["step"] else None
-    rest = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
+    last_val = rest.get("last_val") or {}
+    val_loss = last_val.get("loss") if last_val.get("step") == rest["step"] else None
     return LoadedRun(run=run_dir, config=config, model=model, tokenizer=tokenizer, checkpoint=path,
-                     step=int(state["step"]), tokens=int(state.get("tokens", 0)), val_loss=val_loss, state=rest)
+                     step=int(rest["step"]), tokens=int(rest.get("tokens", 0)), val_loss=val_loss, state=rest)

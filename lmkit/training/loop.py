@@ -104,6 +104,7 @@ class Trainer:
         self.config_changes = dict(config_changes or {})
         self.hooks = Hooks()
         self.notes: list[tuple[str, str]] = [("info", note) for note in notes]
+        self.init_source: Any = None  # lmkit.training.init_from.InitSource of a new init_from run
         # Test hook: LMKIT_TEST_SIGNAL="MICRO:SIGNAME" sends the signal to this process right
         # after micro-batch MICRO, to place an interruption mid-accumulation deterministically.
         hook = os.environ.get("LMKIT_TEST_SIGNAL", "")
@@ -128,6 +129,13 @@ class Trainer:
                 self.run.unlock()
                 raise
         else:
+            if cfg.init_from:  # load the source before claiming a folder: a bad source writes nothing
+                from lmkit.training.init_from import load_init_source, merge_config
+
+                self.init_source = load_init_source(cfg.init_from, out_dir=cfg.out_dir)
+                self.notes.extend(merge_config(cfg, self.init_source))
+                if "init_source" in type(cfg).model_fields:  # the config's record of the source
+                    cfg.init_source = self.init_source.record()
             self.run = RunDir.claim(cfg)
             cfg.name = self.run.name
         try:
@@ -136,6 +144,18 @@ class Trainer:
         except BaseException:
             self.run.release()
             raise
+
+    def _init_tokenizer(self, resume_state: dict[str, Any] | None) -> Any:
+        """The tokenizer to encode the data with, when it is not built from ``data.tokenizer``: an
+        ``init_from`` run's source tokenizer, and on its resume the run's own ``tokenizer/`` copy of
+        it (the source is never read again); ``None`` otherwise."""
+        if self.init_source is not None and resume_state is None:
+            return self.init_source.tokenizer
+        if self.config.init_from and resume_state is not None:
+            from lmkit.data.tokenizers import load_tokenizer
+
+            return load_tokenizer(self.run.tokenizer_dir)
+        return None
 
     def _apply_threads(self) -> None:
         """Use ``training.threads`` CPU threads (unless the user's OMP_NUM_THREADS / LMKIT_THREADS
@@ -176,7 +196,8 @@ class Trainer:
                 data_events.append(event)
             self.user_emit(event)
 
-        self.data: PreparedData = prepare_data(cfg.data, emit_data)
+        self.data: PreparedData = prepare_data(cfg.data, emit_data, tokenizer=self._init_tokenizer(resume_state),
+                                               block_size=cfg.model.block_size)
         if os.environ.get("LMKIT_TEST_SIGNAL_SETUP"):  # test hook: a signal during set-up
             os.kill(os.getpid(), getattr(signal, os.environ["LMKIT_TEST_SIGNAL_SETUP"]))
         if cfg.model.vocab_size is None:
@@ -191,7 +212,13 @@ class Trainer:
                 tokenizer_dir=self.run.tokenizer_dir)
 
         seed_everything(tcfg.seed)
-        self.model = build_model(cfg.model).to(self.plan.device)
+        self.model = build_model(cfg.model)
+        if self.init_source is not None and resume_state is None:
+            from lmkit.training.init_from import load_init_weights
+
+            load_init_weights(self.model, self.init_source)
+            self.init_source.state = {}  # the model holds them now
+        self.model.to(self.plan.device)
         self.model.grad_checkpointing = tcfg.grad_checkpointing
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
@@ -226,6 +253,10 @@ class Trainer:
         # (which reads its device counter at log lines), the hooks added with add_hook, then
         # evaluation and saving, so a save holds every hook's state of this step.
         added = [*self._feature_hooks(), *self.hooks]
+        if cfg.init_from:  # the source's record: in every checkpoint (a resume restores it) and summary.json
+            from lmkit.training.init_from import InitRecord
+
+            added.append(InitRecord(self.init_source.record() if self.init_source is not None else None))
         self.hooks = Hooks([self.meter, self.nan_guard, *added, self.evaluator, self.checkpoint_policy])
         self.rng_notes: list[str] = []
         if resume_state is not None:
