@@ -92,12 +92,25 @@ class Tokenizer(ABC):
             texts.add(token.text)
         self.added_tokens = tuple(sorted(by_id.values(), key=lambda t: t.id))
         self._added_by_id = by_id
-        alternatives = sorted(texts, key=lambda t: (-len(t), t))  # longest first
-        self._added_pattern = re.compile("|".join(re.escape(t) for t in alternatives))
+        skipped = self._unmatched_texts()
+        alternatives = sorted((t for t in texts if t not in skipped), key=lambda t: (-len(t), t))  # longest first
+        self._added_pattern = re.compile("|".join(re.escape(t) for t in alternatives)) if alternatives else None
+
+    def _unmatched_texts(self) -> frozenset[str]:
+        """Added-token texts that :meth:`encode` never matches: they stay text for the base
+        tokenizer, while :meth:`decode` still writes their id as the text. None by default;
+        ``gpt2+mul`` uses it for its padding strings and, in the baseline condition, its mul strings."""
+        return frozenset()
+
+    def added_segments(self, text: str) -> list[Segment]:
+        """``text`` cut into base-tokenizer text and ``(id, text)`` occurrences of the added
+        tokens :meth:`encode` matches (the form :meth:`encode_segments_with_bytes` takes)."""
+        return self._segments(text) if self.added_tokens else ([text] if text else [])
 
     def _segments(self, text: str) -> list[Segment]:
         """``text`` cut into base-tokenizer text and ``(id, text)`` added-token occurrences."""
-        assert self._added_pattern is not None
+        if self._added_pattern is None:
+            return [text] if text else []
         by_text = {t.text: t.id for t in self.added_tokens}
         out: list[Segment] = []
         pos = 0
@@ -127,6 +140,11 @@ class Tokenizer(ABC):
         if not self.added_tokens:
             return self._encode_batch(list(texts))
         return [ids for ids, _ in self.encode_batch_with_bytes(texts)]
+
+    def encode_batch_plain(self, texts: Sequence[str]) -> list[list[int]]:
+        """Base-tokenizer ids of each text, no added token matched: how the same text
+        tokenizes without them (e.g. the baseline of a text-rewriting condition)."""
+        return self._encode_batch(list(texts))
 
     def encode_with_bytes(self, text: str) -> BytesEncoding:
         """``(ids, n_bytes)``: the ids of ``text`` and, per token, the UTF-8 bytes of the text

@@ -14,6 +14,8 @@ Every tokenizer saves itself into a folder (``runs/NAME/tokenizer/``) with a
   it is built from OpenAI's ``encoder.json`` + ``vocab.bpe`` in ``$LMKIT_GPT2_DIR``.
 * ``hf:NAME_OR_PATH`` -- a pretrained ``tokenizers`` tokenizer (``tokenizer.json`` path or
   hub name, e.g. ``hf:xlm-roberta-base``).
+* ``gpt2+mul`` -- ``gpt2`` plus the domain-token experiment's 47 padding and 45 ``<MUL_a_b_c>``
+  ids (50,349 ids) in the ``data.condition`` it is built for (:mod:`lmkit.data.tokenizer_mul`).
 
 Every kind takes **added tokens** at fixed ids (:meth:`Tokenizer.add_tokens`), e.g. the
 45 ``<MUL_a_b_c>`` tokens at 50304..50348 on GPT-2's vocabulary (ids 50257..50303 stay
@@ -50,7 +52,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 GPT2_VOCAB_SIZE = 50257
 
 #: Vocabulary sizes known without loading anything (for parameter counts and doctor).
-KNOWN_VOCAB_SIZES = {"byte": 257, "gpt2": GPT2_VOCAB_SIZE, "hf:xlm-roberta-base": 250002}
+KNOWN_VOCAB_SIZES = {"byte": 257, "gpt2": GPT2_VOCAB_SIZE, "gpt2+mul": 50349, "hf:xlm-roberta-base": 250002}
 
 __all__ = ["META_FILE", "AddedToken", "ByteTokenizer", "CharTokenizer", "GPT2Tokenizer", "HFTokenizer", "Tokenizer",
            "build_tokenizer", "load_tokenizer"]
@@ -361,6 +363,10 @@ def load_tokenizer(directory: Path) -> Tokenizer:
             tokenizer = ByteTokenizer()
         elif kind == "gpt2":
             tokenizer = GPT2Tokenizer.from_files(directory)
+        elif kind == "gpt2+mul":
+            from lmkit.data.tokenizer_mul import load_mul_tokenizer
+
+            return load_mul_tokenizer(directory, meta)
         elif kind == "bpe" or kind.startswith("hf:"):
             from tokenizers import Tokenizer as Backend
 
@@ -377,18 +383,29 @@ def load_tokenizer(directory: Path) -> Tokenizer:
 
 
 def build_tokenizer(name: str, *, train_texts: Iterator[str] | None = None, bpe_vocab_size: int = 8192,
-                    arithmetic: bool = False) -> Tokenizer:
+                    arithmetic: bool = False, condition: str | None = None) -> Tokenizer:
     """Make the tokenizer ``data.tokenizer`` names.
 
     Args:
-        name: ``char``, ``byte``, ``bpe``, ``gpt2`` or ``hf:NAME_OR_PATH``.
+        name: ``char``, ``byte``, ``bpe``, ``gpt2``, ``gpt2+mul`` or ``hf:NAME_OR_PATH``.
         train_texts: the training split's texts (needed by ``bpe`` and text ``char``).
         bpe_vocab_size: vocabulary size for ``bpe``.
         arithmetic: use the arithmetic experiment's fixed character set for ``char``.
+        condition: ``data.condition`` (``baseline`` or ``mul_tokens``): required by ``gpt2+mul``
+            and by no other kind.
 
     Raises:
-        DataError: the tokenizer cannot be built (no files, no network, no texts).
+        DataError: the tokenizer cannot be built (no files, no network, no texts), or
+            ``condition`` is missing for ``gpt2+mul`` or given for another kind.
     """
+    if name == "gpt2+mul":
+        from lmkit.data.tokenizer_mul import GPT2MulTokenizer, check_condition
+
+        check_condition(condition)
+        return GPT2MulTokenizer.from_gpt2(GPT2Tokenizer.load_default(), condition)
+    if condition is not None:
+        raise DataError(f"data.condition {condition} needs data.tokenizer gpt2+mul (the 50,349-id vocabulary "
+                        f"of both conditions), not {name}; set --set data.tokenizer=gpt2+mul")
     if name == "char":
         if arithmetic or train_texts is None:
             return CharTokenizer(SEED_ALPHABET)
