@@ -20,7 +20,15 @@ before the ``.bytes`` files existed still load: :meth:`TokenShards.token_bytes` 
 
 ``key`` hashes the source fingerprint (file contents or hub fingerprint) and every
 setting that changes the ids (added tokens and a local ``hf:`` tokenizer file's contents
-included), so editing a file or changing the tokenizer rebuilds.
+included; ``data.condition``, ``data.legacy_regex`` in the ``mul_tokens`` condition and
+``data.include_synthetic``), so editing a file, changing the tokenizer or switching the
+condition rebuilds.
+
+With ``data.condition`` set (the domain-token experiment, ``gpt2+mul``), rows are encoded by
+:class:`~lmkit.data.shard_rows.RowEncoder` (injection in ``mul_tokens``, each mul token counting
+the bytes of the text it replaced), ``data.include_synthetic`` puts the drill block of
+:mod:`lmkit.data.synthetic` first in the training split, and ``meta.json`` keeps the data stats
+(:attr:`TokenShards.stats`).
 An entry is written to a temporary folder and renamed into place, so an interrupted
 build never leaves a half-written cache that looks complete.
 """
@@ -43,7 +51,9 @@ import numpy as np
 
 from lmkit import __version__
 from lmkit.config import DataConfig
+from lmkit.data.shard_rows import RowEncoder, ShardStats, batched, take_budget
 from lmkit.data.sources import TextSource
+from lmkit.data.synthetic import synthetic_drills
 from lmkit.data.token_bytes import ByteCountWriter
 from lmkit.data.tokenizers import AddedToken, Tokenizer, build_tokenizer, load_tokenizer
 from lmkit.errors import DataError
@@ -51,6 +61,9 @@ from lmkit.events import DataProgress, Event
 
 SHARD_FORMAT = 1
 _BATCH_ROWS = 2048
+_BATCH_CHARS = 1 << 20  # ~250k GPT-2 tokens: a progress event every fraction of a second
+#: Seconds between two progress events of one split.
+PROGRESS_INTERVAL = 0.5
 
 
 def cache_root(config: DataConfig) -> Path:
@@ -161,6 +174,16 @@ class TokenShards:
         """SHA-256 of the UTF-8 text tokenized into ``split`` (``None`` for older entries)."""
         return self.meta["splits"][split].get("text_sha256")
 
+    @property
+    def stats(self) -> dict | None:
+        """The data stats of an entry built with ``data.condition`` set (``None`` otherwise), kept in
+        ``meta.json`` so a reused entry reports them too. Keys: ``condition``, ``legacy_regex``,
+        ``include_synthetic``, ``total_tokens``, ``<split>_tokens``, ``total_documents``,
+        ``mul_tokens``, ``mul_token_ratio`` (mul tokens / total tokens), ``mul_tokens_by_split``,
+        ``baseline_tokens`` (the same text without injection), ``tokens_saved`` (baseline - total),
+        ``token_reduction`` (saved / baseline), ``synthetic_tokens``."""
+        return self.meta.get("stats")
+
 
 def added_tokens_key(added: tuple[AddedToken, ...] | list[AddedToken]) -> str:
     """A short hash of added tokens (``-`` for none), for cache keys."""
@@ -170,8 +193,10 @@ def added_tokens_key(added: tuple[AddedToken, ...] | list[AddedToken]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_key(source: TextSource, config: DataConfig, added_tokens: tuple[AddedToken, ...] = ()) -> str:
-    """The cache entry's key: the source fingerprint and every setting that changes the ids.
+def cache_key(source: TextSource, config: DataConfig, added_tokens: tuple[AddedToken, ...] = (),
+              tokenizer: Tokenizer | None = None) -> str:
+    """The cache entry's key: the source fingerprint and every setting that changes the ids
+    (``tokenizer``: the one given to :func:`prepare_shards`, keyed by its fingerprint).
 
     Raises:
         DataError: a local ``hf:`` tokenizer file that cannot be read.
@@ -193,6 +218,14 @@ def cache_key(source: TextSource, config: DataConfig, added_tokens: tuple[AddedT
             raise DataError(f"data.tokenizer: cannot read {local} ({exc.strerror})") from None
     if added_tokens:
         parts.append(f"added={added_tokens_key(added_tokens)}")
+    if config.condition is not None:
+        parts.append(f"condition={config.condition}")
+        if config.condition == "mul_tokens":
+            parts.append(f"legacy_regex={config.legacy_regex}")
+    if config.include_synthetic:
+        parts.append("synthetic=42")
+    if tokenizer is not None:
+        parts.append(f"tokenizer_fingerprint={tokenizer.fingerprint()}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -212,32 +245,47 @@ def _slug(text: str) -> str:
 
 
 def prepare_shards(source: TextSource, config: DataConfig, emit: Callable[[Event], None],
-                   added_tokens: tuple[AddedToken, ...] = ()) -> tuple[TokenShards, Tokenizer]:
+                   added_tokens: tuple[AddedToken, ...] = (), *,
+                   tokenizer: Tokenizer | None = None) -> tuple[TokenShards, Tokenizer]:
     """Tokenise ``source`` into shards, or reuse the cache entry made from the same input.
 
     Args:
         source: the text.
-        config: the data settings (tokenizer, budget, cache folder).
-        emit: receives :class:`~lmkit.events.DataProgress` events.
+        config: the data settings (tokenizer, budget, cache folder, condition).
+        emit: receives :class:`~lmkit.events.DataProgress` events (about every 0.5 s per split
+            and once at its end: rows done, rows in the split when known, tokens written).
         added_tokens: tokens added to the tokenizer (after training it, for ``bpe``/``char``).
+        tokenizer: encode with this tokenizer instead of building ``data.tokenizer`` (e.g. the
+            one of the run a fine-tune starts from); ``added_tokens`` it lacks are added to it.
 
     Raises:
-        DataError: a split with no tokens, bad added tokens, or an unusable cache folder.
+        DataError: a split with no tokens, bad added tokens, an unusable cache folder, or a
+            ``data.condition`` that does not go with the tokenizer.
     """
     added_tokens = tuple(added_tokens)
+    if tokenizer is not None:
+        present = set(tokenizer.added_tokens)
+        missing = [t for t in added_tokens if t not in present]
+        if missing:
+            tokenizer.add_tokens(missing)
+        _check_condition(config, tokenizer.kind, getattr(tokenizer, "condition", None))
+    else:
+        _check_condition(config, config.tokenizer, config.condition)
     root = cache_root(config) / "tokens"
-    directory = root / f"{_slug(config.dataset)}-{cache_key(source, config, added_tokens)}"
+    directory = root / f"{_slug(config.dataset)}-{cache_key(source, config, added_tokens, tokenizer)}"
     shards = _load_existing(directory)
     if shards is not None:
-        tokenizer = load_tokenizer(directory / "tokenizer")
-        if added_tokens_key(tokenizer.added_tokens) == added_tokens_key(added_tokens):
-            return shards, tokenizer
+        loaded = load_tokenizer(directory / "tokenizer")
+        expected = tokenizer.added_tokens if tokenizer is not None else _expected_added(config, added_tokens)
+        if added_tokens_key(loaded.added_tokens) == added_tokens_key(tuple(expected)):
+            return shards, (tokenizer if tokenizer is not None else loaded)
         # Only a hand-edited entry gets here (its tokenizer is not the one asked for): rebuild it.
         shutil.rmtree(directory, ignore_errors=True)
 
-    tokenizer = _make_tokenizer(source, config, emit)
-    if added_tokens:
-        tokenizer.add_tokens(added_tokens)
+    if tokenizer is None:
+        tokenizer = _make_tokenizer(source, config, emit)
+        if added_tokens:
+            tokenizer.add_tokens(added_tokens)
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=root))
@@ -265,6 +313,28 @@ def prepare_shards(source: TextSource, config: DataConfig, emit: Callable[[Event
     return TokenShards(directory, meta, reused=False), tokenizer
 
 
+def _check_condition(config: DataConfig, kind: str, tokenizer_condition: str | None) -> None:
+    """``data.condition`` goes with ``gpt2+mul`` and only with it (and with its own condition)."""
+    if kind == "gpt2+mul" and config.condition is None:
+        raise DataError("data.tokenizer gpt2+mul needs data.condition; set --set data.condition=mul_tokens "
+                        "(or baseline)")
+    if config.condition is not None and kind != "gpt2+mul":
+        raise DataError(f"data.condition {config.condition} needs data.tokenizer gpt2+mul, not {kind}; "
+                        "set --set data.tokenizer=gpt2+mul")
+    if tokenizer_condition is not None and tokenizer_condition != config.condition:
+        raise DataError(f"data.condition is {config.condition} but the tokenizer given is the "
+                        f"{tokenizer_condition} one; set --set data.condition={tokenizer_condition}")
+
+
+def _expected_added(config: DataConfig, added_tokens: tuple[AddedToken, ...]) -> tuple[AddedToken, ...]:
+    """The added tokens a freshly built ``data.tokenizer`` ends up with (built-in ones included)."""
+    if config.tokenizer != "gpt2+mul":
+        return added_tokens
+    from lmkit.data.tokenizer_mul import builtin_tokens
+
+    return (*builtin_tokens(), *added_tokens)
+
+
 def _load_existing(directory: Path) -> TokenShards | None:
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
@@ -285,7 +355,7 @@ def _load_existing(directory: Path) -> TokenShards | None:
 def _make_tokenizer(source: TextSource, config: DataConfig, emit: Callable[[Event], None]) -> Tokenizer:
     needs_training = config.tokenizer in ("bpe", "char")
     if not needs_training:
-        return build_tokenizer(config.tokenizer)
+        return build_tokenizer(config.tokenizer, condition=config.condition)
     emit(DataProgress(stage=f"train {config.tokenizer} tokenizer", completed=0, total=None, unit=""))
     rows = source.splits["train"]()
     if source.streaming and "val" not in source.splits:
@@ -325,6 +395,10 @@ def _write_shards(source: TextSource, config: DataConfig, tokenizer: Tokenizer, 
     eos = tokenizer.eos_id
     if source.separator == "eos" and eos is None:
         raise DataError(f"data.tokenizer: {config.tokenizer} has no end-of-text token to separate documents")
+    encoder = RowEncoder(tokenizer, source.separator, eos, condition=config.condition,
+                         legacy_regex=config.legacy_regex)
+    stats = ShardStats(config.condition, config.legacy_regex, config.include_synthetic)
+    unit = "documents" if source.separator == "eos" else "lines"
     splits_meta: dict[str, dict] = {}
     started = time.time()
 
@@ -344,19 +418,27 @@ def _write_shards(source: TextSource, config: DataConfig, tokenizer: Tokenizer, 
             rows = source.splits[split]()
             budget = config.max_tokens if split == "train" else None
         total_rows = source.n_rows.get(split)
+        synthetic = split == "train" and config.include_synthetic
+        if synthetic:
+            rows = itertools.chain([synthetic_drills()], rows)
+            total_rows = None if total_rows is None else total_rows + 1
         path = tmp / f"{split}.bin"
         counts = ByteCountWriter(tmp / f"{split}.bytes")
         text_hash = hashlib.sha256()
         count, max_id, done_rows = 0, -1, 0
         leftover: list[str] = []
+        last_emit = time.monotonic()
         with path.open("wb") as out, counts:
-            for batch in _batched(rows, _BATCH_ROWS):
-                texts, encoded = _encode_rows(tokenizer, batch, source.separator, eos)
-                used = len(batch)
+            for batch in batched(rows, _BATCH_ROWS, _BATCH_CHARS):
+                encoded_batch = encoder.encode(batch)
+                encoded, used = encoded_batch.encoded, len(batch)
                 if budget is not None:
-                    encoded, used = _take_budget(encoded, budget - count)
+                    encoded, used = take_budget(encoded, budget - count)
                     leftover = batch[used:]
-                for text in texts[:used]:
+                if synthetic and done_rows == 0 and encoded:
+                    stats.synthetic_tokens = len(encoded[0][0])
+                stats.add(split, encoder, encoded_batch, encoded)
+                for text in encoded_batch.texts[:used]:
                     text_hash.update(text.encode("utf-8", errors="surrogatepass"))
                 if encoded:
                     flat = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in encoded])
@@ -368,12 +450,15 @@ def _write_shards(source: TextSource, config: DataConfig, tokenizer: Tokenizer, 
                     out.write(flat.astype(dtype).tobytes())
                     counts.write(flat_bytes)
                     count += int(flat.size)
-                done_rows += len(batch)
-                emit(DataProgress(stage=f"tokenize {split}", completed=done_rows if budget is None else count,
-                                  total=total_rows if budget is None else budget,
-                                  unit="rows" if budget is None else "tokens"))
+                done_rows += used
+                if time.monotonic() - last_emit >= PROGRESS_INTERVAL:
+                    emit(DataProgress(stage=f"tokenize {split}", completed=done_rows, total=total_rows,
+                                      unit=unit, tokens=count))
+                    last_emit = time.monotonic()
                 if budget is not None and count >= budget:
                     break
+        # the last one: the split's rows are now known, so it reads as done
+        emit(DataProgress(stage=f"tokenize {split}", completed=done_rows, total=done_rows, unit=unit, tokens=count))
         if shared_train_iter is not None and leftover:
             # Documents read past the val budget start the train split.
             shared_train_iter = itertools.chain(leftover, shared_train_iter)
@@ -383,7 +468,7 @@ def _write_shards(source: TextSource, config: DataConfig, tokenizer: Tokenizer, 
                               "bytes_file": counts.path.name, "bytes_dtype": counts.dtype.name,
                               "n_bytes": counts.total, "text_sha256": text_hash.hexdigest()}
 
-    return {
+    meta = {
         "format": SHARD_FORMAT,
         "lmkit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -395,45 +480,12 @@ def _write_shards(source: TextSource, config: DataConfig, tokenizer: Tokenizer, 
         "dtype": dtype.name,
         "splits": splits_meta,
     }
-
-
-Encoded = list[tuple[list[int], np.ndarray]]
-
-
-def _encode_rows(tokenizer: Tokenizer, rows: list[str], separator: str,
-                 eos: int | None) -> tuple[list[str], Encoded]:
-    """The texts tokenized and, per row, ``(ids, byte counts)``: lines keep (or get) their
-    newline; documents are followed by EOS (0 bytes)."""
-    if separator == "newline":
-        texts = [t if t.endswith("\n") else t + "\n" for t in rows]
-        return texts, (tokenizer.encode_batch_with_bytes(texts) if texts else [])
-    encoded = tokenizer.encode_batch_with_bytes(rows) if rows else []
-    return rows, [(ids + [eos], np.append(np.asarray(b, dtype=np.int64), 0)) for ids, b in encoded]
-
-
-def _take_budget(encoded: Encoded, remaining: int) -> tuple[Encoded, int]:
-    """The rows' ids that fit in ``remaining`` tokens (the last one cut) and how many rows were used."""
-    taken: Encoded = []
-    for used, (ids, n_bytes) in enumerate(encoded):
-        if remaining <= 0:
-            return taken, used
-        taken.append((ids[:remaining], n_bytes[:remaining]))
-        remaining -= len(ids)
-    return taken, len(encoded)
+    if config.condition is not None:
+        meta["stats"] = stats.as_dict()
+    return meta
 
 
 def _stream_val_tokens(config: DataConfig) -> int:
     if config.max_tokens is None:
         raise DataError("data.max_tokens: a streamed source needs a token budget")
     return max(1, min(int(config.max_tokens * config.val_fraction), 10_000_000))
-
-
-def _batched(rows: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
