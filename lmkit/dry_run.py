@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from lmkit.config import RunConfig
-from lmkit.errors import ConfigError
+from lmkit.errors import ConfigError, DataError
 
 #: Typical UTF-8 bytes per token of each tokenizer on English text, for estimates only:
 #: byte/char 1 (char: ASCII text); GPT-2's BPE 4.6 (measured: 1,146,846 bytes of WikiText-2's
@@ -38,7 +38,7 @@ _DEFAULT_BYTES_PER_TOKEN = 4.0
 
 #: Approximate UTF-8 bytes of the training split of the hub data sets (the raw WikiText
 #: train files: Merity et al. 2016, arXiv 1609.07843; Hugging Face ``Salesforce/wikitext``).
-HUB_TRAIN_BYTES = {"wikitext-2-raw-v1": 10_918_892, "wikitext-103-raw-v1": 539_000_000}
+HUB_TRAIN_BYTES = {"wikitext-2-raw-v1": 10_918_892, "wikitext-103-raw-v1": 540_000_000}
 
 
 def _attr(obj: Any, name: str, default: Any = None) -> Any:
@@ -112,6 +112,9 @@ def _train_bytes(config: RunConfig) -> tuple[int | None, str]:
         return HUB_TRAIN_BYTES[data.dataset], f"the published size of {data.dataset}'s train split"
     path = Path(data.dataset).expanduser()
     if not path.exists():
+        if not src.is_hub_name(data.dataset):  # what training says for the same input
+            known = ", ".join(["arithmetic", *src.HUB_SOURCES])
+            raise DataError(f"data.dataset: {data.dataset!r} is not a file or folder, nor a known data set ({known})")
         return None, f"{data.dataset}: size unknown until it is downloaded"
     files = src.split_files(path)
     size = sum(f.stat().st_size for f in files["train"])

@@ -132,3 +132,11 @@ def test_dry_run_with_resume_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["train", "--name", "x", "--resume", "--dry-run"])
     assert result.exit_code == 2 and "--dry-run" in result.output
+
+
+def test_missing_local_data_is_the_trainers_error(tmp_path):
+    from lmkit.errors import DataError
+
+    config = _config(tmp_path, TEXT_PRESET.replace("DATA", str(tmp_path / "nope.txt")).replace("epochs: 2", "max_steps: 5"))
+    with pytest.raises(DataError, match="is not a file or folder"):
+        plan_run(config)

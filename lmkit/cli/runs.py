@@ -63,8 +63,10 @@ def runs_command(
     table = Table(title=f"runs in {escape(str(out_dir))}/ (newest first)", title_justify="left")
     for col, justify in (("name", "left"), ("preset", "left"), ("model", "left"), ("status", "left"),
                          ("step", "right"), ("tokens", "right"), ("best val", "right"), ("last eval", "left"),
-                         ("wall", "right"), ("started (UTC)", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+                         ("wall", "right"), ("started UTC", "left")):
+        # status and step stay on one line; names, models and evals wrap on a narrow terminal
+        table.add_column(col, justify=justify, no_wrap=col in ("status", "step"),  # type: ignore[arg-type]
+                         overflow="fold")
     for r in rows:
         model = f"{r.model_type or '?'} {_si(r.params)}" if r.params else (r.model_type or "-")
         step = f"{r.step if r.step is not None else '-'}/{r.max_steps if r.max_steps is not None else '?'}"
@@ -72,6 +74,6 @@ def runs_command(
             escape(r.name), escape(r.preset or "-"), escape(model), f"[{colour[r.status]}]{r.status}[/]", step,
             _si(r.tokens), f"{r.best_val_loss:.4f}" if r.best_val_loss is not None else "-",
             escape(_eval(r.last_eval)), _duration(r.wall_time_s),
-            (r.started or "-").replace("T", " ").replace("+00:00", ""),
+            (r.started or "-").replace("T", " ").replace("+00:00", "")[5:16] if r.started else "-",
         )
     console.print(table)
