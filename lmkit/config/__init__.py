@@ -408,7 +408,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _task_tokenizer(self) -> DataConfig:
-        if self.dataset == "arithmetic" and self.tokenizer != "char":
+        if self.dataset == "arithmetic" and self.sources is None and self.tokenizer != "char":
             raise ValueError(
                 f"the arithmetic task uses the 'char' tokenizer, not {self.tokenizer!r}; "
                 "drop --tokenizer or set data.tokenizer=char"

@@ -306,7 +306,10 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         details.update({"encoding": encoding, "text_bytes": text_bytes, "bytes_source": "per token"})
         unit = "windows"
     else:
-        data = prepare_data(cfg.data, added_tokens=getattr(ctx.tokenizer, "added_tokens", ()))
+        # A fine-tuned run (init_from) encoded its data with the source run's tokenizer: do the same.
+        given = ctx.tokenizer if cfg.init_from else None
+        data = prepare_data(cfg.data, added_tokens=() if given else getattr(ctx.tokenizer, "added_tokens", ()),
+                            tokenizer=given, block_size=block_size)
         if data.tokenizer.fingerprint() != ctx.tokenizer.fingerprint():
             raise DataError(f"{cfg.data.dataset}: the val split rebuilt now is tokenized differently from the run's "
                             "tokenizer; pass --data FILE to score a text file with the run's tokenizer")
