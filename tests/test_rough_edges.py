@@ -269,15 +269,15 @@ def test_a_long_warmup_shows_in_the_header(tmp_path, warmup, shown):
     dash = Dashboard(live=False, sampler=False)
     dash(started(run))
     header = "\n".join(render(dash).splitlines()[:3])
-    lines = started_lines(started(run), warmup)
-    if shown is None:
-        assert "warmup" not in header and not any(line.startswith("warning:") for line in lines)
-    else:
-        assert shown in header
-        assert f"warning: {shown}" in "\n".join(lines)
+    assert (shown in header) if shown else ("warmup" not in header)
+    # the lines of the plain log and the progress line: a warmup longer than the run is left to
+    # the trainer's own warning (it comes next, with its advice), so it is not said twice
+    in_lines = shown if warmup <= 100 else None
+    lines = "\n".join(started_lines(started(run), warmup))
+    assert (f"warning: {in_lines}" in lines) if in_lines else ("warning:" not in lines)
     out = io.StringIO()
     PlainLog(out)(started(run))
-    assert (shown is not None) == ("warning: warmup" in out.getvalue())
+    assert (in_lines is not None) == ("warning: warmup" in out.getvalue())
 
 
 def test_tokens_per_step_says_what_it_counts():

@@ -119,7 +119,7 @@ def svd_lines(e: SVDAnalysis) -> list[str]:
 
 def started_lines(e: RunStarted, warmup_steps: int | None = None) -> list[str]:
     """The lines printed when a run starts; with ``warmup_steps``, a warning line when the
-    warmup takes half the run or more. ``tokens/step`` is what a batch holds (batch x
+    warmup takes half the run or more (but not more than the run: the trainer warns of that). ``tokens/step`` is what a batch holds (batch x
     block_size x grad_accum_steps, padding included); the token counts of the step lines
     count loss targets (padding and masked prompts excluded)."""
     lines = [
@@ -130,7 +130,8 @@ def started_lines(e: RunStarted, warmup_steps: int | None = None) -> list[str]:
         "(batch x block, padding included; tokens seen count loss targets)"
         + (f", resuming at step {e.start_step}" if e.start_step else ""),
     ]
-    warning = warmup_warning(warmup_steps, e.max_steps)
+    # a warmup longer than the run gets the trainer's own warning (with its advice) right after
+    warning = warmup_warning(warmup_steps, e.max_steps) if (warmup_steps or 0) <= e.max_steps else None
     if warning:
         lines.append(f"warning: {warning}")
     return lines
