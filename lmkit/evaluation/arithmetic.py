@@ -169,6 +169,26 @@ def teacher_forced(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Ar
 
 
 def _splits_for(ctx: EvalContext) -> tuple[dict[str, list[ArithmeticExample]], str, str | None]:
+    splits, data_file, sha, _ = arithmetic_splits(ctx, tuple(SPLIT_METRICS))
+    return splits, data_file, sha
+
+
+def arithmetic_splits(ctx: EvalContext, wanted: tuple[str, ...]) -> tuple[dict[str, list[ArithmeticExample]], str,
+                                                                        str | None, list[str]]:
+    """The splits named in ``wanted`` (of ``train``, ``val``, ``test_flat``, ``test_paren``) that
+    the run's data has: ``ctx.data`` (a JSONL file -- its split read from the name, ``val``
+    otherwise -- or a folder of the seed's files), else the run's own data rebuilt from its
+    config (:func:`lmkit.data.prepare_data`).
+
+    Returns:
+        ``(splits, data_file, sha256 | None, notes)``; ``notes`` says when the rebuilt data's
+        fingerprint is not the checkpoint's (``ctx.options["data_fingerprint"]``) or when the
+        checkpoint records none.
+
+    Raises:
+        DataError: a missing ``--data`` path; the run is not an arithmetic run and no
+            ``--data`` was given.
+    """
     from pathlib import Path
 
     from lmkit.data.arithmetic import load_arithmetic_files, read_jsonl
@@ -179,12 +199,14 @@ def _splits_for(ctx: EvalContext) -> tuple[dict[str, list[ArithmeticExample]], s
         path = Path(ctx.data)
         if path.is_file():
             stem = path.stem.lower()
-            split = next((s for s in ("test_paren", "test_flat") if stem.endswith(s)), "val")
-            return {split: read_jsonl(path)}, str(path), file_sha256(path)
+            split = next((s for s in ("test_paren", "test_flat", "train") if stem.endswith(s)), "val")
+            if split == "train" and "train" not in wanted:  # a training file read as val, as before
+                split = "val"
+            return ({split: read_jsonl(path)} if split in wanted else {}), str(path), file_sha256(path), []
         if not path.is_dir():
             raise DataError(f"--data {path}: no such file or folder")
         found = load_arithmetic_files(path)
-        return {s: v for s, v in found.items() if s in SPLIT_METRICS}, str(path), None
+        return {s: v for s, v in found.items() if s in wanted}, str(path), None, []
     from lmkit.data import prepare_data
 
     data = prepare_data(ctx.config.data)
@@ -192,8 +214,16 @@ def _splits_for(ctx: EvalContext) -> tuple[dict[str, list[ArithmeticExample]], s
         raise DataError(f"{ctx.run_dir}: the run was trained on {ctx.config.data.dataset}, not arithmetic; "
                         "pass --data with a folder of the arithmetic JSONL files (pilot_val.jsonl, "
                         "pilot_test_flat.jsonl ...)")
-    return {s: v for s, v in data.examples.items() if s in SPLIT_METRICS}, \
-        f"{ctx.config.data.dataset} ({', '.join(s for s in SPLIT_METRICS if data.examples.get(s))})", None
+    notes = []
+    expected = ctx.options.get("data_fingerprint")
+    if expected is None:
+        notes.append("the checkpoint records no data fingerprint: the rebuilt splits could not be checked against "
+                     "the run's")
+    elif data.fingerprint() != expected:
+        notes.append(f"⚠ {ctx.config.data.dataset}: the splits rebuilt now differ from the run's (data fingerprint "
+                     f"{data.fingerprint()}, the checkpoint has {expected}): a data setting changed since training")
+    splits = {s: v for s, v in data.examples.items() if s in wanted}
+    return splits, f"{ctx.config.data.dataset} ({', '.join(s for s in wanted if splits.get(s))})", None, notes
 
 
 def evaluate(ctx: EvalContext) -> TaskResult:
