@@ -137,7 +137,7 @@ def inject_segments(text: str, *, legacy_regex: bool = False) -> list[Segment]:
     by_text = mul_strings()
     out: list[Segment] = []
     pos = 0
-    for literal in _literal_re().finditer(text):
+    for literal in _literal_re().finditer(text) if "<MUL_" in text else ():
         _inject_piece(text, pos, literal.start(), pattern, out)
         out.append((by_text[literal.group()], literal.group()))
         pos = literal.end()

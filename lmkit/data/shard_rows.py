@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lmkit.data.mul_tokens import count_mul_ids, inject_segments
+from lmkit.data.mul_tokens import GPT2_BASE_VOCAB, MUL_VOCAB_SIZE, count_mul_ids, inject_segments
 from lmkit.data.tokenizer_base import Segment, Tokenizer
 
 Encoded = list[tuple[list[int], np.ndarray]]
@@ -65,6 +65,9 @@ class RowEncoder:
         self.inject = condition == "mul_tokens"
         self.eos_first = condition is not None
         self.legacy_regex = legacy_regex
+        # tokens added on top of gpt2+mul's own (its padding is never matched, its mul strings
+        # are found by inject_segments): only they need another pass over the text pieces
+        self._extra_added = any(not (GPT2_BASE_VOCAB <= t.id < MUL_VOCAB_SIZE) for t in tokenizer.added_tokens)
 
     def encode(self, rows: list[str]) -> RowBatch:
         """The rows' texts, ``(ids, n_bytes)`` and whether each was injected."""
@@ -89,7 +92,10 @@ class RowEncoder:
 
     def _segments(self, text: str) -> list[Segment]:
         out: list[Segment] = []
-        for seg in inject_segments(text, legacy_regex=self.legacy_regex):
+        segments = inject_segments(text, legacy_regex=self.legacy_regex)
+        if not self._extra_added:
+            return segments
+        for seg in segments:
             out.extend(self.tokenizer.added_segments(seg) if isinstance(seg, str) else [seg])
         return out
 

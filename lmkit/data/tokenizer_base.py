@@ -57,6 +57,7 @@ class Tokenizer(ABC):
     pad_id: int | None = None
     added_tokens: tuple[AddedToken, ...] = ()
     _added_by_id: dict[int, AddedToken] = {}  # noqa: RUF012 - replaced, never mutated
+    _added_by_text: dict[str, int] = {}  # noqa: RUF012 - replaced, never mutated
     _added_pattern: re.Pattern[str] | None = None
 
     @property
@@ -92,6 +93,7 @@ class Tokenizer(ABC):
             texts.add(token.text)
         self.added_tokens = tuple(sorted(by_id.values(), key=lambda t: t.id))
         self._added_by_id = by_id
+        self._added_by_text = {t.text: t.id for t in self.added_tokens}
         skipped = self._unmatched_texts()
         alternatives = sorted((t for t in texts if t not in skipped), key=lambda t: (-len(t), t))  # longest first
         self._added_pattern = re.compile("|".join(re.escape(t) for t in alternatives)) if alternatives else None
@@ -111,7 +113,7 @@ class Tokenizer(ABC):
         """``text`` cut into base-tokenizer text and ``(id, text)`` added-token occurrences."""
         if self._added_pattern is None:
             return [text] if text else []
-        by_text = {t.text: t.id for t in self.added_tokens}
+        by_text = self._added_by_text
         out: list[Segment] = []
         pos = 0
         for match in self._added_pattern.finditer(text):

@@ -300,7 +300,11 @@ class GPT2Tokenizer(Tokenizer):
             ) from None
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts) if texts else []
+        if not texts:
+            return []
+        if sum(map(len, texts)) < 1000 * len(texts):  # short pieces: tiktoken's thread pool costs more than it saves
+            return [self.enc.encode_ordinary(t) for t in texts]
+        return self.enc.encode_ordinary_batch(texts)
 
     def _encode_batch_bytes(self, texts: list[str]) -> list[BytesEncoding]:
         # byte-level: every token's own raw bytes (a piece of a multi-byte character counts its part)
