@@ -331,13 +331,14 @@ def test_data_progress_shows_documents_tokens_and_tokens_per_second():
 def test_doctor_shows_a_target_difference_only_for_a_stated_round_target():
     """Seen: `Difference from 44,909,056 target: 0.0%` for small, whose target is its own count."""
     from lmkit.cli import app
+
+    result = CliRunner().invoke(app, ["doctor", "--preset", "small"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Total parameters: 44,909,056" in result.stdout and "Difference from" not in result.stdout
     from lmkit.cli.doctor import target_is_approximate
 
     assert target_is_approximate(10_000_000) and target_is_approximate(1_500_000)
     assert not target_is_approximate(44_909_056) and not target_is_approximate(664_192)
-    result = CliRunner().invoke(app, ["doctor", "--preset", "small"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    assert "Total parameters: 44,909,056" in result.stdout and "Difference from" not in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -347,6 +348,9 @@ def test_a_gpu_only_preset_says_the_preset_requires_a_gpu():
     from lmkit.device import plan_device
 
     config = build_run_config("scale_10m", [], {})
+    with pytest.raises(DeviceError) as exc:  # not knowing the preset: no flag named that was not typed
+        plan_device(config.training)
+    assert not str(exc.value).startswith("--gpu-only:") and "training.gpu_only" in str(exc.value)
     with pytest.raises(DeviceError) as exc:
         plan_device(config.training, preset=config.preset)
     assert str(exc.value).startswith("preset scale_10m requires a GPU (training.gpu_only), but CUDA is not available")
