@@ -64,6 +64,11 @@ class RunData:
         evals: task -> the latest result (``eval/TASK.json``; the last checkpoint of a sweep
             when only the sweep exists, with ``"from_sweep": True``).
         sweeps: task -> ``checkpoint_results.json`` entries ``{"step", "tokens", "metrics"}``.
+        config: ``config.yaml`` (``{}`` when absent or unreadable).
+        data_stats: the ``stats`` of the last ``data_ready`` event in ``events.jsonl``
+            (``None`` when there is none: data without ``data.condition``, or an older run).
+        source: the run this one was initialised from (``init_from``), read the same way
+            (``None``: not initialised from a run, or that run is not found).
     """
 
     name: str
@@ -74,6 +79,22 @@ class RunData:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweeps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    data_stats: dict[str, Any] | None = None
+    source: RunData | None = None
+
+    def inherited_sweeps(self) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+        """task -> ``(run name, sweep)`` for sweeps this run lacks but the runs it was initialised
+        from have (nearest first): a fine-tuned run's pretraining HellaSwag curve."""
+        out: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        seen, source = {str(self.path)}, self.source
+        while source is not None and str(source.path) not in seen and len(seen) <= 3:
+            for task, points in source.sweeps.items():
+                if task not in self.sweeps:
+                    out.setdefault(task, (source.name, points))
+            seen.add(str(source.path))
+            source = source.source
+        return out
 
     def tokenizer_label(self) -> str | None:
         if not self.tokenizer:
@@ -214,7 +235,9 @@ class Comparison:
         the arithmetic splits val / test_flat / test_paren, ``arithmetic-probes_by_category`` the
         probe categories); ``training`` holds the run rows (params, tokens, losses ...);
         ``mul_token_usage`` appears only when a run's gsm8k or probe results count mul tokens.
-        Non-finite numbers (an overflowing perplexity) become ``null``.
+        ``mul_tokens_report`` (beside ``comparison``) is :meth:`mul_report` when the two runs are
+        the multiplication-tokens study's conditions. Non-finite numbers (an overflowing
+        perplexity) become ``null``.
         """
         names = self.names
         comparison: dict[str, Any] = {"base": names[0], "training": {}}
@@ -243,6 +266,10 @@ class Comparison:
         usage = {run.name: u for run in self.runs if (u := mul_token_usage(run))}
         if usage:
             comparison["mul_token_usage"] = usage
+        extra = {}
+        study = self.mul_report()
+        if study is not None:
+            extra["mul_tokens_report"] = study
         return finite({
             "lmkit_version": _version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -252,16 +279,31 @@ class Comparison:
             "notes": list(self.notes),
             "png": str(png) if png is not None else None,
             "comparison": comparison,
+            **extra,
         })
+
+    def mul_report(self) -> dict[str, Any] | None:
+        """The multiplication-tokens study's report (:func:`lmkit.compare_mul.mul_study_report`:
+        the seed's ``comparison_report_10b.json`` shape plus data stats, HellaSwag, losses and the
+        GSM8K verdict), or ``None`` when the runs are not that study's two conditions."""
+        from lmkit.compare_mul import mul_study_report
+
+        return mul_study_report(self)
 
 
 # ---------------------------------------------------------------------------- reading
 
 
-def load_run_data(run_dir: RunDir, name: str | None = None) -> RunData:
+def load_run_data(run_dir: RunDir, name: str | None = None, *, _depth: int = 0) -> RunData:
     """Read one run folder (see :class:`RunData`); unreadable files count as absent."""
     path = run_dir.path
     data = RunData(name=name or run_dir.name, path=path)
+    data.config = _read_yaml(run_dir.config_path)
+    data.data_stats = _data_stats(run_dir.events_path)
+    if _depth < 3:
+        source = _init_source(data.config.get("init_from"), path)
+        if source is not None:
+            data.source = load_run_data(source, _depth=_depth + 1)
     summary = _read_json(run_dir.summary_path)
     data.summary = summary if isinstance(summary, dict) else {}
     if run_dir.metrics_path.is_file():
@@ -485,7 +527,10 @@ def plot_comparison(comparison: Comparison, path: str | Path, dpi: int = 150) ->
     Panel 1: train loss (EMA-smoothed with :func:`ema_weight`; raw points faint) and val loss
     (markers) of every run against tokens seen. One more panel per eval task that any run
     swept over checkpoints (``lmkit eval --checkpoint all``): the task's headline metric
-    against the optimizer step. Uses matplotlib's Agg backend (no display needed).
+    against the optimizer step, one curve per run in the same panel (e.g. both conditions'
+    HellaSwag ``acc_norm``). A fine-tuned run without a sweep of its own shows the sweep of the
+    run it was initialised from (:meth:`RunData.inherited_sweeps`, labelled "RUN (from SOURCE)").
+    Uses matplotlib's Agg backend (no display needed).
 
     Returns:
         the path written.
@@ -498,7 +543,8 @@ def plot_comparison(comparison: Comparison, path: str | Path, dpi: int = 150) ->
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tasks = _ordered_keys([run.sweeps for run in comparison.runs])
+    inherited = [run.inherited_sweeps() for run in comparison.runs]
+    tasks = _ordered_keys([{**run.sweeps, **extra} for run, extra in zip(comparison.runs, inherited, strict=True)])
     n_panels = 1 + len(tasks)
     ncols = min(n_panels, 3)
     nrows = math.ceil(n_panels / ncols)
@@ -541,9 +587,17 @@ def plot_comparison(comparison: Comparison, path: str | Path, dpi: int = 150) ->
         ax = axes[k // ncols][k % ncols]
         metric = None
         for run in comparison.runs:
-            metric = metric or (run.evals.get(task) or {}).get("headline")
+            source: RunData | None = run
+            for _ in range(4):  # the run, then the runs it was initialised from
+                if source is None or metric:
+                    break
+                metric = (source.evals.get(task) or {}).get("headline")
+                source = source.source
         for i, run in enumerate(comparison.runs):
-            points = run.sweeps.get(task)
+            points, label = run.sweeps.get(task), run.name
+            if not points and task in inherited[i]:
+                source, points = inherited[i][task]
+                label = f"{run.name} (from {source})"
             if not points:
                 continue
             m = metric or next(iter(points[-1]["metrics"]), None)
@@ -551,7 +605,7 @@ def plot_comparison(comparison: Comparison, path: str | Path, dpi: int = 150) ->
             xy = [(x, y) for x, y in xy if y is not None]
             if xy:
                 ax.plot([x for x, _ in xy], [y for _, y in xy], color=colors[i % len(colors)], marker="o",
-                        markersize=3.5, linewidth=1.4, label=run.name)
+                        markersize=3.5, linewidth=1.4, label=label)
             metric = metric or m
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(_AXIS_LABELS.get(metric or "", metric or "metric"))
@@ -708,6 +762,48 @@ def _exp(loss: float | None) -> float | None:
         return math.exp(loss)
     except OverflowError:
         return math.inf
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        import yaml
+
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - an unreadable or broken config counts as absent
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _data_stats(events: Path) -> dict[str, Any] | None:
+    """``stats`` of the last ``data_ready`` event not marked superseded."""
+    if not events.is_file():
+        return None
+    stats = None
+    for line in events.read_text(encoding="utf-8", errors="replace").splitlines():
+        if '"data_ready"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("kind") == "data_ready" and not record.get("superseded"):
+            stats = record.get("stats") if isinstance(record.get("stats"), dict) else stats
+    return stats
+
+
+def _init_source(spec: Any, run_path: Path) -> RunDir | None:
+    """The run folder named by ``init_from`` (``RUN`` or ``RUN:CHECKPOINT``; a path, or a name
+    beside ``run_path``), or ``None`` (``hf:`` sources, missing runs)."""
+    if not isinstance(spec, str) or not spec or spec.startswith("hf:"):
+        return None
+    candidates = [spec]
+    if ":" in spec:
+        candidates.append(spec.rpartition(":")[0])
+    for candidate in candidates:
+        for path in (Path(candidate), run_path.parent / candidate):
+            if (path / "config.yaml").is_file() and path.resolve() != run_path.resolve():
+                return RunDir(path)
+    return None
 
 
 def _read_json(path: Path) -> Any:

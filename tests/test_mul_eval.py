@@ -48,6 +48,12 @@ def test_mul_token_ids_are_decided_by_the_tokenizers_added_tokens(gpt2_tokenizer
     assert mul_token_ids(mul) == frozenset(range(50304, 50349))
     assert mul_token_ids(plain) == frozenset()
     assert mul_token_ids(types.SimpleNamespace()) == frozenset()
+    # gpt2+mul has the ids in both conditions (the baseline encodes the strings as text, but a
+    # generated mul id is still one): both conditions count
+    from lmkit.data.tokenizer_mul import GPT2MulTokenizer
+
+    for condition in ("baseline", "mul_tokens"):
+        assert mul_token_ids(GPT2MulTokenizer(plain.mergeable_ranks, condition)) == frozenset(range(50304, 50349))
     # the padding strings alone (or a wrong string at a mul id) are not mul tokens
     odd = GPT2Tokenizer(plain.mergeable_ranks)
     odd.add_tokens([AddedToken("<|padding_0|>", 50257), AddedToken("<MUL_6_9_55>", SIX_NINE)])

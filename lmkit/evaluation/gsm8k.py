@@ -28,7 +28,7 @@ What is computed (SEEDS_SPEC §1.4: the GSM8K evaluation of
 Metrics: ``accuracy`` (headline), ``correct``, ``total``, ``mean_response_tokens``
 (generated tokens up to the stop, EOS and the stop string not counted); when the tokenizer
 has the 45 multiplication-fact tokens (:func:`lmkit.evaluation.mul_usage.mul_token_ids`: a
-``gpt2+mul`` tokenizer of the ``mul_tokens`` condition) also ``mul_token_count`` (generated
+``gpt2+mul`` tokenizer, either condition) also ``mul_token_count`` (generated
 ids in 50304..50348, over all responses, counted from the ids up to the stop) and
 ``mul_tokens_per_response`` (that count / ``total``), with ``n_mul_tokens`` per example
 (SEEDS_SPEC §1.2 "Mul-token accounting"); with

@@ -3,9 +3,12 @@
 A tokenizer *has mul tokens* when its added tokens include the 45 strings ``<MUL_a_b_c>``
 (``1 <= a <= b <= 9``, ``c = a·b``) at their ids 50304..50348
 (:mod:`lmkit.data.mul_tokens`: ``is_mul_id``, ``mul_token_string``). That is decided from
-the tokenizer itself, never from a run's name or config: a ``gpt2+mul`` tokenizer of the
-``mul_tokens`` condition has them; the ``baseline`` condition's tokenizer (where the
-strings are plain text) has none, so a baseline result carries no mul-token counts.
+the tokenizer itself, never from a run's name or config. A ``gpt2+mul`` tokenizer has them
+in both conditions (the ids exist in both models; in the ``baseline`` condition ``encode``
+leaves the strings as text, but a generated mul id still decodes to its string), so both
+conditions' results carry counts -- the baseline's are expected to be near 0, as in the seed,
+whose Hugging Face tokenizer had the tokens in both conditions. A plain ``gpt2`` tokenizer
+has none: no counts.
 
 Counts are taken from the generated ids (which :func:`lmkit.evaluation.generate.generate_ex`
 already cut at EOS), not by searching the decoded text: an id in the mul range counts once,
