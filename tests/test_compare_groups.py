@@ -24,7 +24,23 @@ from lmkit.compare_groups import (
 )
 from lmkit.errors import ConfigError
 
-from conftest import TINY_PRESET, run_cli
+from conftest import TINY_PRESET, run_cli, shared
+
+
+def _cli(*args: str, cwd: Path):
+    """``lmkit ARGS`` in this process (typer's runner), from folder ``cwd``."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from lmkit.cli import app
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(here)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -115,8 +131,8 @@ def test_plain_compare_calls_nothing_better_without_a_noise_estimate(tmp_path):
     near = verdicts["lm-eval:quiz.acc_norm"]
     assert near.better is None and near.p_value == pytest.approx(0.4795, abs=1e-4)
 
-    proc = run_cli("compare", "s1", "s2", "--no-plot", "--json-out", "r.json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc = _cli("compare", "s1", "s2", "--no-plot", "--json-out", "r.json", cwd=tmp_path)
+    assert proc.exit_code == 0, proc.output
     report = json.loads((tmp_path / "r.json").read_text())["comparison"]
     val = report["training"]["final_val_loss"]
     assert val["better"] is None and val["delta"]["s2"] == pytest.approx(-0.0027)
@@ -146,16 +162,16 @@ def test_group_errors_are_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--group b" in lines[0] and "nope" in lines[0] and "runs in runs/: a1, a2, b1" in lines[0]
-    both = run_cli("compare", "a1", "--group", "a=a1", "--group", "b=b1", "--no-plot", cwd=tmp_path)
-    assert both.returncode == 2 and len(both.stderr.strip().splitlines()) == 1
+    both = _cli("compare", "a1", "--group", "a=a1", "--group", "b=b1", "--no-plot", cwd=tmp_path)
+    assert both.exit_code == 2 and "not both" in both.output
 
 
 def test_single_run_groups_say_no_noise_estimate(tmp_path):
     runs = tmp_path / "runs"
     _hand_run(runs, "a1", {"final_val_loss": 3.2131})
     _hand_run(runs, "b1", {"final_val_loss": 3.2104})
-    proc = run_cli("compare", "--group", "base=a1", "--group", "mul=b1", "--no-plot", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc = _cli("compare", "--group", "base=a1", "--group", "mul=b1", "--no-plot", cwd=tmp_path)
+    assert proc.exit_code == 0, proc.output
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("│ val loss (final) "))
     assert "no noise estimate (n=1)" in line and "*" not in line
     assert "one run only" in proc.stdout
@@ -163,19 +179,24 @@ def test_single_run_groups_say_no_noise_estimate(tmp_path):
 
 @pytest.fixture(scope="module")
 def seed_runs(tmp_path_factory) -> Path:
-    """runs/{slow1, slow2, fast1, fast2}: tiny arithmetic runs, seeds 1 and 2, lr 1e-5 ("slow":
-    the loss barely moves) and 3e-3 ("fast"), 6 steps each."""
+    """runs/{slow1, slow2, fast1, fast2}: tiny char-level runs on 6,000 characters of Shakespeare,
+    seeds 1 and 2, lr 1e-5 ("slow": the loss barely moves) and 3e-3 ("fast"), 6 steps each."""
     from lmkit.config import build_run_config
     from lmkit.training.loop import train
 
     root = tmp_path_factory.mktemp("groups")
     preset = root / "tiny.yaml"
     preset.write_text(TINY_PRESET.format(pos="rope", steps=6, eval_interval=3, ckpt_interval=100))
-    for name, lr in (("slow", "1.0e-5"), ("fast", "3.0e-3")):
-        for seed in (1, 2):
-            flags = {"out_dir": ("--out-dir", str(root / "runs")), "name": ("--name", f"{name}{seed}"),
-                     "training.seed": ("--seed", seed)}
-            train(build_run_config(str(preset), [f"training.lr={lr}"], flags))
+    text = root / "shakespeare.txt"
+    text.write_text(shared("tinyshakespeare", "input.txt").read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:  # the autouse env fixture is per test
+        mp.setenv("LMKIT_CACHE_DIR", str(root / "cache"))
+        for name, lr in (("slow", "1.0e-5"), ("fast", "3.0e-3")):
+            for seed in (1, 2):
+                flags = {"out_dir": ("--out-dir", str(root / "runs")), "name": ("--name", f"{name}{seed}"),
+                         "training.seed": ("--seed", seed), "data.dataset": ("--data", str(text)),
+                         "data.tokenizer": ("--tokenizer", "char")}
+                train(build_run_config(str(preset), [f"training.lr={lr}"], flags))
     return root
 
 
@@ -184,9 +205,9 @@ def test_cli_groups_on_tiny_runs(seed_runs):
 
     root = seed_runs
     png, report_path = root / "fig" / "groups.png", root / "groups.json"
-    proc = run_cli("compare", "--group", "slow=slow1,slow2", "--group", "fast=fast1,fast2", "--out", str(png),
-                   "--json-out", str(report_path), cwd=root)
-    assert proc.returncode == 0, proc.stderr
+    proc = _cli("compare", "--group", "slow=slow1,slow2", "--group", "fast=fast1,fast2", "--out", str(png),
+                "--json-out", str(report_path), cwd=root)
+    assert proc.exit_code == 0, proc.output
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 5000
     summaries = {n: json.loads((root / "runs" / n / "summary.json").read_text())
@@ -209,16 +230,16 @@ def test_cli_groups_on_tiny_runs(seed_runs):
                                                          rel=1e-4)
     p = stats.ttest_ind(slow, fast, equal_var=False).pvalue
     assert row["welch_p_vs_base"]["fast"] == pytest.approx(p, rel=1e-9)
-    assert row["better"] == ("fast" if p < 0.05 and statistics.mean(fast) < statistics.mean(slow) else None)
-    assert (" *" in line) == (row["better"] is not None)
+    assert p < 0.05 and statistics.mean(fast) < statistics.mean(slow)  # lr 3e-3 vs 1e-5: a real difference
+    assert row["better"] == "fast" and " *" in line and "fast better" in line
     assert f"{p:.3g}" in line
     # the flat per-run report is there too, with the plain compare's honest verdicts
     assert set(report["runs"]) == {"slow1", "slow2", "fast1", "fast2"}
     assert report["comparison"]["training"]["final_val_loss"]["better"] is None
 
     # two seeds of the same preset, plain compare: the difference is shown, nobody is better
-    plain = run_cli("compare", "slow1", "slow2", "--no-plot", cwd=root)
-    assert plain.returncode == 0, plain.stderr
+    plain = _cli("compare", "slow1", "slow2", "--no-plot", cwd=root)
+    assert plain.exit_code == 0, plain.output
     val = next(ln for ln in plain.stdout.splitlines() if ln.startswith("│ val loss (final) "))
     assert "*" not in val and f"{slow[1] - slow[0]:+.4f}" in val
 
