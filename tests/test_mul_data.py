@@ -203,6 +203,16 @@ def test_a_streamed_source_goes_through_the_same_path(tmp_path, toks):
         docs[len(starts)].replace("* 7 = ", "").split(":")[0])
 
 
+def test_a_given_tokenizer_is_used_and_must_be_of_the_condition(jsonl, tmp_path, toks):
+    config = DataConfig(dataset=str(jsonl), tokenizer="gpt2+mul", condition="mul_tokens", cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match="data.condition=baseline"):
+        prepare_shards(load_text_source(config), config, lambda e: None, tokenizer=toks["baseline"])
+    shards, used = prepare_shards(load_text_source(config), config, lambda e: None, tokenizer=toks["mul_tokens"])
+    assert used is toks["mul_tokens"] and shards.stats["mul_tokens"] > 0
+    again, used_again = prepare_shards(load_text_source(config), config, lambda e: None, tokenizer=toks["mul_tokens"])
+    assert again.reused and used_again is toks["mul_tokens"]
+
+
 def test_data_condition_needs_gpt2_mul(jsonl, tmp_path):
     config = DataConfig(dataset=str(jsonl), tokenizer="gpt2", condition="mul_tokens", cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="gpt2\\+mul"):
