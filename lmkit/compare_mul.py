@@ -194,12 +194,31 @@ def mul_study_report(comparison: Any) -> dict[str, Any] | None:
     delta = comp.get("gsm8k", {}).get("delta")
     report["verdict"] = None if delta is None else ("IMPROVEMENT" if delta > 0 else "REGRESSION" if delta < 0
                                                     else "no difference")
+    if "gsm8k" in comp:
+        n = {role: _num(report[role]["gsm8k"].get("total")) for role in ROLES}
+        comp["gsm8k"]["p_value"] = two_proportion_p(acc["baseline"], n["baseline"], acc["mul_tokens"],
+                                                    n["mul_tokens"])
+        report["verdict_basis"] = ("the sign of the GSM8K accuracy delta, as the seed's summary; p_value: two-sided "
+                                   "two-proportion z-test (item-sampling noise only: one run per condition gives "
+                                   "no estimate of seed noise)")
     hs = {role: _hellaswag(r) for role, r in pair.items()}
     report["hellaswag"] = {**{role: hs[role] for role in ROLES},
                            "delta": _delta(*(None if hs[role] is None else hs[role]["acc_norm"] for role in ROLES))}
     report["data"] = _data_section(pair)
     report["training"] = _training_section(comparison, pair)
     return report
+
+
+def two_proportion_p(p1: float | None, n1: float | None, p2: float | None, n2: float | None) -> float | None:
+    """Two-sided p-value of the two-proportion z-test (unpooled standard error):
+    ``z = (p2 - p1) / sqrt(p1(1-p1)/n1 + p2(1-p2)/n2)``, ``p = erfc(|z| / sqrt 2)``; ``None``
+    without counts, ``1.0`` when both accuracies are 0 or 1 and equal."""
+    if None in (p1, n1, p2, n2) or not n1 or not n2:
+        return None
+    var = p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2
+    if var <= 0:
+        return 1.0 if p1 == p2 else 0.0
+    return math.erfc(abs(p2 - p1) / math.sqrt(var) / math.sqrt(2))
 
 
 def _usage(report: dict[str, Any], pair: dict[str, Any]) -> dict[str, Any]:
@@ -352,4 +371,9 @@ def render_mul_report(report: dict[str, Any]) -> list[str]:
         lines.append("RESULT: Mul-tokens condition shows REGRESSION on GSM8K")
     elif verdict == "no difference":
         lines.append("RESULT: No difference between conditions on GSM8K")
+    p = (gsm or {}).get("p_value")
+    if verdict is not None and p is not None:
+        within = "within" if p >= 0.05 else "beyond"
+        lines.append(f"  (the sign of Δ, as the seed's summary; two-proportion z-test p = {p:.3g}: {within} "
+                     "item-sampling noise; one run per condition gives no estimate of seed noise)")
     return lines

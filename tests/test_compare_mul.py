@@ -106,6 +106,11 @@ def test_report_follows_the_seed_shape_with_numbers_worked_out_by_hand(pair):
     assert comp["mul_token_usage"]["by_condition"]["mul_tokens"]["probes_by_category"] == {
         "mul_table": 12, "mul_multidigit": 2, "addition": 0}
     assert study["verdict"] == "IMPROVEMENT"
+    # unpooled two-proportion z-test, against scipy's normal tail
+    from scipy.stats import norm
+
+    z = 0.01 / (0.02 * 0.98 / 200 + 0.03 * 0.97 / 200) ** 0.5
+    assert comp["gsm8k"]["p_value"] == pytest.approx(2 * norm.sf(z))
     hs = study["hellaswag"]
     assert hs["baseline"]["acc_norm"] == 0.26 and hs["mul_tokens"]["step"] == 200
     assert hs["delta"] == pytest.approx(0.01)
@@ -133,15 +138,16 @@ def test_rendered_summary_names_the_verdict(pair, tmp_path):
     assert gsm.split()[-4:] == ["2.00%", "3.00%", "+1.00%", "(+50.0%)"]
     assert any("mul_table" in line and "9.88%" in line and "24.69%" in line for line in lines)
     assert any("token compression: 2,000 fewer tokens (2.00% reduction)" in line for line in lines)
-    assert lines[-1] == "RESULT: Mul-tokens condition shows IMPROVEMENT on GSM8K"
+    assert lines[-2] == "RESULT: Mul-tokens condition shows IMPROVEMENT on GSM8K"
+    assert "p = 0.522: within item-sampling noise" in lines[-1]
     _write_run(tmp_path / "r", "b", "baseline")
     _write_run(tmp_path / "r", "m", "mul_tokens", gsm_correct=2)
     worse = compare_runs(["b", "m"], tmp_path / "r").mul_report()
     assert worse["verdict"] == "REGRESSION"
-    assert render_mul_report(worse)[-1] == "RESULT: Mul-tokens condition shows REGRESSION on GSM8K"
+    assert render_mul_report(worse)[-2] == "RESULT: Mul-tokens condition shows REGRESSION on GSM8K"
     _write_run(tmp_path / "s", "b", "baseline")
     _write_run(tmp_path / "s", "m", "mul_tokens", gsm_correct=4)
-    assert render_mul_report(compare_runs(["b", "m"], tmp_path / "s").mul_report())[-1] == \
+    assert render_mul_report(compare_runs(["b", "m"], tmp_path / "s").mul_report())[-2] == \
         "RESULT: No difference between conditions on GSM8K"
 
 
