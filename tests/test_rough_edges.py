@@ -389,7 +389,7 @@ def test_help_lists_commands_in_experiment_order_one_line_each_without_bool_meta
     from lmkit.cli import app
 
     runner = CliRunner()
-    text = runner.invoke(app, ["--help"], env={"COLUMNS": "100", "TERMINAL_WIDTH": "100"}).stdout
+    text = runner.invoke(app, ["--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"}).stdout  # a classic terminal
     rows = [line for line in text.splitlines() if line.startswith("│ ")]
     commands = [row.split()[1] for row in rows if row.split()[1] in EXPERIMENT_ORDER]
     present = [c for c in EXPERIMENT_ORDER if c != "runs" or Path(__file__).parents[1].joinpath(

@@ -86,7 +86,7 @@ def _register(name: str, module: str, function: str, summary: str, epilog: str, 
 # In the order of an experiment. Command modules are light: torch and the rest load in their bodies.
 _register(
     "doctor", "doctor", "doctor_command",
-    "Check the machine and, with --preset, a model's parameters and memory.",
+    "Check the machine; with --preset, a model's size and memory.",
     "Examples:\n\n"
     "  lmkit doctor                                        # versions, GPUs, MPS, CPUs, RAM\n\n"
     "  lmkit doctor --json > doctor.json                   # for a bug report\n\n"
@@ -115,7 +115,7 @@ _register(
 )
 _register(
     "svd-analyze", "svd_analyze", "svd_analyze_command",
-    "Spectra, ranks and subspace changes of a run's weight matrices.",
+    "Spectra, ranks and subspace changes of a run's weights.",
     "Examples:\n\n"
     "  lmkit svd-analyze runs/d4-svd                         # every checkpoint, every matrix\n\n"
     "  lmkit svd-analyze d4-svd --layers 'transformer.h.0.attn.*' --checkpoint latest\n\n"
@@ -124,7 +124,7 @@ _register(
 )
 _register(
     "eval", "eval", "eval_command",
-    "Evaluate a run on a task (perplexity, arithmetic, HellaSwag, GSM8K, ...).",
+    "Evaluate a run on a task (perplexity, arithmetic, ...).",
     "Examples:\n\n"
     "  lmkit eval runs/pilot --task arithmetic --legacy-eos-metric   # exact match, flat vs paren\n\n"
     "  lmkit eval runs/tiny --task perplexity --data wiki.test.raw   # loss, perplexity, bits per byte\n\n"
@@ -133,7 +133,7 @@ _register(
 )
 _register(
     "export", "export", "export_command",
-    "Export a checkpoint to a verified Hugging Face folder or safetensors.",
+    "Export a checkpoint to a verified HF folder or safetensors.",
     "Examples:\n\n"
     "  lmkit export runs/pilot-20261121-101500 --to hf hf/pilot          # GPT-NeoX folder, verified\n\n"
     "  lmkit export runs/big --to hf hf/big --checkpoint step_0020000 --dtype bfloat16\n\n"
@@ -141,7 +141,7 @@ _register(
 )
 _register(
     "compare", "compare", "compare_command",
-    "Compare runs: a table of losses and eval metrics, and a PNG of the curves.",
+    "Compare runs: a table of metrics and a PNG of the curves.",
     "Examples:\n\n"
     "  lmkit compare baseline mul_tokens        # runs/baseline vs runs/mul_tokens\n\n"
     "  lmkit compare s1 s2 s3 --out fig/seeds.png\n\n"
@@ -150,7 +150,7 @@ _register(
 )
 _register(
     "runs", "runs", "runs_command",
-    "List the runs in a folder: status, steps, tokens, best val loss.",
+    "List the runs in a folder: status, steps, best val loss.",
     "Examples:\n\n"
     "  lmkit runs                                  # the runs under runs/\n\n"
     "  lmkit runs --out-dir experiments --json     # as JSON",
