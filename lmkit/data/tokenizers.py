@@ -263,11 +263,10 @@ class GPT2Tokenizer(Tokenizer):
 
         saved = directory / "gpt2.tiktoken"
         if saved.is_file():
-            return cls(tiktoken.load.load_tiktoken_bpe(str(saved)))
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=str(directory / "vocab.bpe"), encoder_json_file=str(directory / "encoder.json")
-        )
-        return cls(ranks)
+            return cls(_cached_ranks((saved,), lambda: tiktoken.load.load_tiktoken_bpe(str(saved))))
+        files = (directory / "vocab.bpe", directory / "encoder.json")
+        return cls(_cached_ranks(files, lambda: tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(files[0]), encoder_json_file=str(files[1]))))
 
     @classmethod
     def load_default(cls) -> GPT2Tokenizer:
@@ -335,6 +334,20 @@ class GPT2Tokenizer(Tokenizer):
 
     def _fingerprint(self) -> str:
         return "gpt2-r50k"
+
+
+_RANKS: dict[tuple, dict[bytes, int]] = {}
+
+
+def _cached_ranks(files: tuple[Path, ...], read: Any) -> dict[bytes, int]:
+    """``read()`` once per set of unchanged files (path, size, mtime): parsing GPT-2's merges
+    takes most of a second, and a run reads them for its data, its evaluations and exports."""
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _RANKS:
+        if len(_RANKS) >= 4:
+            _RANKS.pop(next(iter(_RANKS)))
+        _RANKS[key] = read()
+    return _RANKS[key]
 
 
 def _is_network_error(exc: BaseException) -> bool:
