@@ -23,7 +23,6 @@ from typer.testing import CliRunner
 from lmkit.errors import CheckpointError, DeviceError
 from lmkit.events import (
     DataProgress,
-    EvalResult,
     Notice,
     RunFinished,
     RunStarted,
