@@ -18,7 +18,7 @@ from conftest import shared
 
 BASE_PRESET = """\
 model: {{n_layer: 2, n_head: 2, n_embd: 32, d_ff: 64, block_size: 32, pos_encoding: learned, dropout: 0.0}}
-data: {{dataset: {data}, tokenizer: byte, val_fraction: 0.2}}
+data: {{dataset: {data}, tokenizer: bpe, bpe_vocab_size: 300, val_fraction: 0.2}}
 training: {{batch_size: 8, max_steps: 10, lr: 3.0e-3, warmup_steps: 2, warmup_form: "s/W", eval_interval: 5,
            eval_iters: 2, checkpoint_interval: 5, tensorboard: false, seed: 1, threads: 1}}
 """
@@ -40,7 +40,7 @@ def _restore_threads():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny trained run on Shakespeare (byte tokenizer, learned positions, 10 steps, evaluated
+    """A tiny trained run on Shakespeare (a BPE tokenizer trained on it, learned positions, 10 steps, evaluated
     and saved at 5 and 10) and a fine-tuning preset on other Shakespeare text."""
     root = tmp_path_factory.mktemp("init-from")
     mp = pytest.MonkeyPatch()
