@@ -81,7 +81,7 @@ class RunStarted(Event):
     compile: bool
     max_steps: int
     steps_per_epoch: int
-    tokens_per_step: int
+    tokens_per_step: int  # batch_size x grad_accum_steps x block_size: positions, padding included
     start_step: int = 0
     device_uuid: str | None = None  # CUDA: the device's UUID, to match it with NVML's GPUs
 
@@ -90,7 +90,7 @@ class RunStarted(Event):
 class StepMetrics(Event):
     """Training metrics at a logged optimizer step (means over the steps since the last log).
 
-    ``tokens`` counts input tokens seen so far (padding included for example batches);
+    ``tokens`` counts loss targets seen so far (padding and masked positions excluded);
     ``tok_per_s`` is over the last log interval; ``mfu`` is model FLOPs utilisation in
     [0, 1], ``None`` where the device's peak is unknown (CPU). On CUDA, PyTorch's caching
     allocator in GiB: ``gpu_mem_gb`` the peak allocated since the start
