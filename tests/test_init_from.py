@@ -163,3 +163,24 @@ def test_sft_gsm8k_is_the_original_recipe():
     assert (t.epochs, t.batch_size * t.grad_accum_steps, config.model.block_size) == (3, 32, 512)
     assert (t.weight_decay, t.betas, t.warmup_form, t.min_lr_ratio) == (0.01, (0.9, 0.999), "s/W", 0.0)
     assert config.data.dataset.endswith("gsm8k/train.jsonl")
+
+
+def test_an_sft_preset_on_a_mul_tokens_run_takes_its_condition_and_caps_block_size():
+    """merge_config alone, on a stand-in of a gpt2-mul-tiny run (learned positions, 128 long)."""
+    from lmkit.config import DataConfig, GPTConfig
+    from lmkit.data.tokenizers import ByteTokenizer
+    from lmkit.training.init_from import InitSource, merge_config
+
+    model = GPTConfig(n_layer=2, n_head=2, n_embd=64, d_ff=256, block_size=128, vocab_size=50349,
+                      activation="gelu_tanh", pos_encoding="learned")
+    source = InitSource(spec="runs/mul", kind="run", path="/runs/mul", model_config=model, state={},
+                        tokenizer=ByteTokenizer(), tokenizer_name="gpt2+mul", step=300,
+                        data_config=DataConfig(tokenizer="gpt2+mul", condition="mul_tokens", dataset="x.txt"))
+    config = build_run_config("sft-gsm8k")
+    notes = merge_config(config, source)
+    assert config.model == model  # 512 asked, 128 learned positions: capped, with a warning
+    assert any(level == "warning" and "using 128" in note for level, note in notes)
+    assert (config.data.tokenizer, config.data.condition, config.data.format) == ("gpt2+mul", "mul_tokens", "chat")
+    explicit = build_run_config("sft-gsm8k", ["data.condition=baseline", "model.dropout=0.1"])
+    merge_config(explicit, source)
+    assert explicit.data.condition == "baseline" and explicit.model.dropout == 0.1

@@ -281,6 +281,7 @@ def merge_config(config: RunConfig, source: InitSource) -> list[tuple[str, str]]
     """
     mine, theirs = config.model, source.model_config
     where = f"--init-from {source.spec}"
+    origin = f"preset {config.preset}" if config.preset else "the config"
     explicit = set(mine.model_fields_set)
     for key in sorted(explicit - FREE_MODEL_KEYS - {"block_size"}):
         if key not in type(theirs).model_fields:
@@ -288,9 +289,10 @@ def merge_config(config: RunConfig, source: InitSource) -> list[tuple[str, str]]
                               f"drop model.{key} (the architecture comes from the source)")
         if _effective(mine, key) != _effective(theirs, key):
             raise ConfigError(
-                f"model.{key}: the config gives {_effective(mine, key)!r} but {where} has "
-                f"{_effective(theirs, key)!r}; the architecture comes from the source -- drop model.{key} "
-                "from the preset / --set (only dropout and block_size may differ)")
+                f"model.{key}: {origin} gives {_effective(mine, key)!r} but {where} has "
+                f"{_effective(theirs, key)!r}; the architecture comes from the source: drop model.{key} from the "
+                "preset or --set (a fine-tuning preset such as sft-gsm8k names none; only dropout and block_size "
+                "may differ)")
     update = {k: getattr(mine, k) for k in explicit & FREE_MODEL_KEYS if k in type(theirs).model_fields}
     notes: list[tuple[str, str]] = [("info", source.describe())]
     learned = getattr(theirs, "pos_encoding", "learned") == "learned"
@@ -313,7 +315,7 @@ def merge_config(config: RunConfig, source: InitSource) -> list[tuple[str, str]]
     set_data = set(data.model_fields_set)
     if "tokenizer" in set_data and data.tokenizer != source.tokenizer_name:
         raise ConfigError(
-            f"data.tokenizer: the config gives {data.tokenizer!r} but {where} was trained with "
+            f"data.tokenizer: {origin} gives {data.tokenizer!r} but {where} was trained with "
             f"{source.tokenizer_name!r}; the source's tokenizer encodes the new data -- drop --tokenizer / "
             "data.tokenizer")
     try:

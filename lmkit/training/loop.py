@@ -22,6 +22,12 @@ policy; features add theirs with :meth:`Trainer.add_hook`.
 
 Stopping: SIGINT and SIGTERM finish the current step, save ``latest`` and exit 130 /
 143 (:mod:`lmkit.training.signals`). Non-finite steps: :mod:`lmkit.training.nan_guard`.
+
+Starting from trained weights (``init_from``: another run or a Hugging Face folder): the
+source is loaded and the config given its architecture and tokenizer before the run folder is
+claimed, the weights are copied in after the model is built, and the optimizer and schedule
+start fresh (:mod:`lmkit.training.init_from`). A resume of such a run continues it from its
+own checkpoint and ``tokenizer/`` folder.
 """
 
 from __future__ import annotations
