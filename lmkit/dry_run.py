@@ -108,6 +108,8 @@ def _train_bytes(config: RunConfig) -> tuple[int | None, str]:
     from lmkit.data import sources as src
 
     data = config.data
+    if _attr(data, "sources"):
+        return None, "a mixture of sources: its size is known once tokenised"
     if data.dataset in HUB_TRAIN_BYTES:
         return HUB_TRAIN_BYTES[data.dataset], f"the published size of {data.dataset}'s train split"
     path = Path(data.dataset).expanduser()
@@ -185,8 +187,9 @@ def _data_plan(config: RunConfig) -> dict[str, Any]:
     elif tokens is None and data.max_tokens is not None:
         tokens, how = data.max_tokens, "data.max_tokens (the token budget)"
     micro = None if tokens is None else max(1, tokens // (tcfg.batch_size * model.block_size))
-    return {"exact": False, "source": f"estimated from {how}" + (f" at ~{per_token:g} bytes/token"
-                                                                 if n_bytes is not None else ""),
+    source = (f"estimated from {how}" + (f" at ~{per_token:g} bytes/token" if n_bytes is not None else "")
+              if tokens is not None else how)
+    return {"exact": False, "source": source,
             "unit": "tokens", "train_size": tokens, "bytes": n_bytes, "bytes_per_token": per_token,
             "micro_per_epoch": micro, "vocab_size": vocab}
 

@@ -140,3 +140,15 @@ def test_missing_local_data_is_the_trainers_error(tmp_path):
     config = _config(tmp_path, TEXT_PRESET.replace("DATA", str(tmp_path / "nope.txt")).replace("epochs: 2", "max_steps: 5"))
     with pytest.raises(DataError, match="is not a file or folder"):
         plan_run(config)
+
+
+def test_mixture_plans_its_steps_without_a_size(tmp_path):
+    data = _corpus(tmp_path)
+    text = (TEXT_PRESET.replace("data: {dataset: DATA, tokenizer: byte}",
+                                f"data: {{dataset: mixture, tokenizer: byte, sources: [{{dataset: {data / 'train.txt'}}}, "
+                                f"{{dataset: {data / 'valid.txt'}}}]}}")
+            .replace("epochs: 2", "max_steps: 7"))
+    report = plan_run(_config(tmp_path, text))
+    assert report["data"]["train_size"] is None and report["data"]["exact"] is False
+    assert report["plan"]["max_steps"] == 7 and report["plan"]["total_tokens"] == 7 * 4 * 16
+    assert report["plan"]["epochs"] is None

@@ -160,9 +160,9 @@ def render_dry_run(report: dict[str, Any]) -> None:
                   f"T={mem['seq_len']}, {prec}, {mem['optimizer']}, gradient checkpointing "
                   f"{'on' if mem['grad_checkpointing'] else 'off'}): {_gib(mem['total_bytes'])} "
                   f"(peak allocated {_gib(mem['peak_allocated_bytes'])} + overhead {_gib(mem['overhead_bytes'])})\n")
-    size = f"{data['train_size']:,} {data['unit']}" if data["train_size"] is not None else "size unknown"
     mark = "" if data["exact"] else "~"
-    out.write(f"data: train {mark}{size} ({data['source']})\n")
+    size = f"{mark}{data['train_size']:,} {data['unit']}" if data["train_size"] is not None else "size unknown"
+    out.write(f"data: train {size} ({data['source']})\n")
     steps = plan["max_steps"]
     if steps is None:
         out.write("plan: unknown length (training.epochs needs the data's size; give --max-steps N)\n")
@@ -174,7 +174,7 @@ def render_dry_run(report: dict[str, Any]) -> None:
                   f"{plan['steps_per_epoch']:,} steps/epoch)" if plan["epochs"] is not None else "")
         out.write(f"plan: {est(plan['steps_exact'])}{steps:,} optimizer steps, {per}, "
                   f"{est(plan['steps_exact'])}{plan['total_tokens']:,} tokens{epochs}\n")
-        if not (plan["steps_exact"] and plan["epochs_exact"]):
+        if not plan["steps_exact"] or (plan["epochs"] is not None and not plan["epochs_exact"]):
             out.write("(~ = estimated from the data's size in bytes; exact once the token cache exists)\n")
     if report["gpu_only"]:
         out.write("note: the config requires a GPU (training.gpu_only): `lmkit train` without --dry-run exits 3 "
