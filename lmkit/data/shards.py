@@ -55,6 +55,7 @@ from lmkit.data.shard_rows import RowEncoder, ShardStats, batched, take_budget
 from lmkit.data.sources import TextSource
 from lmkit.data.synthetic import synthetic_drills
 from lmkit.data.token_bytes import ByteCountWriter
+from lmkit.data.tokenizer_mul import check_data_condition, expected_added
 from lmkit.data.tokenizers import AddedToken, Tokenizer, build_tokenizer, load_tokenizer
 from lmkit.errors import DataError
 from lmkit.events import DataProgress, Event
@@ -268,15 +269,15 @@ def prepare_shards(source: TextSource, config: DataConfig, emit: Callable[[Event
         missing = [t for t in added_tokens if t not in present]
         if missing:
             tokenizer.add_tokens(missing)
-        _check_condition(config, tokenizer.kind, getattr(tokenizer, "condition", None))
+        check_data_condition(config.condition, tokenizer.kind, getattr(tokenizer, "condition", None))
     else:
-        _check_condition(config, config.tokenizer, config.condition)
+        check_data_condition(config.condition, config.tokenizer)
     root = cache_root(config) / "tokens"
     directory = root / f"{_slug(config.dataset)}-{cache_key(source, config, added_tokens, tokenizer)}"
     shards = _load_existing(directory)
     if shards is not None:
         loaded = load_tokenizer(directory / "tokenizer")
-        expected = tokenizer.added_tokens if tokenizer is not None else _expected_added(config, added_tokens)
+        expected = tokenizer.added_tokens if tokenizer is not None else expected_added(config.tokenizer, added_tokens)
         if added_tokens_key(loaded.added_tokens) == added_tokens_key(tuple(expected)):
             return shards, (tokenizer if tokenizer is not None else loaded)
         # Only a hand-edited entry gets here (its tokenizer is not the one asked for): rebuild it.
@@ -311,28 +312,6 @@ def prepare_shards(source: TextSource, config: DataConfig, emit: Callable[[Event
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return TokenShards(directory, meta, reused=False), tokenizer
-
-
-def _check_condition(config: DataConfig, kind: str, tokenizer_condition: str | None) -> None:
-    """``data.condition`` goes with ``gpt2+mul`` and only with it (and with its own condition)."""
-    if kind == "gpt2+mul" and config.condition is None:
-        raise DataError("data.tokenizer gpt2+mul needs data.condition; set --set data.condition=mul_tokens "
-                        "(or baseline)")
-    if config.condition is not None and kind != "gpt2+mul":
-        raise DataError(f"data.condition {config.condition} needs data.tokenizer gpt2+mul, not {kind}; "
-                        "set --set data.tokenizer=gpt2+mul")
-    if tokenizer_condition is not None and tokenizer_condition != config.condition:
-        raise DataError(f"data.condition is {config.condition} but the tokenizer given is the "
-                        f"{tokenizer_condition} one; set --set data.condition={tokenizer_condition}")
-
-
-def _expected_added(config: DataConfig, added_tokens: tuple[AddedToken, ...]) -> tuple[AddedToken, ...]:
-    """The added tokens a freshly built ``data.tokenizer`` ends up with (built-in ones included)."""
-    if config.tokenizer != "gpt2+mul":
-        return added_tokens
-    from lmkit.data.tokenizer_mul import builtin_tokens
-
-    return (*builtin_tokens(), *added_tokens)
 
 
 def _load_existing(directory: Path) -> TokenShards | None:

@@ -48,6 +48,30 @@ def check_condition(condition: str | None) -> str:
     return condition
 
 
+def check_data_condition(condition: str | None, kind: str, tokenizer_condition: str | None = None) -> None:
+    """``data.condition`` goes with the ``gpt2+mul`` tokenizer and only with it; a given
+    ``gpt2+mul`` tokenizer (``tokenizer_condition``) must be of that condition.
+
+    Raises:
+        DataError: one line naming the setting to change.
+    """
+    if kind == KIND and condition is None:
+        raise DataError("data.tokenizer gpt2+mul needs data.condition; set --set data.condition=mul_tokens "
+                        "(or baseline)")
+    if condition is not None and kind != KIND:
+        raise DataError(f"data.condition {condition} needs data.tokenizer gpt2+mul, not {kind}; "
+                        "set --set data.tokenizer=gpt2+mul")
+    if tokenizer_condition is not None and tokenizer_condition != condition:
+        raise DataError(f"data.condition is {condition} but the tokenizer given is the "
+                        f"{tokenizer_condition} one; set --set data.condition={tokenizer_condition}")
+
+
+def expected_added(kind: str, added_tokens: tuple[AddedToken, ...]) -> tuple[AddedToken, ...]:
+    """The added tokens a freshly built tokenizer of ``kind`` ends up with when ``added_tokens``
+    are added to it (``gpt2+mul``'s own 92 first)."""
+    return (*builtin_tokens(), *added_tokens) if kind == KIND else tuple(added_tokens)
+
+
 class GPT2MulTokenizer(GPT2Tokenizer):
     """GPT-2 BPE + padding + mul tokens (50,349 ids) in the ``baseline`` or ``mul_tokens`` condition.
 
@@ -119,4 +143,5 @@ def load_mul_tokenizer(directory: Path, meta: dict[str, Any]) -> GPT2MulTokenize
     return tokenizer
 
 
-__all__ = ["KIND", "GPT2MulTokenizer", "builtin_tokens", "check_condition", "load_mul_tokenizer"]
+__all__ = ["KIND", "GPT2MulTokenizer", "builtin_tokens", "check_condition", "check_data_condition", "expected_added",
+           "load_mul_tokenizer"]
