@@ -170,24 +170,34 @@ training: {{batch_size: 4, max_steps: 3, lr: 1.0e-3, eval_interval: 3, eval_iter
 """
 
 
-def test_cli_trains_from_an_hf_folder(gpt2_dir, tmp_path):
+def test_cli_trains_from_an_hf_folder_and_resumes_without_it(gpt2_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "gpt2-copy"
+    shutil.copytree(gpt2_dir, folder)
     text = shared("tinyshakespeare", "input.txt").read_text(encoding="utf-8")[:6000]
     data = tmp_path / "shakespeare.txt"
     data.write_text(text, encoding="utf-8")
     preset = tmp_path / "ft.yaml"
     preset.write_text(FT_PRESET.format(data=data))
-    result = CliRunner().invoke(app, ["train", "--preset", str(preset), "--init-from", f"hf:{gpt2_dir}",
+    result = CliRunner().invoke(app, ["train", "--preset", str(preset), "--init-from", f"hf:{folder}",
                                       "--out-dir", str(tmp_path / "runs"), "--name", "ft", "--no-tui",
                                       "--threads", "1"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "ft"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["init_from"]["kind"] == "hf"
-    assert summary["init_from"]["path"] == str(gpt2_dir.resolve()) and summary["init_from"]["max_abs_diff"] < 1e-4
+    assert summary["init_from"]["path"] == str(folder.resolve()) and summary["init_from"]["max_abs_diff"] < 1e-4
     loaded = load_run(run, "latest")
-    assert loaded.config.init_from == f"hf:{gpt2_dir}"
+    assert loaded.config.init_from == f"hf:{folder}"
     assert (loaded.config.model.n_embd, loaded.config.model.vocab_size) == (32, 50257)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(gpt2_dir), local_files_only=True)
     sample = text[:200]
     assert loaded.tokenizer.encode(sample) == hf_tok(sample, add_special_tokens=False)["input_ids"]
     assert "init_from" in (run / "events.jsonl").read_text()
+    # the fine-tune resumes itself: the HF folder is no longer needed
+    shutil.rmtree(folder)
+    result = CliRunner().invoke(app, ["resume", str(run), "--max-steps", "5", "--no-tui", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["steps"] == 5 and resumed["init_from"] == summary["init_from"]
