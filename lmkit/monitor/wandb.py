@@ -119,6 +119,7 @@ class WandbWriter:
             "name": tcfg.wandb_run_name or run.name,
             "id": run_id,
             "resume": "allow",
+            "allow_val_change": True,  # a resume may change allowed keys (training.max_steps ...)
             "config": cfg.model_dump(mode="json"),
         }
         if not os.environ.get("WANDB_DIR"):
