@@ -14,6 +14,12 @@ lmkit's own ``encode`` (checked on the run's validation text by the export's ver
   otherwise ``vocab.json`` + ``merges.txt`` derived from the run's own tiktoken ranks; a
   ``tokenizer.json`` is built from them with GPT-2's byte-level pre-tokenizer.
 
+* ``gpt2+mul`` (the multiplication-tokens study) -- the ``gpt2`` files, plus per condition
+  (:func:`_hf_added_tokens`): ``mul_tokens`` gets the 47 ``<|padding_i|>`` and the 45
+  ``<MUL_a_b_c>`` strings at 50257..50348 as non-special added tokens (the seed's
+  ``add_tokens``: ``skip_special_tokens=True`` keeps them; length 50,349); ``baseline`` gets
+  none (its model was trained on the strings as plain text), unless ``legacy_hf_tokenizer``.
+
 Special tokens are registered as added tokens, so a Hugging Face tokenizer turns the literal
 text ``<|endoftext|>`` (or ``<EOS>`` for ``char``) into its special id, where lmkit's
 ``encode`` spells it out character by character. That is the only difference, and
