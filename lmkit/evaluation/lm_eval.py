@@ -13,7 +13,8 @@ each ``metric,filter`` key of the harness becomes ``metric`` (filter ``none``) o
 ``N/A`` is dropped). Directions come from the harness's ``higher_is_better``; standard errors
 have none. The headline is ``acc_norm`` when the task reports it, else the first metric the
 task lists. ``--limit N`` is the harness's ``limit``, ``--fewshot K`` its ``num_fewshot``,
-``--seed S`` its ``fewshot_random_seed``.
+``--seed S`` its ``fewshot_random_seed`` (and the sampling seed), ``--max-new-tokens N`` the
+``max_gen_toks`` of generation tasks (which must leave room for a prompt in ``block_size``).
 
 Offline: while the harness runs, ``datasets`` and ``huggingface_hub`` are switched to offline
 mode when the hub cannot be reached (the same probe as lmkit's own hub data), so a local task
@@ -205,6 +206,8 @@ def evaluate(ctx: EvalContext, task_name: str) -> TaskResult:
             kwargs["num_fewshot"] = int(ctx.options["fewshot"])
         if seed is not None:
             kwargs["fewshot_random_seed"] = int(seed)
+        if ctx.options.get("max_new_tokens") is not None:
+            kwargs["gen_kwargs"] = {"max_gen_toks": int(ctx.options["max_new_tokens"])}
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=[task_name], task_manager=manager, limit=ctx.limit,
                                           log_samples=True, **kwargs)

@@ -174,8 +174,6 @@ class LmkitLM(LM):
         Raises:
             DataError: ``max_gen_toks`` leaves no room for a prompt in ``block_size``.
         """
-        from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
-
         from lmkit.evaluation.generate import generate_ex
 
         total = len(requests)
@@ -187,14 +185,14 @@ class LmkitLM(LM):
         done = 0
         self.progress(0, total)
         for indices in by_kwargs.values():
-            kwargs = normalize_gen_kwargs(dict(args[indices[0]][1] or {}), DEFAULT_MAX_GEN_TOKS)
+            kwargs = _normalize(dict(args[indices[0]][1] or {}))
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else [u for u in until if u]
             max_gen = int(kwargs.pop("max_gen_toks"))
             room = self.block_size - max_gen
             if room < 1:
                 raise DataError(f"lm-eval generate_until: max_gen_toks {max_gen} leaves no room for a prompt in "
-                                f"block_size {self.block_size}")
+                                f"block_size {self.block_size}; pass a smaller --max-new-tokens")
             temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
             top_k = kwargs.get("top_k")
             generator = None
@@ -206,7 +204,10 @@ class LmkitLM(LM):
                               batch_size=self.batch_size, stop_strings=until or None,
                               decode=self.tokenizer.decode if until else None)
             for i, tokens in zip(indices, gen.tokens, strict=True):
-                out[i] = postprocess_generated_text(self.tokenizer.decode(tokens), until, None)
+                text = self.tokenizer.decode(tokens)
+                for term in until:  # the harness's postprocess_generated_text: cut at each stop string
+                    text = text.split(term)[0]
+                out[i] = text
             done += len(indices)
             self.progress(done, total)
         return out  # type: ignore[return-value]
@@ -217,3 +218,22 @@ class LmkitLM(LM):
     def tokenizer_name(self) -> str:
         fingerprint = getattr(self.tokenizer, "fingerprint", None)
         return f"lmkit-{fingerprint()}" if callable(fingerprint) else "lmkit"
+
+
+def _normalize(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The harness's generation kwargs with ``max_gen_toks`` resolved (aliases ``max_new_tokens``,
+    ``max_tokens``, ``max_completion_tokens``; default :data:`DEFAULT_MAX_GEN_TOKS`) and
+    ``temperature`` 0 unless ``do_sample`` (``lm_eval.models.utils.normalize_gen_kwargs`` where
+    the installed harness has it, this rule otherwise)."""
+    try:
+        from lm_eval.models.utils import normalize_gen_kwargs
+    except ImportError:  # harness versions before it existed
+        out = dict(gen_kwargs)
+        sizes = [out.pop(k, None) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")]
+        out["max_gen_toks"] = int(next((v for v in sizes if v is not None), DEFAULT_MAX_GEN_TOKS))
+        temperature = float(out.get("temperature") or 0.0)
+        out.setdefault("do_sample", temperature > 0)
+        if not out["do_sample"]:
+            out["temperature"] = 0.0
+        return out
+    return dict(normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS))
