@@ -23,6 +23,14 @@ from lmkit.training.init_from import load_init_source  # noqa: E402
 from lmkit.training.loop import train  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    """The runs here train on one thread (fast on a loaded machine); give the others theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def _scaled(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random weights large enough that a wrong mapping moves the logits far beyond 1e-4."""
     gen = torch.Generator().manual_seed(seed)
@@ -129,7 +137,6 @@ def lmkit_runs(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("LMKIT_CACHE_DIR", str(root / "cache"))
     out = {}
-    threads = torch.get_num_threads()
     quick = ["training.threads=1", "training.tensorboard=false", "training.eval_at_start=false"]
     for name, pos, sets in (("learned", "learned", ["model.activation=gelu_tanh"]),
                             ("rotary", "rope", ["model.attn_bias=false", "model.tie_embeddings=false",
@@ -140,7 +147,6 @@ def lmkit_runs(tmp_path_factory):
                                {"out_dir": ("--out-dir", str(root)), "name": ("--name", name)}))
         out[name] = root / name
     yield out
-    torch.set_num_threads(threads)
     mp.undo()
 
 
