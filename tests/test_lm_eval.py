@@ -46,6 +46,27 @@ metric_list:
 metadata:
   version: 1.0
 """
+GSM8K_YAML = """\
+task: gsm8k_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: generate_until
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer.split('####')[-1].strip()}}}}"
+generation_kwargs:
+  until: ["Question:"]
+  max_gen_toks: 16
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
 # the harness's tasks/hellaswag/utils.py, for a file with ``ctx`` instead of ctx_a/ctx_b
 TASK_UTILS = '''\
 import re
@@ -92,6 +113,7 @@ def gpt2_run(tmp_path_factory) -> Path:
     tasks.mkdir()
     (tasks / "hellaswag_local.yaml").write_text(TASK_YAML.format(data=data))
     (tasks / "utils.py").write_text(TASK_UTILS)
+    (tasks / "gsm8k_local.yaml").write_text(GSM8K_YAML.format(data=shared("gsm8k", "test.jsonl")))
     return root
 
 
@@ -135,6 +157,32 @@ def test_harness_hellaswag_equals_lmkit_hellaswag(gpt2_run):
 
     run = load_run_data(RunDir(root / "runs" / "hs"))  # what `lmkit compare` reads
     assert run.evals["lm-eval:hellaswag_local"]["metrics"]["acc_norm"] == m["acc_norm"]
+
+
+def test_a_local_generation_task_runs_on_lmkits_decoder(gpt2_run):
+    """generate_until through the harness (a local GSM8K task, 3 items): each response is lmkit's
+    greedy KV-cache generation of the harness's prompt (cut at the task's stop string; the 3-step
+    model writes newlines, which is why the task stops only at "Question:")."""
+    from lmkit.evaluation.generate import generate_ex
+    from lmkit.evaluation.task import EvalContext, get_task
+    from lmkit.runs import load_run
+
+    root = gpt2_run
+    loaded = load_run(root / "runs" / "hs", "best")
+    ctx = EvalContext(model=loaded.model, tokenizer=loaded.tokenizer, config=loaded.config,
+                      run_dir=root / "runs" / "hs", device=torch.device("cpu"), step=loaded.step, limit=3,
+                      options={"include_path": str(root / "tasks")})
+    result = get_task("lm-eval:gsm8k_local")(ctx)
+    assert result.task == "lm-eval:gsm8k_local" and result.n_items == 3 and result.headline == "exact_match"
+    assert result.metrics["exact_match"] == 0.0 and result.directions["exact_match"] == "higher"
+    rows = [json.loads(line) for line in shared("gsm8k", "test.jsonl").read_text().splitlines()[:3]]
+    prompts = [loaded.tokenizer.encode(f"Question: {r['question']}\nAnswer:")[-(128 - 16):] for r in rows]
+    gen = generate_ex(loaded.model, prompts, max_new_tokens=16, eos_id=loaded.tokenizer.eos_id)
+    expected = [loaded.tokenizer.decode(t).split("Question:")[0] for t in gen.tokens]
+    got = {e["doc_id"]: e["resps"][0] for e in result.details["examples"]}
+    assert [got[i] for i in range(3)] == expected and any(expected)
+    assert [e["target"] for e in sorted(result.details["examples"], key=lambda e: e["doc_id"])] == \
+        [r["answer"].split("####")[-1].strip() for r in rows]
 
 
 def _char_model(block_size: int = 8, seed: int = 0) -> tuple[GPT, CharTokenizer]:
