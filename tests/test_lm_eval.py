@@ -288,3 +288,21 @@ def test_missing_harness_is_one_config_error_line(monkeypatch):
         task.evaluate(SimpleNamespace(options={}), "hellaswag")
     message = str(err.value)
     assert "pip install 'lmkit[lm-eval]'" in message and "\n" not in message
+
+
+def test_unknown_task_is_one_config_error_line_with_the_closest_names(monkeypatch, tmp_path):
+    import lm_eval.tasks
+
+    from lmkit.evaluation import lm_eval as task
+
+    class FakeManager:  # the real index of ~15,000 built-in YAML files takes ~10 s to build
+        def __init__(self, include_path=None, include_defaults=True):
+            self.all_tasks = ["hellaswag", "hellaswag_local"] if include_defaults else ["hellaswag_local"]
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeManager)
+    ctx = SimpleNamespace(options={"include_path": str(tmp_path)})
+    with pytest.raises(ConfigError) as err:
+        task.evaluate(ctx, "helaswag_local")
+    message = str(err.value)
+    assert message.startswith("--task lm-eval:helaswag_local: no such lm-evaluation-harness task")
+    assert "did you mean hellaswag_local" in message and "\n" not in message
