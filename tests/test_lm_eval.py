@@ -306,3 +306,18 @@ def test_unknown_task_is_one_config_error_line_with_the_closest_names(monkeypatc
     message = str(err.value)
     assert message.startswith("--task lm-eval:helaswag_local: no such lm-evaluation-harness task")
     assert "did you mean hellaswag_local" in message and "\n" not in message
+
+
+def test_harness_result_keys_become_metric_names_with_directions():
+    from lmkit.evaluation.lm_eval import _directions, harness_metrics
+
+    block = {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.05,
+             "exact_match,flexible-extract": 0.5, "exact_match_stderr,flexible-extract": "N/A",
+             "acc,none": 0.5, "acc_norm,none": 0.4, "word_perplexity,none": 30.0, "samples": 8}
+    metrics = harness_metrics(block)
+    assert metrics == {"exact_match_strict-match": 0.25, "exact_match_strict-match_stderr": 0.05,
+                       "exact_match_flexible-extract": 0.5, "acc": 0.5, "acc_norm": 0.4, "word_perplexity": 30.0}
+    directions = _directions(metrics, {"exact_match": True, "acc": True, "acc_norm": False, "word_perplexity": False})
+    assert directions == {"exact_match_strict-match": "higher", "exact_match_strict-match_stderr": "neither",
+                          "exact_match_flexible-extract": "higher", "acc": "higher", "acc_norm": "lower",
+                          "word_perplexity": "lower"}

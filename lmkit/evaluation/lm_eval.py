@@ -128,7 +128,8 @@ def _directions(metrics: dict[str, float], higher: dict[str, Any]) -> dict[str, 
         if name.endswith("_stderr"):
             out[name] = "neither"
             continue
-        base = next((m for m in higher if name == m or name.startswith(f"{m}_")), None)
+        prefixes = [m for m in higher if name == m or name.startswith(f"{m}_")]
+        base = max(prefixes, key=len) if prefixes else None  # acc_norm_x: acc_norm's, not acc's
         if base is not None and higher[base] is not None:
             out[name] = "higher" if higher[base] else "lower"
         else:
