@@ -30,6 +30,7 @@ seeds: it says whether these two checkpoints differ, not whether their recipes d
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,9 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
         return None
     if max(a) == min(a) and max(b) == min(b):
         return None
-    p = float(stats.ttest_ind(list(a), list(b), equal_var=False).pvalue)
+    with warnings.catch_warnings():  # scipy warns on nearly identical data; the library never prints
+        warnings.simplefilter("ignore")
+        p = float(stats.ttest_ind(list(a), list(b), equal_var=False).pvalue)
     return p if math.isfinite(p) else None
 
 
@@ -236,7 +239,9 @@ def compare_groups(specs: Sequence[str], out_dir: str | Path = "runs") -> GroupC
 def _group_row(row: Row, member: Sequence[int], n_groups: int) -> GroupRow:
     values = [[row.values[i] for i in range(len(member)) if member[i] == g] for g in range(n_groups)]
     stats = [describe(v) for v in values]
-    p_values: list[float | None] = [None] + [welch_p(stats[0].values, s.values) for s in stats[1:]]
+    p_values: list[float | None] = [None] * n_groups
+    if row.kind not in ("text", "step"):
+        p_values[1:] = [welch_p(stats[0].values, s.values) for s in stats[1:]]
     return GroupRow(row=row, stats=stats, p_values=p_values, verdict=group_verdict(row, stats))
 
 

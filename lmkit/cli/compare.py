@@ -278,6 +278,8 @@ def build_group_table(result: GroupComparison) -> Table:
                 cells.append(Text(""))
             else:
                 shown = format_stats(stats.mean, stats.std, row.kind)
+                if 0 < stats.n < len(result.groups[g][1]):  # some runs lack this row
+                    shown += f" (n={stats.n})"
                 cells.append(Text(shown + (" *" if g == best else "  "), style=BEST_STYLE if g == best else ""))
                 ci = stats.ci
                 cells.append(Text(f"[{format_value(ci[0], row.kind)}, {format_value(ci[1], row.kind)}]"
