@@ -210,6 +210,13 @@ def plan_run(config: RunConfig) -> dict[str, Any]:
         ConfigError / DataError: what training would report for the same input (a missing
             file, an undecodable one); a hub data set is never downloaded here.
     """
+    init_notes: list[str] = []
+    if config.init_from:  # the architecture comes from the source (as the trainer does it)
+        from lmkit.training.init_from import load_init_source, merge_config
+
+        config = config.model_copy(deep=True)
+        init_notes = [message for _, message in merge_config(config, load_init_source(config.init_from,
+                                                                                       out_dir=config.out_dir))]
     tcfg, model = config.training, config.model
     data = _data_plan(config)
     accum = tcfg.grad_accum_steps
@@ -230,7 +237,7 @@ def plan_run(config: RunConfig) -> dict[str, Any]:
     vocab = data.get("vocab_size")
     return {"config": config.model_dump(mode="json"), "yaml": config.to_yaml(), "params": _count_params(config, vocab),
             "memory": _memory(config, vocab), "data": {k: v for k, v in data.items() if k != "vocab_size"},
-            "plan": plan, "gpu_only": bool(tcfg.gpu_only)}
+            "plan": plan, "gpu_only": bool(tcfg.gpu_only), "notes": init_notes}
 
 
 __all__ = ["BYTES_PER_TOKEN", "HUB_TRAIN_BYTES", "local_fingerprint", "plan_run"]

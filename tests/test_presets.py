@@ -14,6 +14,8 @@ EXPECTED = {
     "small": 44_909_056,
     "medium": 124_439_808,
     "gpt2-124m": 124_475_904,
+    "gpt2-124m-mul": 124_510_464,  # vocab 50,349: 45 x 768 more rows than gpt2-124m's 50,304
+    "gpt2-mul-tiny": 3_330_624,
     "transformer-europarl": 202_819_968,
     "nanochat-d4": 36_700_160,  # nanochat's depth 4 (SEEDS_SPEC 2.1; 2·65536·256 + 4·(4·256² + 2·256·1024))
     # SEEDS_SPEC 4.2: the d40efde model's count, checked there term by term; the paper-style
@@ -24,8 +26,12 @@ EXPECTED = {
 }
 
 
+#: presets whose architecture comes from the run they fine-tune (``init_from``): no count of their own.
+FINE_TUNING = {"sft-gsm8k", "sft-tulu"}
+
+
 def test_every_shipped_preset_is_checked():
-    assert set(available_presets()) == set(EXPECTED)
+    assert set(available_presets()) == set(EXPECTED) | FINE_TUNING
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -48,6 +54,10 @@ REPRODUCES = {
     "medium": ("oonisim/python-programs", "WikiText GPT preset"),
     "transformer-europarl": ("kavyavenk/multilingual-backpacks", "Backpack vs Transformer"),
     "gpt2-124m": ("zhengpu-berkeley/domain-token-gpt2", "multiplication-tokens"),
+    "gpt2-124m-mul": ("zhengpu-berkeley/domain-token-gpt2", "multiplication-tokens"),
+    "gpt2-mul-tiny": ("zhengpu-berkeley/domain-token-gpt2", "multiplication-tokens"),
+    "sft-gsm8k": ("zhengpu-berkeley/domain-token-gpt2", "multiplication-tokens"),
+    "sft-tulu": ("zhengpu-berkeley/domain-token-gpt2", "multiplication-tokens"),
     "nanochat-d4": ("nsivraj/slurm-nanochat", "adaptive SVD"),
     "backpack-europarl": ("kavyavenk/multilingual-backpacks", "Backpack vs Transformer"),
     "backpack-europarl-legacy": ("kavyavenk/multilingual-backpacks", "Backpack vs Transformer"),
@@ -56,11 +66,13 @@ REPRODUCES = {
 # The warmup each original uses (SEEDS_SPEC 3.4 and 5.2: LambdaLR s/W; 1.8: nanoGPT's (s+1)/W).
 WARMUP_FORM = {"pilot": "s/W", "scale_10m": "s/W", "tiny": "s/W", "small": "s/W", "medium": "s/W",
                "gpt2-124m": "(s+1)/W", "transformer-europarl": "(s+1)/W",
-               "nanochat-d4": "(s+1)/W", "backpack-europarl": "(s+1)/W", "backpack-europarl-legacy": "(s+1)/W",
-               "backpack-tiny": "(s+1)/W"}  # nanochat's (it + 1) / warmup_iters (no warmup in the preset)
+               "nanochat-d4": "(s+1)/W",  # nanochat's (it + 1) / warmup_iters (no warmup in the preset)
+               "backpack-europarl": "(s+1)/W", "backpack-europarl-legacy": "(s+1)/W",
+               "backpack-tiny": "(s+1)/W", "gpt2-124m-mul": "(s+1)/W", "gpt2-mul-tiny": "(s+1)/W",
+               "sft-gsm8k": "s/W", "sft-tulu": "s/W"}  # the SFT stages: HF Trainer's linear warmup
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) | FINE_TUNING))
 def test_preset_names_the_public_work_it_reproduces(name):
     import re
 
@@ -76,7 +88,7 @@ def test_preset_names_the_public_work_it_reproduces(name):
     assert re.search(r"seed[- ]?0\d\d|seed's", text, re.IGNORECASE) is None
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) | FINE_TUNING))
 def test_preset_sets_its_warmup_form_explicitly(name):
     import yaml
 

@@ -18,7 +18,8 @@ _PRESETS = ", ".join(available_presets())
 
 @handle_errors
 def train_command(
-    preset: str = typer.Option("pilot", "--preset", "-p", help=f"Preset name ({_PRESETS}) or a YAML path."),
+    preset: str = typer.Option(None, "--preset", "-p", help=f"Preset name ({_PRESETS}) or a YAML path "
+                               "(default: pilot; none with --init-from: the source's architecture)."),
     data: str = typer.Option(None, "--data", help="'arithmetic', a local file or folder, or a hub name "
                              "(wikitext-2-raw-v1, wikitext-103-raw-v1, fineweb-edu, europarl)."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="char, byte, bpe, gpt2 or hf:NAME_OR_PATH."),
@@ -55,6 +56,8 @@ def train_command(
     tokenizer/, summary.json)."""
     from lmkit.config import build_run_config
 
+    if preset is None and not init_from:
+        preset = "pilot"  # with --init-from and no preset: defaults, and the source's architecture
     if fp16 and bf16:
         raise ConfigError("--fp16 and --bf16: choose one precision")
 
@@ -176,6 +179,8 @@ def render_dry_run(report: dict[str, Any]) -> None:
                   f"{est(plan['steps_exact'])}{plan['total_tokens']:,} tokens{epochs}\n")
         if not plan["steps_exact"] or (plan["epochs"] is not None and not plan["epochs_exact"]):
             out.write("(~ = estimated from the data's size in bytes; exact once the token cache exists)\n")
+    for note in report.get("notes", []):
+        out.write(f"init_from: {note}\n")
     if report["gpu_only"]:
         out.write("note: the config requires a GPU (training.gpu_only): `lmkit train` without --dry-run exits 3 "
                   "on a machine without CUDA\n")

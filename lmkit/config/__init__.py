@@ -592,6 +592,8 @@ class RunConfig(_Strict):
     # Start from another run's weights (``RUN[:CHECKPOINT]``) or a Hugging Face model
     # (``hf:PATH_OR_NAME``) with a fresh optimizer and schedule (lmkit.training.init_from).
     init_from: str | None = None
+    # What init_from resolved to when the run started (path, checkpoint, step, tokenizer fingerprint...).
+    init_source: dict[str, Any] | None = None
 
     @field_validator("name")
     @classmethod

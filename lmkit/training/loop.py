@@ -122,7 +122,7 @@ class Trainer:
         cfg = self.config
         tcfg = cfg.training
         self._apply_threads()
-        self.plan: DevicePlan = plan_device(tcfg)
+        self.plan: DevicePlan = plan_device(tcfg, preset=self.config.preset)
         resume_state: dict[str, Any] | None = None
         if self.resume_dir is not None:
             self.run = RunDir(self.resume_dir)
