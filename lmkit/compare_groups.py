@@ -158,14 +158,18 @@ class GroupComparison:
 
     def to_report(self) -> dict[str, Any]:
         """The ``groups`` block of the JSON report: the groups' runs, and per row key the label,
-        direction, per-group stats (n, mean, std, ci95, values), the Welch p-value of each
+        direction, per-group stats (n, mean, std, ci95, values, per_run), the Welch p-value of each
         group against the base and the verdict."""
         names = self.names
+        index = {name: i for i, name in enumerate(self.flat.names)}
         rows: dict[str, Any] = {}
         for g in self.rows:
+            stats = {}
+            for (name, runs), s in zip(self.groups, g.stats, strict=True):
+                stats[name] = {**s.to_dict(), "per_run": {r: g.row.values[index[r]] for r in runs}}
             rows[g.row.key] = {
                 "label": g.row.label.strip(), "section": g.row.section, "lower_is_better": g.row.lower_is_better,
-                "stats": {name: s.to_dict() for name, s in zip(names, g.stats, strict=True)},
+                "stats": stats,
                 "welch_p_vs_base": {name: p for name, p in zip(names[1:], g.p_values[1:], strict=True)},
                 "better": names[g.verdict.better] if g.verdict.better is not None else None,
                 "basis": g.verdict.basis,

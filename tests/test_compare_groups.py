@@ -225,6 +225,7 @@ def test_cli_groups_on_tiny_runs(seed_runs):
     row = report["groups"]["rows"]["final_val_loss"]
     assert report["groups"]["runs"] == {"slow": ["slow1", "slow2"], "fast": ["fast1", "fast2"]}
     assert row["stats"]["fast"]["mean"] == pytest.approx(statistics.mean(fast))
+    assert row["stats"]["slow"]["per_run"] == {"slow1": slow[0], "slow2": slow[1]}
     half = 12.7062 * statistics.stdev(fast) / math.sqrt(2)  # t(0.975, 1)
     assert row["stats"]["fast"]["ci95"] == pytest.approx([statistics.mean(fast) - half, statistics.mean(fast) + half],
                                                          rel=1e-4)
