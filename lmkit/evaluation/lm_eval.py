@@ -16,6 +16,20 @@ task lists. ``--limit N`` is the harness's ``limit``, ``--fewshot K`` its ``num_
 ``--seed S`` its ``fewshot_random_seed`` (and the sampling seed), ``--max-new-tokens N`` the
 ``max_gen_toks`` of generation tasks (which must leave room for a prompt in ``block_size``).
 
+A local task is a YAML file in the ``--include-path`` folder, e.g. HellaSwag from a JSONL
+file (with a ``utils.py`` beside it holding the harness's ``process_docs``)::
+
+    task: hellaswag_local
+    dataset_path: json
+    dataset_kwargs: {data_files: {validation: /data/hellaswag_val.jsonl}}
+    output_type: multiple_choice
+    validation_split: validation
+    process_docs: !function utils.process_docs
+    doc_to_text: "{{query}}"
+    doc_to_target: "{{gold}}"
+    doc_to_choice: "choices"
+    metric_list: [{metric: acc}, {metric: acc_norm}]
+
 Offline: while the harness runs, ``datasets`` and ``huggingface_hub`` are switched to offline
 mode when the hub cannot be reached (the same probe as lmkit's own hub data), so a local task
 (``dataset_path: json`` + ``dataset_kwargs.data_files``) never waits on the network; the
