@@ -110,7 +110,7 @@ def test_evaluate_reports_overall_and_per_category(run_dir):
     assert result.metrics["accuracy"] == correct / 281
     for cat in CATEGORIES:
         assert result.metrics[f"acc_{cat}"] == per_cat[cat]["correct"] / per_cat[cat]["total"]
-    assert result.details["extraction"] == "first_number" and not result.notes
+    assert result.details["extraction"] == "first_number" and result.notes[0].startswith("answers read with first_number")
     assert all(len(r["response"]) > 0 for r in rows)
 
     legacy = evaluate(_ctx(loaded, batch_size=64, limit=81, options={"legacy_last_number": True},
