@@ -167,7 +167,7 @@ def test_json_comparison_block_follows_seed_004(root, cli_base_other):
     delta = acc["other"] - acc["base"]
     assert probes["delta"]["other"] == pytest.approx(delta)
     assert probes["relative_improvement"]["other"] == pytest.approx(delta / acc["base"])
-    assert probes["better"] == "other"
+    assert probes["better"] is None and probes["better_basis"].startswith("no noise estimate")  # one run per side
     cats = comp["arithmetic-probes_by_category"]
     assert set(cats) == {"mul_table", "mul_multidigit", "addition"}
     for cat, entry in cats.items():
@@ -186,7 +186,7 @@ def test_json_comparison_block_follows_seed_004(root, cli_base_other):
     assert val["values"] == {n: pytest.approx(s[n]["final_val_loss"]) for n in s}
     assert val["delta"]["other"] == pytest.approx(d)
     assert val["relative_improvement"]["other"] == pytest.approx(-d / s["base"]["final_val_loss"])
-    assert val["better"] == ("other" if d < 0 else "base")
+    assert val["better"] is None  # two seeds, one run each: no noise estimate
     assert comp["training"]["params"]["values"] == {"base": s["base"]["params"], "other": s["other"]["params"]}
 
     ppl = {n: _read(root, n, "eval", "perplexity.json")["metrics"] for n in ("base", "other")}
@@ -219,7 +219,10 @@ def test_better_value_follows_the_metric_direction(root):
         assert comp.row(key).best_index is None, key
     assert comp.row("hellaswag.acc_norm").best_index == 1  # 0.30 > 0.28 at the last checkpoint
 
-    table = build_table(comp)
+    from lmkit.compare_groups import Verdict
+
+    assert "*" not in "".join(str(c) for col in build_table(comp).columns for c in col._cells)  # no noise estimate
+    table = build_table(comp, {row.key: Verdict(row.best_index, None, "given") for row in comp.rows})
     labels = [str(c) for c in table.columns[0]._cells]
     r = labels.index("accuracy (headline)")
     base_cell, other_cell = table.columns[1]._cells[r], table.columns[2]._cells[r]
@@ -382,7 +385,9 @@ def test_task_results_declare_a_direction_for_every_metric():
     assert gsm8k.DIRECTIONS["mean_response_tokens"] == "neither"
     assert arithmetic.DIRECTIONS["paren_gap"] == "neither" and arithmetic.DIRECTIONS["legacy_acc_flat"] == "higher"
     assert hellaswag.DIRECTIONS == dict.fromkeys(("acc", "acc_norm", "acc_norm_chars", "acc_harness"), "higher")
-    assert set(probes.DIRECTIONS) == {"accuracy", "acc_mul_table", "acc_mul_multidigit", "acc_addition"}
+    assert {k for k, v in probes.DIRECTIONS.items() if v == "higher"} == {"accuracy", "acc_mul_table",
+                                                                           "acc_mul_multidigit", "acc_addition"}
+    assert probes.DIRECTIONS["total_mul_tokens"] == probes.DIRECTIONS["mul_tokens_per_probe"] == "neither"
     assert set(sample.DIRECTIONS.values()) == {"neither"}
     result = TaskResult(task="t", version="1", metrics={"a": 1.0, "b": 2.0}, headline="a", n_items=1,
                         directions={"a": "lower", "unused": "higher"})

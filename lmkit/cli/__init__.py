@@ -145,6 +145,7 @@ _register(
     "Examples:\n\n"
     "  lmkit compare baseline mul_tokens        # runs/baseline vs runs/mul_tokens\n\n"
     "  lmkit compare s1 s2 s3 --out fig/seeds.png\n\n"
+    "  lmkit compare --group baseline=b1,b2,b3 --group mul=m1,m2,m3   # seeds: mean ± std, 95% CI, Welch p\n\n"
     "  lmkit compare runs/a ../b --json-out r.json   # table + JSON report\n\n"
     "  lmkit compare a b --json > r.json         # JSON report, no table",
 )

@@ -78,6 +78,12 @@ def compare_command(
         console.print(f"[{BEST_STYLE}]*[/] except eval metrics that report their own stderr: better when a two-sided "
                       "z-test on Δ / sqrt(se_base² + se_run²) gives p < 0.05 (item-sampling noise, not seed noise)",
                       highlight=False, soft_wrap=True)
+    if (study := comparison.mul_report()) is not None:  # two runs of the multiplication-tokens study
+        from lmkit.compare_mul import render_mul_report
+
+        console.print("")
+        for line in render_mul_report(study):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     if png is not None:
         console.print(f"plot: {png}", highlight=False, soft_wrap=True)
     if json_file is not None:
