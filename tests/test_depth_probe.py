@@ -102,3 +102,12 @@ def test_task_end_to_end(tmp_path):
     heads = [p for p in res.details["probes"] if p["features"] == "head"]
     assert len(heads) == 2 * 2 * 2  # layers x heads x label kinds
     assert (tmp_path / "run" / "eval" / "depth-probe" / "probe.png").stat().st_size > 1000
+
+
+def test_majority_baseline_is_the_train_splits_majority_scored_on_each_split():
+    x = np.zeros((10, 2))
+    y_train = np.array([0] * 7 + [1] * 3)
+    y_test = np.array([0] * 2 + [1] * 8)  # the test split's own majority would be 1
+    rec = dp.fit_probe(x, y_train, x, y_test)
+    assert rec["majority_class"] == 0
+    assert (rec["baseline_train"], rec["baseline_test"]) == (0.7, 0.2)

@@ -4,7 +4,7 @@ bootstrap's coverage, width (pairing) and p-values on simulated head ablations."
 import numpy as np
 import pytest
 
-from lmkit.evaluation.stats import holm, paired_bootstrap
+from lmkit.evaluation.stats import holm, paired_bootstrap, sign_flip_test
 
 
 def test_holm_hand_worked():
@@ -94,3 +94,27 @@ def test_bootstrap_bad_input():
         paired_bootstrap([np.zeros((2, 3)), np.zeros((3, 3))], [1.0, -1.0])
     with pytest.raises(ValueError):
         paired_bootstrap([np.zeros(3)], [1.0], level=1.5)
+
+
+@pytest.mark.parametrize("lost, gained", [(7, 0), (9, 2), (3, 3)])
+def test_sign_flip_test_is_the_exact_sign_test_for_one_split(lost, gained):
+    from scipy.stats import binomtest
+
+    d = np.r_[np.ones(lost), -np.ones(gained), np.zeros(100 - lost - gained)]
+    p = sign_flip_test([d, np.zeros(100)], [1.0, -1.0], n_perm=20_000, seed=1)[0]
+    want = binomtest(lost, lost + gained, 0.5).pvalue  # McNemar's exact test on the discordant items
+    assert p == pytest.approx(want, abs=0.004)
+    if lost == 7:  # the bootstrap's own tail is far smaller here: too liberal for sparse 0/1 differences
+        assert paired_bootstrap([d, np.zeros(100)], [1.0, -1.0]).p_value[0] < want / 4
+
+
+def test_sign_flip_test_null_rate_zeros_and_rows():
+    rng = np.random.default_rng(5)
+    small = 0
+    for sim in range(60):
+        d_paren, d_flat = _simulate(rng, 100, P_FLAT, P_FLAT)
+        small += bool(sign_flip_test([d_paren, d_flat], [1.0, -1.0], n_perm=1000, seed=sim)[0] < 0.05)
+    assert small <= 7  # ~5% of 60 expected
+    rows = np.stack([np.zeros(50), np.r_[np.ones(20), np.zeros(30)]])
+    p = sign_flip_test([rows, np.zeros((2, 50))], [1.0, -1.0], n_perm=2000)
+    assert p[0] == 1.0 and p[1] < 0.001

@@ -136,7 +136,8 @@ def test_scan_on_constructed_accuracies(tmp_path, monkeypatch):
                       config=SimpleNamespace(model=SimpleNamespace(n_layer=2, n_head=2, block_size=32)),
                       options={"ablate_heads": "L0H1,L1H0"})
     res = ha.evaluate(ctx)
-    m = res.metrics
+    m = {k.removeprefix("tf_"): v for k, v in res.metrics.items()}
+    assert res.headline == "tf_top_impact" and "tf_base_acc_flat" in res.metrics and "n_heads" in res.metrics
     assert (m["base_acc_flat"], m["base_acc_paren"], m["base_paren_gap"]) == (0.75, 1.0, 0.25)
     rows = {r["name"]: r for r in res.details["heads"]}
     assert [r["name"] for r in res.details["heads"]][0] == "L0H1" and res.details["heads"][-1]["name"] == "L1H0"
@@ -151,9 +152,9 @@ def test_scan_on_constructed_accuracies(tmp_path, monkeypatch):
     assert m["targeted_acc_flat"] == 0.5 and m["targeted_acc_paren"] == 0.5
     assert res.details["top5"][0] == "L0H1" and res.details["accuracy"] == "teacher-forced"
     assert any(n.startswith("accuracy teacher-forced") for n in res.notes)
-    assert (run_dir / "eval" / "head-ablation" / "heatmap.png").stat().st_size > 1000
+    assert (run_dir / "eval" / "head-ablation" / "heatmap_teacher-forced.png").stat().st_size > 1000
     json.dumps(res.to_dict())  # the command writes it as JSON
-    assert set(res.directions) == set(m)
+    assert set(res.directions) == set(res.metrics)
 
 
 def test_scan_end_to_end_on_a_tiny_model(tmp_path):
@@ -164,6 +165,7 @@ def test_scan_end_to_end_on_a_tiny_model(tmp_path):
     res = ha.evaluate(ctx)
     assert len(res.details["heads"]) == 8 and res.n_items == 4
     assert res.details["accuracy"] == "legacy-eos" and any("legacy-eos" in n for n in res.notes)
+    assert res.headline == "legacy_top_impact" and "legacy_base_acc_paren" in res.metrics
     ctx.options = {"accuracy": "bogus"}
     with pytest.raises(ConfigError):
         ha.evaluate(ctx)

@@ -15,8 +15,9 @@ same as removing its ``head_dim`` input columns from the projection. For every
 A positive impact: the head matters more for parenthesised expressions. With 100 + 100
 items an impact of a few points is noise, so each impact gets a 95% paired-bootstrap
 interval (items resampled within each split, the same resample for base and ablated
-scores; :func:`lmkit.evaluation.stats.paired_bootstrap`, fixed seed) and a p-value, and the
-heads that stay significant after Holm's correction over all heads tested are marked.
+scores; :func:`lmkit.evaluation.stats.paired_bootstrap`, fixed seed) and a p-value (a paired
+sign-flip randomization test, :func:`lmkit.evaluation.stats.sign_flip_test`), and the heads
+that stay significant after Holm's correction over all heads tested are marked.
 
 The accuracy (``ctx.options["accuracy"]``, ``--accuracy``), named in the result:
 
@@ -30,7 +31,7 @@ The accuracy (``ctx.options["accuracy"]``, ``--accuracy``), named in the result:
 
 ``--ablate-heads L0H2,L0H3`` (``ctx.options["ablate_heads"]``) also ablates those heads
 together (the targeted ablation). The heatmaps (layers x heads: impact, flat drop, paren
-drop) go to ``runs/NAME/eval/head-ablation/heatmap.png``.
+drop) go to ``runs/NAME/eval/head-ablation/heatmap_<accuracy>.png``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from torch import nn
 from lmkit.data.arithmetic import ArithmeticExample
 from lmkit.data.tokenizers import Tokenizer
 from lmkit.errors import ConfigError, DataError
-from lmkit.evaluation.stats import N_BOOT, SEED, holm, paired_bootstrap
+from lmkit.evaluation.stats import N_BOOT, SEED, holm, paired_bootstrap, sign_flip_test
 from lmkit.evaluation.task import EvalContext, TaskResult, file_stem
 from lmkit.models.base import HeadEdit
 
@@ -62,13 +63,18 @@ ACCURACY_NOTES = {
     "legacy-eos": "legacy-eos: the seed's metric, the teacher-forced argmax after the true answer is <EOS> -- it "
                   "measures 'knows the answer has ended', not the answer",
 }
-DIRECTIONS = {
+#: Metric-name prefix per accuracy, as the ``arithmetic`` task names its metrics (exact match
+#: unprefixed, ``tf_``, ``legacy_``): results under different accuracies never share a name.
+PREFIXES = {"exact-match": "", "teacher-forced": "tf_", "legacy-eos": "legacy_"}
+_METRIC_DIRECTIONS = {
     "base_acc_flat": "higher", "base_acc_paren": "higher", "base_paren_gap": "neither",
     "top_impact": "neither", "top_impact_low": "neither", "top_impact_high": "neither", "top_impact_p_holm": "neither",
-    "min_impact": "neither", "n_significant": "neither", "n_heads": "neither",
+    "min_impact": "neither", "n_significant": "neither",
     "targeted_acc_flat": "neither", "targeted_acc_paren": "neither", "targeted_impact": "neither",
     "targeted_impact_low": "neither", "targeted_impact_high": "neither", "targeted_p": "neither",
 }
+DIRECTIONS = {prefix + k: v for prefix in PREFIXES.values() for k, v in _METRIC_DIRECTIONS.items()}
+DIRECTIONS["n_heads"] = "neither"
 
 _HEAD = re.compile(r"^L(\d+)-?H(\d+)$", re.IGNORECASE)
 
@@ -200,7 +206,9 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     """The head scan (and ``--ablate-heads``' joint ablation) on the run's test_flat and
     test_paren splits; see the module docstring.
 
-    Metrics: ``base_acc_flat``, ``base_acc_paren``, ``base_paren_gap``; ``top_impact`` (the
+    Metrics (each name prefixed by the accuracy, :data:`PREFIXES`: ``tf_`` teacher-forced,
+    ``legacy_`` legacy-eos, none for exact match; ``n_heads`` unprefixed):
+    ``base_acc_flat``, ``base_acc_paren``, ``base_paren_gap``; ``top_impact`` (the
     headline: the largest impact of a single head) with its interval ``top_impact_low`` /
     ``_high`` and Holm-adjusted p ``top_impact_p_holm``; ``min_impact``; ``n_significant`` (heads
     whose Holm-adjusted p <= 0.05) of ``n_heads``; with ``--ablate-heads``, ``targeted_acc_flat``,
@@ -242,8 +250,10 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     abl = [score(zero_heads([lh])) for lh in heads]
     abl_f = np.stack([a[0] for a in abl])
     abl_p = np.stack([a[1] for a in abl])
-    boot = paired_bootstrap([base_p[None] - abl_p, base_f[None] - abl_f], [1.0, -1.0], n_boot=N_BOOT, seed=SEED)
-    p_holm, significant = holm(boot.p_value, ALPHA)
+    diffs = [base_p[None] - abl_p, base_f[None] - abl_f]
+    boot = paired_bootstrap(diffs, [1.0, -1.0], n_boot=N_BOOT, seed=SEED)
+    p_values = sign_flip_test(diffs, [1.0, -1.0], n_perm=N_BOOT, seed=SEED)
+    p_holm, significant = holm(p_values, ALPHA)
     acc_f, acc_p = abl_f.mean(1), abl_p.mean(1)
     rows = []
     for i, (layer, head) in enumerate(heads):
@@ -253,7 +263,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
             "drop_flat": float(base_f.mean() - acc_f[i]), "drop_paren": float(base_p.mean() - acc_p[i]),
             "impact": impact(base_p.mean(), acc_p[i], base_f.mean(), acc_f[i]),
             "impact_low": float(boot.low[i]), "impact_high": float(boot.high[i]),
-            "p_value": float(boot.p_value[i]), "p_holm": float(p_holm[i]), "significant": bool(significant[i]),
+            "p_value": float(p_values[i]), "p_holm": float(p_holm[i]), "significant": bool(significant[i]),
         })
     ranked = sorted(rows, key=lambda r: (-r["impact"], r["layer"], r["head"]))
     for rank, row in enumerate(ranked, start=1):
@@ -269,25 +279,29 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     details: dict = {"accuracy": accuracy, "alpha": ALPHA, "n_flat": len(flat), "n_paren": len(paren),
                      "bootstrap": {"n_boot": boot.n_boot, "seed": boot.seed, "level": boot.level,
                                    "method": "paired, stratified by split; percentile interval"},
+                     "test": {"method": "paired sign-flip randomization test of the impact, two-sided",
+                              "n_perm": N_BOOT, "seed": SEED, "correction": "Holm over all heads scanned"},
                      "heads": ranked, "top5": [r["name"] for r in ranked[:5]],
                      "bottom5": [r["name"] for r in ranked[-5:]]}
     notes.append(f"accuracy {ACCURACY_NOTES[accuracy]}")
     notes.append(f"base: flat {base_f.mean():.3f} (n={len(flat)}), paren {base_p.mean():.3f} (n={len(paren)}), "
                  f"gap {base_p.mean() - base_f.mean():+.3f}")
     notes.append("impact = (base_paren - abl_paren) - (base_flat - abl_flat) [95% paired-bootstrap interval, "
-                 f"{boot.n_boot:,} resamples over items, seed {boot.seed}]; * = significant after Holm over "
-                 f"{len(rows)} heads (alpha {ALPHA})")
+                 f"{boot.n_boot:,} resamples over items, seed {boot.seed}]; p: paired sign-flip test; * = significant "
+                 f"after Holm over {len(rows)} heads (alpha {ALPHA})")
     notes.append("top 5: " + "; ".join(_fmt_head(r) for r in ranked[:5]))
     notes.append("bottom 5: " + "; ".join(_fmt_head(r) for r in ranked[-5:]))
     sig = [r["name"] for r in ranked if r["significant"]]
     notes.append(f"significant after Holm: {', '.join(sig) if sig else 'none'}")
     if targeted:
         t_f, t_p = score(zero_heads(targeted))
-        t_boot = paired_bootstrap([base_p - t_p, base_f - t_f], [1.0, -1.0], n_boot=N_BOOT, seed=SEED)
+        t_diffs = [base_p - t_p, base_f - t_f]
+        t_boot = paired_bootstrap(t_diffs, [1.0, -1.0], n_boot=N_BOOT, seed=SEED)
+        t_pval = float(sign_flip_test(t_diffs, [1.0, -1.0], n_perm=N_BOOT, seed=SEED)[0])
         names = ",".join(head_name(*lh) for lh in targeted)
         t = {"heads": names, "acc_flat": float(t_f.mean()), "acc_paren": float(t_p.mean()),
              "impact": impact(base_p.mean(), t_p.mean(), base_f.mean(), t_f.mean()),
-             "impact_low": float(t_boot.low[0]), "impact_high": float(t_boot.high[0]), "p": float(t_boot.p_value[0])}
+             "impact_low": float(t_boot.low[0]), "impact_high": float(t_boot.high[0]), "p": t_pval}
         details["targeted"] = t
         metrics.update({"targeted_acc_flat": t["acc_flat"], "targeted_acc_paren": t["acc_paren"],
                         "targeted_impact": t["impact"], "targeted_impact_low": t["impact_low"],
@@ -295,11 +309,13 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         notes.append(f"targeted ablation of {names} together: flat {t['acc_flat']:.3f}, paren {t['acc_paren']:.3f}, "
                      f"impact {t['impact']:+.3f} [{t['impact_low']:+.3f}, {t['impact_high']:+.3f}], p {t['p']:.3g} "
                      "(one planned test, no correction)")
-    png = plot_heatmaps(rows, n_layer, n_head, ctx.run_dir / "eval" / file_stem(TASK) / "heatmap.png",
+    png = plot_heatmaps(rows, n_layer, n_head, ctx.run_dir / "eval" / file_stem(TASK) / f"heatmap_{accuracy}.png",
                         title=f"{ctx.run_dir.name} @ step {ctx.step}: head ablation ({accuracy})")
     details["files"] = [str(png)]
     notes.append(f"heatmaps (layers x heads: impact, flat drop, paren drop) -> {png}")
-    return TaskResult(task=TASK, version=VERSION, metrics=metrics, headline="top_impact", n_items=len(items),
+    prefix = PREFIXES[accuracy]
+    metrics = {(k if k == "n_heads" else prefix + k): v for k, v in metrics.items()}
+    return TaskResult(task=TASK, version=VERSION, metrics=metrics, headline=prefix + "top_impact", n_items=len(items),
                       data_file=data_file, data_sha256=sha, details=details, notes=notes, directions=DIRECTIONS)
 
 
