@@ -169,3 +169,17 @@ def test_scan_end_to_end_on_a_tiny_model(tmp_path):
     ctx.options = {"accuracy": "bogus"}
     with pytest.raises(ConfigError):
         ha.evaluate(ctx)
+
+
+@pytest.mark.parametrize("task", ["head_ablation", "depth_probe"])
+def test_a_tokenizer_without_bos_eos_is_a_one_line_error(tmp_path, task):
+    import importlib
+
+    from lmkit.errors import DataError
+
+    module = importlib.import_module(f"lmkit.evaluation.{task}")
+    ctx = EvalContext(model=None, tokenizer=SimpleNamespace(bos_id=None, eos_id=None, kind="byte"), run_dir=tmp_path,
+                      device=torch.device("cpu"), step=0,
+                      config=SimpleNamespace(model=SimpleNamespace(n_layer=2, n_head=2, block_size=32)))
+    with pytest.raises(DataError, match="no <BOS>/<EOS>"):
+        module.evaluate(ctx)

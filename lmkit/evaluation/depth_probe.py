@@ -168,6 +168,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     """
     from lmkit.evaluation.arithmetic import arithmetic_splits
 
+    _need_bos_eos(ctx)
     splits, data_file, sha, notes = arithmetic_splits(ctx, ("train", "test_paren"))
     if ctx.limit is not None:
         splits = {s: v[:ctx.limit] for s, v in splits.items()}
@@ -274,3 +275,10 @@ def plot_probes(probes: Sequence[dict], n_layer: int, path: Path, *, title: str 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _need_bos_eos(ctx: EvalContext) -> None:
+    tok = ctx.tokenizer
+    if tok.bos_id is None or tok.eos_id is None:
+        raise DataError(f"the run's {tok.kind} tokenizer has no <BOS>/<EOS>; {TASK} needs the char tokenizer of "
+                        "an arithmetic run")

@@ -221,6 +221,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     """
     from lmkit.evaluation.arithmetic import arithmetic_splits
 
+    _need_bos_eos(ctx)
     accuracy = ctx.options.get("accuracy") or DEFAULT_ACCURACY
     if accuracy not in ACCURACIES:
         raise ConfigError(f"--accuracy {accuracy}: choose {', '.join(ACCURACIES)}")
@@ -356,3 +357,10 @@ def plot_heatmaps(rows: Sequence[dict], n_layer: int, n_head: int, path: Path, *
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _need_bos_eos(ctx: EvalContext) -> None:
+    tok = ctx.tokenizer
+    if tok.bos_id is None or tok.eos_id is None:
+        raise DataError(f"the run's {tok.kind} tokenizer has no <BOS>/<EOS>; {TASK} needs the char tokenizer of "
+                        "an arithmetic run")
