@@ -240,6 +240,6 @@ def test_presets_of_the_study():
     assert (d.dataset, d.tokenizer, d.condition, d.include_synthetic) == ("fineweb-edu", "gpt2+mul", "mul_tokens", True)
     assert build_run_config("gpt2-124m-mul", ["data.condition=baseline"]).data.condition == "baseline"
     tiny = build_run_config("gpt2-mul-tiny")
-    # 50,349*64 (tied) + 128*64 + 2 blocks * (12*64^2 + 13*64) + 2*64
-    assert sum(p.numel() for p in build_model(tiny.model, device="meta").parameters()) == 3_330_624
+    # 50,349*64 (tied) + 512*64 + 2 blocks * (12*64^2 + 13*64) + 2*64
+    assert sum(p.numel() for p in build_model(tiny.model, device="meta").parameters()) == 3_355_200
     assert tiny.model.vocab_size == 50349 and tiny.data.include_synthetic and tiny.data.tokenizer == "gpt2+mul"

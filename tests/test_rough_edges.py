@@ -408,3 +408,26 @@ def test_a_command_module_that_is_not_there_is_left_out():
     before = len(app.registered_commands)
     _register("not-yet", "not_written_yet", "command", "A command still being written.", "")
     assert len(app.registered_commands) == before
+
+
+def test_data_line_shows_the_study_stats():
+    """The data line names what the multiplication-tokens condition did to the text, and what a
+    chat set labels (the counts come from the data layer's stats, not from this line)."""
+    from lmkit.events import DataReady
+    from lmkit.monitor.console import data_line
+
+    base = dict(description="d", tokenizer="gpt2+mul", vocab_size=50349, split_sizes={"train": 10}, unit="tokens",
+                cache_dir=None, reused=False)
+    plain = data_line(DataReady(**base))
+    assert "mul tokens" not in plain and not plain.endswith("| ")
+    mul = data_line(DataReady(**base, stats={"condition": "mul_tokens", "mul_tokens": 4827,
+                                             "mul_token_ratio": 0.0032794, "tokens_saved": 13459,
+                                             "token_reduction": 0.0090612, "synthetic_tokens": 5153}))
+    assert "condition mul_tokens, 4,827 mul tokens (0.33% of all), 13,459 tokens saved vs baseline (0.91%)" in mul
+    assert "synthetic drills 5,153 tokens" in mul
+    baseline = data_line(DataReady(**base, stats={"condition": "baseline", "mul_tokens": 0, "tokens_saved": 0,
+                                                  "token_reduction": 0.0}))
+    assert "condition baseline" in baseline and "mul tokens" not in baseline
+    chat = data_line(DataReady(**base, stats={"format": "chat", "condition": None, "loss_on": "assistant",
+                                              "label_tokens": {"train": 683375, "val": 100}, "truncated": 3}))
+    assert "683,375 labelled train tokens (loss on assistant)" in chat and "3 conversations cut" in chat

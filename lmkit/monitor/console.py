@@ -198,7 +198,36 @@ def summary_table(e: RunFinished, warnings: dict[str, int] | None = None) -> Tab
 def data_line(e: DataReady) -> str:
     sizes = ", ".join(f"{k} {v:,}" for k, v in e.split_sizes.items())
     cache = " (token cache reused)" if e.reused else ""
-    return f"data {e.description}: {sizes} {e.unit} | tokenizer {e.tokenizer} ({e.vocab_size:,} ids){cache}"
+    line = f"data {e.description}: {sizes} {e.unit} | tokenizer {e.tokenizer} ({e.vocab_size:,} ids){cache}"
+    stats = stats_text(e.stats)
+    return f"{line} | {stats}" if stats else line
+
+
+def stats_text(stats: dict | None) -> str:
+    """The data statistics worth a glance (the multiplication-tokens condition's counts and
+    compression, chat data's labelled tokens), or ``""``."""
+    if not stats:
+        return ""
+    parts = []
+    if stats.get("condition"):
+        parts.append(f"condition {stats['condition']}")
+    if stats.get("mul_tokens") is not None and stats.get("condition") == "mul_tokens" and "format" not in stats:
+        ratio = stats.get("mul_token_ratio")
+        parts.append(f"{stats['mul_tokens']:,} mul tokens" + (f" ({ratio:.2%} of all)" if ratio is not None else ""))
+        if stats.get("tokens_saved") is not None and stats.get("token_reduction") is not None:
+            parts.append(f"{stats['tokens_saved']:,} tokens saved vs baseline ({stats['token_reduction']:.2%})")
+    if stats.get("synthetic_tokens"):
+        parts.append(f"synthetic drills {stats['synthetic_tokens']:,} tokens")
+    labels = stats.get("label_tokens")
+    if isinstance(labels, dict):
+        labels = labels.get("train", sum(v for v in labels.values() if isinstance(v, int)))
+    if isinstance(labels, int):
+        parts.append(f"{labels:,} labelled train tokens (loss on {stats.get('loss_on', 'assistant')})")
+    if stats.get("format") == "chat" and stats.get("mul_tokens") is not None:
+        parts.append(f"{stats['mul_tokens']:,} mul tokens injected")
+    if stats.get("truncated"):
+        parts.append(f"{stats['truncated']:,} conversations cut to the context")
+    return ", ".join(parts)
 
 
 def finished_lines(e: RunFinished) -> list[str]:
