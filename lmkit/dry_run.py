@@ -169,6 +169,13 @@ def _data_plan(config: RunConfig) -> dict[str, Any]:
         vocab = mem.resolve_vocab_size(config)
     except ConfigError:
         vocab = None
+    if data.format == "chat" and data.max_tokens is None and not data.dataset.startswith("hf:"):
+        from lmkit.data.chat import load_chat_rows
+
+        rows = load_chat_rows(data.dataset, encoding=data.encoding, val_fraction=data.val_fraction)  # reads, no tokens
+        n_train = len(rows.splits["train"])
+        return {"exact": True, "source": f"{n_train:,} training conversations of {data.dataset}", "unit": "examples",
+                "train_size": n_train, "micro_per_epoch": math.ceil(n_train / tcfg.batch_size), "vocab_size": vocab}
     found = _find_cache(config)
     if found is not None:
         from lmkit.data.batching import TokenWindows
@@ -212,11 +219,17 @@ def plan_run(config: RunConfig) -> dict[str, Any]:
     """
     init_notes: list[str] = []
     if config.init_from:  # the architecture comes from the source (as the trainer does it)
+        from lmkit.errors import CheckpointError, first_line
         from lmkit.training.init_from import load_init_source, merge_config
 
         config = config.model_copy(deep=True)
-        init_notes = [message for _, message in merge_config(config, load_init_source(config.init_from,
-                                                                                       out_dir=config.out_dir))]
+        try:
+            source = load_init_source(config.init_from, out_dir=config.out_dir)
+        except (ConfigError, CheckpointError, DataError) as exc:  # planning a pipeline whose source is not trained yet
+            init_notes = [f"{config.init_from} cannot be read now ({first_line(exc)}); the model shown is the "
+                          "config's, training takes the source's"]
+        else:
+            init_notes = [message for _, message in merge_config(config, source)]
     tcfg, model = config.training, config.model
     data = _data_plan(config)
     accum = tcfg.grad_accum_steps

@@ -152,3 +152,18 @@ def test_mixture_plans_its_steps_without_a_size(tmp_path):
     assert report["data"]["train_size"] is None and report["data"]["exact"] is False
     assert report["plan"]["max_steps"] == 7 and report["plan"]["total_tokens"] == 7 * 4 * 16
     assert report["plan"]["epochs"] is None
+
+
+def test_chat_plan_counts_conversations_as_the_trainer_does(tmp_path):
+    """Chat data trains one conversation per row: the plan counts rows, not bytes / block."""
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}. #### {2 * i}"} for i in range(23)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = TEXT_PRESET.replace("DATA", str(data)).replace("tokenizer: byte}", "tokenizer: byte, format: chat}")
+    text = text.replace("block_size: 16", "block_size: 64")
+    report = plan_run(_config(tmp_path, text, ["data.val_fraction=0.2"], out="dry"))
+    assert not (tmp_path / "dry").exists()
+    ref = _trainer_plan(_config(tmp_path, text, ["data.val_fraction=0.2"], out="ref"))
+    assert report["data"]["exact"] and report["data"]["micro_per_epoch"] == ref["micro_per_epoch"]
+    assert (report["plan"]["max_steps"], report["plan"]["steps_per_epoch"]) == (ref["max_steps"],
+                                                                                ref["steps_per_epoch"])
