@@ -198,7 +198,7 @@ def mul_study_report(comparison: Any) -> dict[str, Any] | None:
         n = {role: _num(report[role]["gsm8k"].get("total")) for role in ROLES}
         comp["gsm8k"]["p_value"] = two_proportion_p(acc["baseline"], n["baseline"], acc["mul_tokens"],
                                                     n["mul_tokens"])
-        report["verdict_basis"] = ("the sign of the GSM8K accuracy delta, as the seed's summary; p_value: two-sided "
+        report["verdict_basis"] = ("the sign of the GSM8K accuracy delta, as the original's summary; p_value: two-sided "
                                    "two-proportion z-test (item-sampling noise only: one run per condition gives "
                                    "no estimate of seed noise)")
     hs = {role: _hellaswag(r) for role, r in pair.items()}
@@ -374,6 +374,6 @@ def render_mul_report(report: dict[str, Any]) -> list[str]:
     p = (gsm or {}).get("p_value")
     if verdict is not None and p is not None:
         within = "within" if p >= 0.05 else "beyond"
-        lines.append(f"  (the sign of Δ, as the seed's summary; two-proportion z-test p = {p:.3g}: {within} "
+        lines.append(f"  (the sign of Δ, as the original's summary; two-proportion z-test p = {p:.3g}: {within} "
                      "item-sampling noise; one run per condition gives no estimate of seed noise)")
     return lines

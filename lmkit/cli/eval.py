@@ -170,7 +170,7 @@ def eval_command(
     exprs: list[str] = typer.Option([], "--expr", help="attention: the expression whose attention patterns to draw "
                                     "(repeatable)."),
     accuracy: str = typer.Option(None, "--accuracy", help="head-ablation: teacher-forced (default), exact-match "
-                                 "(greedy generation) or legacy-eos (the seed's last-label metric)."),
+                                 "(greedy generation) or legacy-eos (the original last-label metric)."),
     include_path: Path = typer.Option(None, "--include-path", help="lm-eval:TASK: a folder of extra task YAML files."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: the cores "
                                 "that other processes leave free; also LMKIT_THREADS, OMP_NUM_THREADS)."),

@@ -33,7 +33,7 @@ def export_command(
                                 "that other processes leave free; also LMKIT_THREADS, OMP_NUM_THREADS)."),
     legacy_hf_tokenizer: bool = typer.Option(False, "--legacy-hf-tokenizer", help="gpt2+mul baseline runs: add "
                                              "the 47 padding and 45 <MUL_a_b_c> strings to the HF tokenizer as "
-                                             "the seed's builder did (lmkit's baseline tokenization then differs)."),
+                                             "the original's HF builder did (lmkit's baseline tokenization then differs)."),
 ) -> None:
     """Export a run's checkpoint. --to hf writes a folder that transformers' AutoModelForCausalLM and
     AutoTokenizer load offline (GPT-2 for learned positions, GPT-NeoX for rotary), then proves it: native vs

@@ -60,7 +60,7 @@ ACCURACY_NOTES = {
     "teacher-forced": "teacher-forced: an item is correct when the argmax after '<BOS> expr = ' and after each true "
                       "answer prefix is the next answer character, for every answer character (<EOS> not scored)",
     "exact-match": "exact-match: greedy generation from '<BOS> expr = ' gives the answer's characters, then <EOS>",
-    "legacy-eos": "legacy-eos: the seed's metric, the teacher-forced argmax after the true answer is <EOS> -- it "
+    "legacy-eos": "legacy-eos: the original metric (Step-free-arithmetic-transformers), the teacher-forced argmax after the true answer is <EOS> -- it "
                   "measures 'knows the answer has ended', not the answer",
 }
 #: Metric-name prefix per accuracy, as the ``arithmetic`` task names its metrics (exact match

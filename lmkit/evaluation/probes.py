@@ -66,7 +66,7 @@ DIRECTIONS = {"accuracy": "higher", **{f"acc_{cat}": "higher" for cat in CATEGOR
 #: What each answer rule reads (named in every result's details and notes).
 RULES = {
     "first_number": "the FIRST number of the response (a mul-token string <MUL_a_b_c> reads as its product c)",
-    "legacy_last_number": "the seed's rule: '####', then 'The answer is', then the LAST number of the response "
+    "legacy_last_number": "the original rule (domain-token-gpt2): '####', then 'The answer is', then the LAST number of the response "
                           "(which can be a number inside a mul-token string)",
 }
 PROMPT = "User: {question}\nAssistant: The answer is"
@@ -230,7 +230,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         metrics.update(total_mul_tokens=float(n_mul), mul_tokens_per_probe=n_mul / total if total else 0.0)
     rule = "legacy_last_number" if legacy else "first_number"
     notes = [f"answers read with {rule}: {RULES[rule]}"
-             + ("" if legacy else "; --legacy-last-number scores with the seed's last-number rule")]
+             + ("" if legacy else "; --legacy-last-number scores with the original last-number rule")]
     if n_from_mul:
         where = ("the number was inside a mul-token string <MUL_a_b_c> (the last number of the text, not "
                  "necessarily the answer)" if legacy else "a mul-token string <MUL_a_b_c> was read as its product c")

@@ -108,6 +108,6 @@ def legacy_tokenizer_notice(tokenizer: Tokenizer, emit: Callable[[Event], None])
                             "tokenizer has the padding and mul strings either way"))
         return
     emit(Notice("warning", "--legacy-hf-tokenizer: the HF tokenizer gets the 47 padding and 45 mul strings as "
-                           "the seed's builder added them, so it reads '<MUL_6_9_54>' as one id (50342) where "
+                           "the original's HF builder added them, so it reads '<MUL_6_9_54>' as one id (50342) where "
                            "lmkit's baseline tokenizer -- and the baseline's training data -- spell it out in "
                            "plain BPE; HF and lmkit baseline tokenizations then differ on such text"))
