@@ -71,6 +71,14 @@ EXAMPLES = [
     # lmkit's guards also keep decimals on the right whole
     ("3*2.5", "3*2.5", "<MUL_2_3_6>.5"),
     ("6*9=54.5", "6*9=54.5", "<MUL_6_9_54>.5"),
+    # ... and digit groups (thousands separators) on both sides; a comma + space is punctuation
+    ("3 x 4,000 people", "3 x 4,000 people", "<MUL_3_4_12>,000 people"),
+    ("2 x 1,500 = 3,000", "2 x 1,500 = 3,000", "<MUL_1_2_2>,500 = 3,000"),
+    ("2 * 3 = 6,000", "2 * 3 = 6,000", "<MUL_2_3_6>,000"),
+    ("1,2*3", "1,2*3", "1,<MUL_2_3_6>"),
+    ("1,234*5", "1,234*5", "1,234*5"),
+    ("2*3=6, yes", "<MUL_2_3_6>, yes", "<MUL_2_3_6>, yes"),
+    ("1, 2*3", "1, <MUL_2_3_6>", "1, <MUL_2_3_6>"),
 ]
 
 

@@ -18,9 +18,11 @@ the ``= c`` included) by the canonical token when ``a`` and ``b`` are in 1..9 an
 present, ``c == a * b``; a bare ``a*b`` is injected too (the experiment's "weak" mode), so
 ``9 × 6`` becomes ``<MUL_6_9_54>``. Otherwise the text stays as it is.
 
-lmkit's default adds word-boundary guards: no digit or ``.`` before ``a``, no digit (nor a
-``.`` + digit: a decimal) after the match, and the ``= c`` part is taken whole or not at all.
-So ``106*3``, ``2.5*3``, ``3*2.5`` and ``15*20=300`` stay as they are. ``legacy_regex=True`` is
+lmkit's default adds word-boundary guards: no digit, ``.`` or digit + ``,`` before ``a``, no
+digit (nor a ``.`` or ``,`` + digit: a decimal or a thousands separator) after the match, and the
+``= c`` part is taken whole or not at all. So ``106*3``, ``2.5*3``, ``3*2.5``, ``15*20=300``,
+``3 x 4,000``, ``2 x 1,500 = 3,000``, ``1,2*3`` and ``2*3=6,000`` stay as they are (a comma
+followed by a space, ``6*9, 3*4``, is punctuation and does not block). ``legacy_regex=True`` is
 the original pattern, unguarded: ``106*3`` -> ``1<MUL_3_6_18>`` (``06`` read as 6) and
 ``2.5*3`` -> ``2.<MUL_3_5_15>``. In both modes GSM8K's calculator annotations are rewritten:
 ``9 * 2 = <<9*2=18>>18`` -> ``<MUL_2_9_18> = <<<MUL_2_9_18>>>18``.
@@ -47,8 +49,8 @@ CONDITIONS = ("baseline", "mul_tokens")
 _OPS = r"(?:\*|×|x(?![a-z]))"
 #: The original pattern (``tokenizer/inject_mul.py``), compiled with ``re.IGNORECASE``.
 LEGACY_PATTERN = r"(\d{1,2})\s*" + _OPS + r"\s*(\d{1,2})(?:\s*=\s*(\d+))?"
-#: lmkit's guarded pattern: not inside a longer number or a decimal on either side.
-GUARDED_PATTERN = r"(?<![\d.])(\d{1,2})\s*" + _OPS + r"\s*(\d{1,2})(?:\s*=\s*(\d+))?+(?!\d|\.\d)"
+#: lmkit's guarded pattern: not inside a longer number, a decimal or a digit group (``4,000``) on either side.
+GUARDED_PATTERN = r"(?<![\d.])(?<!\d,)(\d{1,2})\s*" + _OPS + r"\s*(\d{1,2})(?:\s*=\s*(\d+))?+(?!\d|[.,]\d)"
 
 _LEGACY_RE = re.compile(LEGACY_PATTERN, re.IGNORECASE)
 _GUARDED_RE = re.compile(GUARDED_PATTERN, re.IGNORECASE)
