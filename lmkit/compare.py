@@ -301,7 +301,7 @@ def load_run_data(run_dir: RunDir, name: str | None = None, *, _depth: int = 0) 
     data.config = _read_yaml(run_dir.config_path)
     data.data_stats = _data_stats(run_dir.events_path)
     if _depth < 3:
-        source = _init_source(data.config.get("init_from"), path)
+        source = _init_source(data.config.get("init_from"), path, data.config.get("init_source"))
         if source is not None:
             data.source = load_run_data(source, _depth=_depth + 1)
     summary = _read_json(run_dir.summary_path)
@@ -791,18 +791,23 @@ def _data_stats(events: Path) -> dict[str, Any] | None:
     return stats
 
 
-def _init_source(spec: Any, run_path: Path) -> RunDir | None:
-    """The run folder named by ``init_from`` (``RUN`` or ``RUN:CHECKPOINT``; a path, or a name
-    beside ``run_path``), or ``None`` (``hf:`` sources, missing runs)."""
-    if not isinstance(spec, str) or not spec or spec.startswith("hf:"):
+def _init_source(spec: Any, run_path: Path, record: Any = None) -> RunDir | None:
+    """The run folder this run was initialised from, or ``None`` (``hf:`` sources, missing runs).
+
+    The absolute ``path`` the trainer recorded in ``config["init_source"]`` comes first (it does
+    not depend on the folder ``lmkit compare`` runs in); then ``init_from`` (``RUN`` or
+    ``RUN:CHECKPOINT``; a path from the current folder, or a name beside ``run_path``)."""
+    candidates: list[Path] = []
+    if isinstance(record, dict) and record.get("kind", "run") == "run" and isinstance(record.get("path"), str):
+        candidates.append(Path(record["path"]))
+    if isinstance(spec, str) and spec and not spec.startswith("hf:"):
+        names = [spec] + ([spec.rpartition(":")[0]] if ":" in spec else [])
+        candidates += [p for name in names for p in (Path(name), run_path.parent / name)]
+    elif not candidates:
         return None
-    candidates = [spec]
-    if ":" in spec:
-        candidates.append(spec.rpartition(":")[0])
-    for candidate in candidates:
-        for path in (Path(candidate), run_path.parent / candidate):
-            if (path / "config.yaml").is_file() and path.resolve() != run_path.resolve():
-                return RunDir(path)
+    for path in candidates:
+        if (path / "config.yaml").is_file() and path.resolve() != run_path.resolve():
+            return RunDir(path)
     return None
 
 

@@ -12,7 +12,7 @@ HellaSwag ``acc_norm`` at each run's last evaluated checkpoint and the ``verdict
 
 When it applies (:func:`applies`): exactly two runs, and either their configs differ only in
 ``data.condition`` (names, output folders, descriptions, cache folders and the run each was
-initialised from aside) or a run's gsm8k / probe results count mul tokens. The run whose
+initialised from, ``init_from`` and its record ``init_source``, aside) or a run's gsm8k / probe results count mul tokens. The run whose
 condition is ``baseline`` is the base (otherwise the first run); the keys ``baseline`` and
 ``mul_tokens`` name the two roles, ``runs`` maps them to the run names.
 
@@ -35,7 +35,10 @@ from typing import Any
 MAX_SOURCE_DEPTH = 3
 #: Config keys (dotted) that may differ between the two conditions' runs.
 IGNORED_CONFIG_KEYS = frozenset({"name", "out_dir", "description", "data.cache_dir", "init_from", "source",
-                                 "training.wandb_run_name", "data.condition"})
+                                 "init_source", "training.wandb_run_name", "data.condition"})
+#: Dotted-key prefixes ignored the same way: ``init_source`` is the record of the run each was
+#: initialised from (path, spec, tokenizer fingerprint, val_loss, ...), which always differs.
+IGNORED_CONFIG_PREFIXES = ("init_source.",)
 #: Data stats keys shown (DataReady ``stats`` of a build with ``data.condition``).
 DATA_KEYS = ("total_tokens", "train_tokens", "val_tokens", "mul_tokens", "mul_token_ratio")
 PROBE_CATEGORIES = ("mul_table", "mul_multidigit", "addition")
@@ -55,9 +58,12 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two run configs, :data:`IGNORED_CONFIG_KEYS` aside."""
+    """Dotted keys whose values differ between two run configs, :data:`IGNORED_CONFIG_KEYS` and
+    keys under :data:`IGNORED_CONFIG_PREFIXES` aside."""
     fa, fb = flatten(a), flatten(b)
-    return sorted(k for k in set(fa) | set(fb) if k not in IGNORED_CONFIG_KEYS and fa.get(k) != fb.get(k))
+    return sorted(k for k in set(fa) | set(fb)
+                  if k not in IGNORED_CONFIG_KEYS and not k.startswith(IGNORED_CONFIG_PREFIXES)
+                  and fa.get(k) != fb.get(k))
 
 
 def _condition(run: Any) -> str | None:
@@ -199,8 +205,8 @@ def mul_study_report(comparison: Any) -> dict[str, Any] | None:
         comp["gsm8k"]["p_value"] = two_proportion_p(acc["baseline"], n["baseline"], acc["mul_tokens"],
                                                     n["mul_tokens"])
         report["verdict_basis"] = ("the sign of the GSM8K accuracy delta, as the original's summary; p_value: two-sided "
-                                   "two-proportion z-test (item-sampling noise only: one run per condition gives "
-                                   "no estimate of seed noise)")
+                                   "Fisher's exact test on correct/incorrect counts (item-sampling noise only: one "
+                                   "run per condition gives no estimate of seed noise)")
     hs = {role: _hellaswag(r) for role, r in pair.items()}
     report["hellaswag"] = {**{role: hs[role] for role in ROLES},
                            "delta": _delta(*(None if hs[role] is None else hs[role]["acc_norm"] for role in ROLES))}
@@ -210,15 +216,17 @@ def mul_study_report(comparison: Any) -> dict[str, Any] | None:
 
 
 def two_proportion_p(p1: float | None, n1: float | None, p2: float | None, n2: float | None) -> float | None:
-    """Two-sided p-value of the two-proportion z-test (unpooled standard error):
-    ``z = (p2 - p1) / sqrt(p1(1-p1)/n1 + p2(1-p2)/n2)``, ``p = erfc(|z| / sqrt 2)``; ``None``
-    without counts, ``1.0`` when both accuracies are 0 or 1 and equal."""
+    """Two-sided p-value of Fisher's exact test on the 2x2 table of correct / incorrect items
+    (``round(p * n)`` correct of ``n`` per condition; ``scipy.stats.fisher_exact``), or ``None``
+    without counts. Exact, so not liberal near 0 % accuracy as a z-test is (0/200 vs 5/200:
+    Fisher 0.061, the unpooled z-test 0.024)."""
     if None in (p1, n1, p2, n2) or not n1 or not n2:
         return None
-    var = p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2
-    if var <= 0:
-        return 1.0 if p1 == p2 else 0.0
-    return math.erfc(abs(p2 - p1) / math.sqrt(var) / math.sqrt(2))
+    from scipy.stats import fisher_exact
+
+    k1, k2 = round(p1 * n1), round(p2 * n2)
+    n1, n2 = round(n1), round(n2)
+    return float(fisher_exact([[k1, n1 - k1], [k2, n2 - k2]], alternative="two-sided").pvalue)
 
 
 def _usage(report: dict[str, Any], pair: dict[str, Any]) -> dict[str, Any]:
@@ -374,6 +382,6 @@ def render_mul_report(report: dict[str, Any]) -> list[str]:
     p = (gsm or {}).get("p_value")
     if verdict is not None and p is not None:
         within = "within" if p >= 0.05 else "beyond"
-        lines.append(f"  (the sign of Δ, as the original's summary; two-proportion z-test p = {p:.3g}: {within} "
+        lines.append(f"  (the sign of Δ, as the original's summary; Fisher's exact test p = {p:.3g}: {within} "
                      "item-sampling noise; one run per condition gives no estimate of seed noise)")
     return lines

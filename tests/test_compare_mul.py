@@ -25,22 +25,31 @@ SWEEP = {"baseline": [(100, 0.25), (200, 0.26)], "mul_tokens": [(100, 0.25), (20
 LOSS = {"baseline": (3.10, 3.20), "mul_tokens": (3.00, 3.15)}  # final train, final val
 
 
-def _config(name: str, condition: str, *, lr: float = 1e-3, init_from: str | None = None) -> dict:
-    return {"name": name, "out_dir": "runs", "preset": "gpt2-mul-tiny", "init_from": init_from,
-            "model": {"type": "gpt", "n_layer": 2, "vocab_size": 50349},
-            "data": {"dataset": "corpus.txt", "tokenizer": "gpt2+mul", "condition": condition,
-                     "cache_dir": f"/tmp/{name}"},
-            "training": {"lr": lr, "max_steps": 200}}
+def _config(name: str, condition: str, *, lr: float = 1e-3, init_from: str | None = None,
+            source_path: Path | None = None) -> dict:
+    config = {"name": name, "out_dir": "runs", "preset": "gpt2-mul-tiny", "init_from": init_from,
+              "model": {"type": "gpt", "n_layer": 2, "vocab_size": 50349},
+              "data": {"dataset": "corpus.txt", "tokenizer": "gpt2+mul", "condition": condition,
+                       "cache_dir": f"/tmp/{name}"},
+              "training": {"lr": lr, "max_steps": 200}}
+    if init_from is not None:  # what the trainer records of the source (differs between the conditions)
+        config["init_source"] = {"spec": init_from, "kind": "run", "path": str(source_path),
+                                 "checkpoint": f"{source_path}/checkpoints/latest.pt", "checkpoint_name": "latest",
+                                 "step": 200, "tokens": 200_000, "val_loss": LOSS[condition][1],
+                                 "tokenizer": "gpt2+mul", "tokenizer_fingerprint": f"fp-{condition}",
+                                 "run_name": Path(str(source_path)).name}
+    return config
 
 
 def _write_run(root: Path, name: str, role: str, *, condition: str | None = None, lr: float = 1e-3,
                init_from: str | None = None, evals: bool = True, sweep: bool = True, stats: bool = True,
-               gsm_correct: int | None = None) -> Path:
+               gsm_correct: int | None = None, source_path: Path | None = None) -> Path:
     import yaml
 
     run = root / name
     (run / "eval").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(_config(name, condition or role, lr=lr, init_from=init_from)))
+    (run / "config.yaml").write_text(yaml.safe_dump(_config(name, condition or role, lr=lr, init_from=init_from,
+                                                            source_path=source_path)))
     train, val = LOSS[role]
     (run / "summary.json").write_text(json.dumps({"params": 1_234_567, "steps": 200, "final_train_loss": train,
                                                   "final_val_loss": val}))
@@ -106,11 +115,11 @@ def test_report_follows_the_seed_shape_with_numbers_worked_out_by_hand(pair):
     assert comp["mul_token_usage"]["by_condition"]["mul_tokens"]["probes_by_category"] == {
         "mul_table": 12, "mul_multidigit": 2, "addition": 0}
     assert study["verdict"] == "IMPROVEMENT"
-    # unpooled two-proportion z-test, against scipy's normal tail
-    from scipy.stats import norm
+    # Fisher's exact test on the counts typed in: 4/200 vs 6/200
+    from scipy.stats import fisher_exact
 
-    z = 0.01 / (0.02 * 0.98 / 200 + 0.03 * 0.97 / 200) ** 0.5
-    assert comp["gsm8k"]["p_value"] == pytest.approx(2 * norm.sf(z))
+    assert comp["gsm8k"]["p_value"] == pytest.approx(fisher_exact([[4, 196], [6, 194]]).pvalue)
+    assert "Fisher's exact test" in study["verdict_basis"]
     hs = study["hellaswag"]
     assert hs["baseline"]["acc_norm"] == 0.26 and hs["mul_tokens"]["step"] == 200
     assert hs["delta"] == pytest.approx(0.01)
@@ -139,7 +148,7 @@ def test_rendered_summary_names_the_verdict(pair, tmp_path):
     assert any("mul_table" in line and "9.88%" in line and "24.69%" in line for line in lines)
     assert any("token compression: 2,000 fewer tokens (2.00% reduction)" in line for line in lines)
     assert lines[-2] == "RESULT: Mul-tokens condition shows IMPROVEMENT on GSM8K"
-    assert "p = 0.522: within item-sampling noise" in lines[-1]
+    assert "Fisher's exact test p = 0.751: within item-sampling noise" in lines[-1]
     _write_run(tmp_path / "r", "b", "baseline")
     _write_run(tmp_path / "r", "m", "mul_tokens", gsm_correct=2)
     worse = compare_runs(["b", "m"], tmp_path / "r").mul_report()
@@ -170,8 +179,10 @@ def test_report_only_for_the_studys_two_conditions(tmp_path):
 def test_fine_tuned_runs_take_hellaswag_and_data_stats_from_their_pretraining_runs(tmp_path, monkeypatch):
     _write_run(tmp_path, "base", "baseline", evals=False)
     _write_run(tmp_path, "mul", "mul_tokens", evals=False)
-    _write_run(tmp_path, "base-sft", "baseline", init_from="base:latest", sweep=False, stats=False)
-    _write_run(tmp_path, "mul-sft", "mul_tokens", init_from=str(tmp_path / "mul"), sweep=False, stats=False)
+    _write_run(tmp_path, "base-sft", "baseline", init_from="base:latest", sweep=False, stats=False,
+               source_path=tmp_path / "base")
+    _write_run(tmp_path, "mul-sft", "mul_tokens", init_from=str(tmp_path / "mul"), sweep=False, stats=False,
+               source_path=tmp_path / "mul")
     comparison = compare_runs(["base-sft", "mul-sft"], tmp_path)
     study = comparison.mul_report()
     assert study["applies_because"] == "data.condition"
@@ -187,6 +198,40 @@ def test_fine_tuned_runs_take_hellaswag_and_data_stats_from_their_pretraining_ru
     panel = next(ax for ax in figures[0].axes if ax.get_title().startswith("hellaswag"))
     curves = {line.get_label(): list(line.get_ydata()) for line in panel.get_lines()}
     assert curves == {"base-sft (from base)": [0.25, 0.26], "mul-sft (from mul)": [0.25, 0.27]}
+
+
+def test_near_zero_accuracy_p_value_is_fishers_exact_not_a_liberal_z_test(tmp_path):
+    from scipy.stats import fisher_exact
+
+    from lmkit.compare_mul import two_proportion_p
+
+    # 0/200 vs 5/200: Fisher 0.061 (the unpooled z-test said 0.024, "beyond noise")
+    assert two_proportion_p(0.0, 200, 5 / 200, 200) == pytest.approx(fisher_exact([[0, 200], [5, 195]]).pvalue)
+    assert two_proportion_p(0.0, 200, 5 / 200, 200) == pytest.approx(0.0609, abs=1e-4)
+    assert two_proportion_p(0.0, 200, 0.0, 200) == 1.0
+    assert two_proportion_p(0.5, None, 0.5, 200) is None
+    _write_run(tmp_path, "b", "baseline", gsm_correct=0)
+    _write_run(tmp_path, "m", "mul_tokens", gsm_correct=5)
+    lines = render_mul_report(compare_runs(["b", "m"], tmp_path).mul_report())
+    assert "Fisher's exact test p = 0.0609: within item-sampling noise" in lines[-1]
+
+
+def test_fine_tuned_runs_found_from_another_folder_through_the_recorded_source_path(tmp_path, monkeypatch):
+    # pretraining runs in one folder, fine-tuned runs in another, init_from typed relative to the
+    # folder training ran in; compare runs elsewhere, where a decoy "pre/base" has no sweep
+    _write_run(tmp_path / "proj" / "pre", "base", "baseline", evals=False)
+    _write_run(tmp_path / "proj" / "pre", "mul", "mul_tokens", evals=False)
+    for name, role in (("base-sft", "baseline"), ("mul-sft", "mul_tokens")):
+        source = name.removesuffix("-sft")
+        _write_run(tmp_path / "proj" / "sft", name, role, init_from=f"pre/{source}", sweep=False, stats=False,
+                   source_path=tmp_path / "proj" / "pre" / source)
+    _write_run(tmp_path / "elsewhere" / "pre", "base", "baseline", evals=False, sweep=False, stats=False)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    study = compare_runs(["base-sft", "mul-sft"], tmp_path / "proj" / "sft").mul_report()
+    assert study["applies_because"] == "data.condition"
+    assert study["hellaswag"]["baseline"] == {"acc_norm": 0.26, "step": 200, "from_run": "base", "checkpoints": 2}
+    assert study["hellaswag"]["mul_tokens"]["acc_norm"] == 0.27
+    assert study["data"]["baseline"]["from_run"] == "base" and study["data"]["rows"]["val_tokens"]["delta"] == -200
 
 
 def test_pretraining_runs_draw_both_hellaswag_curves_in_one_panel(pair, monkeypatch):
