@@ -108,7 +108,17 @@ def test_mul_export_tokenizer_has_every_string_at_its_id_and_round_trips(exporte
     assert [tok.convert_tokens_to_ids(f"<|padding_{i}|>") for i in (0, 46)] == [50257, 50303]
     # add_tokens, not special: skip_special_tokens keeps them
     assert tok.decode([50342, 50304], skip_special_tokens=True) == "<MUL_6_9_54><MUL_1_1_1>"
-    assert tok.decode([50257], skip_special_tokens=True) == "<|padding_0|>"
+    # the padding strings are special, as lmkit marks them: skip_special_tokens drops them as lmkit's decode
+    lmkit_tok = load_run(mul_runs["mul"]).tokenizer
+    assert tok.decode([50257, 50342, 50303], skip_special_tokens=True) == "<MUL_6_9_54>"
+    assert lmkit_tok.decode([50257, 50342, 50303]) == "<MUL_6_9_54>"
+    assert tok.decode([50260]) == "<|padding_3|>"
+    # ... and, like <|endoftext|>, HF still reads their literal text as the id where lmkit spells it out:
+    # documented in the verification, which compares ordinary text only
+    assert tok("a <|padding_3|>", add_special_tokens=False)["input_ids"] == [64, 220, 50260]
+    assert 50260 not in lmkit_tok.encode("a <|padding_3|>")
+    assert "<|padding_i|>" in json.loads((result.out / "lmkit_export.json").read_text())[
+        "verification"]["mul_tokens"]["padding_strings"]
     text = "Then 6 * 9 is <MUL_6_9_54>, and <MUL_9_9_81>!\n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert 50342 in ids and 50348 in ids
@@ -186,3 +196,13 @@ def test_exported_files_share_one_mode_that_respects_the_umask(mul_runs, tmp_pat
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
         assert modes["model.safetensors"] == 0o666 & ~umask, modes
         assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_legacy_hf_tokenizer_in_the_mul_condition_adds_padding_non_special(mul_runs, tmp_path):
+    from lmkit.export.tokenizer import save_hf_tokenizer
+
+    info = save_hf_tokenizer(load_run(mul_runs["mul"]).tokenizer, tmp_path, run_tokenizer_dir=mul_runs["mul"] / "tokenizer",
+                             legacy_hf_tokenizer=True)
+    assert info["mul_tokens"]["padding_strings"].endswith("as the original)")
+    tok = _auto(tmp_path)
+    assert tok.decode([50257, 50342], skip_special_tokens=True) == "<|padding_0|><MUL_6_9_54>"

@@ -78,6 +78,11 @@ def check_mul_tokenizer(hf_tok: Any, tokenizer: Tokenizer, problems: list[str],
     out: dict[str, Any] = {"condition": condition, "strings_added": added, "hf_len": len(hf_tok),
                            "text_ids_equal": theirs == ours,
                            "roundtrip": hf_tok.decode(theirs, skip_special_tokens=True) == text}
+    if condition == "mul_tokens":
+        out["padding_strings"] = (
+            "the 47 <|padding_i|> strings are added tokens (special unless --legacy-hf-tokenizer): like "
+            "<|endoftext|>, HF reads their literal text as the id where lmkit spells it out, so text holding "
+            "them is left out of this comparison; ordinary text encodes the same")
     if added:
         wrong = [s for s, i in mul_strings().items() if hf_tok.convert_tokens_to_ids(s) != i]
         out["strings_at_their_ids"] = not wrong
@@ -104,8 +109,9 @@ def legacy_tokenizer_notice(tokenizer: Tokenizer, emit: Callable[[Event], None])
         raise ConfigError(f"--legacy-hf-tokenizer is for runs of the multiplication-tokens study (data.tokenizer "
                           f"gpt2+mul); this run's tokenizer is {tokenizer.kind}")
     if condition == "mul_tokens":
-        emit(Notice("info", "--legacy-hf-tokenizer changes nothing for the mul_tokens condition: its HF "
-                            "tokenizer has the padding and mul strings either way"))
+        emit(Notice("info", "--legacy-hf-tokenizer in the mul_tokens condition: the 47 padding strings are "
+                            "added non-special, as the original's HF builder did (skip_special_tokens then keeps "
+                            "them; lmkit's decode drops them); the mul strings are the same either way"))
         return
     emit(Notice("warning", "--legacy-hf-tokenizer: the HF tokenizer gets the 47 padding and 45 mul strings as "
                            "the original's HF builder added them, so it reads '<MUL_6_9_54>' as one id (50342) where "

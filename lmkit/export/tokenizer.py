@@ -15,15 +15,16 @@ lmkit's own ``encode`` (checked on the run's validation text by the export's ver
   ``tokenizer.json`` is built from them with GPT-2's byte-level pre-tokenizer.
 
 * ``gpt2+mul`` (the multiplication-tokens study) -- the ``gpt2`` files, plus per condition
-  (:func:`_hf_added_tokens`): ``mul_tokens`` gets the 47 ``<|padding_i|>`` and the 45
-  ``<MUL_a_b_c>`` strings at 50257..50348 as non-special added tokens (the seed's
-  ``add_tokens``: ``skip_special_tokens=True`` keeps them; length 50,349); ``baseline`` gets
-  none (its model was trained on the strings as plain text), unless ``legacy_hf_tokenizer``.
+  (:func:`_hf_added_tokens`): ``mul_tokens`` gets the 47 ``<|padding_i|>`` strings at
+  50257..50303 as special added tokens and the 45 ``<MUL_a_b_c>`` strings at 50304..50348 as
+  non-special ones (the seed's ``add_tokens``: ``skip_special_tokens=True`` keeps them; length
+  50,349); ``baseline`` gets none (its model was trained on the strings as plain text), unless
+  ``legacy_hf_tokenizer``.
 
 Special tokens are registered as added tokens, so a Hugging Face tokenizer turns the literal
-text ``<|endoftext|>`` (or ``<EOS>`` for ``char``) into its special id, where lmkit's
-``encode`` spells it out character by character. That is the only difference, and
-validation text does not contain these strings.
+text ``<|endoftext|>`` (or ``<EOS>`` for ``char``; ``<|padding_i|>`` for ``gpt2+mul``) into its
+special id, where lmkit's ``encode`` spells it out character by character. That is the only
+difference, and validation text does not contain these strings.
 
 Tokens added with :meth:`lmkit.data.tokenizers.Tokenizer.add_tokens` become added tokens of
 ``tokenizer.json`` at their own ids (``special`` as in lmkit). ``tokenizers`` numbers added
@@ -207,29 +208,38 @@ def _hf_added_tokens(tokenizer: Tokenizer, legacy_hf_tokenizer: bool) -> tuple[l
     """The added tokens ``tokenizer.json`` gets, and what was decided (for the metadata).
 
     The multiplication-tokens study (SEEDS_SPEC §1.1, HF side): in the ``mul_tokens``
-    condition the 47 padding strings ``<|padding_i|>`` (50257..50303) and the 45 mul strings
-    (50304..50348) are added as the seed's builder did, with ``add_tokens`` -- NOT special, so
-    ``decode(..., skip_special_tokens=True)`` keeps them (lmkit itself treats the padding ids
-    as special; no text maps to them either way). In the ``baseline`` condition the strings
-    were plain text in training, so they are left out (the model still has 50,349 rows; an id
-    above 50256 has no text); ``legacy_hf_tokenizer`` adds them anyway, as the seed's builder
-    did for both conditions -- then the HF tokenizer reads ``<MUL_6_9_54>`` as one id where
-    lmkit's baseline tokenizer (and the baseline's training data) spells it out.
+    condition the 45 mul strings (50304..50348) are added as the seed's builder did, with
+    ``add_tokens`` -- NOT special, so ``decode(..., skip_special_tokens=True)`` keeps them --
+    and the 47 padding strings ``<|padding_i|>`` (50257..50303) as SPECIAL added tokens, as
+    lmkit's own tokenizer marks them: a decode with ``skip_special_tokens=True`` drops them as
+    lmkit's decode does. Like ``<|endoftext|>``, the HF tokenizer still reads the literal text
+    ``<|padding_3|>`` as its id (``tokenizers`` matches every added token in text, special or
+    not) where lmkit spells it out; text holding these strings is left out of the export's
+    tokenizer comparison, and its verification says so. (The seed's builder added the padding
+    strings non-special: ``legacy_hf_tokenizer`` keeps that.) In the ``baseline`` condition the
+    strings were plain text in training, so they are left out (the model still has 50,349
+    rows; an id above 50256 has no text); ``legacy_hf_tokenizer`` adds them anyway, as the
+    seed's builder did for both conditions -- then the HF tokenizer reads ``<MUL_6_9_54>`` as
+    one id where lmkit's baseline tokenizer (and the baseline's training data) spells it out.
     """
     condition = mul_condition(tokenizer)
     tokens = [(t.id, t.text, t.special) for t in tokenizer.added_tokens]
     info: dict[str, Any] = {"condition": condition, "legacy_hf_tokenizer": bool(legacy_hf_tokenizer)}
     if condition is None:
         return tokens, info
-    from lmkit.data.mul_tokens import MUL_VOCAB_SIZE, PADDING_IDS
+    from lmkit.data.mul_tokens import MUL_IDS, MUL_VOCAB_SIZE, PADDING_IDS
 
     study = range(PADDING_IDS[0], MUL_VOCAB_SIZE)
     if condition == "baseline" and not legacy_hf_tokenizer:
         tokens = [t for t in tokens if t[0] not in study]
         info["mul_strings"] = "plain text (as the baseline was trained)"
-    else:
-        tokens = [(i, text, False if i in study else special) for i, text, special in tokens]
-        info["mul_strings"] = "added tokens (add_tokens, not special)"
+        return tokens, info
+    padding_special = not legacy_hf_tokenizer
+    tokens = [(i, text, False if i in MUL_IDS else padding_special if i in PADDING_IDS else special)
+              for i, text, special in tokens]
+    info["mul_strings"] = "added tokens (add_tokens, not special)"
+    info["padding_strings"] = ("special added tokens (skip_special_tokens drops them, as lmkit's decode)"
+                               if padding_special else "added tokens (add_tokens, not special, as the original)")
     return tokens, info
 
 
