@@ -167,3 +167,34 @@ def test_real_wandb_offline_run_file_holds_the_keys(tmp_path, monkeypatch):
     assert run_id in files[0].name
     for key in (b"train/loss", b"train/lr", b"val/loss", b"best_val_loss", b"n_embd"):
         assert key in blob, key
+
+
+def test_failing_wandb_init_is_one_config_error_line_suggesting_login_or_offline(fake_wandb, tmp_path):
+    from lmkit.monitor.wandb import WandbWriter
+    from lmkit.rundir import RunDir
+
+    errors = types.ModuleType("wandb.errors")
+
+    class Error(Exception):
+        pass
+
+    class UsageError(Error):
+        pass
+
+    errors.Error, errors.UsageError = Error, UsageError
+    fake_wandb.errors = errors
+
+    def init(**kwargs):
+        raise UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore detail here")
+
+    fake_wandb.init = init
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        WandbWriter(cfg, RunDir(tmp_path / "runs" / "w"), resumed=False)
+    message = str(info.value)
+    assert "\n" not in message and "api_key not configured" in message and "more detail" not in message
+    assert "wandb login" in message and "WANDB_MODE=offline" in message
+    # an error that is not wandb's is not relabelled
+    fake_wandb.init = lambda **kwargs: (_ for _ in ()).throw(TypeError("a bug"))
+    with pytest.raises(TypeError, match="a bug"):
+        WandbWriter(cfg, RunDir(tmp_path / "runs" / "w"), resumed=False)

@@ -33,7 +33,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmkit.errors import ConfigError
+from lmkit.errors import ConfigError, first_line
 from lmkit.events import EvalResult, Event, RunFinished, RunStarted, StepMetrics, SVDAnalysis
 
 if TYPE_CHECKING:
@@ -96,7 +96,9 @@ class WandbWriter:
             ``runs/NAME/wandb.json`` (a new W&B run when that file is missing).
 
     Raises:
-        ConfigError: the ``wandb`` package is missing.
+        ConfigError: the ``wandb`` package is missing, or ``wandb.init`` fails with one of
+            wandb's errors (``wandb.errors.Error``: no API key online, no network, no access
+            to the project), in one line that suggests ``wandb login`` or ``WANDB_MODE=offline``.
     """
 
     def __init__(self, cfg: RunConfig, run: Any, resumed: bool):
@@ -124,7 +126,12 @@ class WandbWriter:
         }
         if not os.environ.get("WANDB_DIR"):
             kwargs["dir"] = str(self.run_path)
-        self.wandb_run = wandb.init(**kwargs)
+        wandb_error = getattr(getattr(wandb, "errors", None), "Error", Exception)
+        try:
+            self.wandb_run = wandb.init(**kwargs)
+        except wandb_error as exc:  # no API key online, network, permissions: wandb's own errors
+            raise ConfigError(f"training.loggers: wandb.init failed ({first_line(exc)}); run `wandb login`, or set "
+                              "WANDB_MODE=offline to log locally (or drop wandb from training.loggers)") from None
         id_file.write_text(json.dumps({"id": run_id, "project": kwargs["project"], "entity": tcfg.wandb_entity,
                                        "name": kwargs["name"]}) + "\n", encoding="utf-8")
         self.wandb_run.define_metric(STEP_KEY)
