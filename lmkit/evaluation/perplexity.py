@@ -19,7 +19,9 @@ from the tokenizer's offsets: see :mod:`lmkit.data.token_bytes`), so ``sum_t byt
 the UTF-8 length of the text predicted. ``scored_t`` drops only special tokens that stand
 for no text (separators: 0 bytes, 0 nats). Shards written before the per-token counts
 existed fall back to a per-id table (``▁`` counted as a space, special tokens 0, byte-level
-pieces their raw bytes). bpb does not depend on the tokenizer, so it compares runs whose
+pieces their raw bytes). Chat data: the counts each conversation carries
+(:attr:`~lmkit.data.batching.LabelledSequence.n_bytes`). A ``mul_tokens`` run's ``--data`` file
+is injected as its training text was (:func:`text_tokens`). bpb does not depend on the tokenizer, so it compares runs whose
 tokenizers differ; loss and perplexity do not.
 
 ``data_sha256`` is the SHA-256 of the ``--data`` file, or of the val split's UTF-8 text,
@@ -214,7 +216,8 @@ def split_loss_sums(model: nn.Module, data: PreparedData, split: str, block_size
     """Loss and bits per byte of one split of a run's data (what in-training validation calls).
 
     Text data: :func:`scored_windows` over ``data.tokens(split)`` with the per-token byte
-    counts ``data.token_bytes(split)``; arithmetic: the split's examples in order, padded.
+    counts ``data.token_bytes(split)``; chat and arithmetic: the split's sequences in order,
+    padded (chat with the byte counts each sequence carries, arithmetic with the per-id table).
 
     Args:
         model: called as ``model(x)``, in eval mode (its mode is restored afterwards).
@@ -245,7 +248,8 @@ def split_loss_sums(model: nn.Module, data: PreparedData, split: str, block_size
         if split not in data.sequences:
             raise DataError(f"the data has no {split} split (splits: {', '.join(data.sequences)})")
         seqs = data.sequences[split][:limit] if limit is not None else data.sequences[split]
-        batches = example_batches_in_order(seqs, batch_size, data.tokenizer.pad_id or 0)
+        # chat sequences carry each id's original bytes (a mul id: the text it replaced)
+        batches = example_batches_in_order(seqs, batch_size, data.tokenizer.pad_id or 0, with_bytes=True)
     was_training = model.training
     model.eval()
     try:
@@ -254,9 +258,19 @@ def split_loss_sums(model: nn.Module, data: PreparedData, split: str, block_size
         model.train(was_training)
 
 
-def text_tokens(path: Path, tokenizer: Tokenizer, encoding: str = "utf-8") -> tuple[np.ndarray, np.ndarray, int]:
+def injects_mul(tokenizer: Tokenizer) -> bool:
+    """Whether ``tokenizer`` is a ``gpt2+mul`` one of the ``mul_tokens`` condition, whose
+    training text went through the injection rule (SEEDS_SPEC 1.2)."""
+    return getattr(tokenizer, "condition", None) == "mul_tokens" and hasattr(tokenizer, "encode_text_with_bytes")
+
+
+def text_tokens(path: Path, tokenizer: Tokenizer, encoding: str = "utf-8", *,
+                legacy_regex: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """The ids of a text file and each token's byte count, tokenized line by line (as
     training tokenizes text files; the last line gets no newline the file does not have).
+    A ``gpt2+mul`` tokenizer of the ``mul_tokens`` condition (:func:`injects_mul`) encodes as
+    its shards do, through the injection rule (``legacy_regex``: ``data.legacy_regex``), each
+    mul token counting the bytes of the text it replaced.
 
     Returns:
         ``(ids, n_bytes, text_bytes)``: ``(N,)`` int64 ids, ``(N,)`` int64 UTF-8 bytes per
@@ -273,8 +287,12 @@ def text_tokens(path: Path, tokenizer: Tokenizer, encoding: str = "utf-8") -> tu
     lines = text.splitlines(keepends=True)
     ids: list[np.ndarray] = []
     counts: list[np.ndarray] = []
+    inject = injects_mul(tokenizer)
     for start in range(0, len(lines), 2048):
-        for row_ids, row_bytes in tokenizer.encode_batch_with_bytes(lines[start : start + 2048]):
+        chunk = lines[start : start + 2048]
+        rows = (tokenizer.encode_text_with_bytes(chunk, legacy_regex=legacy_regex) if inject  # type: ignore[attr-defined]
+                else tokenizer.encode_batch_with_bytes(chunk))
+        for row_ids, row_bytes in rows:
             ids.append(np.asarray(row_ids, dtype=np.int64))
             counts.append(np.asarray(row_bytes, dtype=np.int64))
     all_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
@@ -300,10 +318,18 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     notes: list[str] = []
     if ctx.data is not None:
         encoding = ctx.options.get("encoding", "utf-8")
-        tokens, token_bytes, text_bytes = text_tokens(Path(ctx.data), ctx.tokenizer, encoding)
+        legacy = bool(getattr(cfg.data, "legacy_regex", False))
+        tokens, token_bytes, text_bytes = text_tokens(Path(ctx.data), ctx.tokenizer, encoding, legacy_regex=legacy)
         total, batches = scored_windows(tokens, token_bytes, block_size, ctx.batch_size, limit=ctx.limit)
         data_file, data_sha = str(ctx.data), file_sha256(Path(ctx.data))
         details.update({"encoding": encoding, "text_bytes": text_bytes, "bytes_source": "per token"})
+        if injects_mul(ctx.tokenizer):
+            rule = "the seed's unguarded regex (data.legacy_regex)" if legacy else "word-boundary guards"
+            details["text_encoding"] = "mul_tokens injection, legacy regex" if legacy else "mul_tokens injection"
+            notes.append(f"--data was encoded as the mul_tokens run's training text: multiplication facts injected "
+                         f"as mul tokens ({rule}), each counting the bytes of the text it replaced")
+        else:
+            details["text_encoding"] = "plain"
         unit = "windows"
     else:
         # A fine-tuned run (init_from) encoded its data with the source run's tokenizer: do the same.
@@ -327,7 +353,7 @@ def evaluate(ctx: EvalContext) -> TaskResult:
         else:
             total = len(data.sequences["val"][: ctx.limit] if ctx.limit is not None else data.sequences["val"])
             unit = "examples"
-            details["bytes_source"] = "per-id table"
+            details["bytes_source"] = data.bytes_source("val")
     if total == 0:
         raise DataError(f"{data_file}: nothing to score")
     done = 0
