@@ -34,7 +34,7 @@ from lmkit.data.sources import load_text_source
 from lmkit.data.token_bytes import token_byte_table
 from lmkit.data.tokenizers import AddedToken, CharTokenizer, Tokenizer
 from lmkit.errors import ConfigError, DataError
-from lmkit.events import DataReady, Event, null_emit
+from lmkit.events import DataReady, Event, Notice, null_emit
 
 
 @dataclass
@@ -109,7 +109,19 @@ class PreparedData:
         return self._table_bytes[split]
 
     def bytes_source(self, split: str) -> str:
-        """``"per token"`` (counts stored with the shard) or ``"per-id table"`` (older shard)."""
+        """``"per token"`` (counts stored with the shard, or carried by every chat sequence:
+        :attr:`~lmkit.data.batching.LabelledSequence.n_bytes`) or ``"per-id table"`` (an older
+        shard, arithmetic examples).
+
+        Raises:
+            DataError: no such split.
+        """
+        if self.shards is None:
+            if split not in self.sequences:
+                raise DataError(f"the data has no {split} split (splits: {', '.join(self.sequences)})")
+            seqs = self.sequences[split]
+            per_token = bool(seqs) and all(getattr(s, "n_bytes", None) is not None for s in seqs)
+            return "per token" if per_token else "per-id table"
         self.tokens(split)
         assert self.shards is not None
         return "per token" if "bytes_file" in self.shards.meta["splits"][split] else "per-id table"
@@ -284,6 +296,9 @@ def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit, 
         source = load_text_source(config)
         shard_config = config
     shards, used = _shards_with(source, shard_config, emit, tuple(added_tokens), tokenizer)
+    notice = mul_injection_notice(used, config.condition)
+    if notice is not None:
+        emit(notice)
     max_id = max(shards.max_id(s) for s in shards.splits)
     stats = getattr(shards, "stats", None)  # token counts of the build (mul tokens, compression)
     if source.extra.get("mixture"):
@@ -293,6 +308,25 @@ def prepare_data(config: DataConfig, emit: Callable[[Event], None] = null_emit, 
                    vocab_size=used.vocab_size, split_sizes=data.split_sizes(), unit="tokens",
                    cache_dir=str(shards.directory), reused=shards.reused, stats=stats))
     return data
+
+
+def mul_injection_notice(tokenizer: Tokenizer, condition: str | None) -> Notice | None:
+    """A warning when ``tokenizer`` encodes each of the 45 ``<MUL_a_b_c>`` strings as its single
+    id (50304..50348: e.g. the ``hf:`` export of a ``mul_tokens`` run) but no ``data.condition``
+    is in effect, so nothing in the data is injected (SEEDS_SPEC 1.2); ``None`` otherwise."""
+    if condition is not None or tokenizer.vocab_size < 50349:
+        return None
+    from lmkit.data.mul_tokens import mul_facts, mul_token_id, mul_token_string
+
+    facts = mul_facts()
+    strings = [mul_token_string(a, b) for a, b, _ in facts]
+    if tokenizer.encode_batch(strings) != [[mul_token_id(a, b)] for a, b, _ in facts]:
+        return None
+    return Notice(level="warning", message=(
+        f"the {tokenizer.kind} tokenizer has the 45 multiplication tokens (<MUL_6_9_54> ...) but no data.condition "
+        "is in effect, so mul-token injection is off: facts such as 6*9=54 stay plain text in this data; to inject "
+        "them, fine-tune from the lmkit run itself (--init-from RUN keeps data.tokenizer gpt2+mul and "
+        "data.condition mul_tokens) rather than from its hf: export"))
 
 
 def _shards_with(source, config: DataConfig, emit: Callable[[Event], None], added_tokens: tuple[AddedToken, ...],
@@ -365,5 +399,6 @@ __all__ = [
     "AddedToken",
     "PreparedData",
     "make_train_batches",
+    "mul_injection_notice",
     "prepare_data",
 ]

@@ -29,21 +29,28 @@ class LabelledSequence(list):
 
     ``labels[i]`` is the id the model must learn at position ``i`` (so the target of input
     ``i`` is ``labels[i + 1]``), or :data:`IGNORE_INDEX` where the loss mask hides it; it has
-    the length of the ids. Slicing gives plain lists (the labels stay on the whole sequence).
+    the length of the ids. ``n_bytes[i]``, when given, is the UTF-8 length of the original
+    text id ``i`` covers (a mul token counts the text it replaced, an EOS 0): the bits-per-byte
+    denominator of its target. Slicing gives plain lists (labels and bytes stay on the whole
+    sequence).
 
     Raises:
-        ValueError: ``labels`` is not as long as ``ids``.
+        ValueError: ``labels`` or ``n_bytes`` is not as long as ``ids``.
     """
 
-    def __init__(self, ids: Sequence[int], labels: Sequence[int]):
+    def __init__(self, ids: Sequence[int], labels: Sequence[int], n_bytes: Sequence[int] | None = None):
         super().__init__(ids)
         if len(labels) != len(ids):
             raise ValueError(f"{len(labels)} labels for {len(ids)} ids")
+        if n_bytes is not None and len(n_bytes) != len(ids):
+            raise ValueError(f"{len(n_bytes)} byte counts for {len(ids)} ids")
         self.labels = list(labels)
+        self.n_bytes = None if n_bytes is None else [int(b) for b in n_bytes]
 
     def truncated(self, length: int) -> LabelledSequence:
-        """The first ``length`` ids and their labels."""
-        return LabelledSequence(self[:length], self.labels[:length])
+        """The first ``length`` ids, their labels and byte counts."""
+        return LabelledSequence(self[:length], self.labels[:length],
+                                None if self.n_bytes is None else self.n_bytes[:length])
 
 
 class TokenWindows:
@@ -145,8 +152,26 @@ class ExampleBatches:
         return pad_sequences([self.sequences[i] for i in ids], self.pad_id)
 
 
-def example_batches_in_order(sequences: Sequence[Sequence[int]], batch_size: int,
-                             pad_id: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """All examples in order (evaluation), padded per batch."""
+def target_bytes(sequences: Sequence[Sequence[int]]) -> np.ndarray | None:
+    """Each target's UTF-8 byte count, ``(len(sequences), T)`` int64 laid out as the targets of
+    :func:`pad_sequences` (``n_bytes[1:]``, padding 0), or ``None`` unless every sequence is a
+    :class:`LabelledSequence` that carries ``n_bytes``."""
+    counts = [getattr(s, "n_bytes", None) for s in sequences]
+    if not counts or any(c is None for c in counts):
+        return None
+    width = max(len(s) for s in sequences) - 1
+    out = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, c in enumerate(counts):
+        out[row, : len(c) - 1] = c[1:]
+    return out
+
+
+def example_batches_in_order(sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, *,
+                             with_bytes: bool = False) -> Iterator[tuple[np.ndarray, ...]]:
+    """All examples in order (evaluation), padded per batch: ``(x, y)``, or with ``with_bytes``
+    ``(x, y, y_bytes)`` for batches whose sequences all carry byte counts (:func:`target_bytes`)."""
     for start in range(0, len(sequences), batch_size):
-        yield pad_sequences(sequences[start : start + batch_size], pad_id)
+        chunk = sequences[start : start + batch_size]
+        x, y = pad_sequences(chunk, pad_id)
+        y_bytes = target_bytes(chunk) if with_bytes else None
+        yield (x, y) if y_bytes is None else (x, y, y_bytes)

@@ -28,6 +28,11 @@ Injection of multiplication-fact tokens (``data.condition: mul_tokens``,
 ``data.inject_answers: true`` (the seed's ``--inject-mul-tokens``, option "A1"). Prompts are
 never rewritten. Text outside the injected turns is encoded as the tokenizer encodes any
 text (``gpt2+mul`` in the ``baseline`` condition keeps a mul-token string as plain text).
+
+Every id carries the UTF-8 bytes of the original text it covers
+(:attr:`~lmkit.data.batching.LabelledSequence.n_bytes`; a mul id the bytes of the text it
+replaced, ``"6*9=54"`` 6, not the 12 of ``<MUL_6_9_54>``), so bits per byte divides by the
+original text in both conditions.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,13 +143,23 @@ def chat_parts(item: ChatItem, inject: Callable[[str], list[Segment]] | None = N
 @dataclass
 class EncodedChat:
     """The items of one split encoded. ``truncated`` items lost their tail (and EOS) to the
-    length limit; ``mul_tokens`` counts injected mul ids; ``label_tokens`` the learned targets."""
+    length limit; ``mul_tokens`` counts the injected mul ids kept; ``label_tokens`` the learned
+    targets; ``mul_positions[k]`` are the positions of sequence ``k``'s injected mul ids (before
+    any cut: :func:`count_injected` recounts after one). Each sequence carries ``n_bytes``, the
+    UTF-8 bytes of the original text per id (a mul id: the text it replaced; the EOS: 0)."""
 
     sequences: list[LabelledSequence]
     texts: list[str]
     truncated: int = 0
     mul_tokens: int = 0
     label_tokens: int = 0
+    mul_positions: list[list[int]] = field(default_factory=list)
+
+
+def count_injected(sequences: Sequence[Sequence[int]], mul_positions: Sequence[Sequence[int]]) -> int:
+    """Injected mul ids still in ``sequences`` (cut or not): the positions below each length."""
+    return sum(sum(1 for p in positions if p < len(seq)) for seq, positions in zip(sequences, mul_positions,
+                                                                                 strict=True))
 
 
 def encode_chat(items: Sequence[ChatItem], tokenizer: Any, *, loss_on: str = "assistant",
@@ -181,35 +196,48 @@ def encode_chat(items: Sequence[ChatItem], tokenizer: Any, *, loss_on: str = "as
     # condition); injected parts are segments, each mul token standing for its original text.
     plain = [k for k, row in enumerate(rows) if len(row) == 1 and isinstance(row[0], str)]
     mixed = [k for k, row in enumerate(rows) if not (len(row) == 1 and isinstance(row[0], str))]
-    encoded: list[list[int]] = [[] for _ in rows]
+    encoded: list[tuple[list[int], list[int]]] = [([], []) for _ in rows]
     if plain:
-        for k, ids in zip(plain, tokenizer.encode_batch([rows[k][0] for k in plain]), strict=True):
-            encoded[k] = ids
+        for k, (ids, nbytes) in zip(plain, tokenizer.encode_batch_with_bytes([rows[k][0] for k in plain]), strict=True):
+            encoded[k] = (list(ids), [int(b) for b in nbytes])
     if mixed:
-        for k, (ids, _) in zip(mixed, tokenizer.encode_segments_with_bytes([rows[k] for k in mixed]), strict=True):
-            encoded[k] = ids
+        for k, (ids, nbytes) in zip(mixed, tokenizer.encode_segments_with_bytes([rows[k] for k in mixed]), strict=True):
+            encoded[k] = (list(ids), [int(b) for b in nbytes])
     out = EncodedChat([], [chat_text(item) for item in items])
     position = 0
     for parts in item_parts:
         ids: list[int] = []
+        nbytes: list[int] = []
         learn: list[bool] = []
+        injected: list[int] = []  # positions of the injected mul ids
         for segments, is_assistant in parts:
-            piece = encoded[position]
+            piece, piece_bytes = encoded[position]
             position += 1
+            if any(not isinstance(seg, str) for seg in segments):
+                # one id per (id, text) segment, in order, among the base tokenizer's ids
+                wanted = iter(seg[0] for seg in segments if not isinstance(seg, str))
+                want = next(wanted, None)
+                for t, i in enumerate(piece):
+                    if i == want:
+                        injected.append(len(ids) + t)
+                        want = next(wanted, None)
             ids.extend(piece)
+            nbytes.extend(piece_bytes)
             learn.extend([is_assistant or loss_on == "all"] * len(piece))
-            out.mul_tokens += sum(1 for seg in segments if not isinstance(seg, str))
         ids.append(eos)
+        nbytes.append(0)
         learn.append(True)
         if legacy_pad_mask:
             labels = [i if i != eos else IGNORE_INDEX for i in ids]
         else:
             labels = [i if keep else IGNORE_INDEX for i, keep in zip(ids, learn, strict=True)]
-        seq = LabelledSequence(ids, labels)
+        seq = LabelledSequence(ids, labels, nbytes)
         if max_length is not None and len(seq) > max_length:
             seq = seq.truncated(max_length)
             out.truncated += 1
         out.label_tokens += sum(1 for label in seq.labels[1:] if label != IGNORE_INDEX)
+        out.mul_positions.append(injected)
+        out.mul_tokens += sum(1 for p in injected if p < len(seq))
         out.sequences.append(seq)
     return out
 
@@ -347,6 +375,7 @@ __all__ = [
     "chat_parts",
     "chat_prompt",
     "chat_text",
+    "count_injected",
     "encode_chat",
     "item_from_row",
     "load_chat_rows",

@@ -6,8 +6,9 @@ when ``training.eval_at_start`` (the untrained baseline, never a "best"). Langua
 data: mean loss over the first ``eval_iters`` batches of windows, perplexity, and bits per
 byte from the per-token byte counts stored with the shards
 (:func:`lmkit.evaluation.perplexity.split_loss_sums`, what ``lmkit eval --task
-perplexity`` computes too). Arithmetic data: loss and perplexity over every validation
-sequence, plus flat / parenthesised accuracy.
+perplexity`` computes too). Chat data: loss, perplexity and bits per byte over every
+validation conversation (each target's bytes carried with it). Arithmetic data: loss and
+perplexity over every validation sequence, plus flat / parenthesised accuracy.
 
 Emits :class:`~lmkit.events.EvalResult`; the trainer's best-so-far (``best_val_loss``,
 ``best_step``) and ``last_val`` are updated here and saved with the train state.
@@ -64,9 +65,11 @@ class Evaluator(TrainingHook):
         cfg, plan, data = trainer.config, trainer.plan, trainer.data
         started = time.time()
         model = trainer.model
-        if data.task == "lm":
-            # the first eval_iters * batch_size full windows of the split, with their bytes
-            limit = cfg.training.eval_iters * cfg.training.batch_size if cfg.training.eval_iters else None
+        if data.task in ("lm", "chat"):
+            # text: the first eval_iters * batch_size full windows of the split; chat: every val
+            # conversation; both with each target's original bytes
+            limit = (cfg.training.eval_iters * cfg.training.batch_size
+                     if cfg.training.eval_iters and data.task == "lm" else None)
             sums = split_loss_sums(model, data, "val", cfg.model.block_size, cfg.training.batch_size, plan.device,
                                    limit=limit, tail=False, vocab_size=cfg.model.vocab_size, autocast=plan.autocast)
             loss = sums.mean_loss
