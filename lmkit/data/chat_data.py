@@ -11,9 +11,9 @@ import functools
 from collections.abc import Callable, Iterator
 
 from lmkit.config import DataConfig
-from lmkit.data import PreparedData
+from lmkit.data import PreparedData, mul_injection_notice
 from lmkit.data.batching import IGNORE_INDEX
-from lmkit.data.chat import ChatItem, chat_text, encode_chat, load_chat_rows
+from lmkit.data.chat import ChatItem, chat_text, count_injected, encode_chat, load_chat_rows
 from lmkit.data.tokenizer_base import AddedToken, Tokenizer
 from lmkit.data.tokenizers import build_tokenizer
 from lmkit.errors import ConfigError, DataError
@@ -62,6 +62,9 @@ def prepare_chat_data(config: DataConfig, emit: Callable[[Event], None] = null_e
     if getattr(tokenizer, "condition", None) not in (None, config.condition):
         raise DataError(f"data.condition is {config.condition} but the tokenizer given is the "
                         f"{tokenizer.condition} one; set --set data.condition={tokenizer.condition}")
+    notice = mul_injection_notice(tokenizer, config.condition)
+    if notice is not None:
+        emit(notice)
     inject = None
     if config.condition == "mul_tokens":
         from lmkit.data.mul_tokens import inject_segments  # helper of the mul_tokens condition
@@ -69,6 +72,7 @@ def prepare_chat_data(config: DataConfig, emit: Callable[[Event], None] = null_e
         inject = functools.partial(inject_segments, legacy_regex=config.legacy_regex)
     sequences: dict[str, list[list[int]]] = {}
     texts: dict[str, list[str]] = {}
+    mul_positions: dict[str, list[list[int]]] = {}
     stats: dict = {"format": "chat", "condition": config.condition, "conversations": {}, "label_tokens": {},
                    "skipped_rows": rows.skipped,
                    "loss_on": "legacy pad mask" if config.legacy_pad_mask else config.loss_on}
@@ -79,7 +83,7 @@ def prepare_chat_data(config: DataConfig, emit: Callable[[Event], None] = null_e
                           inject=inject, inject_qa=config.inject_answers)
         if not enc.sequences:
             raise DataError(f"data.dataset: the {split} split of {config.dataset} has no conversations")
-        sequences[split], texts[split] = enc.sequences, enc.texts
+        sequences[split], texts[split], mul_positions[split] = enc.sequences, enc.texts, enc.mul_positions
         stats["conversations"][split] = len(enc.sequences)
         stats["label_tokens"][split] = enc.label_tokens
         if inject is not None:
@@ -98,9 +102,13 @@ def prepare_chat_data(config: DataConfig, emit: Callable[[Event], None] = null_e
             emit(Notice(level="warning", message=(
                 f"{cut:,} of {total:,} conversations are longer than block_size + 1 = {block_size + 1} tokens and "
                 "were cut (a cut one loses its final EOS); raise model.block_size to keep them whole")))
-        # labels of cut items changed: recount
+        # labels and injected mul ids of cut items changed: recount
         stats["label_tokens"] = {split: sum(sum(1 for x in seq.labels[1:] if x != IGNORE_INDEX) for seq in seqs)
                                  for split, seqs in sequences.items()}
+        if inject is not None:
+            stats["mul_tokens_by_split"] = {split: count_injected(seqs, mul_positions[split])
+                                            for split, seqs in sequences.items()}
+            stats["mul_tokens"] = sum(stats["mul_tokens_by_split"].values())
     emit(DataReady(description=data.description, tokenizer=tokenizer.kind, vocab_size=tokenizer.vocab_size,
                    split_sizes=data.split_sizes(), unit="examples", cache_dir=None, reused=False, stats=stats))
     return data
