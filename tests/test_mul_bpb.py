@@ -248,3 +248,12 @@ def test_hf_tokenizer_with_mul_strings_warns_for_text_data_too(hf_mul_tokenizer,
     prepare_data(DataConfig(dataset=str(path), tokenizer="byte", cache_dir=str(tmp_path / "cache")), events.append,
                  tokenizer=hf_mul_tokenizer)
     assert [e for e in events if isinstance(e, Notice) and "injection is off" in e.message]
+
+
+def test_an_hf_tokenizer_with_the_mul_strings_counts_generated_mul_ids(hf_mul_tokenizer, gpt2):
+    """gsm8k / probes on a run fine-tuned from an ``hf:`` export still count mul tokens."""
+    from lmkit.evaluation.mul_usage import mul_token_ids
+
+    ids = mul_token_ids(hf_mul_tokenizer)
+    assert len(ids) == 45 and SIX_NINE in ids and min(ids) == 50304 and max(ids) == 50348
+    assert mul_token_ids(gpt2) == frozenset()

@@ -223,6 +223,10 @@ def cache_key(source: TextSource, config: DataConfig, added_tokens: tuple[AddedT
         parts.append(f"condition={config.condition}")
         if config.condition == "mul_tokens":
             parts.append(f"legacy_regex={config.legacy_regex}")
+            if not config.legacy_regex:  # the guarded rule changed once (digit groups): never reuse the old shards
+                from lmkit.data.mul_tokens import GUARDED_PATTERN
+
+                parts.append("guards=" + hashlib.sha256(GUARDED_PATTERN.encode()).hexdigest()[:8])
     if config.include_synthetic:
         parts.append("synthetic=42")
     if tokenizer is not None:

@@ -28,11 +28,16 @@ def mul_token_ids(tokenizer: Any) -> frozenset[int]:
     string (``<MUL_6_9_54>`` at 50342). Objects without ``added_tokens`` (a test double)
     have none.
     """
-    added = getattr(tokenizer, "added_tokens", None) or ()
-    if not added:
-        return frozenset()
     from lmkit.data.mul_tokens import is_mul_id, mul_facts, mul_token_id, mul_token_string
 
+    added = getattr(tokenizer, "added_tokens", None) or ()
+    backend = getattr(tokenizer, "backend", None)
+    if not added and backend is not None and hasattr(backend, "token_to_id"):
+        # an ``hf:`` tokenizer (e.g. the export of a mul_tokens run): the strings live in the backend
+        return frozenset(mul_token_id(a, b) for a, b, _ in mul_facts()
+                         if backend.token_to_id(mul_token_string(a, b)) == mul_token_id(a, b))
+    if not added:
+        return frozenset()
     canonical = {mul_token_id(a, b): mul_token_string(a, b) for a, b, _ in mul_facts()}
     return frozenset(t.id for t in added if is_mul_id(t.id) and canonical.get(t.id) == t.text)
 
