@@ -143,17 +143,27 @@ def test_the_parser_reads_continuations_variables_and_comments(tmp_path):
                                        ["train", "--preset", "p", "--multi-node-launcher"]]
 
 
+def _scratch(tmp_path, monkeypatch) -> Path:
+    """A scratch working folder with ``../shared`` beside it, as in the checkout: presets name
+    their local data relative to the checkout (``../shared/data/...``)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(REPO.parent / "shared", target_is_directory=True)
+    monkeypatch.chdir(work)
+    return work
+
+
 @pytest.mark.parametrize(("readme", "args"), _case_ids())
 def test_example_command_parses_or_dry_runs(readme, args, tmp_path, monkeypatch):
     """Fast: a training is dry-run (the same config build as the real command); any other
     command's options are parsed by the real command line without running it."""
-    monkeypatch.chdir(tmp_path)
+    work = _scratch(tmp_path, monkeypatch)
     args = _absolute(args)
     if args[0] == "train":
         result = _invoke(_strip(args, "--multi-node-launcher") + ["--dry-run"])
         assert result.exit_code == 0, f"{readme}: lmkit {shlex.join(args)} --dry-run\n{result.output}"
         assert "plan:" in result.output
-        assert list(tmp_path.iterdir()) == []
+        assert list(work.iterdir()) == []
         return
     group = typer.main.get_command(_app())
     ctx = group.make_context("lmkit", [], resilient_parsing=True)
@@ -180,7 +190,7 @@ def _shortened(args: list[str]) -> list[str] | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("readme", EXAMPLES, ids=[p.parent.name for p in EXAMPLES])
 def test_example_runs_shortened(readme, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    _scratch(tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_MODE", "offline")  # the W&B examples log to a local offline run
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")

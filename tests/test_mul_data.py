@@ -243,3 +243,15 @@ def test_presets_of_the_study():
     # 50,349*64 (tied) + 512*64 + 2 blocks * (12*64^2 + 13*64) + 2*64
     assert sum(p.numel() for p in build_model(tiny.model, device="meta").parameters()) == 3_355_200
     assert tiny.model.vocab_size == 50349 and tiny.data.include_synthetic and tiny.data.tokenizer == "gpt2+mul"
+
+
+def test_passing_the_tokenizers_own_added_tokens_again_reuses_the_entry(jsonl, tmp_path):
+    """An evaluation rebuilds the val split with the run tokenizer's added tokens; for gpt2+mul
+    those are its own 92: the same cache entry, not a second build that adds them twice."""
+    first, tok, _ = _shards(jsonl, tmp_path, condition="mul_tokens")
+    config = DataConfig(dataset=str(jsonl), tokenizer="gpt2+mul", cache_dir=str(tmp_path / "cache"),
+                        val_fraction=1 / 3, condition="mul_tokens")
+    again, tok_again = prepare_shards(load_text_source(config), config, lambda e: None,
+                                      added_tokens=tuple(tok.added_tokens))
+    assert again.reused and again.directory == first.directory
+    assert tok_again.fingerprint() == tok.fingerprint()

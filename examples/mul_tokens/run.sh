@@ -16,7 +16,8 @@ for c in baseline mul_tokens; do
     --max-steps 150 --lr 1e-3 --set training.grad_accum_steps=1 --set training.warmup_steps=15 --no-tui
   # 3. evaluation: the fine-tuned model on GSM8K test and the 281 probes; the pretrained one
   #    on its val split (bits per byte) and HellaSwag at every checkpoint
-  lmkit eval $OUT/$c --task gsm8k --limit 200 --task arithmetic-probes --out-dir $OUT
+  lmkit eval $OUT/$c --task gsm8k --data ../shared/data/gsm8k/test.jsonl --limit 200 --out-dir $OUT
+  lmkit eval $OUT/$c --task arithmetic-probes --out-dir $OUT
   lmkit eval $OUT/$c-pt --task perplexity --out-dir $OUT
   lmkit eval $OUT/$c-pt --task hellaswag --data ../shared/data/hellaswag/hellaswag_val.jsonl \
     --limit 500 --checkpoint all --out-dir $OUT

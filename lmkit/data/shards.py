@@ -276,6 +276,10 @@ def prepare_shards(source: TextSource, config: DataConfig, emit: Callable[[Event
         check_data_condition(config.condition, tokenizer.kind, getattr(tokenizer, "condition", None))
     else:
         check_data_condition(config.condition, config.tokenizer)
+        # a tokenizer kind's own added tokens (gpt2+mul's 92) are not extra: the same cache entry
+        # whether a caller (an evaluation rebuilding the val split) passes them again or not
+        own = set(expected_added(config.tokenizer, ()))
+        added_tokens = tuple(t for t in added_tokens if t not in own)
     root = cache_root(config) / "tokens"
     directory = root / f"{_slug(config.dataset)}-{cache_key(source, config, added_tokens, tokenizer)}"
     shards = _load_existing(directory)
