@@ -431,3 +431,20 @@ def test_data_line_shows_the_study_stats():
     chat = data_line(DataReady(**base, stats={"format": "chat", "condition": None, "loss_on": "assistant",
                                               "label_tokens": {"train": 683375, "val": 100}, "truncated": 3}))
     assert "683,375 labelled train tokens (loss on assistant)" in chat and "3 conversations cut" in chat
+
+
+def test_eval_table_prints_counts_as_integers():
+    """A count with no better direction reads 0, not 0.0000; a rate of 0 stays 0.0000."""
+    import io
+
+    from lmkit.cli.eval import _render_table
+
+    rec = {"task": "gsm8k", "step": 5, "headline": "accuracy", "n_items": 200, "wall_time_s": 1.0,
+           "metrics": {"accuracy": 0.0, "mul_token_count": 0.0, "mul_tokens_per_response": 0.25},
+           "directions": {"accuracy": "higher", "mul_token_count": "neither", "mul_tokens_per_response": "neither"}}
+    out = io.StringIO()
+    _render_table([rec], out)
+    rows = {line.split("│")[3].strip(): line.split("│")[4].strip() for line in out.getvalue().splitlines()
+            if line.count("│") >= 6}
+    assert rows["accuracy"] == "0.0000" and rows["mul_token_count"] == "0"
+    assert rows["mul_tokens_per_response"] == "0.2500"

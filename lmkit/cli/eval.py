@@ -69,10 +69,12 @@ def _importable(spec: str) -> bool:
     return importlib.util.find_spec(spec.partition(":")[0]) is not None
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, count: bool = False) -> str:
+    """A metric value for the table; ``count``: a quantity with no better direction (a count,
+    a length), printed as an integer when it is one (``0``, not ``0.0000``)."""
     if value is None:
         return "-"
-    if isinstance(value, float) and value.is_integer() and abs(value) >= 2:
+    if isinstance(value, float) and value.is_integer() and (abs(value) >= 2 or count):
         return f"{int(value):,}"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
@@ -334,11 +336,13 @@ def _render_table(records: list[dict[str, Any]], stream) -> None:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for rec in records:
         first = True
+        directions = rec.get("directions") or {}
         for metric, value in rec["metrics"].items():
             bold = metric == rec["headline"]
+            count = directions.get(metric) == "neither"
             table.add_row(rec["task"] if first else "", str(rec["step"]) if first else "",
                           f"[bold]{metric}[/bold]" if bold else metric,
-                          f"[bold]{_fmt(value)}[/bold]" if bold else _fmt(value),
+                          f"[bold]{_fmt(value, count)}[/bold]" if bold else _fmt(value, count),
                           f"{rec['n_items']:,}" if first else "", f"{rec['wall_time_s']:.1f}" if first else "")
             first = False
     console.print(table)
