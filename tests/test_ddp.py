@@ -140,9 +140,16 @@ def test_sigterm_to_one_rank_stops_both_and_resume_is_exact(tmp_path):
     assert one.returncode == 2 and "written by 2 processes, resumed by 1" in one.stderr
 
 
-def test_fsdp_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize(("setting", "message"), [
+    (["training.parallelism=fsdp"], "error: training.parallelism: fsdp is not yet supported"),
+    (["svd.enabled=true", "svd.targets=[transformer.h.0.attn.c_attn]"], "error: svd: not yet supported with 2 processes"),
+])
+def test_unsupported_combinations_are_refused_in_one_line(tmp_path, setting, message):
+    """FSDP and the adaptive-SVD hook (it swaps modules under DDP) are refused on every rank
+    before any step, in one line, and no run folder is left behind."""
     preset, runs = _preset(tmp_path), tmp_path / "runs"
-    procs = _two_ranks(_train_args(preset, runs, "f", "--set", "training.parallelism=fsdp"), tmp_path)
-    assert [p.returncode for p in procs] == [2, 2]
-    assert procs[0].stderr.strip().splitlines()[-1].startswith("error: training.parallelism: fsdp is not yet")
+    sets = [arg for item in setting for arg in ("--set", item)]
+    procs = _two_ranks(_train_args(preset, runs, "f", *sets), tmp_path)
+    assert [p.returncode for p in procs] == [2, 2], procs[0].stderr[-2000:]
+    assert procs[0].stderr.strip().splitlines()[-1].startswith(message)
     assert not (runs / "f").exists()

@@ -23,6 +23,13 @@ policy; features add theirs with :meth:`Trainer.add_hook`.
 Stopping: SIGINT and SIGTERM finish the current step, save ``latest`` and exit 130 /
 143 (:mod:`lmkit.training.signals`). Non-finite steps: :mod:`lmkit.training.nan_guard`.
 
+Several processes (``torchrun --nproc-per-node N -m lmkit train ...``, ``WORLD_SIZE > 1``):
+DistributedDataParallel, with ``grad_accum_steps`` per rank and the global batch
+``W * grad_accum_steps * batch_size``; the ranks take interleaved micro-batches of the same
+global order, the loss is weighted by the global target count, rank 0 alone writes the run
+folder, and the stop request is agreed one step late (:mod:`lmkit.training.distributed`).
+A checkpoint is one file, as on one process, and resumes on the same number of processes.
+
 Starting from trained weights (``init_from``: another run or a Hugging Face folder): the
 source is loaded and the config given its architecture and tokenizer before the run folder is
 claimed, the weights are copied in after the model is built, and the optimizer and schedule
@@ -284,7 +291,9 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.stopping = False
         self.flops_per_token = self.model.flops_per_token()
-        self.meter = ThroughputMeter(self.plan.device, self.flops_per_token, self.plan.peak_flops)
+        # tokens/s are global under DDP: MFU is against the peak of all the ranks' devices together
+        peak = self.plan.peak_flops * self.dist.world_size if self.plan.peak_flops else self.plan.peak_flops
+        self.meter = ThroughputMeter(self.plan.device, self.flops_per_token, peak)
         self.nan_guard = NaNGuard(tcfg.on_nan, self.plan.use_scaler, self.plan.device)
         self.evaluator = Evaluator()
         self.checkpoint_policy = CheckpointPolicy()
@@ -399,6 +408,9 @@ class Trainer:
             module, _, attr = target.partition(":")
             hook = getattr(importlib.import_module(module), attr)(getattr(self.config, section), self)
             if hook is not None:
+                if self.dist.enabled:  # they change the model or write the run folder from every rank
+                    raise ConfigError(f"{section}: not yet supported with {self.dist.world_size} processes (DDP); "
+                                      "train this run on one process")
                 hooks.append(hook)
         return hooks
 
@@ -633,7 +645,8 @@ class Trainer:
             self.emit(Notice(level="info", message=f"device {self.plan.device} ({self.plan.reason})"))
         if self.plan.peak_flops:
             self.emit(Notice(level="info", message=(
-                f"MFU against {self.plan.peak_flops / 1e12:.1f} TFLOP/s ({self.plan.peak_basis}); "
+                f"MFU against {self.plan.peak_flops / 1e12:.1f} TFLOP/s ({self.plan.peak_basis})"
+                f"{f' per device, x {self.dist.world_size} ranks' if self.dist.enabled else ''}; "
                 f"{self.flops_per_token / 1e6:.2f} MFLOP per token")))
         for note in self.version_notes:
             self.emit(Notice(level="warning", message=note))
