@@ -77,16 +77,19 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoints" / "latest.pt")["model"]
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
-    """2 ranks x batch B (torchrun) == 1 process x batch B x accumulation 2, on padded data;
-    only rank 0 wrote the run folder."""
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, accum):
+    """2 ranks x batch B x accumulation a (torchrun) == 1 process x batch B x accumulation 2a,
+    on padded data (a = 2: ``no_sync`` on the first micro-batch of each rank's window); only
+    rank 0 wrote the run folder."""
     preset, runs = _preset(tmp_path), tmp_path / "runs"
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "lmkit", *_train_args(preset, runs, "ddp")], cwd=tmp_path, text=True,
-                         capture_output=True, env={**os.environ, **ENV}, timeout=120)
+                          "-m", "lmkit", *_train_args(preset, runs, "ddp", "--set",
+                                                      f"training.grad_accum_steps={accum}")],
+                         cwd=tmp_path, text=True, capture_output=True, env={**os.environ, **ENV}, timeout=120)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     one = subprocess.run([sys.executable, "-m", "lmkit", *_train_args(preset, runs, "one", "--set",
-                                                                      "training.grad_accum_steps=2")],
+                                                                      f"training.grad_accum_steps={2 * accum}")],
                          cwd=tmp_path, text=True, capture_output=True, env={**os.environ, **ENV}, timeout=120)
     assert one.returncode == 0, one.stderr[-2000:]
 
@@ -99,7 +102,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0, msg=key)
 
     summary = json.loads((runs / "ddp" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_batch_size"] == 32
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 32 * accum
     assert summary["tokens"] == json.loads((runs / "one" / "summary.json").read_text())["tokens"]  # global
     state = load_checkpoint(runs / "ddp" / "checkpoints" / "latest.pt")
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
@@ -108,7 +111,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
     events = [json.loads(line) for line in (runs / "ddp" / "events.jsonl").read_text().splitlines()]
     assert sum(e["kind"] == "run_started" for e in events) == 1
     assert sorted(p.name for p in (runs / "ddp").iterdir()) == sorted(p.name for p in (runs / "one").iterdir())
-    assert "global batch 32 sequences" in ddp.stdout
+    assert f"global batch {32 * accum} sequences" in ddp.stdout
 
 
 def test_sigterm_to_one_rank_stops_both_and_resume_is_exact(tmp_path):
