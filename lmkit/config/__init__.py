@@ -487,6 +487,9 @@ class TrainConfig(_Strict):
     gpu_only: bool = False
     compile: bool = False
     grad_checkpointing: bool = False
+    #: Data parallelism under torchrun (WORLD_SIZE > 1): ``ddp`` (DistributedDataParallel; the
+    #: default there) or ``fsdp`` (not yet). Ignored by a single process.
+    parallelism: Literal["ddp", "fsdp"] | None = None
     tf32: bool = True
     seed: int = 1337
     log_interval: int = Field(10, gt=0)

@@ -65,21 +65,28 @@ class Evaluator(TrainingHook):
         cfg, plan, data = trainer.config, trainer.plan, trainer.data
         started = time.time()
         model = trainer.model
-        if data.task in ("lm", "chat"):
-            # text: the first eval_iters * batch_size full windows of the split; chat: every val
-            # conversation; both with each target's original bytes
-            limit = (cfg.training.eval_iters * cfg.training.batch_size
-                     if cfg.training.eval_iters and data.task == "lm" else None)
-            sums = split_loss_sums(model, data, "val", cfg.model.block_size, cfg.training.batch_size, plan.device,
-                                   limit=limit, tail=False, vocab_size=cfg.model.vocab_size, autocast=plan.autocast)
-            loss = sums.mean_loss
-            metrics = {"ppl": perplexity(loss), "bpb": sums.bpb}
+        dist = getattr(trainer, "dist", None)
+        if dist is None or dist.is_main:  # several ranks: rank 0 evaluates and the others take its numbers
+            if data.task in ("lm", "chat"):
+                # text: the first eval_iters * batch_size full windows of the split; chat: every val
+                # conversation; both with each target's original bytes
+                limit = (cfg.training.eval_iters * cfg.training.batch_size
+                         if cfg.training.eval_iters and data.task == "lm" else None)
+                sums = split_loss_sums(model, data, "val", cfg.model.block_size, cfg.training.batch_size,
+                                       plan.device, limit=limit, tail=False, vocab_size=cfg.model.vocab_size,
+                                       autocast=plan.autocast)
+                loss = sums.mean_loss
+                metrics = {"ppl": perplexity(loss), "bpb": sums.bpb}
+            else:
+                pad = data.tokenizer.pad_id or 0
+                batches = example_batches_in_order(data.sequences["val"], cfg.training.batch_size, pad)
+                loss, _ = mean_loss(model, batches, plan)
+                metrics = {"ppl": perplexity(loss), **arithmetic_metrics(
+                    model, data.tokenizer, data.examples, plan, cfg.model.block_size)}
         else:
-            pad = data.tokenizer.pad_id or 0
-            batches = example_batches_in_order(data.sequences["val"], cfg.training.batch_size, pad)
-            loss, _ = mean_loss(model, batches, plan)
-            metrics = {"ppl": perplexity(loss), **arithmetic_metrics(
-                model, data.tokenizer, data.examples, plan, cfg.model.block_size)}
+            loss, metrics = None, None
+        if dist is not None and dist.enabled:
+            loss, metrics = dist.broadcast_object((loss, metrics))
         if not math.isfinite(loss):
             raise TrainingError(f"validation loss is {loss} at step {trainer.step}; see {trainer.run.path}")
         # The step-0 evaluation of the untrained model is a baseline, not a "best".

@@ -17,6 +17,12 @@ under ``checkpoint["hooks"][hook.name]`` and handed back to :meth:`load_state_di
 resume, before ``on_start``. A hook that changes which parameters train calls
 ``trainer.rebuild_optimizer()``, which keeps the LR schedule's position.
 
+Under data parallelism (``WORLD_SIZE > 1``) every rank calls every hook; the gradients in
+``after_backward`` are already all-reduced, ``step.loss`` and ``step.n_targets`` are global,
+and only rank 0 (``trainer.dist.is_main``) may write the run folder. A hook must take the
+same decisions on every rank (a save is collective); the feature sections' hooks
+(``svd``, ``senses``) are refused there for now.
+
 The built-in components are hooks too: the throughput meter
 (:mod:`lmkit.training.throughput`), the non-finite guard (:mod:`lmkit.training.nan_guard`),
 evaluation (:mod:`lmkit.training.evaluator`) and the checkpoint policy

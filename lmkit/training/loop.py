@@ -23,6 +23,13 @@ policy; features add theirs with :meth:`Trainer.add_hook`.
 Stopping: SIGINT and SIGTERM finish the current step, save ``latest`` and exit 130 /
 143 (:mod:`lmkit.training.signals`). Non-finite steps: :mod:`lmkit.training.nan_guard`.
 
+Several processes (``torchrun --nproc-per-node N -m lmkit train ...``, ``WORLD_SIZE > 1``):
+DistributedDataParallel, with ``grad_accum_steps`` per rank and the global batch
+``W * grad_accum_steps * batch_size``; the ranks take interleaved micro-batches of the same
+global order, the loss is weighted by the global target count, rank 0 alone writes the run
+folder, and the stop request is agreed one step late (:mod:`lmkit.training.distributed`).
+A checkpoint is one file, as on one process, and resumes on the same number of processes.
+
 Starting from trained weights (``init_from``: another run or a Hugging Face folder): the
 source is loaded and the config given its architecture and tokenizer before the run folder is
 claimed, the weights are copied in after the model is built, and the optimizer and schedule
@@ -72,6 +79,7 @@ from lmkit.training.checkpoint import (
     save_checkpoint,
 )
 from lmkit.training.checkpointing import CheckpointPolicy
+from lmkit.training.distributed import Distributed, StopVote, exit_on_late_sigterm
 from lmkit.training.evaluator import Evaluator
 from lmkit.training.hooks import Hooks, StepOutput, TrainingHook
 from lmkit.training.nan_guard import NaNGuard, skips_on_device
@@ -123,13 +131,29 @@ class Trainer:
         tcfg = cfg.training
         self._apply_threads()
         self.plan: DevicePlan = plan_device(tcfg, preset=self.config.preset)
+        self.dist = Distributed.from_env()
+        if self.dist.enabled:  # torchrun with WORLD_SIZE > 1: join the process group first
+            self.dist.check(tcfg.parallelism, self.plan.device.type)
+            self.plan = self._rank_plan(self.plan)
+            self.dist.start(self.plan.device)
         resume_state: dict[str, Any] | None = None
         if self.resume_dir is not None:
             self.run = RunDir(self.resume_dir)
-            self.run.lock()
-            self.removed_temp = remove_stale_temp_files(self.run.checkpoints)
+            self.removed_temp = []
+
+            def pick() -> tuple[dict[str, Any], Path, list[tuple[Path, str]]]:
+                self.run.lock()
+                self.removed_temp = remove_stale_temp_files(self.run.checkpoints)
+                return self._pick_checkpoint()
+
             try:
-                resume_state, self.resume_path, self.skipped = self._pick_checkpoint()
+                if self.dist.is_main:
+                    resume_state, self.resume_path, self.skipped = self.dist.rank0_first(pick)
+                    self.dist.broadcast_object(str(self.resume_path))
+                else:  # the checkpoint rank 0 picked
+                    self.dist.rank0_first(lambda: None)
+                    self.resume_path, self.skipped = Path(self.dist.broadcast_object(None)), []
+                    resume_state = load_checkpoint(self.resume_path)
                 check_checkpoint_config(resume_state, self.config, self.resume_path)  # before data: fail fast
             except BaseException:
                 self.run.unlock()
@@ -142,7 +166,12 @@ class Trainer:
                 self.notes.extend(merge_config(cfg, self.init_source))
                 if "init_source" in type(cfg).model_fields:  # the config's record of the source
                     cfg.init_source = self.init_source.record()
-            self.run = RunDir.claim(cfg)
+            if self.dist.is_main:
+                self.run = self.dist.rank0_first(lambda: RunDir.claim(cfg))
+                self.dist.broadcast_object(str(self.run.path))
+            else:  # rank 0 claimed the folder; every rank knows it
+                self.dist.rank0_first(lambda: None)
+                self.run = RunDir(Path(self.dist.broadcast_object(None)))
             cfg.name = self.run.name
         try:
             with StopNow():
@@ -150,6 +179,16 @@ class Trainer:
         except BaseException:
             self.run.release()
             raise
+
+    def _rank_plan(self, plan: DevicePlan) -> DevicePlan:
+        """The device plan of this rank: ``cuda:LOCAL_RANK`` on CUDA (the plan was made for one device)."""
+        import dataclasses
+
+        device = self.dist.device(plan.device)
+        if device == plan.device:
+            return plan
+        return dataclasses.replace(plan, device=device, description=plan.description.replace(
+            str(plan.device), str(device), 1))
 
     def _init_tokenizer(self, resume_state: dict[str, Any] | None) -> Any:
         """The tokenizer to encode the data with, when it is not built from ``data.tokenizer``: an
@@ -202,8 +241,9 @@ class Trainer:
                 data_events.append(event)
             self.user_emit(event)
 
-        self.data: PreparedData = prepare_data(cfg.data, emit_data, tokenizer=self._init_tokenizer(resume_state),
-                                               block_size=cfg.model.block_size)
+        # several ranks: rank 0 trains the tokenizer and builds the shards, the others then read the cache
+        self.data: PreparedData = self.dist.rank0_first(lambda: prepare_data(
+            cfg.data, emit_data, tokenizer=self._init_tokenizer(resume_state), block_size=cfg.model.block_size))
         if os.environ.get("LMKIT_TEST_SIGNAL_SETUP"):  # test hook: a signal during set-up
             os.kill(os.getpid(), getattr(signal, os.environ["LMKIT_TEST_SIGNAL_SETUP"]))
         if cfg.model.vocab_size is None:
@@ -215,7 +255,7 @@ class Trainer:
             self.version_notes = check_resumable(
                 resume_state, self.resume_path, data_fingerprint=self.data_fingerprint, dataset=cfg.data.dataset,
                 run_path=self.run.path, tokenizer_fingerprint=self.data.tokenizer.fingerprint(),
-                tokenizer_dir=self.run.tokenizer_dir)
+                tokenizer_dir=self.run.tokenizer_dir, world_size=self.dist.world_size)
 
         seed_everything(tcfg.seed)
         self.model = build_model(cfg.model)
@@ -229,7 +269,7 @@ class Trainer:
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
         self.batches = make_train_batches(self.data, cfg.model.block_size, tcfg.batch_size, tcfg.seed)
-        accum = tcfg.grad_accum_steps
+        accum = tcfg.grad_accum_steps * self.dist.world_size  # global micro-batches per step
         self.micro_per_epoch = self.batches.batches_per_epoch
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / accum))
         if tcfg.max_steps is not None:
@@ -251,7 +291,9 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.stopping = False
         self.flops_per_token = self.model.flops_per_token()
-        self.meter = ThroughputMeter(self.plan.device, self.flops_per_token, self.plan.peak_flops)
+        # tokens/s are global under DDP: MFU is against the peak of all the ranks' devices together
+        peak = self.plan.peak_flops * self.dist.world_size if self.plan.peak_flops else self.plan.peak_flops
+        self.meter = ThroughputMeter(self.plan.device, self.flops_per_token, peak)
         self.nan_guard = NaNGuard(tcfg.on_nan, self.plan.use_scaler, self.plan.device)
         self.evaluator = Evaluator()
         self.checkpoint_policy = CheckpointPolicy()
@@ -277,12 +319,18 @@ class Trainer:
                     f"resume: {self.run.path} has finished its {self.max_steps} steps; "
                     f"to train further pass --max-steps N with N > {self.step} (or a larger --epochs)"
                 )
-        self.train_model = torch.compile(self.model) if tcfg.compile else self.model
+        if self.dist.enabled:
+            self._wrap_ddp(resume_state)
+        else:
+            self.ddp = None
+            self.train_model = torch.compile(self.model) if tcfg.compile else self.model
         self.vocab_size = cfg.model.vocab_size
+        self.superseded: list[Path] = []
+        if not self.dist.is_main:  # rank 0 alone writes the run folder; this rank prints warnings only
+            return
 
         self.run.create()
         self.run.write_config(cfg)
-        self.superseded: list[Path] = []
         if resume_state is None:
             self.data.tokenizer.save(self.run.tokenizer_dir)
             moved = None
@@ -303,6 +351,26 @@ class Trainer:
         self.emit = broadcast([*writers, self.user_emit])
         if resume_state is not None:
             self._announce_resume(moved)
+
+    def _wrap_ddp(self, resume_state: dict[str, Any] | None) -> None:
+        """Wrap the model in DistributedDataParallel (it broadcasts rank 0's weights), give each
+        rank its own RNG stream (dropout) and, on a resume, this rank's RNG states."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        tcfg = self.config.training
+        cuda = self.plan.device.type == "cuda"
+        self.ddp = DistributedDataParallel(self.model, device_ids=[self.plan.device.index] if cuda else None)
+        self.train_model = torch.compile(self.ddp) if tcfg.compile else self.ddp
+        if resume_state is None:
+            seed_everything(tcfg.seed + self.dist.rank)
+        else:
+            ranks = resume_state.get("rng_ranks") or []
+            if len(ranks) == self.dist.world_size:
+                self.rng_notes = set_rng_state(ranks[self.dist.rank])
+        self.notes.append(("info", (
+            f"data parallel: {self.dist.world_size} processes (DDP, {'NCCL' if cuda else 'gloo'}); global batch "
+            f"{tcfg.batch_size * tcfg.grad_accum_steps * self.dist.world_size} sequences = {self.dist.world_size} "
+            f"ranks x {tcfg.batch_size} x {tcfg.grad_accum_steps} accumulation steps")))
 
     def _announce_resume(self, moved: SupersededRecords) -> None:
         self.emit(Resumed(
@@ -340,6 +408,9 @@ class Trainer:
             module, _, attr = target.partition(":")
             hook = getattr(importlib.import_module(module), attr)(getattr(self.config, section), self)
             if hook is not None:
+                if self.dist.enabled:  # they change the model or write the run folder from every rank
+                    raise ConfigError(f"{section}: not yet supported with {self.dist.world_size} processes (DDP); "
+                                      "train this run on one process")
                 hooks.append(hook)
         return hooks
 
@@ -446,9 +517,21 @@ class Trainer:
         started = time.time()
         order = [t for t in tags if t != "latest"] + [t for t in tags if t == "latest"]
         paths = [self.run.checkpoint_path(tag) for tag in order]
-        save_checkpoint(checkpoint_state(self), paths[0])
-        for path in paths[1:]:
-            link_checkpoint(paths[0], path)
+        if self.dist.enabled:  # one file, by rank 0, with every rank's RNG states; the others wait for it
+            rngs = self.dist.all_gather_object(rng_state())
+            if self.dist.is_main:
+                state = checkpoint_state(self)
+                state["rng_ranks"] = rngs
+                save_checkpoint(state, paths[0])
+                for path in paths[1:]:
+                    link_checkpoint(paths[0], path)
+            self.dist.barrier()
+            if not self.dist.is_main:
+                return []  # nothing for this rank to prune
+        else:
+            save_checkpoint(checkpoint_state(self), paths[0])
+            for path in paths[1:]:
+                link_checkpoint(paths[0], path)
         val = self.last_val.loss if self.last_val is not None and self.last_val.step == self.step else None
         self.emit(CheckpointSaved(step=self.step, path=str(self.run.checkpoint_path(tags[0])), tags=tuple(tags),
                                   val_loss=val, seconds=time.time() - started))
@@ -473,24 +556,30 @@ class Trainer:
         tcfg = self.config.training
         self.hooks.call("before_step", self)
         prev_micro = self.micro_step
-        micro = [self.batches.batch(prev_micro + i) for i in range(tcfg.grad_accum_steps)]
+        world, rank = self.dist.world_size, self.dist.rank
+        # rank r takes the global micro-batches prev + i*W + r: the data order does not depend on W
+        micro = [self.batches.batch(prev_micro + i * world + rank) for i in range(tcfg.grad_accum_steps)]
         counts = [int((y_np != IGNORE_INDEX).sum()) for _, y_np in micro]
-        total = sum(counts)
+        total = self.dist.sum_int(sum(counts))  # the step's global target count
         loss_sum = torch.zeros((), device=self.plan.device)
-        for (x_np, y_np), n in zip(micro, counts, strict=True):
+        for i, ((x_np, y_np), n) in enumerate(zip(micro, counts, strict=True)):
             if int(x_np.max()) >= self.vocab_size or int(y_np.max()) >= self.vocab_size:
                 raise DataError(f"micro-batch {self.micro_step} holds a token id >= vocab_size {self.vocab_size}: "
                                 "the token shards are corrupt; delete the token cache to rebuild them")
-            if n > 0 or total == 0:
+            if self.ddp is not None:
+                self._ddp_micro_step(x_np, y_np, n, total, loss_sum, last=i == len(micro) - 1)
+            elif n > 0 or total == 0:
                 weight = n / total if total else 1.0 / len(micro)
                 x, y = self._to_device(x_np), self._to_device(y_np)
                 with self.plan.autocast():
                     _, loss = self.train_model(x, y)
                 self.scaler.scale(loss * weight).backward()
                 loss_sum += loss.detach().float() * weight
-            self.micro_step += 1
+            self.micro_step += world
             if self._test_signal is not None and self._test_signal[0] == self.micro_step:
                 os.kill(os.getpid(), self._test_signal[1])
+        if self.ddp is not None:
+            self.dist.sum_(loss_sum)  # the global token-weighted mean: every rank's guard sees the same
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip or math.inf)
         out = StepOutput(step=self.step + 1, loss=loss_sum, grad_norm=grad_norm,
@@ -512,6 +601,31 @@ class Trainer:
         self.tokens += total
         return out
 
+    def _ddp_micro_step(self, x_np: np.ndarray, y_np: np.ndarray, n: int, total: int, loss_sum: torch.Tensor,
+                        last: bool) -> None:
+        """Forward and backward of one micro-batch under DDP, accumulating its share of the loss
+        into ``loss_sum``. DDP averages gradients equally over the W ranks, so the loss is scaled
+        by ``W * n / N`` (``N`` the global target count): the update is the global token-weighted
+        mean. The gradients are all-reduced only on the ``last`` micro-batch (``no_sync`` before).
+        A micro-batch without targets still runs forward and backward (every rank must join the
+        all-reduce), with a zero loss."""
+        import contextlib
+
+        world = self.dist.world_size
+        weight = n / total if total else 1.0 / (self.config.training.grad_accum_steps * world)
+        x, y = self._to_device(x_np), self._to_device(y_np)
+        with contextlib.nullcontext() if last else self.ddp.no_sync():
+            with self.plan.autocast():
+                if n > 0:
+                    _, loss = self.train_model(x, y)
+                    term = loss * (weight * world)
+                else:
+                    logits, _ = self.train_model(x)
+                    loss = term = logits.float().sum() * 0.0
+            self.scaler.scale(term).backward()
+        if n > 0:
+            loss_sum += loss.detach().float() * weight
+
     # ------------------------------------------------------------------ the loop
 
     def run_loop(self, stop: StopRequest) -> None:
@@ -522,7 +636,7 @@ class Trainer:
             n_params=self.n_params, device=str(self.plan.device), device_name=self.plan.description,
             precision=self.plan.precision, compile=tcfg.compile, max_steps=self.max_steps,
             steps_per_epoch=self.steps_per_epoch,
-            tokens_per_step=tcfg.batch_size * tcfg.grad_accum_steps * self.config.model.block_size,
+            tokens_per_step=tcfg.batch_size * tcfg.grad_accum_steps * self.dist.world_size * self.config.model.block_size,
             start_step=start_step, device_uuid=device_uuid(self.plan.device),
         ))
         for level, note in self.notes:
@@ -531,7 +645,8 @@ class Trainer:
             self.emit(Notice(level="info", message=f"device {self.plan.device} ({self.plan.reason})"))
         if self.plan.peak_flops:
             self.emit(Notice(level="info", message=(
-                f"MFU against {self.plan.peak_flops / 1e12:.1f} TFLOP/s ({self.plan.peak_basis}); "
+                f"MFU against {self.plan.peak_flops / 1e12:.1f} TFLOP/s ({self.plan.peak_basis})"
+                f"{f' per device, x {self.dist.world_size} ranks' if self.dist.enabled else ''}; "
                 f"{self.flops_per_token / 1e6:.2f} MFLOP per token")))
         for note in self.version_notes:
             self.emit(Notice(level="warning", message=note))
@@ -546,16 +661,23 @@ class Trainer:
         self.hooks.call("on_start", self)
 
         self.model.train()
+        vote = StopVote(self.dist) if self.dist.enabled else None
         while self.step < self.max_steps:
             out = self.train_step()
-            self.stopping = stop.requested  # read once: a signal arriving later waits for the next step
+            if vote is None:
+                signum = stop.signum if stop.requested else 0  # read once: a later signal waits a step
+            else:  # every rank's request, as of the previous step: all stop after the same step
+                signum = vote.exchange(int(stop.signum or 0))
+            self.stopping = bool(signum)
             self.hooks.call("after_step", self, out)
             if self.stopping and self.step < self.max_steps:
                 raise Interrupted(
-                    f"stopped by {stop.name} at step {self.step}; saved {self.run.checkpoint_path('latest')}; "
-                    f"resume with: lmkit resume {self.run.path}",
-                    exit_code=128 + int(stop.signum),
+                    f"stopped by {signal.Signals(signum).name} at step {self.step}; saved "
+                    f"{self.run.checkpoint_path('latest')}; resume with: lmkit resume {self.run.path}",
+                    exit_code=128 + int(signum),
                 )
+        if vote is not None:
+            vote.wait()
 
     def run(self) -> dict[str, Any]:
         """Set up, train to ``max_steps``, write ``summary.json``; return the summary.
@@ -573,14 +695,15 @@ class Trainer:
                 raise out_of_memory_error(exc, self.config.training.batch_size, getattr(self, "n_params", None)) from None
             raise
         self.t_session = time.time()
-        status = "failed"
+        status, exit_code = "failed", 0
         stop = StopRequest()
         try:
             with stop:
                 self.run_loop(stop)
             status = "completed"
-        except Interrupted:
+        except Interrupted as exc:
             status = "interrupted"
+            exit_code = exc.exit_code
             raise
         except BaseException as exc:
             if not (stop.aborted or isinstance(exc, KeyboardInterrupt)):
@@ -594,9 +717,14 @@ class Trainer:
         finally:
             self.hooks.call("on_end", self, status)
             summary = run_summary(self, status)
-            self.run.write_summary(summary)
+            if self.dist.is_main:
+                self.run.write_summary(summary)
             self.emit(RunFinished(status=status, summary=summary))
             self.run.unlock()
+            if self.dist.enabled:  # every rank gets here after a completed run or an agreed stop
+                self.dist.finish(barrier=status in ("completed", "interrupted"))
+                if status == "interrupted":
+                    exit_on_late_sigterm(exit_code)
         return summary
 
 

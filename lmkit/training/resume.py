@@ -128,20 +128,23 @@ def check_checkpoint_config(state: Mapping[str, Any], config: RunConfig, path: P
 
 
 def check_resumable(state: Mapping[str, Any], path: Path, *, data_fingerprint: str, dataset: str,
-                    run_path: Path, tokenizer_fingerprint: str, tokenizer_dir: Path) -> list[str]:
+                    run_path: Path, tokenizer_fingerprint: str, tokenizer_dir: Path,
+                    world_size: int = 1) -> list[str]:
     """Refuse a checkpoint this data or tokenizer cannot continue; return notes on version
     changes (the continuation may then differ in the last bits).
 
     Raises:
-        CheckpointError: keys missing, or written by several processes.
+        CheckpointError: keys missing, or written by another number of processes than ``world_size``
+            (a data-parallel run resumes with the same number, which keeps its global batch and order).
         DataError: the data or the tokenizer changed since the checkpoint.
     """
     missing = [k for k in CHECKPOINT_FORMAT_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: cannot resume from it (missing {', '.join(missing)})")
-    if int(state.get("world_size", 1)) != 1:
-        raise CheckpointError(f"{path}: written by {state['world_size']} processes; "
-                              "resume it with the same number of processes")
+    written = int(state.get("world_size", 1))
+    if written != world_size:
+        raise CheckpointError(f"{path}: written by {written} {'process' if written == 1 else 'processes'}, resumed "
+                              f"by {world_size}; resume it with the same number of processes")
     if state.get("data_fingerprint") not in (None, data_fingerprint):
         raise DataError(
             f"resume: the data of {run_path} changed since the checkpoint "

@@ -25,13 +25,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from lmkit.training.loop import Trainer
 
 
+def _world_size(trainer: Trainer) -> int:
+    dist = getattr(trainer, "dist", None)
+    return dist.world_size if dist is not None else 1
+
+
 def checkpoint_state(trainer: Trainer) -> dict[str, Any]:
     """Everything the next step depends on (tensors and plain types only)."""
     return {
         "format": 3,
         "lmkit_version": __version__,
         "torch_version": str(torch.__version__),
-        "world_size": 1,
+        "world_size": _world_size(trainer),  # a DDP save adds "rng_ranks": every rank's RNG states
         "step": trainer.step,
         "micro_step": trainer.micro_step,
         "epoch": trainer.epoch(),
@@ -136,6 +141,9 @@ def run_summary(trainer: Trainer, status: str) -> dict[str, Any]:
         "torch_version": str(torch.__version__),
         "python_version": platform.python_version(),
         **trainer.hooks.summary(),  # e.g. "svd": the layers' modes and switches
+        **({"world_size": _world_size(trainer),
+            "global_batch_size": trainer.config.training.batch_size * trainer.config.training.grad_accum_steps
+            * _world_size(trainer)} if _world_size(trainer) > 1 else {}),
     }
 
 
