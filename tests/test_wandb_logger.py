@@ -157,6 +157,9 @@ def test_real_wandb_offline_run_file_holds_the_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wb").mkdir()
+    import wandb
+
+    wandb.teardown()  # an earlier test's W&B session (other WANDB_* settings) must not carry over
     train(tiny_config(tmp_path, steps=5, loggers="[wandb]", eval_iters=2))
     files = list((tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1

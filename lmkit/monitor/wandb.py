@@ -124,8 +124,8 @@ class WandbWriter:
             "allow_val_change": True,  # a resume may change allowed keys (training.max_steps ...)
             "config": cfg.model_dump(mode="json"),
         }
-        if not os.environ.get("WANDB_DIR"):
-            kwargs["dir"] = str(self.run_path)
+        # read now and passed explicitly: wandb keeps the settings of its first init in a process
+        kwargs["dir"] = os.environ.get("WANDB_DIR") or str(self.run_path)
         wandb_error = getattr(getattr(wandb, "errors", None), "Error", Exception)
         try:
             self.wandb_run = wandb.init(**kwargs)
