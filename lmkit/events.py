@@ -84,6 +84,9 @@ class RunStarted(Event):
     tokens_per_step: int  # batch_size x grad_accum_steps x block_size: positions, padding included
     start_step: int = 0
     device_uuid: str | None = None  # CUDA: the device's UUID, to match it with NVML's GPUs
+    world_size: int = 1  # training processes (torchrun's WORLD_SIZE); tokens_per_step is global
+    parallelism: str | None = None  # "ddp" or "fsdp" when world_size > 1
+    local_device_uuids: tuple[str, ...] = ()  # CUDA: the UUIDs of this node's ranks' GPUs (the dashboard marks them)
 
 
 @dataclass(frozen=True)
