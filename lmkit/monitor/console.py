@@ -69,13 +69,38 @@ def fmt_metric(name: str, value: float) -> str:
     return f"{name} {value:.4g}"
 
 
-def step_line(e: StepMetrics) -> str:
+def processes_text(e: RunStarted) -> str:
+    """``4 processes (DDP)`` for a data-parallel run (``world_size > 1``), else ``""``."""
+    if e.world_size <= 1:
+        return ""
+    return f"{e.world_size} processes ({(e.parallelism or 'ddp').upper()})"
+
+
+def per_device_label(e: RunStarted | None) -> str:
+    """What one rank runs on: ``GPU`` (CUDA) or ``process``."""
+    return "GPU" if e is not None and e.device.startswith("cuda") else "process"
+
+
+def tok_per_s_text(tok_per_s: float, world_size: int = 1, unit: str = "GPU") -> str:
+    """``17.3k tok/s``; with ``world_size > 1`` also the per-rank share, ``17.3k tok/s (4.33k/GPU)``.
+
+    ``tok_per_s`` is global under data parallelism (:class:`~lmkit.events.StepMetrics`: every
+    rank's targets), so the per-``unit`` figure is ``tok_per_s / world_size``.
+    """
+    text = f"{fmt_count(tok_per_s)} tok/s"
+    if world_size > 1:
+        text += f" ({fmt_count(tok_per_s / world_size)}/{unit})"
+    return text
+
+
+def step_line(e: StepMetrics, world_size: int = 1, unit: str = "GPU") -> str:
+    """One plain log line; ``world_size > 1`` adds the per-``unit`` tokens/s (:func:`tok_per_s_text`)."""
     parts = [
         f"step {e.step}/{e.max_steps}",
         f"ep {e.epoch:.2f}",
         f"loss {e.loss:.4f}",
         f"lr {e.lr:.2e}",
-        f"{fmt_count(e.tok_per_s)} tok/s",
+        tok_per_s_text(e.tok_per_s, world_size, unit),
         f"{1000 * e.step_time_s:.0f} ms/step",
     ]
     if e.mfu is not None:
@@ -125,7 +150,8 @@ def started_lines(e: RunStarted, warmup_steps: int | None = None) -> list[str]:
     lines = [
         f"run {e.name} -> {e.run_dir}",
         f"model {e.model_type} ({e.preset or 'custom'}): {e.n_params:,} params | device {e.device_name} "
-        f"[{e.device}] | {e.precision}{' | compiled' if e.compile else ''}",
+        f"[{e.device}]{' | ' + processes_text(e) if e.world_size > 1 else ''} | {e.precision}"
+        f"{' | compiled' if e.compile else ''}",
         f"{e.max_steps} optimizer steps ({e.steps_per_epoch}/epoch), {fmt_count(e.tokens_per_step)} tokens/step "
         "(batch x block, padding included; tokens seen count loss targets)"
         + (f", resuming at step {e.start_step}" if e.start_step else ""),
@@ -259,6 +285,7 @@ class PlainLog:
         self.closed = False
         self._steps = StepTimeWatch()
         self._rate = DataRate()
+        self._started: RunStarted | None = None
 
     def _line(self, text: str) -> None:
         # A reader that went away (`| head`, a dropped pipe) must not kill a training run:
@@ -290,10 +317,12 @@ class PlainLog:
         elif isinstance(event, DataReady):
             self._line(data_line(event))
         elif isinstance(event, RunStarted):
+            self._started = event
             for line in started_lines(event, read_warmup_steps(event.run_dir)):
                 self._line(line)
         elif isinstance(event, StepMetrics):
-            self._line(step_line(event))
+            s = self._started
+            self._line(step_line(event, s.world_size if s else 1, per_device_label(s)))
         elif isinstance(event, EvalResult):
             self._line(eval_line(event))
         elif isinstance(event, CheckpointSaved):
@@ -328,6 +357,7 @@ class RichProgress:
         self._steps = StepTimeWatch()
         self._rate = DataRate()
         self.warnings: dict[str, int] = {}
+        self._started_event: RunStarted | None = None
 
     def _start(self) -> None:
         if not self._started:
@@ -364,6 +394,7 @@ class RichProgress:
                 self._data_task = None
             print_(data_line(event), highlight=False)
         elif isinstance(event, RunStarted):
+            self._started_event = event
             for line in started_lines(event, read_warmup_steps(event.run_dir)):
                 print_(line, highlight=False, style="yellow" if line.startswith("warning:") else None)
             self._start()
@@ -371,7 +402,9 @@ class RichProgress:
                                                       stats="")
         elif isinstance(event, StepMetrics):
             if self._train_task is not None:
-                stats = (f"loss {event.loss:.4f} | lr {event.lr:.2e} | {fmt_count(event.tok_per_s)} tok/s"
+                s = self._started_event
+                tok = tok_per_s_text(event.tok_per_s, s.world_size if s else 1, per_device_label(s))
+                stats = (f"loss {event.loss:.4f} | lr {event.lr:.2e} | {tok}"
                          + (f" | mfu {100 * event.mfu:.0f}%" if event.mfu is not None else ""))
                 self.progress.update(self._train_task, completed=event.step, stats=stats)
         elif isinstance(event, EvalResult):

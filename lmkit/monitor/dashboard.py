@@ -68,6 +68,8 @@ from lmkit.monitor.console import (
     fmt_duration,
     fmt_metric,
     message_warnings,
+    per_device_label,
+    processes_text,
     summary_table,
 )
 from lmkit.monitor.history import RunFacts, read_run_facts, warmup_warning
@@ -482,6 +484,8 @@ class Dashboard:
         text.append(f"  {s.preset or 'custom'}", style="cyan")
         text.append(f" · {s.model_type} {s.n_params:,} params", style="")
         text.append(f" · {s.device_name}", style="green")
+        if s.world_size > 1:
+            text.append(f" · {processes_text(s)}", style="bold green")
         text.append(f" · {s.precision}")
         text.append(f" · compile {'on' if s.compile else 'off'}")
         if s.start_step:
@@ -553,7 +557,12 @@ class Dashboard:
             grid.add_row("val loss", val)
         else:
             grid.add_row("val loss", Text("–", style="dim"))
-        grid.add_row("tok/s", fmt_count(m.tok_per_s))
+        if s is not None and s.world_size > 1:  # tok_per_s is global: every rank's targets
+            grid.add_row("tok/s", Text.assemble(fmt_count(m.tok_per_s), (" all · ", "dim"),
+                                                fmt_count(m.tok_per_s / s.world_size),
+                                                (f" per {per_device_label(s)}", "dim"), overflow="ellipsis"))
+        else:
+            grid.add_row("tok/s", fmt_count(m.tok_per_s))
         grid.add_row("MFU", f"{100 * m.mfu:.1f}%" if m.mfu is not None else Text("n/a (peak unknown)", style="dim"))
         grid.add_row("step time", f"{1000 * m.step_time_s:.1f} ms")
         elapsed = m.elapsed_s + (0.0 if self.finished else time.time() - self.t_last_step)
@@ -583,10 +592,10 @@ class Dashboard:
         grid.add_column(no_wrap=True, style="dim")
         grid.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
         gpus: list[GpuStat] = sample.gpus if sample is not None else []
-        mine = s.device_uuid if s is not None else None
+        mine = self.run_gpu_uuids()
         compact = len(gpus) > 4
         for g in gpus:
-            is_mine = mine is not None and g.uuid == mine
+            is_mine = g.uuid is not None and g.uuid in mine
             util = (g.util_percent / 100) if g.util_percent is not None else None
             mem = g.mem_used_bytes / g.mem_total_bytes if g.mem_total_bytes else None
             facts = Text(f"{g.temperature_c:.0f}°C" if g.temperature_c is not None else "–°C")
@@ -615,8 +624,23 @@ class Dashboard:
         if host is not None:
             grid.add_row("host", f"RSS {fmt_gib(host.rss_bytes)} GiB · CPU {host.cpu_percent:.0f}% · "
                                  f"RAM {fmt_gib(host.mem_used_bytes)}/{fmt_gib(host.mem_total_bytes)} GiB")
-        title = f"[bold]GPU[/] [dim]({escape(s.device) if s else ''})"
+        where = escape(s.device) if s else ""
+        if s is not None and s.world_size > 1:
+            used = sum(1 for g in gpus if g.uuid is not None and g.uuid in mine)
+            where = f"{used} used here · {processes_text(s)}" if gpus else processes_text(s)
+        title = f"[bold]GPU[/] [dim]({where})"
         return Panel(grid, title=title, title_align="left", border_style="blue"), grid.row_count
+
+    def run_gpu_uuids(self) -> frozenset[str]:
+        """The UUIDs of the GPUs this run uses on this node (marked ``▶`` in the GPU panel):
+        :attr:`RunStarted.local_device_uuids <lmkit.events.RunStarted>` (every local rank's
+        GPU under torchrun), else the one ``device_uuid``; empty before the run starts."""
+        s = self.started
+        if s is None:
+            return frozenset()
+        if s.local_device_uuids:
+            return frozenset(s.local_device_uuids)
+        return frozenset({s.device_uuid}) if s.device_uuid else frozenset()
 
     def host_panel(self) -> tuple[Panel, int]:
         sample, s = self.system, self.started
