@@ -382,6 +382,9 @@ class MemoryEstimate:
     total: int
     overhead_detail: dict[str, int] = field(default_factory=dict)
     optimizer: str = "adamw"
+    #: the walk through the step: ``(phase, {part: bytes alive})`` beyond the weights and the
+    #: optimizer state (what :mod:`lmkit.analysis.memory_parallel` re-prices per rank); not in :meth:`to_dict`
+    phases: list[tuple[str, dict[str, int]]] = field(default_factory=list, repr=False)
 
     def row(self, name: str) -> MemoryRow:
         for row in self.rows:
@@ -390,7 +393,9 @@ class MemoryEstimate:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("phases")
+        return out
 
 
 def estimate_memory(
@@ -616,6 +621,7 @@ def estimate_memory(
         overhead=over, total=peak + over,
         overhead_detail={"cuda_context": overhead.cuda_context_bytes if device == "cuda" else 0,
                          "allocator_slack": over - (overhead.cuda_context_bytes if device == "cuda" else 0)},
+        phases=events,
     )
 
 

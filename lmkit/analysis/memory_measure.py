@@ -213,3 +213,103 @@ def measure_cuda_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = N
     del model, opt, x, y
     torch.cuda.empty_cache()
     return stats
+
+
+# --------------------------------------------------------------------------------------
+# Several processes: DDP and FSDP2 (inside an initialised process group)
+# --------------------------------------------------------------------------------------
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2's sharded parameters, gradients, optimizer state), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def measure_parallel(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, parallelism: str = "ddp",
+                     precision: str = "fp32", foreach: bool | None = None, seed: int = 0) -> dict[str, int]:
+    """What one rank of a DDP or FSDP2 job holds in one CPU training step, counted on the real tensors.
+
+    Call it on every rank of an initialised ``torch.distributed`` process group (gloo on the CPU).
+    The model is :func:`~lmkit.models.build_model` wrapped as lmkit trains it: ``ddp`` --
+    :class:`~torch.nn.parallel.DistributedDataParallel` with its defaults (25 MiB buckets,
+    ``gradient_as_bucket_view=False``); ``fsdp`` -- ``fully_shard(block, reshard_after_forward=True)``
+    for each of ``model.transformer.h`` and then the root. Three AdamW steps on ``(B, T)`` random
+    tokens (the first creates the optimizer state, DDP rebuilds its buckets after the first
+    backward), the third under ``torch.profiler`` (``profile_memory=True``), as
+    :func:`measure_cpu_peak`. ``foreach`` goes to :class:`torch.optim.AdamW` (``True``: the
+    multi-tensor step the estimator assumes off CUDA, :func:`~lmkit.analysis.memory.estimate_memory`'s
+    ``4 P`` of step temporaries; ``None``: PyTorch's choice, a per-parameter loop on the CPU).
+
+    Returns:
+        Bytes, for this rank: ``weights`` (FSDP: the local shards' storages, ``DTensor.to_local()``,
+        padding included), ``gradients`` (after backward, before the optimizer step clears them),
+        ``optimizer_state``, ``ddp_buckets`` (DDP: the flat bucket tensors, read from
+        :class:`torch.distributed.GradBucket` in a communication hook; 0 for FSDP),
+        ``n_buckets``, and ``peak_allocated``: the profiler's peak of live allocated bytes in the
+        third step plus what was alive before it (weights, optimizer state, DDP's buckets).
+
+    Raises:
+        ValueError: ``parallelism`` is not ``ddp`` or ``fsdp``.
+    """
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    if parallelism not in ("ddp", "fsdp"):
+        raise ValueError(f"parallelism {parallelism!r}: use ddp or fsdp")
+    torch.manual_seed(seed)
+    T = cfg.block_size if seq_len is None else seq_len
+    model = build_model(cfg, device="cpu")
+    model.train()
+    buckets: dict[int, int] = {}
+    if parallelism == "ddp":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model)
+
+        def record(state, bucket):
+            buckets[bucket.index()] = bucket.buffer().untyped_storage().nbytes()
+            return default_hooks.allreduce_hook(state, bucket)
+
+        wrapped.register_comm_hook(None, record)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        wrapped = fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, foreach=foreach)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    gen = torch.Generator().manual_seed(seed + dist.get_rank())
+    x = torch.randint(0, cfg.vocab_size, (batch_size, T), generator=gen)
+    y = torch.randint(0, cfg.vocab_size, (batch_size, T), generator=gen)
+    grads = 0
+
+    def step() -> None:
+        nonlocal grads
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            _, loss = wrapped(x, y)
+        loss.backward()
+        grads = _storage_bytes(_local(p.grad) for p in model.parameters() if p.grad is not None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    buckets.clear()
+    step()
+    weights = _storage_bytes(_local(p) for p in model.parameters())
+    state = _storage_bytes(_local(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    held = sum(buckets.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return {"weights": weights, "gradients": grads, "optimizer_state": state, "ddp_buckets": held,
+            "n_buckets": len(buckets), "peak_allocated": weights + state + held + peak}
