@@ -17,6 +17,12 @@ A new run claims its folder atomically (an exclusive create of ``config.yaml``),
 runs started at once never share one; a training process holds an exclusive lock on
 ``.lock`` for as long as it writes the folder, so a second process (another resume, say)
 is refused instead of interleaving its writes.
+
+Launched runs (``lmkit train --nproc-per-node N``): the launcher claims the folder and holds
+its lock for the whole job, restarts included, and tells its workers through
+:data:`RUN_DIR_ENV` / :data:`LOCK_PID_ENV`; a worker's :meth:`RunDir.lock` of that folder
+then succeeds without a lock of its own (its parent holds it), and rank 0 takes the folder
+over with :meth:`RunDir.claimed`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ from lmkit.errors import ConfigError
 #: ``training.checkpoint_interval`` steps) or ``epoch_005.pt`` (every
 #: ``training.checkpoint_every_epochs`` epochs). Groups: the kind, the number.
 CHECKPOINT_TAG = re.compile(r"^(step|epoch)_(\d+)\.pt$")
+
+#: Set by lmkit's launcher for its workers: the run folder it claimed (absolute path) ...
+RUN_DIR_ENV = "LMKIT_RUN_DIR"
+#: ... and the launcher's pid, which holds that folder's lock for its workers.
+LOCK_PID_ENV = "LMKIT_RUN_LOCK_PID"
 
 
 def parse_checkpoint_tag(name: str) -> tuple[str, int] | None:
@@ -107,6 +118,43 @@ class RunDir:
             return run
         raise ConfigError(f"--out-dir {out_dir}: too many runs named {base}-N")  # pragma: no cover
 
+    @classmethod
+    def claimed(cls, path: Path) -> RunDir:
+        """Take over a folder claimed for this run before this process started (by lmkit's
+        launcher, which holds its lock): the run starts afresh there. When an earlier attempt
+        of the same launch wrote records but no checkpoint (it failed before its first save),
+        they are moved to ``superseded/`` as on a resume from step 0, TensorBoard files included.
+
+        Raises:
+            ConfigError: no claimed run there (no ``config.yaml``), or another process holds it.
+        """
+        run = cls(path)
+        if not run.config_path.is_file():
+            raise ConfigError(f"{path}: not a claimed run folder (no config.yaml)")
+        run.lock()
+        if run.metrics_path.exists() or run.events_path.exists():
+            run.supersede_records_after(-1)
+            old = sorted(p for p in run.tb_dir.iterdir() if p.is_file()) if run.tb_dir.is_dir() else []
+            if old:
+                aside = run.superseded_dir / f"tb.{time.strftime('%Y%m%d-%H%M%S')}"
+                aside.mkdir(parents=True, exist_ok=True)
+                for file in old:
+                    os.replace(file, aside / file.name)
+        return run
+
+    def held_by_launcher(self) -> bool:
+        """Whether this process is a worker of the lmkit launcher that holds this folder's
+        lock: :data:`RUN_DIR_ENV` names this folder, :data:`LOCK_PID_ENV` is this process's
+        parent, and ``.lock`` records that pid."""
+        folder, pid = os.environ.get(RUN_DIR_ENV), os.environ.get(LOCK_PID_ENV)
+        if not folder or not pid or not pid.isdigit() or int(pid) != os.getppid():
+            return False
+        try:
+            same = Path(folder).resolve() == self.path.resolve()
+            return same and (self.path / ".lock").read_text().strip() == pid
+        except OSError:
+            return False
+
     def _never_started(self) -> bool:
         """True (and the folder locked) when it holds a config but no run ever wrote to it."""
         try:
@@ -142,7 +190,7 @@ class RunDir:
         Raises:
             ConfigError: another process holds it.
         """
-        if self._lock_file is not None:
+        if self._lock_file is not None or self.held_by_launcher():
             return
         try:
             import fcntl

@@ -29,6 +29,11 @@ def resume_command(
                                 "started with; another count makes the continuation not bitwise)."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Plain log lines even on a terminal."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout at the end."),
+    nproc_per_node: int = typer.Option(None, "--nproc-per-node", help="Continue with N processes on this machine "
+                                       "(PyTorch's elastic launcher, as `torchrun --standalone` starts it)."),
+    max_restarts: int = typer.Option(None, "--max-restarts", help="With --nproc-per-node: restart the workers up "
+                                     "to K times after a failure, resuming from the newest complete checkpoint "
+                                     "(a stop by SIGINT/SIGTERM never restarts; default 0)."),
 ) -> None:
     """Continue a run from its newest complete checkpoint: weights, optimizer, LR schedule, GradScaler,
     data position and RNG states are restored, so the steps are the ones an uninterrupted run takes."""
@@ -43,6 +48,23 @@ def resume_command(
         flags["training.on_nan"] = ("--on-nan", on_nan)
     if threads is not None:
         flags["training.threads"] = ("--threads", threads)
+
+    from lmkit.cli import launch
+
+    if launch.check_options(nproc_per_node, max_restarts):
+        from lmkit.rundir import RunDir
+        from lmkit.training.resume import resume_config
+
+        run_dir = RunDir.existing(run, out_dir)
+        launch.check_devices(nproc_per_node, resume_config(run_dir.config_path, overrides, flags)[0].training.device)
+        run_dir.lock()
+        raise typer.Exit(launch.launch(run_dir, "resume", nproc_per_node, max_restarts or 0, new=False,
+                                       out=sys.stderr if json_out else sys.stdout))
+    launched = launch.launched_run_dir()  # a worker of lmkit's launcher: the run folder is fixed
+    if launched is not None:
+        run = str(launched)
+        if launch.restart_count() > 0:
+            checkpoint = None  # a restarted worker continues from the newest complete checkpoint
 
     from lmkit.training.loop import resume
 

@@ -12,6 +12,7 @@ import typer
 from lmkit.cli._common import handle_errors, render_run
 from lmkit.config import available_presets
 from lmkit.errors import ConfigError
+from lmkit.rundir import RunDir
 
 _PRESETS = ", ".join(available_presets())
 
@@ -51,6 +52,12 @@ def train_command(
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout at the end."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, parameter count, memory "
                                  "estimate and step/token plan; train nothing, write nothing."),
+    nproc_per_node: int = typer.Option(None, "--nproc-per-node", help="Train with N processes on this machine "
+                                       "(data parallel; one per GPU, or N CPU processes with --device cpu): "
+                                       "PyTorch's elastic launcher, as `torchrun --standalone` starts it."),
+    max_restarts: int = typer.Option(None, "--max-restarts", help="With --nproc-per-node: restart the workers up "
+                                     "to K times after a failure, resuming from the run's newest complete "
+                                     "checkpoint (a stop by SIGINT/SIGTERM never restarts; default 0)."),
 ) -> None:
     """Train a model; writes runs/NAME/ (config.yaml, metrics.jsonl, events.jsonl, tb/, checkpoints/,
     tokenizer/, summary.json)."""
@@ -89,25 +96,56 @@ def train_command(
     if on_nan is not None:
         flags["training.on_nan"] = ("--on-nan", on_nan)
 
+    from lmkit.cli import launch
+
+    launching = launch.check_options(nproc_per_node, max_restarts)
     if dry_run:
         if resume_run:
             raise ConfigError("--dry-run plans a new run; it does not combine with --resume")
         from lmkit.dry_run import plan_run
 
-        report = plan_run(build_run_config(preset, overrides, flags))
+        config = build_run_config(preset, overrides, flags)
+        if launching:
+            launch.check_devices(nproc_per_node, config.training.device)
+        report = plan_run(config)
         if json_out:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
             render_dry_run(report)
+            if launching:
+                tcfg = config.training
+                sys.stdout.write(f"launch: {nproc_per_node} processes; global batch {nproc_per_node * tcfg.batch_size * tcfg.grad_accum_steps} "
+                                 f"sequences = {nproc_per_node} x {tcfg.batch_size} x {tcfg.grad_accum_steps} "
+                                 "accumulation steps (the plan above is one process's)\n")
         return
-    if resume_run:
+    if launching:
+        if resume_run:
+            if name is None:
+                raise ConfigError("--resume: name the run to continue with --name (or use `lmkit resume runs/NAME`)")
+            from lmkit.training.resume import resume_config
+
+            run = RunDir.existing(name, str(out_dir) if out_dir is not None else "runs")
+            launch.check_devices(nproc_per_node, resume_config(run.config_path, overrides, flags)[0].training.device)
+            run.lock()
+        else:
+            config = build_run_config(preset, overrides, flags)
+            launch.check_devices(nproc_per_node, config.training.device)
+            run = RunDir.claim(config)
+        raise typer.Exit(launch.launch(run, "train", nproc_per_node, max_restarts or 0, new=not resume_run,
+                                       out=sys.stderr if json_out else sys.stdout))
+    launched = launch.launched_run_dir()  # a worker of lmkit's launcher: the run folder is fixed
+    if launched is not None and not resume_run and launch.holds_checkpoint(launched):
+        from lmkit.training.loop import resume  # a restarted worker continues the run
+
+        summary = render_run(lambda emit: resume(launched, emit), no_tui=no_tui, json_out=json_out)
+    elif resume_run:
         if threads is not None:
             flags["training.threads"] = ("--threads", threads)
         if name is None:
             raise ConfigError("--resume: name the run to continue with --name (or use `lmkit resume runs/NAME`)")
         from lmkit.training.loop import resume
 
-        summary = render_run(lambda emit: resume(name, emit, overrides=overrides, flags=flags,
+        summary = render_run(lambda emit: resume(launched or name, emit, overrides=overrides, flags=flags,
                                                  out_dir=str(out_dir) if out_dir is not None else "runs"),
                              no_tui=no_tui, json_out=json_out)
     else:
@@ -116,9 +154,10 @@ def train_command(
 
         choice = choose_threads(threads if threads is not None else config.training.threads)
         config.training.threads = choice.threads  # the trainer applies and records it
-        from lmkit.training.loop import train
+        from lmkit.training.loop import Trainer
 
-        summary = render_run(lambda emit: train(config, emit=emit, notes=[f"threads: {choice.reason}"]),
+        notes = [f"threads: {choice.reason}"]
+        summary = render_run(lambda emit: Trainer(config, emit, notes=notes, run_dir=launched).run(),
                              no_tui=no_tui, json_out=json_out)
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")

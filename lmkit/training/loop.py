@@ -105,12 +105,16 @@ class Trainer:
             ``latest``/``best``/``step_…``/``epoch_…``/a path.
         config_changes: the allowed config changes of this resume, for the record.
         notes: lines for the run's header (e.g. the CLI's thread choice), emitted as notices.
+        run_dir: a new run's folder, claimed before this process started (lmkit's launcher,
+            :meth:`~lmkit.rundir.RunDir.claimed`), instead of claiming one.
     """
 
     def __init__(self, config: RunConfig, emit: Callable[[Event], None] = null_emit, *,
                  resume_dir: Path | None = None, checkpoint: str | None = None,
-                 config_changes: Mapping[str, tuple[Any, Any]] | None = None, notes: Iterable[str] = ()):
+                 config_changes: Mapping[str, tuple[Any, Any]] | None = None, notes: Iterable[str] = (),
+                 run_dir: Path | None = None):
         self.config = config.model_copy(deep=True)
+        self.claimed_run_dir = run_dir
         self.user_emit = emit
         self.emit = emit
         self.resume_dir = resume_dir
@@ -167,7 +171,8 @@ class Trainer:
                 if "init_source" in type(cfg).model_fields:  # the config's record of the source
                     cfg.init_source = self.init_source.record()
             if self.dist.is_main:
-                self.run = self.dist.rank0_first(lambda: RunDir.claim(cfg))
+                self.run = self.dist.rank0_first(lambda: RunDir.claim(cfg) if self.claimed_run_dir is None
+                                                 else RunDir.claimed(self.claimed_run_dir))
                 self.dist.broadcast_object(str(self.run.path))
             else:  # rank 0 claimed the folder; every rank knows it
                 self.dist.rank0_first(lambda: None)
