@@ -20,6 +20,7 @@ Both import torch; :mod:`lmkit.analysis.memory` does not.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from typing import Any
 
@@ -304,6 +305,7 @@ def measure_parallel(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
     weights = _storage_bytes(_local(p) for p in model.parameters())
     state = _storage_bytes(_local(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     held = sum(buckets.values())
+    gc.collect()  # an earlier call's cycles (its modules and hooks) must not be freed inside the profiled step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
