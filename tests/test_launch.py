@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,8 +38,9 @@ def _preset(folder: Path, ckpt_interval: str = "2") -> Path:
     return path
 
 
-def _args(preset: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lmkit", "train", "--preset", str(preset), "--out-dir", str(runs), "--name", name,
+def _args(preset: Path, runs: Path, name: str | None, *extra: str) -> list[str]:
+    named = ["--name", name] if name else []  # None: the default, timestamped name
+    return [sys.executable, "-m", "lmkit", "train", "--preset", str(preset), "--out-dir", str(runs), *named,
             "--device", "cpu", "--no-tui", *extra]
 
 
@@ -67,8 +69,8 @@ def reference(tmp_path_factory):
     preset, runs = _preset(folder), folder / "runs"
     env = {**os.environ, **ENV}
     procs = [subprocess.Popen(args, cwd=folder, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-             for args in (_args(preset, runs, "ref", "--nproc-per-node", "2"),  # at once: the CPUs wait on imports
-                          _args(preset, runs, "one", "--set", "training.grad_accum_steps=2"))]
+             for args in (_args(preset, runs, None, "--nproc-per-node", "2"),  # at once: the CPUs wait on imports
+                          _args(preset, folder / "one", "one", "--set", "training.grad_accum_steps=2"))]
     try:
         out = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=TIMEOUT)) for p in procs]
     finally:
@@ -86,19 +88,22 @@ def test_launch_equals_one_process_with_accumulation(reference):
     losses (1e-6) and final weights (1e-5); the launcher claimed one run folder, which holds
     what a 1-process run's holds, written once (one run start, one TensorBoard file)."""
     folder, preset, runs, proc = reference
-    assert "launch: 2 worker processes" in proc.stdout and str(runs / "ref") in proc.stdout
-    a, b = _losses(runs / "ref"), _losses(runs / "one")
+    assert "launch: 2 worker processes" in proc.stdout
+    # the folder the launcher claimed (a timestamped name) is the run's, and the only one
+    claimed = Path(re.search(r"; run folder (\S+)\n", proc.stdout).group(1))
+    assert [p.name for p in runs.iterdir()] == [claimed.name]
+    ref, one = runs / claimed.name, folder / "one" / "one"
+    assert f"run {claimed.name} -> {claimed}" in proc.stdout  # the workers' header: the same folder
+    a, b = _losses(ref), _losses(one)
     assert len(a) == len(b) == 8
     assert a == pytest.approx(b, abs=1e-6, rel=0)
-    wa, wb = _weights(runs / "ref"), _weights(runs / "one")
+    wa, wb = _weights(ref), _weights(one)
     for key in wb:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0, msg=key)
-    assert {"one", "ref"} <= {p.name for p in runs.iterdir()}
-    assert not any(p.name.startswith("ref-") for p in runs.iterdir())  # the workers claimed nothing more
-    assert sorted(p.name for p in (runs / "ref").iterdir()) == sorted(p.name for p in (runs / "one").iterdir())
-    assert sum(e["kind"] == "run_started" for e in _events(runs / "ref")) == 1
-    assert len(list((runs / "ref" / "tb").iterdir())) == 1
-    summary = json.loads((runs / "ref" / "summary.json").read_text())
+    assert sorted(p.name for p in ref.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert sum(e["kind"] == "run_started" for e in _events(ref)) == 1
+    assert len(list((ref / "tb").iterdir())) == 1
+    summary = json.loads((ref / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"
 
 
@@ -107,16 +112,18 @@ def test_killed_worker_restarts_and_resumes_the_same_run(reference):
     workers, they resume the same folder from its newest checkpoint (step 2) and end bitwise
     where the uninterrupted run ends."""
     folder, preset, runs, _ = reference
-    proc = _run(_args(preset, runs, "killed", "--nproc-per-node", "2", "--max-restarts", "1"), folder,
+    ref = next(runs.iterdir())
+    killed = folder / "killed"
+    proc = _run(_args(preset, killed, None, "--nproc-per-node", "2", "--max-restarts", "1"), folder,
                 LMKIT_TEST_LAUNCH_SIGNAL="1:0:6:SIGKILL")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "killed by SIGKILL; restarting the workers" in proc.stdout
-    run = runs / "killed"
-    assert not any(p.name.startswith("killed-") for p in runs.iterdir())  # no second folder claimed
+    (run,) = killed.iterdir()  # one folder: the restarted workers claimed none of their own
+    assert proc.stdout.count(f"run {run.name} -> ") == 2  # both attempts' headers name it
     resumed = [e for e in _events(run) if e["kind"] == "resumed" and not e.get("superseded")]
     assert [e["step"] for e in resumed] == [2]
-    assert _losses(run) == _losses(runs / "ref")
-    wa, wb = _weights(run), _weights(runs / "ref")
+    assert _losses(run) == _losses(ref)
+    wa, wb = _weights(run), _weights(ref)
     for key in wb:
         assert torch.equal(wa[key], wb[key]), key
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
