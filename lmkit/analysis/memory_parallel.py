@@ -242,7 +242,7 @@ def estimate_parallel_memory(cfg: ModelConfig, batch_size: int, *, nproc: int, p
         rows = [
             MemoryRow("weights", 4 * local, 4 * local, f"4 B × {local:,} params: a 1/{nproc} shard (dim 0 padded)"),
             MemoryRow("gradients", 4 * local, grads,
-                      f"4 B × shard; at the peak {_fmt(full_grads)} of them still unsharded (the groups in backward)"),
+                      f"4 B × shard; at the peak {_fmt(full_grads)} of them unsharded (the groups in backward)"),
             MemoryRow("optimizer state", 8 * local, 8 * local, "AdamW exp_avg + exp_avg_sq on the shard: 8 B × shard"),
             MemoryRow("unsharded parameters (all-gathered)", 4 * R + 8 * Pl, unsharded,
                       f"fp32: the root {_fmt(4 * R)} + the block in use and the prefetched one, {_fmt(4 * Pl)} each"),
@@ -262,16 +262,16 @@ def estimate_parallel_memory(cfg: ModelConfig, batch_size: int, *, nproc: int, p
 
 def group_shapes(model: Any) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """``(block_shapes, root_shapes)`` of a built lmkit model (the meta device is enough): the
-    parameter shapes of its first transformer block (``model.transformer.h[0]``, FSDP's per-block
-    groups) and of every other distinct parameter (the root group), for
-    :func:`estimate_parallel_memory`'s exact FSDP padding.
+    parameter shapes of its first transformer block (``model.transformer.h[0]``, or ``model.blocks[0]``
+    for the legacy Backpack: FSDP's per-block groups) and of every other distinct parameter (the
+    root group), for :func:`estimate_parallel_memory`'s exact FSDP padding.
 
     Raises:
-        ConfigError: the model has no ``transformer.h`` blocks.
+        ConfigError: the model has neither ``transformer.h`` nor ``blocks``.
     """
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    blocks = getattr(getattr(model, "transformer", None), "h", None) or getattr(model, "blocks", None)
     if not blocks:
-        raise ConfigError(f"{type(model).__name__}: no transformer.h blocks to shard per block")
+        raise ConfigError(f"{type(model).__name__}: no transformer blocks (transformer.h or blocks) to shard")
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     block = [tuple(p.shape) for p in blocks[0].parameters()]
     root = [tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks]  # parameters(): shared once
@@ -292,4 +292,6 @@ def _at_peak(row: MemoryRow, live: dict[str, int], single: MemoryEstimate) -> in
 
 
 def _fmt(n: int) -> str:
+    if n == 0:
+        return "0"
     return f"{n / 2**30:.3g} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.3g} MiB"

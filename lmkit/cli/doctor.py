@@ -80,6 +80,11 @@ def doctor_command(
                                         "WikiText GPT training guide (oonisim/python-programs) "
                                         "(fp32, 1.5 GB overhead, activations 4·(9·B·T·d + B·h·T²) per layer)."),
     legacy_old_name: bool = typer.Option(False, "--legacy-seed001", hidden=True),  # the flag's first name
+    nproc: int = typer.Option(None, "--nproc", help="Also estimate each GPU's memory with N training processes "
+                              "(torchrun --nproc-per-node N; --batch-size is per process)."),
+    parallelism: str = typer.Option(None, "--parallelism", help="With --nproc: ddp (a full replica per GPU) or fsdp "
+                                    "(sharded, fully_shard per block); default: the preset's training.parallelism, "
+                                    "else ddp."),
     json_out: bool = typer.Option(False, "--json", help="Print everything as one JSON object (for bug reports)."),
 ) -> None:
     """Check the machine (python, torch, CUDA, cuDNN, driver, GPUs, MPS, CPUs and their load, RAM); with --preset,
@@ -93,11 +98,18 @@ def doctor_command(
     if attention not in ("sdpa", "eager"):
         raise ConfigError(f"--attention {attention}: use sdpa or eager")
     capacity = mem.parse_memory_size(gpu_memory) if gpu_memory is not None else None
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: must be at least 1")
+    if parallelism is not None and parallelism not in ("ddp", "fsdp"):
+        raise ConfigError(f"--parallelism {parallelism}: use ddp or fsdp")
+    if parallelism is not None and nproc is None:
+        raise ConfigError("--parallelism: give the number of processes with --nproc N")
     if preset is None:
         asked = [name for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--fp16", fp16),
                                           ("--bf16", bf16), ("--fp32", fp32), ("--gpu-memory", gpu_memory),
                                           ("--legacy-hand-table", legacy_seed001),
-                                          ("--grad-checkpointing", grad_checkpointing), ("--set", overrides))
+                                          ("--grad-checkpointing", grad_checkpointing), ("--set", overrides),
+                                          ("--nproc", nproc))
                  if value]
         if asked:
             raise ConfigError(f"{asked[0]}: estimates need a model; add --preset NAME (e.g. --preset small)")
@@ -107,6 +119,9 @@ def doctor_command(
     if preset is not None:
         report.update(_preset_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, grad_checkpointing,
                                      attention, capacity, gpu_memory, legacy_seed001, env))
+        if nproc is not None:
+            report["parallel"] = _parallel_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32,
+                                                  grad_checkpointing, attention, nproc, parallelism, report, env)
 
     if json_out:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
@@ -190,6 +205,50 @@ def _preset_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, gra
         seed = [mem.legacy_seed001(total, b, est.seq_len, model_cfg.n_embd, model_cfg.n_head, model_cfg.n_layer)
                 for b in (tcfg.batch_size, 8, 16, 32)]
         out["legacy_seed001"] = {"this_batch": seed[0].__dict__, "seed_batches": [s.__dict__ for s in seed[1:]]}
+    return out
+
+
+def _parallel_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, grad_checkpointing, attention,
+                     nproc, parallelism, report, env) -> dict[str, Any]:
+    """``--nproc N``: one GPU's memory with N processes (:mod:`lmkit.analysis.memory_parallel`) and a verdict
+    for each card of the single-process verdicts (this machine's GPUs, ``--gpu-memory``)."""
+    from lmkit.analysis import memory as mem
+    from lmkit.analysis.memory_parallel import estimate_parallel_memory, group_shapes
+    from lmkit.config import build_run_config
+    from lmkit.models import build_model
+
+    flags: dict[str, tuple[str, Any]] = {}
+    if batch_size is not None:
+        flags["training.batch_size"] = ("--batch-size", batch_size)
+    for flag, value in (("--fp16", fp16), ("--bf16", bf16), ("--fp32", fp32)):
+        if value:
+            flags["training.precision"] = (flag, flag[2:])
+    if grad_checkpointing is not None:
+        flags["training.grad_checkpointing"] = ("--grad-checkpointing", grad_checkpointing)
+    config = build_run_config(preset, overrides, flags)
+    tcfg = config.training
+    kind = parallelism or tcfg.parallelism or "ddp"
+    model_cfg = config.model.model_copy()
+    model_cfg.vocab_size = mem.resolve_vocab_size(config)
+    shapes: dict[str, Any] = {}
+    if kind == "fsdp":
+        block, root = group_shapes(build_model(model_cfg, device="meta"))
+        shapes = {"block_shapes": block, "root_shapes": root}
+    est = estimate_parallel_memory(model_cfg, tcfg.batch_size, nproc=nproc, parallelism=kind, seq_len=seq_len,
+                                   precision=tcfg.precision, attention=attention,
+                                   grad_checkpointing=tcfg.grad_checkpointing, grad_accum_steps=tcfg.grad_accum_steps,
+                                   device="cuda", optimizer=tcfg.optimizer, **shapes)
+    out = est.to_dict()
+    out["global_batch"] = tcfg.batch_size * tcfg.grad_accum_steps * nproc
+    out["verdicts"] = [{"gpu": card["gpu"], "capacity_bytes": card["capacity_bytes"],
+                        "verdict": mem.verdict(est.total, card["capacity_bytes"])} for card in report["verdicts"]]
+    visible = sum(1 for g in env.gpus if g.total_bytes)
+    if not report["verdicts"]:
+        out["note"] = (f"an estimate for {nproc} GPU(s) (none visible here): add --gpu-memory SIZE (e.g. 80GiB) "
+                       "to judge a card")
+    elif visible and nproc > visible:
+        out["note"] = (f"{nproc} processes need {nproc} GPUs; this machine shows {visible} "
+                       "(several machines: torchrun --nnodes)")
     return out
 
 
@@ -300,6 +359,7 @@ def _render(report: dict[str, Any], env) -> None:
 
     if not report["verdicts"]:
         console.print("No GPU visible: add --gpu-memory 16GiB to ask about a card you do not have.")
+        _render_parallel(console, report)
         return
     vt = Table(title="Verdict", title_justify="left")
     for col in ("GPU", "memory", "estimate", "verdict", "largest batch that fits"):
@@ -321,3 +381,41 @@ def _render(report: dict[str, Any], env) -> None:
             st.add_row(Text(s["try"]), _gib(s["total_bytes"]), f"[{colour[s['verdict']]}]{s['verdict']}[/]",
                        Text(s["flags"]))
         console.print(st)
+    _render_parallel(console, report)
+
+
+def _render_parallel(console, report: dict[str, Any]) -> None:
+    """The ``--nproc`` tables: one GPU's memory with N processes, part by part, and its verdicts."""
+    from rich.table import Table
+
+    par = report.get("parallel")
+    if par is None:
+        return
+    kind = par["parallelism"].upper()
+    prec = "fp32" if par["precision"] == "fp32" else f"{par['precision']} autocast"
+    pt = Table(title=f"Memory per GPU with {par['nproc']} processes ({kind}): B={par['batch_size']} per process "
+                     f"(global batch {par['global_batch']} sequences), T={par['seq_len']}, {prec}",
+               title_justify="left")
+    pt.add_column("component")
+    pt.add_column("size", justify="right")
+    pt.add_column("at peak", justify="right")
+    pt.add_column("formula / source")
+    for row in par["rows"]:
+        pt.add_row(Text(row["name"]), _gib(row["size_bytes"]), _gib(row["at_peak_bytes"]), Text(row["formula"]))
+    pt.add_section()
+    pt.add_row("peak allocated", "", _gib(par["peak_allocated"]), f"per GPU; at {par['peak_phase']}")
+    pt.add_row("framework overhead", "", _gib(par["overhead"]), "CUDA context + allocator slack (NCCL buffers not counted)")
+    pt.add_row("[bold]total per GPU[/bold]", "", f"[bold]{_gib(par['total'])}[/bold]",
+               f"one process alone: {_gib(par['single_process_total'])}")
+    console.print(pt)
+    colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}
+    if par["verdicts"]:
+        vt = Table(title=f"Verdict per GPU with {par['nproc']} processes ({kind})", title_justify="left")
+        for col in ("GPU", "memory", "estimate per GPU", "verdict"):
+            vt.add_column(col)
+        for card in par["verdicts"]:
+            v = card["verdict"]
+            vt.add_row(Text(card["gpu"]), _gib(card["capacity_bytes"]), _gib(par["total"]), f"[{colour[v]}]{v}[/]")
+        console.print(vt)
+    if par.get("note"):
+        console.print(Text(par["note"]), highlight=False)
