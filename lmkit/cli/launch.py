@@ -56,7 +56,6 @@ SHUTDOWN_TIMEOUT_S = 120
 TEST_HOOK_ENV = "LMKIT_TEST_LAUNCH_SIGNAL"
 #: torch's opt-out of sharing the agent's rendezvous store with the workers (see :func:`launch`).
 SHARE_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
-_LAUNCH_OPTIONS = ("--nproc-per-node", "--max-restarts")
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -101,32 +100,37 @@ def check_devices(nproc: int, device: str | None) -> None:
         return
     count = torch.cuda.device_count()
     if count < nproc:
-        raise ConfigError(f"--nproc-per-node {nproc} with --device {device}: only {count} GPU(s) visible; "
-                          f"use --nproc-per-node {count}" + (" or --device cpu" if count else ", or --device cpu"))
+        hint = f"use --nproc-per-node {count} (or --device cpu)" if count else "use --device cpu"
+        raise ConfigError(f"--nproc-per-node {nproc} with --device {device}: only {count} GPU(s) visible; {hint}")
 
 
 # ---------------------------------------------------------------------------------- launcher
 
 
-def worker_command(command: str, argv: list[str] | None = None) -> list[str]:
-    """The workers' ``python`` arguments: ``-m lmkit`` and this process's command line without
-    the launch options.
+def worker_command(ctx: Any) -> list[str]:
+    """The workers' ``python`` arguments: ``-m lmkit COMMAND`` and the options given to this
+    process, read back from the parser's context ``ctx`` (a ``typer.Context``; so a call from
+    Python -- typer's test runner -- gets the same command), without the launch options."""
+    from lmkit.cli import _common
 
-    Raises:
-        ConfigError: ``command`` is not on the command line (lmkit called from Python).
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if command not in args:
-        raise ConfigError(f"--nproc-per-node: start `lmkit {command}` from a shell (no `{command}` in the command line)")
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg in _LAUNCH_OPTIONS:
-            skip = True
-        elif not arg.startswith(tuple(f"{o}=" for o in _LAUNCH_OPTIONS)):
-            out.append(arg)
-    return ["-u", "-m", "lmkit", *out]
+    positional: list[str] = []
+    root, options = (["--debug"] if _common.DEBUG else []), []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if param.name in ("nproc_per_node", "max_restarts") or getattr(source, "name", "") not in (
+                "COMMANDLINE", "ENVIRONMENT"):
+            continue
+        value = ctx.params[param.name]
+        if param.param_type_name == "argument":
+            positional += [str(v) for v in (value if param.nargs != 1 else [value])]
+        elif getattr(param, "is_flag", False) and not param.secondary_opts:
+            options += [param.opts[0]] if value else []
+        elif getattr(param, "is_flag", False):
+            options.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for item in value if param.multiple else [value]:
+                options += [param.opts[0], str(item)]
+    return ["-u", "-m", "lmkit", *root, ctx.info_name, *positional, *options]
 
 
 def _agent_class() -> type:
@@ -170,13 +174,13 @@ def _signame(num: int) -> str:
         return f"signal {num}"
 
 
-def launch(run: RunDir, command: str, nproc: int, max_restarts: int, *, new: bool, out: TextIO) -> int:
+def launch(run: RunDir, ctx: Any, nproc: int, max_restarts: int, *, new: bool, out: TextIO) -> int:
     """Run ``nproc`` workers of this command line on ``run`` under torch's elastic agent and
     return the exit code for the launcher.
 
     Args:
         run: the run folder, claimed (``new``) or locked (a resume) by this process.
-        command: ``train`` or ``resume`` (to find the command line).
+        ctx: the command's ``typer.Context`` (the workers get its command line).
         new: a new run: a folder no worker ever wrote to is released again at the end.
         out: where the launcher's own lines go.
     """
@@ -184,38 +188,38 @@ def launch(run: RunDir, command: str, nproc: int, max_restarts: int, *, new: boo
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = worker_command(command)
-    os.environ[RUN_DIR_ENV] = str(run.path.resolve())
-    os.environ[LOCK_PID_ENV] = str(os.getpid())
-    # torch 2.13's agent shares its rendezvous TCPStore with the workers across restarts, and a
-    # restarted gloo group then reads the dead attempt's addresses (connectFullMesh: connection
-    # refused; plain torchrun --max-restarts fails the same way). torch's own opt-out gives
-    # every attempt a fresh store, hosted by its rank 0.
-    os.environ.setdefault(SHARE_STORE_ENV, "1")
-    threads_note = ""
-    if nproc > 1 and not any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "LMKIT_THREADS")) \
-            and "--threads" not in " ".join(args):
-        from lmkit.threads import usable_cores
-
-        share = max(1, usable_cores() // nproc)
-        os.environ["OMP_NUM_THREADS"] = str(share)  # as torchrun does (it sets 1), a share of the cores each
-        threads_note = f", {share} CPU thread(s) each"
-    restarts = f"up to {max_restarts} restart{'s' if max_restarts != 1 else ''} resuming from the newest " \
-               "complete checkpoint" if max_restarts else "no restarts"
-    out.write(f"launch: {nproc} worker process{'es' if nproc != 1 else ''} on this node (torch elastic, "
-              f"standalone rendezvous on localhost{threads_note}), {restarts}; run folder {run.path.resolve()}\n")
-    out.flush()
-
-    config = launcher_api.LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), role="lmkit",
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
-        shutdown_timeout=int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)),
-    )
-    agent = _agent_class()
-    agent.out = out
+    saved = {var: os.environ.get(var) for var in (RUN_DIR_ENV, LOCK_PID_ENV, SHARE_STORE_ENV, "OMP_NUM_THREADS")}
     original = launcher_api.LocalElasticAgent
-    launcher_api.LocalElasticAgent = agent  # launch_agent builds its agent by this name
     try:
+        args = worker_command(ctx)
+        os.environ[RUN_DIR_ENV] = str(run.path.resolve())
+        os.environ[LOCK_PID_ENV] = str(os.getpid())
+        # torch 2.13's agent shares its rendezvous TCPStore with the workers across restarts, and
+        # a restarted gloo group can read the dead attempt's addresses (connectFullMesh: connection
+        # refused; plain torchrun --max-restarts does the same). torch's own opt-out gives every
+        # attempt a fresh store, hosted by its rank 0.
+        os.environ.setdefault(SHARE_STORE_ENV, "1")
+        threads_note = ""
+        if nproc > 1 and not any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "LMKIT_THREADS")) \
+                and "--threads" not in args:
+            from lmkit.threads import usable_cores
+
+            share = max(1, usable_cores() // nproc)
+            os.environ["OMP_NUM_THREADS"] = str(share)  # as torchrun does (it sets 1): a share of the cores
+            threads_note = f", {share} CPU thread(s) each"
+        restarts = (f"up to {max_restarts} restart{'s' if max_restarts != 1 else ''} resuming from the newest "
+                    "complete checkpoint") if max_restarts else "no restarts"
+        out.write(f"launch: {nproc} worker process{'es' if nproc != 1 else ''} on this node (torch elastic, "
+                  f"standalone rendezvous on localhost{threads_note}), {restarts}; run folder {run.path.resolve()}\n")
+        out.flush()
+        config = launcher_api.LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), role="lmkit",
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
+            shutdown_timeout=int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)),
+        )
+        agent = _agent_class()
+        agent.out = out
+        launcher_api.LocalElasticAgent = agent  # launch_agent builds its agent by this name
         launcher_api.elastic_launch(config, sys.executable)(*args)
         code = 0
     except SignalException as exc:
@@ -226,8 +230,11 @@ def launch(run: RunDir, command: str, nproc: int, max_restarts: int, *, new: boo
         code = _exit_code(exc.failures, run, nproc, out)
     finally:
         launcher_api.LocalElasticAgent = original
-        for var in (RUN_DIR_ENV, LOCK_PID_ENV, SHARE_STORE_ENV):
-            os.environ.pop(var, None)
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
         if new and not _started(run):
             run.release()  # set-up failed before anything was written: leave no folder behind
         run.unlock()

@@ -13,6 +13,7 @@ from lmkit.cli._common import handle_errors, render_run
 
 @handle_errors
 def resume_command(
+    ctx: typer.Context,
     run: str = typer.Argument(..., help="Run directory (runs/NAME) or a run name under --out-dir."),
     checkpoint: str = typer.Option(None, "--checkpoint", "-c",
                                    help="latest, best, step_…, epoch_… or a path (default: the newest complete "
@@ -58,7 +59,7 @@ def resume_command(
         run_dir = RunDir.existing(run, out_dir)
         launch.check_devices(nproc_per_node, resume_config(run_dir.config_path, overrides, flags)[0].training.device)
         run_dir.lock()
-        raise typer.Exit(launch.launch(run_dir, "resume", nproc_per_node, max_restarts or 0, new=False,
+        raise typer.Exit(launch.launch(run_dir, ctx, nproc_per_node, max_restarts or 0, new=False,
                                        out=sys.stderr if json_out else sys.stdout))
     launched = launch.launched_run_dir()  # a worker of lmkit's launcher: the run folder is fixed
     if launched is not None:

@@ -19,6 +19,7 @@ _PRESETS = ", ".join(available_presets())
 
 @handle_errors
 def train_command(
+    ctx: typer.Context,
     preset: str = typer.Option(None, "--preset", "-p", help=f"Preset name ({_PRESETS}) or a YAML path "
                                "(default: pilot; none with --init-from: the source's architecture)."),
     data: str = typer.Option(None, "--data", help="'arithmetic', a local file or folder, or a hub name "
@@ -105,18 +106,21 @@ def train_command(
         from lmkit.dry_run import plan_run
 
         config = build_run_config(preset, overrides, flags)
-        if launching:
-            launch.check_devices(nproc_per_node, config.training.device)
         report = plan_run(config)
         if json_out:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
             render_dry_run(report)
-            if launching:
-                tcfg = config.training
-                sys.stdout.write(f"launch: {nproc_per_node} processes; global batch {nproc_per_node * tcfg.batch_size * tcfg.grad_accum_steps} "
-                                 f"sequences = {nproc_per_node} x {tcfg.batch_size} x {tcfg.grad_accum_steps} "
-                                 "accumulation steps (the plan above is one process's)\n")
+            if launching:  # planned on any machine; the launch itself refuses too few GPUs
+                tcfg, n = config.training, nproc_per_node
+                try:
+                    launch.check_devices(n, tcfg.device)
+                    here = ""
+                except ConfigError as exc:
+                    here = f"; on this machine the launch would fail: {exc}"
+                sys.stdout.write(f"launch: {n} processes, global batch {n * tcfg.batch_size * tcfg.grad_accum_steps} "
+                                 f"sequences = {n} x {tcfg.batch_size} x {tcfg.grad_accum_steps} accumulation "
+                                 f"steps (the plan above is one process's){here}\n")
         return
     if launching:
         if resume_run:
@@ -131,7 +135,7 @@ def train_command(
             config = build_run_config(preset, overrides, flags)
             launch.check_devices(nproc_per_node, config.training.device)
             run = RunDir.claim(config)
-        raise typer.Exit(launch.launch(run, "train", nproc_per_node, max_restarts or 0, new=not resume_run,
+        raise typer.Exit(launch.launch(run, ctx, nproc_per_node, max_restarts or 0, new=not resume_run,
                                        out=sys.stderr if json_out else sys.stdout))
     launched = launch.launched_run_dir()  # a worker of lmkit's launcher: the run folder is fixed
     if launched is not None and not resume_run and launch.holds_checkpoint(launched):
