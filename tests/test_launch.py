@@ -232,3 +232,85 @@ def test_bad_launch_options_are_one_line_errors(tmp_path, monkeypatch, args, env
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.output
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------- SLURM examples
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "multi_gpu"
+_FAKES = {  # stand-ins for SLURM and the launchers: record what the scripts would run
+    "srun": 'while [ "${1#-}" != "$1" ]; do shift; done\nSLURM_NODEID=${SLURM_NODEID:-0} exec "$@"\n',
+    "scontrol": '[ "$1 $2" = "show hostnames" ] && printf "node-a\\nnode-b\\n"\n',
+    "lmkit": 'printf "%s\\0" "$@" > "$RECORD.lmkit"\n',
+    "torchrun": 'printf "%s\\0" "$@" > "$RECORD.torchrun"\n',
+}
+
+
+def _script_run(script: str, tmp_path: Path, name: str) -> dict[str, list[str]]:
+    """Run an example sbatch script with SLURM's variables and fake ``srun``/``scontrol``/
+    ``lmkit``/``torchrun``; return the argument lists the fakes were called with."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool, body in _FAKES.items():
+        (bin_dir / tool).write_text("#!/bin/bash\n" + body)
+        (bin_dir / tool).chmod(0o755)
+    record = tmp_path / "record"
+    for old in tmp_path.glob("record.*"):
+        old.unlink()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "SLURM_JOB_ID": "42",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]", "NAME": name, "OUT": str(tmp_path / "runs")}
+    proc = subprocess.run(["bash", str(EXAMPLE / script)], cwd=tmp_path, env=env, text=True, capture_output=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return {path.suffix[1:]: path.read_text().split("\0")[:-1] for path in tmp_path.glob("record.*")}
+
+
+def _dry_run(args: list[str]) -> dict:
+    from lmkit.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--dry-run", "--json"], env={"WORLD_SIZE": None})
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _parses(args: list[str]) -> None:
+    import typer
+
+    from lmkit.cli import app
+
+    group = typer.main.get_command(app)
+    ctx = group.make_context("lmkit", [], resilient_parsing=True)
+    group.get_command(ctx, args[0]).make_context(args[0], list(args[1:]), parent=ctx)  # raises on a bad option
+
+
+@pytest.mark.parametrize("script", ["slurm_1node_4gpu.sbatch", "slurm_2node_4gpu.sbatch"])
+def test_slurm_examples_run_the_seed_004_pretraining(script, tmp_path):
+    """The sbatch scripts are valid bash, ask SLURM for the SIGTERM before the time limit, and run
+    (with SLURM's variables) a command lmkit accepts: seed 004's pretraining at its global batch of
+    524,288 tokens per step on 4 or 8 GPUs; submitted again with the run folder there, a resume."""
+    text = (EXAMPLE / script).read_text()
+    assert subprocess.run(["bash", "-n", str(EXAMPLE / script)], capture_output=True).returncode == 0
+    assert "#SBATCH --signal=TERM@120" in text
+    calls = _script_run(script, tmp_path, "seed004")
+    if script.startswith("slurm_1node"):
+        args, processes = calls["lmkit"], 4
+        assert args[args.index("--nproc-per-node") + 1] == "4" and "--max-restarts" in args
+    else:
+        launcher, processes = calls["torchrun"], 8
+        head = launcher[:launcher.index("-m")]
+        assert " ".join(head) == ("--nnodes 2 --nproc-per-node 4 --node-rank 0 --rdzv-backend c10d "
+                                  "--rdzv-endpoint node-a:29500 --rdzv-id 42")
+        assert launcher[launcher.index("-m") + 1] == "lmkit"
+        args = launcher[launcher.index("-m") + 2:]
+    assert args[0] == "train"
+    report = _dry_run(args)
+    cfg = report["config"]
+    assert cfg["preset"] == "gpt2-124m-mul" and cfg["name"] == "seed004"
+    tokens = processes * cfg["training"]["batch_size"] * cfg["training"]["grad_accum_steps"] * cfg["model"]["block_size"]
+    assert tokens == 524_288
+
+    (tmp_path / "runs" / "seed004").mkdir(parents=True)
+    (tmp_path / "runs" / "seed004" / "config.yaml").write_text("")
+    calls = _script_run(script, tmp_path, "seed004")
+    args = calls["lmkit"] if "lmkit" in calls else calls["torchrun"][calls["torchrun"].index("-m") + 2:]
+    assert args[:2] == ["resume", str(tmp_path / "runs" / "seed004")]
+    _parses(args)
