@@ -146,11 +146,12 @@ def _wait(condition, what: str, timeout: float = TIMEOUT) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
-def test_sigterm_to_the_launcher_stops_with_one_checkpoint(tmp_path):
+def test_sigterm_to_the_launcher_stops_with_one_checkpoint(tmp_path, reference):
     """SIGTERM to the launcher (as SLURM sends it), with a restart allowed: it reaches both
     workers, they agree on one step, write one checkpoint and exit 143; the launcher exits 143
     and restarts nothing. The workers pause themselves (SIGSTOP) in step 3 so that the signal
-    lands mid-run at a known point; they are continued once it is pending in both."""
+    lands mid-run at a known point; they are continued once it is pending in both. Then
+    ``lmkit resume RUN --nproc-per-node 2`` ends bitwise where the uninterrupted run ends."""
     psutil = pytest.importorskip("psutil")
     preset, runs = _preset(tmp_path, ckpt_interval="null"), tmp_path / "runs"
     launcher = subprocess.Popen(_args(preset, runs, "term", "--nproc-per-node", "2", "--max-restarts", "1"),
@@ -185,6 +186,14 @@ def test_sigterm_to_the_launcher_stops_with_one_checkpoint(tmp_path):
     assert "restarting" not in stdout + stderr
     assert sum(e["kind"] == "run_started" for e in _events(run)) == 1
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+
+    resumed = _run([sys.executable, "-m", "lmkit", "resume", str(run), "--no-tui", "--nproc-per-node", "2"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    ref = next(reference[2].iterdir())  # the same preset but for the checkpoint interval
+    assert _losses(run) == _losses(ref)
+    wa, wb = _weights(run), _weights(ref)
+    for key in wb:
+        assert torch.equal(wa[key], wb[key]), key
 
 
 def test_a_stop_or_bad_input_spends_no_restart(monkeypatch):

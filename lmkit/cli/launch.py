@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, TextIO
@@ -54,6 +55,8 @@ SHUTDOWN_TIMEOUT_S = 120
 #: Test hook: ``RANK:ATTEMPT:MICRO:SIGNAME`` (``RANK`` may be ``*``) becomes ``LMKIT_TEST_SIGNAL``
 #: (``MICRO:SIGNAME``, see :class:`lmkit.training.loop.Trainer`) in that worker of that attempt only.
 TEST_HOOK_ENV = "LMKIT_TEST_LAUNCH_SIGNAL"
+#: The signals torch's agent handles (``LaunchConfig.signals_to_handle``): forwarded to the workers.
+_AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: torch's opt-out of sharing the agent's rendezvous store with the workers (see :func:`launch`).
 SHARE_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
@@ -188,7 +191,9 @@ def launch(run: RunDir, ctx: Any, nproc: int, max_restarts: int, *, new: bool, o
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    saved = {var: os.environ.get(var) for var in (RUN_DIR_ENV, LOCK_PID_ENV, SHARE_STORE_ENV, "OMP_NUM_THREADS")}
+    saved = {var: os.environ.get(var) for var in (RUN_DIR_ENV, LOCK_PID_ENV, SHARE_STORE_ENV, "OMP_NUM_THREADS",
+                                                  "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    handlers = {sig: signal.getsignal(sig) for sig in _AGENT_SIGNALS}  # the agent installs its own, for good
     original = launcher_api.LocalElasticAgent
     try:
         args = worker_command(ctx)
@@ -230,6 +235,9 @@ def launch(run: RunDir, ctx: Any, nproc: int, max_restarts: int, *, new: bool, o
         code = _exit_code(exc.failures, run, nproc, out)
     finally:
         launcher_api.LocalElasticAgent = original
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         for var, value in saved.items():
             if value is None:
                 os.environ.pop(var, None)
