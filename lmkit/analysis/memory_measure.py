@@ -229,17 +229,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def measure_parallel(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, parallelism: str = "ddp",
-                     precision: str = "fp32", foreach: bool | None = None, seed: int = 0) -> dict[str, int]:
+                     precision: str = "fp32", foreach: bool | None = None, profiled_steps: int = 1,
+                     seed: int = 0) -> dict[str, int]:
     """What one rank of a DDP or FSDP2 job holds in one CPU training step, counted on the real tensors.
 
     Call it on every rank of an initialised ``torch.distributed`` process group (gloo on the CPU).
     The model is :func:`~lmkit.models.build_model` wrapped as lmkit trains it: ``ddp`` --
     :class:`~torch.nn.parallel.DistributedDataParallel` with its defaults (25 MiB buckets,
     ``gradient_as_bucket_view=False``); ``fsdp`` -- ``fully_shard(block, reshard_after_forward=True)``
-    for each of ``model.transformer.h`` and then the root. Three AdamW steps on ``(B, T)`` random
-    tokens (the first creates the optimizer state, DDP rebuilds its buckets after the first
-    backward), the third under ``torch.profiler`` (``profile_memory=True``), as
-    :func:`measure_cpu_peak`. ``foreach`` goes to :class:`torch.optim.AdamW` (``True``: the
+    for each of ``model.transformer.h`` and then the root. AdamW steps on ``(B, T)`` random
+    tokens: two (the first creates the optimizer state, DDP rebuilds its buckets after the first
+    backward), then ``profiled_steps`` each under ``torch.profiler`` (``profile_memory=True``), as
+    :func:`measure_cpu_peak`. gloo runs collectives on its own threads, which drop their reference to
+    a finished collective's flat buffer at a moment that varies from step to step: a step's peak
+    may hold one such buffer more (seen: one block's all-gather/reduce-scatter buffer, and the
+    root's); the least of the profiled steps is the step without it. ``foreach`` goes to :class:`torch.optim.AdamW` (``True``: the
     multi-tensor step the estimator assumes off CUDA, :func:`~lmkit.analysis.memory.estimate_memory`'s
     ``4 P`` of step temporaries; ``None``: PyTorch's choice, a per-parameter loop on the CPU).
 
@@ -248,8 +252,9 @@ def measure_parallel(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
         padding included), ``gradients`` (after backward, before the optimizer step clears them),
         ``optimizer_state``, ``ddp_buckets`` (DDP: the flat bucket tensors, read from
         :class:`torch.distributed.GradBucket` in a communication hook; 0 for FSDP),
-        ``n_buckets``, and ``peak_allocated``: the profiler's peak of live allocated bytes in the
-        third step plus what was alive before it (weights, optimizer state, DDP's buckets).
+        ``n_buckets``, and ``peak_allocated`` / ``peak_allocated_max``: the least / largest of the
+        profiled steps' peaks of live allocated bytes, plus what was alive before the step
+        (weights, optimizer state, DDP's buckets).
 
     Raises:
         ValueError: ``parallelism`` is not ``ddp`` or ``fsdp``.
@@ -306,12 +311,15 @@ def measure_parallel(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
     state = _storage_bytes(_local(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     held = sum(buckets.values())
     gc.collect()  # an earlier call's cycles (its modules and hooks) must not be freed inside the profiled step
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
+    peaks = []
+    for _ in range(profiled_steps):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        live = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            peak = max(peak, live)
+        peaks.append(weights + state + held + peak)
     return {"weights": weights, "gradients": grads, "optimizer_state": state, "ddp_buckets": held,
-            "n_buckets": len(buckets), "peak_allocated": weights + state + held + peak}
+            "n_buckets": len(buckets), "peak_allocated": min(peaks), "peak_allocated_max": max(peaks)}
