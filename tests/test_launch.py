@@ -129,6 +129,27 @@ def test_killed_worker_restarts_and_resumes_the_same_run(reference):
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
+def test_worker_killed_before_the_first_checkpoint_starts_the_run_again_in_its_folder(reference):
+    """Rank 1 SIGKILLed in step 1, before any checkpoint: the restarted workers start the run
+    again in the same folder (the first attempt's records moved to ``superseded/``) and end
+    bitwise where the uninterrupted run ends."""
+    folder, preset, runs, _ = reference
+    early = folder / "early"
+    proc = _run(_args(preset, early, "early", "--nproc-per-node", "2", "--max-restarts", "1"), folder,
+                LMKIT_TEST_LAUNCH_SIGNAL="1:0:2:SIGKILL")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "killed by SIGKILL; restarting the workers" in proc.stdout
+    (run,) = early.iterdir()
+    assert not [e for e in _events(run) if e["kind"] == "resumed"]
+    assert (run / "superseded" / "metrics.jsonl").exists()
+    ref = next(runs.iterdir())
+    assert _losses(run) == _losses(ref)
+    wa, wb = _weights(run), _weights(ref)
+    for key in wb:
+        assert torch.equal(wa[key], wb[key]), key
+
+
 def _pending(pid: int, signum: int) -> bool:
     """Whether ``signum`` waits, undelivered, for the (stopped) process ``pid``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -153,8 +153,8 @@ def _agent_class() -> type:
                 else:
                     left = self._remaining_restarts
                     self.out.write(f"launch: {_describe(result.failures)}; restarting the workers "
-                                   f"({left} restart{'s' if left != 1 else ''} left), resuming from the newest "
-                                   "complete checkpoint\n")
+                                   f"({left} restart{'s' if left != 1 else ''} left): they resume the run from its "
+                                   "newest complete checkpoint (without one, start it again)\n")
                     self.out.flush()
             return result
 
