@@ -422,7 +422,8 @@ def estimate_memory(
             runs on the CPU when ``dropout > 0``).
         grad_checkpointing: recompute each block in backward (``model.grad_checkpointing``).
         grad_accum_steps: >1 means gradients already exist during backward (from micro-step 2).
-        device: ``cuda`` (bool dropout masks, fused AdamW) or ``cpu`` (float masks, foreach AdamW).
+        device: ``cuda`` (bool dropout masks) or ``cpu`` (float masks); fused AdamW on both, as
+            :func:`lmkit.training.optim.build_optimizer` chooses.
         fused_optimizer: override the fused-AdamW choice (fused: no step temporaries; foreach:
             ``4 P`` bytes of temporaries in the step, ``_foreach_sqrt`` of ``exp_avg_sq``).
         overhead: framework overhead; default :class:`FrameworkOverhead` on CUDA, none on CPU.
@@ -451,7 +452,7 @@ def estimate_memory(
     r = 4
     tok = B * T
     P = pc.total
-    fused = (device == "cuda") if fused_optimizer is None else fused_optimizer
+    fused = (device in ("cuda", "cpu")) if fused_optimizer is None else fused_optimizer
     if overhead is None:
         overhead = FrameworkOverhead() if device == "cuda" else FrameworkOverhead(0, 0.0, 0)
 
