@@ -2,8 +2,10 @@
 peer (``benchmarks/nanogpt_peer.py``) of the same shape.
 
 All three get the same shape (vocab 8192, 4 layers, 4 heads, n_embd 256, block 256, tanh
-GELU, tied head, no dropout), the same fp32 AdamW (lmkit's parameter groups, lr 3e-4, wd
-0.1), the same random token ids (batch 8), and are timed in interleaved rounds in one
+GELU, tied head, no dropout), fp32 AdamW over lmkit's parameter groups (lr 3e-4, wd 0.1) --
+lmkit the one ``lmkit train`` builds (fused, also on the CPU), the peers torch's default
+(fused on CUDA only, as nanoGPT chooses; ``--same-optimizer`` gives all three lmkit's) --
+the same random token ids (batch 8), and are timed in interleaved rounds in one
 process, so machine noise hits them alike. Prints the median training tokens/s of each, the
 ratios lmkit / HF and lmkit / nanoGPT, and on the CPU each model's MFU against this
 machine's measured fp32 matmul rate. On CUDA, ``--gpt2-124m`` also times the GPT-2 124M
@@ -53,8 +55,22 @@ def hf_model(vocab: int, n_layer: int, n_head: int, n_embd: int, block: int) -> 
     return GPT2LMHeadModel(cfg)
 
 
-def make_step(model: torch.nn.Module, kind: str, device: torch.device, dtype: torch.dtype | None):
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, fused=device.type == "cuda")
+def make_optimizer(model: torch.nn.Module, kind: str, device: torch.device, same: bool) -> torch.optim.Optimizer:
+    """lmkit: the optimizer ``lmkit train`` builds (:func:`lmkit.training.optim.build_optimizer`:
+    fused AdamW on CUDA and the CPU). The peers: ``torch.optim.AdamW`` over the same decay /
+    no-decay groups, fused on CUDA only -- nanoGPT's ``configure_optimizers`` rule, and torch's
+    default for HF's ``adamw_torch``. ``same``: every model gets lmkit's (the models alone compared)."""
+    if kind == "lmkit" or same:
+        from lmkit.config import TrainConfig
+        from lmkit.training.optim import build_optimizer
+
+        return build_optimizer(model, TrainConfig(lr=3e-4, weight_decay=0.1), device)
+    return torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, fused=device.type == "cuda")
+
+
+def make_step(model: torch.nn.Module, kind: str, device: torch.device, dtype: torch.dtype | None,
+              same_optimizer: bool = False):
+    opt = make_optimizer(model, kind, device, same_optimizer)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -75,14 +91,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_models(builders: dict, *, device, dtype, batch, block, vocab, rounds, steps, warmup):
+def time_models(builders: dict, *, device, dtype, batch, block, vocab, rounds, steps, warmup,
+                same_optimizer: bool = False):
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (batch, block), device=device)
     y = torch.randint(0, vocab, (batch, block), device=device)
     steps_fns = {}
     for name, build in builders.items():
         model = build().to(device).train()
-        steps_fns[name] = make_step(model, name.split("-")[0], device, dtype)
+        steps_fns[name] = make_step(model, name.split("-")[0], device, dtype, same_optimizer)
         for _ in range(warmup):
             steps_fns[name](x, y)
     sync(device)
@@ -120,6 +137,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="training steps per model per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gpt2-124m", action="store_true", help="also time GPT-2 124M in bf16 (CUDA)")
+    parser.add_argument("--same-optimizer", action="store_true",
+                        help="give every model lmkit's optimizer (compare the models alone)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -133,12 +152,14 @@ def main() -> None:
         "nanogpt": lambda: NanoGPT(**shape),
     }
     medians, rates = time_models(builders, device=device, dtype=None, batch=8, block=shape["block"],
-                                 vocab=shape["vocab"], rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+                                 vocab=shape["vocab"], rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+                                 same_optimizer=args.same_optimizer)
     report = {
         "device": str(device),
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
         "shape": {**shape, "batch": 8, "precision": "fp32"},
+        "optimizers": "lmkit's for all" if args.same_optimizer else "lmkit's for lmkit; torch AdamW (fused on CUDA only) for the peers",
         "tok_per_s": medians,
         "ratio_lmkit_over_hf": medians["lmkit"] / medians["hf"],
         "ratio_lmkit_over_nanogpt": medians["lmkit"] / medians["nanogpt"],
@@ -173,7 +194,7 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"device {report['device']} (torch {report['torch']}, {report['threads']} threads), fp32, "
-          f"batch 8 x block 256, vocab 8192, 4 layers x 256")
+          f"batch 8 x block 256, vocab 8192, 4 layers x 256; optimizers: {report['optimizers']}")
     for name, value in medians.items():
         print(f"  {name:6s} {value:10,.0f} tok/s (median of {args.rounds} rounds)")
     print(f"  ratio lmkit/hf = {report['ratio_lmkit_over_hf']:.2f}x, "

@@ -10,8 +10,8 @@ idle: 8.1 s with 2, 10.5 s with 1). No OpenMP setting fixes both cases (measured
     threads = usable cores - cores other processes keep busy right now (at least 1)
 
 "usable" is ``os.sched_getaffinity`` (what SLURM, ``taskset`` or a container allow);
-"busy" is sampled over :data:`SAMPLE_S` seconds from the system's CPU times, less this
-process's own. The user always wins: ``--threads N``, then ``LMKIT_THREADS``, then
+"busy" is sampled over :data:`SAMPLE_S` seconds from the per-CPU times of those usable
+cores, less this process's own (:func:`sample_busy`; ``lmkit doctor`` reports the same sample). The user always wins: ``--threads N``, then ``LMKIT_THREADS``, then
 ``OMP_NUM_THREADS`` (left to torch untouched) come before the automatic choice.
 
 The thread count changes the last bits of results (reductions are split differently), so
@@ -57,27 +57,65 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def busy_cores(interval: float = SAMPLE_S) -> float:
-    """Cores kept busy by *other* processes, averaged over ``interval`` seconds.
-
-    The system's busy CPU time (user + system + nice + irq + softirq + steal) over the
-    interval, less this process's own CPU time in it, divided by the interval. Needs psutil;
-    returns 0.0 where it is missing.
-    """
+def usable_cpus() -> list[int] | None:
+    """The CPU numbers this process may run on (``os.sched_getaffinity``), ``None`` where unknown."""
     try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        return 0.0
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
 
-    def system_busy() -> float:
-        t = psutil.cpu_times()
-        return sum(getattr(t, f, 0.0) for f in ("user", "system", "nice", "irq", "softirq", "steal"))
 
+def _busy_and_total(times) -> tuple[float, float]:
+    """(busy, total) seconds of one CPU's times, as psutil's ``cpu_percent`` counts them: guest
+    time is already inside user/nice on Linux; idle and iowait are not busy."""
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    return total - times.idle - getattr(times, "iowait", 0.0), total
+
+
+@dataclass(frozen=True)
+class CpuBusy:
+    """One sample of the usable CPUs (:func:`sample_busy`).
+
+    Attributes:
+        busy: cores busy over the interval, every process included (0 .. usable).
+        other: ``busy`` less this process's own CPU time: cores *other* processes keep busy.
+        wall_s: the interval's length in seconds.
+    """
+
+    busy: float
+    other: float
+    wall_s: float
+
+
+def sample_busy(interval: float = SAMPLE_S) -> CpuBusy:
+    """Sample the usable CPUs' busy time for ``interval`` seconds (sleeps that long).
+
+    Per-CPU times of the CPUs in this process's affinity mask only (a SLURM job pinned to 4
+    cores of a busy 64-core node sees its own 4), system-wide (short-lived processes count
+    too), less this process's own CPU time. Needs psutil (a dependency).
+    """
+    import psutil
+
+    cpus = usable_cpus()
     me = psutil.Process()
-    own0, sys0, t0 = sum(me.cpu_times()[:2]), system_busy(), time.perf_counter()
-    time.sleep(interval)
-    own1, sys1, t1 = sum(me.cpu_times()[:2]), system_busy(), time.perf_counter()
-    return max(0.0, ((sys1 - sys0) - (own1 - own0)) / max(1e-6, t1 - t0))
+    per0, own0, t0 = psutil.cpu_times(percpu=True), sum(me.cpu_times()[:2]), time.perf_counter()
+    time.sleep(max(0.0, interval))
+    per1, own1, t1 = psutil.cpu_times(percpu=True), sum(me.cpu_times()[:2]), time.perf_counter()
+    # per-CPU lines are in CPU order when none is offline; otherwise use them all
+    pick = cpus if cpus and len(per0) == (os.cpu_count() or 0) and max(cpus) < len(per0) else range(len(per0))
+    busy = 0.0
+    for i in pick:
+        (b0, n0), (b1, n1) = _busy_and_total(per0[i]), _busy_and_total(per1[i])
+        if n1 > n0:
+            busy += min(1.0, max(0.0, (b1 - b0) / (n1 - n0)))
+    wall = max(1e-6, t1 - t0)
+    return CpuBusy(busy=busy, other=max(0.0, busy - (own1 - own0) / wall), wall_s=wall)
+
+
+def busy_cores(interval: float = SAMPLE_S) -> float:
+    """Cores of this process's usable set kept busy by *other* processes, averaged over
+    ``interval`` seconds (:func:`sample_busy`'s ``other``)."""
+    return sample_busy(interval).other
 
 
 def _positive_int(text: str, source: str) -> int:

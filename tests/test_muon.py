@@ -76,7 +76,7 @@ def test_one_optimizer_equals_torch_muon_and_adamw_stepped_separately():
                             adjust_lr_fn="original")
     adamw = torch.optim.AdamW([{"params": [b.lm_head.weight], "lr": 0.004 * scale},
                                {"params": [b.transformer.wte.weight], "lr": 0.2 * scale}],
-                              betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+                              betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=True)  # nanochat: fused=True
     for o in (muon, adamw):
         for g in o.param_groups:
             g["initial_lr"] = g["lr"]

@@ -2,6 +2,7 @@
 the count (results differ in the last bits between thread counts)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,6 +66,31 @@ def test_busy_cores_sees_a_real_busy_process_and_not_itself():
     while time.process_time() - t0 < 0.05:  # this process busy right before: not counted as "other"
         pass
     assert th.busy_cores(0.2) < 0.5 + idle
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two usable CPUs and affinity masks")
+def test_busy_cores_counts_only_the_cpus_this_process_may_use():
+    # a spinner pinned to one CPU, the measurement pinned to another: the measuring process's
+    # usable set holds no busy core (a system-wide count would say one)
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{second}}})\nwhile True: pass"])
+    probe = (f"import os; os.sched_setaffinity(0, {{{first}}}); from lmkit import threads; "
+             "print(threads.busy_cores(0.4), threads.sample_busy(0.4).busy)")
+    try:
+        time.sleep(0.3)
+        inside = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        both = subprocess.run([sys.executable, "-c", probe.replace(f"{{{first}}}", f"{{{first}, {second}}}")],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    other_inside, _ = map(float, inside.stdout.split())
+    other_both, _ = map(float, both.stdout.split())
+    if other_inside > 0.5 and other_both > 1.5:
+        pytest.skip("the machine is busy beyond the spinner")
+    assert other_inside < 0.5, inside.stdout
+    assert other_both > 0.6, both.stdout  # the same spinner, seen once its CPU is in the set
 
 
 def test_a_run_records_its_threads_and_a_resume_keeps_them(tmp_path, tiny_preset, monkeypatch):

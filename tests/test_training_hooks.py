@@ -13,6 +13,7 @@ from lmkit.errors import TrainingError
 from lmkit.events import NaNSkipped
 from lmkit.training.hooks import TrainingHook
 from lmkit.training.loop import Trainer
+from lmkit.training.nan_guard import NaNGuard
 
 from conftest import poison_training_loss
 
@@ -137,6 +138,7 @@ def test_a_rebuilt_optimizer_keeps_the_schedule_position_and_the_moments(tmp_pat
 
 
 def test_fused_adamw_skips_a_non_finite_step_on_the_device(tmp_path, preset, monkeypatch):
+    monkeypatch.setattr(NaNGuard, "device_path_on_cpu", True)  # the CUDA path, run on the CPU
     fused = ("training.fused_optimizer=true", "training.schedule=constant", "training.log_interval=3")
     reference = Trainer(_config(tmp_path, preset, "ref", "training.max_steps=4", *fused))
     reference.run()
@@ -157,6 +159,7 @@ def test_fused_adamw_skips_a_non_finite_step_on_the_device(tmp_path, preset, mon
 
 
 def test_fused_abort_raises_at_the_next_log_line_naming_the_bad_step(tmp_path, preset, monkeypatch):
+    monkeypatch.setattr(NaNGuard, "device_path_on_cpu", True)  # the CUDA path, run on the CPU
     poison_training_loss(monkeypatch, 2)
     trainer = Trainer(_config(tmp_path, preset, "abort", "training.fused_optimizer=true", "training.log_interval=3"))
     with pytest.raises(TrainingError, match=r"at step 2 \(found at step 3's log line"):
@@ -218,3 +221,13 @@ def test_a_cuda_rng_state_that_cannot_be_restored_is_a_notice(tmp_path, preset, 
     assert any("CUDA RNG state of 2 device(s)" in n and "not bitwise" in n for n in notes), notes
     logged = first.run.events_path.read_text()
     assert "CUDA RNG state of 2 device(s)" in logged
+
+
+def test_on_the_cpu_a_fused_optimizer_is_checked_on_the_host_at_the_bad_step(tmp_path, preset, monkeypatch):
+    poison_training_loss(monkeypatch, 2)
+    trainer = Trainer(_config(tmp_path, preset, "abort-cpu", "training.fused_optimizer=true",
+                              "training.log_interval=3"))
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) .* at step 2; the update was not applied"):
+        trainer.run()
+    assert trainer.optimizer.defaults["fused"] and not trainer.nan_guard.on_device
+    assert trainer.step == 1  # stopped at the bad step, not at the next log line

@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from lmkit.threads import sample_busy, usable_cpus
 
 
 @dataclass(frozen=True)
@@ -141,20 +142,6 @@ def _uuid(value: Any) -> str | None:
     return text if text.startswith("GPU-") else f"GPU-{text}"
 
 
-def _usable_cpus() -> list[int] | None:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None
-
-
-def _busy_and_total(times) -> tuple[float, float]:
-    """(busy, total) seconds of one CPU's times, as psutil's ``cpu_percent`` counts them: guest
-    time is already inside user/nice on Linux; idle and iowait are not busy."""
-    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
-    return total - times.idle - getattr(times, "iowait", 0.0), total
-
-
 def oversubscription_warning(other_busy: float, usable: int, threads: int,
                              top: list[BusyProcess] = ()) -> str | None:
     """The warning for a machine where other processes leave torch's ``threads`` too few cores
@@ -187,7 +174,7 @@ def sample_cpu_load(seconds: float = CPU_SAMPLE_S, threads: int | None = None) -
         load_avg = tuple(round(x, 2) for x in os.getloadavg())
     except (AttributeError, OSError):
         load_avg = None
-    cpus = _usable_cpus()
+    cpus = usable_cpus()
     usable = len(cpus) if cpus else (os.cpu_count() or 1)
     me = os.getpid()
     procs = []
@@ -199,19 +186,8 @@ def sample_cpu_load(seconds: float = CPU_SAMPLE_S, threads: int | None = None) -
             procs.append(proc)
         except (psutil.Error, OSError):
             continue
-    own = psutil.Process(me)
-    per0, own0, t0 = psutil.cpu_times(percpu=True), sum(own.cpu_times()[:2]), time.perf_counter()
-    time.sleep(max(0.0, seconds))
-    per1, own1, t1 = psutil.cpu_times(percpu=True), sum(own.cpu_times()[:2]), time.perf_counter()
-    # per-CPU lines are in CPU order when none is offline; otherwise use them all
-    pick = cpus if cpus and len(per0) == (os.cpu_count() or 0) and max(cpus) < len(per0) else range(len(per0))
-    busy = 0.0
-    for i in pick:
-        (b0, n0), (b1, n1) = _busy_and_total(per0[i]), _busy_and_total(per1[i])
-        if n1 > n0:
-            busy += min(1.0, max(0.0, (b1 - b0) / (n1 - n0)))
-    wall = max(1e-6, t1 - t0)
-    other = max(0.0, busy - (own1 - own0) / wall)
+    sample = sample_busy(seconds)  # the thread policy's own measurement, over the same interval
+    busy, other, wall = sample.busy, sample.other, sample.wall_s
     top: list[BusyProcess] = []
     for proc in procs:
         try:

@@ -38,7 +38,9 @@ no ``torch.compile``):
   logits and keeps none (:meth:`lmkit.models.base.LanguageModel.forward`), so the logits
   (``a·B·T·V``, ``a`` = 4 fp32 / 2 AMP) and autocast's fp32 copy of them live only inside the
   forward, below the backward peak; the first thing backward does is allocate the gradient of
-  the log-probabilities and of the logits, ``4·B·T·V`` each. With GPT-2's 50,257-token
+  the log-probabilities and of the logits, ``4·B·T·V`` each. On the CPU with fp32 logits lmkit's
+  loss (:mod:`lmkit.models.loss`) saves ``d(logits)`` itself (``4·B·T·V``, computed in the
+  forward) and backward scales it in place: no new ``B·T·V`` buffer. With GPT-2's 50,257-token
   vocabulary this term is larger than all layers together for short models -- the seed's
   table (below) leaves it out. The spec's "3.3 GB at B=32, T=512" is one fp32 ``B·T·V`` copy,
   the one the training loop used to keep alive (``_, loss = model(x, y)`` held the logits
@@ -425,7 +427,8 @@ def estimate_memory(
             runs on the CPU when ``dropout > 0``).
         grad_checkpointing: recompute each block in backward (``model.grad_checkpointing``).
         grad_accum_steps: >1 means gradients already exist during backward (from micro-step 2).
-        device: ``cuda`` (bool dropout masks, fused AdamW) or ``cpu`` (float masks, foreach AdamW).
+        device: ``cuda`` (bool dropout masks) or ``cpu`` (float masks); fused AdamW on both, as
+            :func:`lmkit.training.optim.build_optimizer` chooses.
         fused_optimizer: override the fused-AdamW choice (fused: no step temporaries; foreach:
             ``4 P`` bytes of temporaries in the step, ``_foreach_sqrt`` of ``exp_avg_sq``).
         overhead: framework overhead; default :class:`FrameworkOverhead` on CUDA, none on CPU.
@@ -454,7 +457,7 @@ def estimate_memory(
     r = 4
     tok = B * T
     P = pc.total
-    fused = (device == "cuda") if fused_optimizer is None else fused_optimizer
+    fused = (device in ("cuda", "cpu")) if fused_optimizer is None else fused_optimizer
     if overhead is None:
         overhead = FrameworkOverhead() if device == "cuda" else FrameworkOverhead(0, 0.0, 0)
 
@@ -474,8 +477,13 @@ def estimate_memory(
     per_layer = layer_activations(cfg, B, T, precision=precision, attention=attention, device=device)
     A_layer = sum(per_layer.values())
     block_input = r * tok * d
+    softcap = getattr(cfg, "logit_softcap", None) is not None
+    # on the CPU with fp32 logits (lmkit.models.loss) the loss saves d(logits) alone, not the
+    # targets, and backward scales that buffer in place; ATen's route saves the targets and
+    # the total weight and allocates d(log-probs) and d(logits), 8·B·T·V
+    fused_ce = device == "cpu" and (not amp or softcap)
     emb_final = {
-        "ids + targets": 2 * 8 * tok + (8 * T if cfg.pos_encoding == "learned" else 0),
+        "ids + targets": (1 if fused_ce else 2) * 8 * tok + (8 * T if cfg.pos_encoding == "learned" else 0),
         "embedding dropout mask": (1 if device == "cuda" else 4) * tok * d if cfg.dropout > 0 else 0,
         "ln_f input + stats": _norm_saved(cfg, tok, d),
         "ln_emb input + stats": _norm_saved(cfg, tok, d) if getattr(cfg, "embed_norm", False) else 0,
@@ -486,8 +494,8 @@ def estimate_memory(
     layer_copies = 2 * pc.layer_matmul_weights if amp else 0
     # log_softmax's saved fp32 output (the logits themselves are not kept), and with a logit
     # soft-cap tanh's fp32 output
-    softcap = getattr(cfg, "logit_softcap", None) is not None
     log_probs = 4 * tok * V * (2 if softcap else 1)
+    loss_grads = (4 * tok * V if softcap else 0) if fused_ce else 8 * tok * V
 
     # --- forward end: everything saved ------------------------------------------------
     acts_live = L * block_input if grad_checkpointing else L * A_layer
@@ -495,8 +503,9 @@ def estimate_memory(
     pre_grads = grads_full if grad_accum_steps > 1 else 0
     live = {"gradients": pre_grads, "activations": acts_live, "autocast copies": copies_live,
             "embeddings + final norm": E, "logits + loss": log_probs, "temporaries": 0, **fam.saved}
-    saved_for_backward = (L * A_layer + L * layer_copies + head_copy + E + log_probs + 4
-                          if not grad_checkpointing else acts_live + copies_live + E + log_probs + 4)
+    loss_scalar = 0 if fused_ce else 4  # nll_loss's total weight (fp32); the CPU route keeps a Python int
+    saved_for_backward = (L * A_layer + L * layer_copies + head_copy + E + log_probs + loss_scalar
+                          if not grad_checkpointing else acts_live + copies_live + E + log_probs + loss_scalar)
     saved_for_backward += sum(fam.saved.values())
     events: list[tuple[str, dict[str, int]]] = []
 
@@ -524,14 +533,17 @@ def estimate_memory(
                 live[name] -= freed - stage.early_frees.get(name, 0)
             live["temporaries"], carry = 0, stage.carry
 
-    if fam.forward_live:  # the loss being computed: logits (+ autocast's fp32 copy), log-probs
-        live["logits + loss"] = log_probs + a * tok * V + (4 * tok * V if amp else 0)
-        live["temporaries"] = fam.forward_live
-        record("forward end (cross-entropy)")
-        live["temporaries"] = 0
+    # the loss being computed: logits (+ autocast's fp32 copy) next to the log-probs (or, on the
+    # CPU route, d(logits)); below the backward peak on ATen's route, the peak on the CPU route
+    # (a soft-cap's logits are its fp32 output ``c·tanh``: no autocast copy)
+    logits_live = 4 * tok * V if softcap else a * tok * V + (4 * tok * V if amp else 0)
+    live["logits + loss"] = log_probs + logits_live
+    live["temporaries"] = fam.forward_live
+    record("forward end (cross-entropy)")
+    live["temporaries"] = 0
 
     # --- backward: loss -> head --------------------------------------------------------
-    live["logits + loss"] = log_probs + 8 * tok * V  # d(log-probs), d(logits) fp32
+    live["logits + loss"] = log_probs + loss_grads  # d(log-probs), d(logits) fp32 (ATen's route)
     record("loss backward (log_softmax)")
     live["logits + loss"] = 4 * tok * V + (2 * tok * V if amp else 0)
     live["temporaries"] = a * tok * d + (2 * V * d if amp else 0)
@@ -603,9 +615,11 @@ def estimate_memory(
                   "2 B × Linear weights (tied head included)" if amp else "none in fp32"),
         MemoryRow("embeddings + final norm", E, at_peak["embeddings + final norm"],
                   "ids, targets, ln_f input, lm_head input"),
-        MemoryRow("logits + loss", log_probs + 8 * tok * V, at_peak["logits + loss"],
-                  "fp32 log-probs 4·B·T·V" + (" + soft-cap tanh output 4·B·T·V" if softcap else "")
-                  + " + their grads 8·B·T·V (the logits are not kept)"),
+        MemoryRow("logits + loss", log_probs + loss_grads, at_peak["logits + loss"],
+                  ("fp32 d(logits) 4·B·T·V, computed in the forward" if fused_ce else "fp32 log-probs 4·B·T·V")
+                  + (" + soft-cap tanh output 4·B·T·V" if softcap else "")
+                  + (" + the soft-cap's input grad 4·B·T·V" if fused_ce and softcap else "" if fused_ce
+                     else " + their grads 8·B·T·V") + " (the logits are not kept)"),
         MemoryRow("backward temporaries", max(e[1]["temporaries"] for e in events), at_peak["temporaries"],
                   "largest gradient buffers alive inside one op" + ("" if fused else "; foreach AdamW 4 B × params")),
     ]

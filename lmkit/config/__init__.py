@@ -476,7 +476,7 @@ class TrainConfig(_Strict):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = Field(1.0, ge=0.0)
     #: The fused AdamW kernel (one launch for all parameters; it also skips a non-finite
-    #: update on the device, without a host sync). ``None``: on CUDA only.
+    #: update on the device, without a host sync). ``None``: on CUDA and the CPU (not MPS).
     fused_optimizer: bool | None = None
     #: CPU threads of torch's intra-op pool. ``None``: the ``lmkit`` CLI's thread policy
     #: chooses (:mod:`lmkit.threads`). The count a run used is written here, so a resume

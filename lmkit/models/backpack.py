@@ -34,12 +34,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.config.backpack import BackpackConfig
-from lmkit.data.batching import IGNORE_INDEX
 from lmkit.models.backpack_layers import (
     BackpackCapture,
     BackpackKVCache,
@@ -50,6 +48,7 @@ from lmkit.models.backpack_layers import (
 from lmkit.models.base import HeadEdit, KVCache, LanguageModel
 from lmkit.models.gpt import CausalSelfAttention, RotaryEmbedding, gpt_trunk
 from lmkit.models.gpt_layers import init_gpt2, init_nanochat
+from lmkit.models.loss import cross_entropy
 
 __all__ = ["Backpack", "BackpackCapture", "BackpackKVCache", "BackpackLegacy", "SenseNetwork", "mix_senses"]
 
@@ -305,13 +304,7 @@ class Backpack(LanguageModel):
         del alpha
         if targets is None:
             return (o if return_hidden else self.lm_head(o)), None
-        return None, _cross_entropy(self.lm_head(o), targets)
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``(B, T, V)`` logits against ``(B, T)`` targets; a function of its
-    own so that no caller holds the logits (only log-softmax's output survives for backward)."""
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return None, cross_entropy(self.lm_head(o), targets)
 
 
 from lmkit.models.backpack_legacy import BackpackLegacy  # noqa: E402  (the documented path; no cycle)

@@ -21,15 +21,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.config.backpack import BackpackLegacyConfig
-from lmkit.data.batching import IGNORE_INDEX
 from lmkit.models.base import Capture, HeadEdit, KVCache, LanguageModel
 from lmkit.models.gpt import Block, CausalSelfAttention
 from lmkit.models.gpt_layers import init_gpt2, make_norm
+from lmkit.models.loss import cross_entropy
 
 __all__ = ["BackpackLegacy"]
 
@@ -193,8 +192,4 @@ class BackpackLegacy(LanguageModel):
             if last_only:
                 x = x[:, -1:, :]
             return (x if return_hidden else self.lm_head(x)), None
-        return None, _cross_entropy(self.lm_head(x), targets)
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return None, cross_entropy(self.lm_head(x), targets)

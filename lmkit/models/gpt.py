@@ -53,6 +53,7 @@ from lmkit.config import GPTConfig
 from lmkit.data.batching import IGNORE_INDEX
 from lmkit.models.base import Capture, HeadEdit, KVCache, LanguageModel, math_attention
 from lmkit.models.gpt_layers import SoftcapLinear, activation_fn, init_gpt2, init_nanochat, make_norm
+from lmkit.models.loss import cross_entropy
 
 ModelConfig = GPTConfig
 
@@ -426,12 +427,4 @@ class GPT(LanguageModel):
             if last_only:
                 x = x[:, -1:, :]
             return (x if return_hidden else self.lm_head(x)), None
-        return None, _cross_entropy(self.lm_head(x), targets)
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``logits`` ``(B, T, V)`` against ``targets`` ``(B, T)``. A separate
-    function so that the caller holds no reference to the logits: ``log_softmax`` saves only its
-    output for backward, so the ``(B, T, V)`` logits (and under autocast their fp32 copy) are
-    freed as soon as this returns."""
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return None, cross_entropy(self.lm_head(x), targets)
