@@ -87,29 +87,49 @@ class CpuBusy:
     wall_s: float
 
 
-def sample_busy(interval: float = SAMPLE_S) -> CpuBusy:
-    """Sample the usable CPUs' busy time for ``interval`` seconds (sleeps that long).
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """The CPU times :func:`busy_between` compares: per usable CPU ``(busy, total)`` seconds,
+    this process's own CPU seconds, and ``time.perf_counter()``. Taking one costs tens of
+    microseconds and never sleeps, so a training loop can take one every few seconds."""
 
-    Per-CPU times of the CPUs in this process's affinity mask only (a SLURM job pinned to 4
-    cores of a busy 64-core node sees its own 4), system-wide (short-lived processes count
-    too), less this process's own CPU time. Needs psutil (a dependency).
-    """
+    per_cpu: tuple[tuple[float, float], ...]
+    own_s: float
+    wall: float
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    """The usable CPUs' times now (:class:`CpuSnapshot`; needs psutil, a dependency)."""
     import psutil
 
     cpus = usable_cpus()
-    me = psutil.Process()
-    per0, own0, t0 = psutil.cpu_times(percpu=True), sum(me.cpu_times()[:2]), time.perf_counter()
-    time.sleep(max(0.0, interval))
-    per1, own1, t1 = psutil.cpu_times(percpu=True), sum(me.cpu_times()[:2]), time.perf_counter()
+    per = psutil.cpu_times(percpu=True)
     # per-CPU lines are in CPU order when none is offline; otherwise use them all
-    pick = cpus if cpus and len(per0) == (os.cpu_count() or 0) and max(cpus) < len(per0) else range(len(per0))
+    pick = cpus if cpus and len(per) == (os.cpu_count() or 0) and max(cpus) < len(per) else range(len(per))
+    own = sum(psutil.Process().cpu_times()[:2])
+    return CpuSnapshot(per_cpu=tuple(_busy_and_total(per[i]) for i in pick), own_s=own, wall=time.perf_counter())
+
+
+def busy_between(before: CpuSnapshot, after: CpuSnapshot) -> CpuBusy:
+    """Busy cores of the usable set between two snapshots, all processes and others only.
+
+    Per-CPU times of the CPUs in this process's affinity mask only (a SLURM job pinned to 4
+    cores of a busy 64-core node sees its own 4), system-wide (short-lived processes count
+    too), less this process's own CPU time."""
     busy = 0.0
-    for i in pick:
-        (b0, n0), (b1, n1) = _busy_and_total(per0[i]), _busy_and_total(per1[i])
+    for (b0, n0), (b1, n1) in zip(before.per_cpu, after.per_cpu, strict=False):  # a CPU set that changed: the common part
         if n1 > n0:
             busy += min(1.0, max(0.0, (b1 - b0) / (n1 - n0)))
-    wall = max(1e-6, t1 - t0)
-    return CpuBusy(busy=busy, other=max(0.0, busy - (own1 - own0) / wall), wall_s=wall)
+    wall = max(1e-6, after.wall - before.wall)
+    return CpuBusy(busy=busy, other=max(0.0, busy - (after.own_s - before.own_s) / wall), wall_s=wall)
+
+
+def sample_busy(interval: float = SAMPLE_S) -> CpuBusy:
+    """Sample the usable CPUs' busy time for ``interval`` seconds (sleeps that long;
+    :func:`busy_between` of two :func:`cpu_snapshot`)."""
+    before = cpu_snapshot()
+    time.sleep(max(0.0, interval))
+    return busy_between(before, cpu_snapshot())
 
 
 def busy_cores(interval: float = SAMPLE_S) -> float:

@@ -482,6 +482,10 @@ class TrainConfig(_Strict):
     #: chooses (:mod:`lmkit.threads`). The count a run used is written here, so a resume
     #: uses the same (results differ in the last bits between thread counts).
     threads: int | None = Field(None, gt=0)
+    #: Follow the CPU's load during the run: fewer threads while other processes keep cores busy,
+    #: back up to ``threads`` when they stop (:mod:`lmkit.training.thread_adapt`). Off by default:
+    #: a run that changed its count is not bitwise reproducible. CPU runs only.
+    adapt_threads: bool = False
     precision: Precision = "fp32"
     device: str = "auto"
     gpu_only: bool = False

@@ -306,6 +306,10 @@ class Trainer:
         # (which reads its device counter at log lines), the hooks added with add_hook, then
         # evaluation and saving, so a save holds every hook's state of this step.
         added = [*self._feature_hooks(), *self.hooks]
+        if tcfg.adapt_threads and self.plan.device.type == "cpu":  # opt-in: follow the CPU's load
+            from lmkit.training.thread_adapt import ThreadAdapter
+
+            added.append(ThreadAdapter())
         if cfg.init_from:  # the source's record: in every checkpoint (a resume restores it) and summary.json
             from lmkit.training.init_from import InitRecord
 
