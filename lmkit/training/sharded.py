@@ -1,0 +1,626 @@
+"""Sharded checkpoints (FSDP2) with PyTorch's Distributed Checkpoint, crash-safe and read as data.
+
+A sharded checkpoint is a folder ``checkpoints/TAG.dcp/`` holding what
+:func:`torch.distributed.checkpoint.save` writes (``.metadata`` and one ``__R_I.distcp``
+file per rank) for ``{"model": ..., "optimizer": ...}`` as returned by
+:func:`torch.distributed.checkpoint.state_dict.get_state_dict` (keys are the unwrapped
+model's FQNs), plus two files of lmkit's:
+
+* ``extra.pt``: the rest of the training state (step, config, every rank's RNG states,
+  data position, scheduler ...), plain values and small tensors, read with
+  ``torch.load(weights_only=True)``;
+* ``lmkit_manifest.json``: ``kind``/``format``, ``step``, ``world_size``, whether the
+  optimizer is in it, and every file of the folder with its size in bytes and CRC-32, the
+  whole under a CRC-32 of its own (``checksum``).
+
+Crash rule (as for single files, :mod:`lmkit.training.checkpoint`): the folder is written
+under a temporary name ``.TAG.dcp.<token>.tmp`` (the token chosen by rank 0), every file
+is fsynced, rank 0 writes the manifest last and only then puts the folder in place -- a
+``rename`` when the tag is new, an atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``)
+when it replaces an older folder, and where that is unavailable a rename of the old one
+to ``.TAG.dcp.<token>.old`` first, which
+:func:`~lmkit.training.checkpoint.remove_stale_temp_files` puts back if the crash came
+between the two renames. A torn save is therefore never under a tag name.
+
+Verification at load: the manifest's own checksum, then each file's size (truncation) and
+CRC-32 (bit rot, tampering); on several ranks each rank checks a share of the files and
+the verdict is agreed, so a bad file is refused on every rank with the same one-line
+:class:`~lmkit.errors.CheckpointError` naming it (never a hang).
+
+Safety: DCP's ``FileSystemReader`` unpickles ``.metadata`` with plain :mod:`pickle` and
+its default load planner reads non-tensor values with ``torch.load(weights_only=False)``.
+Here ``.metadata`` is read by :class:`MetadataUnpickler`, which admits only DCP's metadata
+classes and the few plain types they hold, and non-tensor values with
+``weights_only=True``: a checkpoint is data, never code. Source: PyTorch's Distributed
+Checkpoint documentation (``torch.distributed.checkpoint``, ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import os
+import pickle
+import secrets
+import shutil
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmkit.errors import CheckpointError, first_line
+from lmkit.training import checkpoint as _ckpt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from lmkit.training.distributed import Distributed
+
+SUFFIX = ".dcp"
+KIND = "lmkit-dcp"
+FORMAT = 1
+MANIFEST = "lmkit_manifest.json"
+EXTRA = "extra.pt"
+METADATA = ".metadata"
+_PIECE = 1 << 24  # bytes CRC'd by one thread at a time
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether ``path`` names a sharded checkpoint folder (``*.dcp``)."""
+    return Path(path).suffix == SUFFIX
+
+
+# --------------------------------------------------------------------------------------
+# Reading DCP's metadata as data
+# --------------------------------------------------------------------------------------
+
+_DCP_META = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {
+    *((_DCP_META, name) for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                     "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                     "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"), ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """An unpickler for DCP's ``.metadata``: only DCP's metadata classes, ``torch.Size``,
+    dtypes and layouts, paths and plain containers; anything else (a function to call, a
+    class of another module) raises :class:`pickle.UnpicklingError` before it is imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not allowed")
+
+
+def read_metadata(path: Path, manifest: dict[str, Any] | None = None) -> Any:
+    """DCP's :class:`~torch.distributed.checkpoint.metadata.Metadata` of folder ``path``, through
+    :class:`MetadataUnpickler`. With ``manifest``, every file the metadata points at must be
+    one the manifest lists (no path outside the folder).
+
+    Raises:
+        CheckpointError: unreadable, or it would need code to load -- naming the file.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = Path(path) / METADATA
+    try:
+        with file.open("rb") as f:
+            metadata = MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{file}: cannot be loaded (it contains Python objects that would run code "
+                              f"when loaded; refused: {first_line(exc, 100)})") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many types
+        raise CheckpointError(f"{file}: cannot be loaded ({first_line(exc, 120)})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{file}: not DCP metadata")
+    if manifest is not None:
+        for info in (metadata.storage_data or {}).values():
+            name = getattr(info, "relative_path", None)
+            if name not in manifest["files"]:
+                raise CheckpointError(f"{file}: points at {name!r}, which the manifest does not list")
+    return metadata
+
+
+def _reader(path: Path, manifest: dict[str, Any]) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        """DCP's file reader with :func:`read_metadata` (no rank-local metadata fallback)."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("rank") is not None:
+                raise CheckpointError(f"{path}: has no rank-local metadata")
+            metadata = read_metadata(path, manifest)
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _safe_load_bytes(planner: Any, read_item: Any, value: io.BytesIO) -> None:
+    from torch.distributed.checkpoint._traverse import set_element as set_nested
+
+    obj = torch.load(value, weights_only=True)
+    if planner.flatten_state_dict:
+        set_nested(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
+    else:
+        planner.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _planner(empty: bool = False, keys: set[str] | None = None) -> Any:
+    """DCP's default load planner (or the one that rebuilds a state dict from the metadata),
+    reading non-tensor values with ``torch.load(weights_only=True)``."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+
+    base = _EmptyStateDictLoadPlanner if empty else DefaultLoadPlanner
+
+    class SafePlanner(base):  # type: ignore[misc, valid-type]
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            _safe_load_bytes(self, read_item, value)
+
+    return SafePlanner(keys=keys) if empty else SafePlanner()
+
+
+# --------------------------------------------------------------------------------------
+# Manifest and files
+# --------------------------------------------------------------------------------------
+
+
+def file_crc32(path: Path, threads: int | None = None) -> str:
+    """CRC-32 (zlib) of a file's bytes as 8 hex digits, read in 16 MiB pieces on ``threads``
+    threads and joined with :func:`~lmkit.training.checkpoint.crc32_combine` (the value of
+    one ``zlib.crc32`` over the whole file)."""
+    size = path.stat().st_size
+    pieces = [(offset, min(_PIECE, size - offset)) for offset in range(0, size, _PIECE)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def one(piece: tuple[int, int]) -> int:
+            data = os.pread(fd, piece[1], piece[0])
+            if len(data) != piece[1]:
+                raise OSError(f"{path}: shorter than {size} bytes")
+            return zlib.crc32(data)
+
+        workers = max(1, min(threads or torch.get_num_threads(), len(pieces)))
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                crcs = list(pool.map(one, pieces))
+        else:
+            crcs = [one(piece) for piece in pieces]
+    finally:
+        os.close(fd)
+    crc = 0
+    for (_, length), piece_crc in zip(pieces, crcs, strict=True):
+        crc = _ckpt.crc32_combine(crc, piece_crc, length)
+    return f"{crc:08x}"
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()):08x}"
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of sharded checkpoint ``path``, its own checksum verified.
+
+    Raises:
+        CheckpointError: no such folder, no manifest (not written by lmkit: refused), or a
+            manifest that does not parse or verify -- naming the file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not an lmkit checkpoint (no {MANIFEST}: not written by lmkit, or its "
+                              "save did not finish); refused")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: cannot be read ({first_line(exc, 100)})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{file}: not an lmkit sharded-checkpoint manifest")
+    if int(manifest.get("format", 0)) > FORMAT:
+        raise CheckpointError(f"{file}: sharded-checkpoint format {manifest['format']} is newer than this lmkit "
+                              f"reads ({FORMAT}); upgrade lmkit")
+    if manifest.get("checksum") != _manifest_checksum(manifest):
+        raise CheckpointError(f"{file}: corrupt (its checksum does not match its contents)")
+    for name in manifest["files"]:
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise CheckpointError(f"{file}: lists a file outside the folder ({name!r})")
+    for name in (METADATA, EXTRA):
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{file}: does not list {name}")
+    return manifest
+
+
+def _check_file(path: Path, name: str, entry: dict[str, Any], crc: bool) -> str | None:
+    """Why file ``name`` of folder ``path`` does not match its manifest ``entry``; None if it does."""
+    file = path / name
+    try:
+        size = file.stat().st_size
+    except OSError:
+        return f"{file}: missing"
+    if size != entry.get("bytes"):
+        return f"{file}: truncated or overwritten ({size} bytes, manifest says {entry.get('bytes')})"
+    if crc:
+        try:
+            got = file_crc32(file)
+        except OSError as exc:
+            return f"{file}: cannot be read ({first_line(exc, 100)})"
+        if got != entry.get("crc32"):
+            return f"{file}: corrupt (CRC-32 {got} != manifest {entry.get('crc32')})"
+    return None
+
+
+def verify_sharded(path: Path, dist: Distributed | None = None, crc: bool = True) -> dict[str, Any]:
+    """Verify folder ``path`` against its manifest and return the manifest: every file's size
+    (on every rank) and, with ``crc``, its CRC-32 (each rank a share of the files under
+    ``dist``; the verdict is agreed, so every rank raises the same error).
+
+    Raises:
+        CheckpointError: see :func:`read_manifest`; a file missing, truncated or corrupt.
+    """
+    path = Path(path)
+    error: str | None = None
+    manifest: dict[str, Any] = {}
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as exc:
+        error = str(exc)
+    started = dist is not None and dist.started
+    world, rank = (dist.world_size, dist.rank) if started else (1, 0)
+    if error is None:
+        names = sorted(manifest["files"])
+        for i, name in enumerate(names):
+            error = _check_file(path, name, manifest["files"][name], crc=crc and i % world == rank)
+            if error:
+                break
+    if started:
+        errors = [e for e in dist.all_gather_object(error) if e]
+        error = errors[0] if errors else None
+    if error:
+        raise CheckpointError(error)
+    return manifest
+
+
+def load_extra(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``extra.pt`` of a verified folder (``weights_only=True``), with the manifest under ``manifest``."""
+    file = Path(path) / EXTRA
+    try:
+        extra = _ckpt._torch_load(file, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch raises many types
+        text = str(exc)
+        why = ("it contains Python objects that would run code when loaded; refused"
+               if "Unsupported global" in text or "weights_only" in text.lower() else first_line(exc, 120))
+        raise CheckpointError(f"{file}: cannot be loaded ({why})") from None
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{file}: not an lmkit checkpoint's state")
+    if manifest.get("step") != extra.get("step"):
+        raise CheckpointError(f"{file}: step {extra.get('step')} != manifest step {manifest.get('step')}")
+    return {**extra, "manifest": manifest}
+
+
+# --------------------------------------------------------------------------------------
+# Putting a folder in place, linking, removing
+# --------------------------------------------------------------------------------------
+
+_USE_EXCHANGE = True  # tests switch it off to exercise the two-rename fallback
+OLD_SUFFIX = ".old"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot."""
+    if not _USE_EXCHANGE:
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _put_in_place(tmp: Path, path: Path, token: str, plan: dict[str, str] | None) -> None:
+    """Make complete folder ``tmp`` appear as ``path`` in one step, replacing an older ``path``."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+    elif _exchange(tmp, path):  # tmp now holds the old folder
+        _ckpt._maybe_die(plan, "after_exchange")
+        _remove_tree(tmp)
+    else:
+        old = path.parent / f".{path.name}.{token}{OLD_SUFFIX}"
+        os.rename(path, old)
+        _ckpt._maybe_die(plan, "between_renames")  # remove_stale_temp_files puts `old` back
+        os.rename(tmp, path)
+        _remove_tree(old)
+    _ckpt._fsync_dir(path.parent)
+
+
+def restore_or_remove_old(entry: Path) -> Path | None:
+    """A ``.TAG.<token>.old`` folder left by a crash between the two renames of
+    :func:`_put_in_place`: renamed back to ``TAG`` when ``TAG`` is missing (the new one never
+    arrived), else removed. Returns what was removed (None when restored)."""
+    name = entry.name[1:-len(OLD_SUFFIX)].rsplit(".", 1)[0]
+    target = entry.parent / name
+    if not os.path.lexists(target):
+        os.rename(entry, target)
+        _ckpt._fsync_dir(entry.parent)
+        return None
+    _remove_tree(entry)
+    return entry
+
+
+def link_folder(source: Path, target: Path) -> None:
+    """Make folder ``target`` hold the files of ``source`` (hard links where the file system
+    allows, durable copies otherwise), atomically replacing an older ``target``. Files of a
+    checkpoint folder are never modified in place, so the two stay independent: removing or
+    replacing ``source`` later leaves ``target`` whole."""
+    plan = _ckpt._crash_plan()
+    token = secrets.token_hex(4)
+    tmp = target.parent / f".{target.name}.{token}.tmp"
+    tmp.mkdir()
+    try:
+        for file in sorted(source.iterdir()):
+            if not file.is_file():
+                raise CheckpointError(f"{file}: a checkpoint folder holds only files")
+            try:
+                os.link(file, tmp / file.name)
+            except OSError:
+                shutil.copyfile(file, tmp / file.name)
+                with (tmp / file.name).open("rb+") as f:
+                    os.fsync(f.fileno())
+        _ckpt._fsync_dir(tmp)
+        _ckpt._maybe_die(plan, "after_link")
+        _put_in_place(tmp, target, token, plan)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file or folder; a folder first disappears from its tag name in one
+    rename, so a crash mid-delete leaves only a temporary folder (removed at the next resume)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        os.rename(path, tmp)
+        _remove_tree(tmp)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------
+# Save and load
+# --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet():
+    """DCP warns on every single-process save/load ("torch.distributed is disabled ..."); that
+    is the intended use here, so only that warning is silenced, and only around the call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def _why(exc: BaseException) -> str:
+    """One line from an exception of DCP (a ``CheckpointException`` wraps the ranks' own)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = getattr(inner, "exc", inner)  # a _WrappedException
+        return first_line(inner, 160)
+    return first_line(exc, 160)
+
+
+def _write_durable(file: Path, write: Any) -> dict[str, Any]:
+    with file.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": file.stat().st_size, "crc32": file_crc32(file)}
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any], path: Path,
+                 dist: Distributed) -> int:
+    """Write a sharded checkpoint folder ``path`` (``checkpoints/TAG.dcp``); a collective: every
+    rank calls it. Returns the bytes written (all ranks' files together, the same on every rank).
+
+    Args:
+        model: the FSDP2-wrapped (``fully_shard``) or plain model; its state is taken with
+            ``get_state_dict`` (FQNs of the unwrapped model).
+        optimizer: its optimizer, or None (weights only).
+        extra: the rest of the state (``step`` at least; plain values and small tensors),
+            written by rank 0: pass the values every rank agrees on, and gathered ones (e.g.
+            every rank's RNG states) as lists.
+        dist: this process's :class:`~lmkit.training.distributed.Distributed` (a
+            stand-in with ``world_size == 1`` in a single process).
+
+    Raises:
+        CheckpointError: the write failed on some rank (every rank raises; the folder under
+            ``path`` is unchanged).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    path = Path(path)
+    _ckpt._saves_in_process += 1
+    plan = _ckpt._crash_plan()
+    started = bool(getattr(dist, "started", False))
+    token = dist.broadcast_object(secrets.token_hex(4) if dist.is_main else None)
+    tmp = path.parent / f".{path.name}.{token}.tmp"
+    _ckpt._maybe_die(plan, "before_write")
+    try:
+        with _quiet():
+            dcp.save(_state_dicts(model, optimizer), storage_writer=FileSystemWriter(tmp, sync_files=True),
+                     process_group=dist.cpu_group if started else None, no_dist=not started)
+        own = {}
+        prefix = f"__{dist.rank if started else 0}_"
+        for file in sorted(tmp.iterdir()):
+            if file.name.startswith(prefix) and file.name.endswith(".distcp"):
+                own[file.name] = {"bytes": file.stat().st_size, "crc32": file_crc32(file)}
+        error = None
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        own, error = {}, _why(exc)
+    _ckpt._maybe_die(plan, "after_shards")
+    gathered = dist.all_gather_object((own, error))
+    errors = [e for _, e in gathered if e]
+    outcome: tuple[str, Any] = ("error", f"{path}: the sharded save failed ({errors[0]})") if errors else ("ok", 0)
+    if dist.is_main and not errors:
+        try:
+            files: dict[str, Any] = {}
+            for part, _ in gathered:
+                files.update(part)
+            for file in sorted(tmp.iterdir()):  # .metadata, and anything no rank claimed
+                if file.name not in files:
+                    files[file.name] = {"bytes": file.stat().st_size, "crc32": file_crc32(file)}
+            state = _ckpt.host_copy(dict(extra))
+            files[EXTRA] = _write_durable(tmp / EXTRA, lambda f: torch.save(state, f))
+            manifest = {"kind": KIND, "format": FORMAT, "step": state.get("step"), "world_size": dist.world_size,
+                        "optimizer": optimizer is not None, "torch_version": str(torch.__version__),
+                        "files": files}
+            manifest["checksum"] = _manifest_checksum(manifest)
+            _write_durable(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            _ckpt._fsync_dir(tmp)
+            _ckpt._maybe_die(plan, "after_manifest")
+            _put_in_place(tmp, path, token, plan)
+            _ckpt._maybe_die(plan, "after_replace")
+            outcome = ("ok", sum(entry["bytes"] for entry in files.values()) + (path / MANIFEST).stat().st_size)
+        except BaseException as exc:
+            outcome = ("error", f"{path}: the sharded save failed ({first_line(exc, 160)})")
+            dist.broadcast_object(outcome)
+            _remove_tree(tmp)
+            raise
+    if errors and dist.is_main:
+        _remove_tree(tmp)
+    kind, value = dist.broadcast_object(outcome)
+    if kind != "ok":
+        raise CheckpointError(value)
+    return int(value)
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 dist: Distributed | None = None) -> dict[str, Any]:
+    """Load sharded checkpoint ``path`` in place into ``model`` (FSDP2-wrapped or plain) and
+    ``optimizer`` (None: weights only), resharded by DCP to the current world size; return its
+    ``extra`` (with ``manifest``). A collective on several ranks; works in a single process with
+    no process group (``dist`` None or a one-process stand-in), e.g. a 2-rank run resumed as 1.
+
+    Raises:
+        CheckpointError: the folder does not verify, would run code, holds no optimizer state
+            when one is asked for, or does not fit the model/optimizer -- one line, on every rank.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    path = Path(path)
+    started = bool(dist is not None and getattr(dist, "started", False))
+    manifest = verify_sharded(path, dist if started else None)
+    extra = load_extra(path, manifest)
+    read_metadata(path, manifest)  # refused here, before DCP reads it
+    if optimizer is not None and not manifest.get("optimizer"):
+        raise CheckpointError(f"{path}: holds no optimizer state (saved with weights only)")
+    state = _state_dicts(model, optimizer)
+    try:
+        with _quiet():
+            dcp.load(state, storage_reader=_reader(path, manifest), planner=_planner(),
+                     process_group=dist.cpu_group if started else None, no_dist=not started)
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DCP raises many types
+        raise CheckpointError(f"{path}: does not fit this model or optimizer ({_why(exc)})") from None
+    return extra
+
+
+def load_consolidated(path: Path, optimizer: bool = False) -> dict[str, Any]:
+    """Sharded checkpoint ``path`` as one state, in this process (no process group used):
+    ``model`` a full state dict keyed like the unwrapped model's (the dtype it was trained in,
+    fp32 master weights under FSDP), the ``extra`` fields and ``manifest``; with
+    ``optimizer``, also ``optimizer`` in ``get_state_dict``'s FQN-keyed form. Every file is
+    verified first. Host memory holds the whole model.
+
+    Raises:
+        CheckpointError: as :func:`load_sharded`.
+    """
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # as dcp_to_torch_save
+
+    path = Path(path)
+    manifest = verify_sharded(path)
+    state = load_extra(path, manifest)
+    read_metadata(path, manifest)
+    keys = {"model", "optimizer"} if optimizer and manifest.get("optimizer") else {"model"}
+    loaded: dict[str, Any] = {}
+    try:
+        with _quiet():
+            _load_state_dict(loaded, storage_reader=_reader(path, manifest),
+                             planner=_planner(empty=True, keys=keys), no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot be loaded ({_why(exc)})") from None
+    if "model" not in loaded:
+        raise CheckpointError(f"{path}: not an lmkit checkpoint (no model weights)")
+    state["model"] = _ckpt.clean_state_dict(loaded["model"])
+    if "optimizer" in loaded:
+        state["optimizer"] = loaded["optimizer"]
+    return state
+
+
+def peek_manifest_step(path: Path) -> int | None:
+    """The step in a folder's manifest (no verification); None when unreadable."""
+    try:
+        return int(json.loads((Path(path) / MANIFEST).read_text())["step"])
+    except Exception:  # noqa: BLE001 - any unreadable folder
+        return None
+
+
+__all__ = ["FORMAT", "KIND", "MANIFEST", "SUFFIX", "MetadataUnpickler", "file_crc32", "is_sharded",
+           "link_folder", "load_consolidated", "load_extra", "load_sharded", "peek_manifest_step",
+           "read_manifest", "read_metadata", "remove_checkpoint", "save_sharded", "verify_sharded"]
