@@ -22,31 +22,20 @@ to ``.TAG.dcp.<token>.old`` first, which
 :func:`~lmkit.training.checkpoint.remove_stale_temp_files` puts back if the crash came
 between the two renames. A torn save is therefore never under a tag name.
 
-Verification at load: the manifest's own checksum, then each file's size (truncation) and
-CRC-32 (bit rot, tampering); on several ranks each rank checks a share of the files and
-the verdict is agreed, so a bad file is refused on every rank with the same one-line
-:class:`~lmkit.errors.CheckpointError` naming it (never a hang).
-
-Safety: DCP's ``FileSystemReader`` unpickles ``.metadata`` with plain :mod:`pickle` and
-its default load planner reads non-tensor values with ``torch.load(weights_only=False)``.
-Here ``.metadata`` is read by :class:`MetadataUnpickler`, which admits only DCP's metadata
-classes and the few plain types they hold, and non-tensor values with
-``weights_only=True``: a checkpoint is data, never code. Source: PyTorch's Distributed
+Verification at load (every file's size and CRC-32, agreed across ranks) and safety (DCP's
+``.metadata`` pickle read by a restricted unpickler, non-tensor values with
+``weights_only=True``): :mod:`lmkit.training.sharded_files`. Source: PyTorch's Distributed
 Checkpoint documentation (``torch.distributed.checkpoint``, ``state_dict``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import io
 import json
 import os
-import pickle
 import secrets
 import shutil
 import warnings
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,270 +44,28 @@ import torch
 
 from lmkit.errors import CheckpointError, first_line
 from lmkit.training import checkpoint as _ckpt
+from lmkit.training.sharded_files import (
+    EXTRA,
+    FORMAT,
+    KIND,
+    MANIFEST,
+    SUFFIX,
+    _manifest_checksum,
+    _planner,
+    _reader,
+    file_crc32,
+    is_sharded,
+    load_extra,
+    peek_manifest_step,
+    read_manifest,
+    read_metadata,
+    verify_sharded,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from lmkit.training.distributed import Distributed
-
-SUFFIX = ".dcp"
-KIND = "lmkit-dcp"
-FORMAT = 1
-MANIFEST = "lmkit_manifest.json"
-EXTRA = "extra.pt"
-METADATA = ".metadata"
-_PIECE = 1 << 24  # bytes CRC'd by one thread at a time
-
-
-def is_sharded(path: Path) -> bool:
-    """Whether ``path`` names a sharded checkpoint folder (``*.dcp``)."""
-    return Path(path).suffix == SUFFIX
-
-
-# --------------------------------------------------------------------------------------
-# Reading DCP's metadata as data
-# --------------------------------------------------------------------------------------
-
-_DCP_META = "torch.distributed.checkpoint.metadata"
-_ALLOWED = {
-    *((_DCP_META, name) for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                     "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                                     "_MEM_FORMAT_ENCODING")),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"), ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),
-    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-}
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """An unpickler for DCP's ``.metadata``: only DCP's metadata classes, ``torch.Size``,
-    dtypes and layouts, paths and plain containers; anything else (a function to call, a
-    class of another module) raises :class:`pickle.UnpicklingError` before it is imported."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids are not allowed")
-
-
-def read_metadata(path: Path, manifest: dict[str, Any] | None = None) -> Any:
-    """DCP's :class:`~torch.distributed.checkpoint.metadata.Metadata` of folder ``path``, through
-    :class:`MetadataUnpickler`. With ``manifest``, every file the metadata points at must be
-    one the manifest lists (no path outside the folder).
-
-    Raises:
-        CheckpointError: unreadable, or it would need code to load -- naming the file.
-    """
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    file = Path(path) / METADATA
-    try:
-        with file.open("rb") as f:
-            metadata = MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{file}: cannot be loaded (it contains Python objects that would run code "
-                              f"when loaded; refused: {first_line(exc, 100)})") from None
-    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many types
-        raise CheckpointError(f"{file}: cannot be loaded ({first_line(exc, 120)})") from None
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"{file}: not DCP metadata")
-    if manifest is not None:
-        for info in (metadata.storage_data or {}).values():
-            name = getattr(info, "relative_path", None)
-            if name not in manifest["files"]:
-                raise CheckpointError(f"{file}: points at {name!r}, which the manifest does not list")
-    return metadata
-
-
-def _reader(path: Path, manifest: dict[str, Any]) -> Any:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class SafeReader(FileSystemReader):
-        """DCP's file reader with :func:`read_metadata` (no rank-local metadata fallback)."""
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("rank") is not None:
-                raise CheckpointError(f"{path}: has no rank-local metadata")
-            metadata = read_metadata(path, manifest)
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeReader(path)
-
-
-def _safe_load_bytes(planner: Any, read_item: Any, value: io.BytesIO) -> None:
-    from torch.distributed.checkpoint._traverse import set_element as set_nested
-
-    obj = torch.load(value, weights_only=True)
-    if planner.flatten_state_dict:
-        set_nested(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
-    else:
-        planner.state_dict[read_item.dest_index.fqn] = obj
-
-
-def _planner(empty: bool = False, keys: set[str] | None = None) -> Any:
-    """DCP's default load planner (or the one that rebuilds a state dict from the metadata),
-    reading non-tensor values with ``torch.load(weights_only=True)``."""
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
-
-    base = _EmptyStateDictLoadPlanner if empty else DefaultLoadPlanner
-
-    class SafePlanner(base):  # type: ignore[misc, valid-type]
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            _safe_load_bytes(self, read_item, value)
-
-    return SafePlanner(keys=keys) if empty else SafePlanner()
-
-
-# --------------------------------------------------------------------------------------
-# Manifest and files
-# --------------------------------------------------------------------------------------
-
-
-def file_crc32(path: Path, threads: int | None = None) -> str:
-    """CRC-32 (zlib) of a file's bytes as 8 hex digits, read in 16 MiB pieces on ``threads``
-    threads and joined with :func:`~lmkit.training.checkpoint.crc32_combine` (the value of
-    one ``zlib.crc32`` over the whole file)."""
-    size = path.stat().st_size
-    pieces = [(offset, min(_PIECE, size - offset)) for offset in range(0, size, _PIECE)]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        def one(piece: tuple[int, int]) -> int:
-            data = os.pread(fd, piece[1], piece[0])
-            if len(data) != piece[1]:
-                raise OSError(f"{path}: shorter than {size} bytes")
-            return zlib.crc32(data)
-
-        workers = max(1, min(threads or torch.get_num_threads(), len(pieces)))
-        if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                crcs = list(pool.map(one, pieces))
-        else:
-            crcs = [one(piece) for piece in pieces]
-    finally:
-        os.close(fd)
-    crc = 0
-    for (_, length), piece_crc in zip(pieces, crcs, strict=True):
-        crc = _ckpt.crc32_combine(crc, piece_crc, length)
-    return f"{crc:08x}"
-
-
-def _manifest_checksum(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()):08x}"
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of sharded checkpoint ``path``, its own checksum verified.
-
-    Raises:
-        CheckpointError: no such folder, no manifest (not written by lmkit: refused), or a
-            manifest that does not parse or verify -- naming the file.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    file = path / MANIFEST
-    if not file.is_file():
-        raise CheckpointError(f"{path}: not an lmkit checkpoint (no {MANIFEST}: not written by lmkit, or its "
-                              "save did not finish); refused")
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{file}: cannot be read ({first_line(exc, 100)})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{file}: not an lmkit sharded-checkpoint manifest")
-    if int(manifest.get("format", 0)) > FORMAT:
-        raise CheckpointError(f"{file}: sharded-checkpoint format {manifest['format']} is newer than this lmkit "
-                              f"reads ({FORMAT}); upgrade lmkit")
-    if manifest.get("checksum") != _manifest_checksum(manifest):
-        raise CheckpointError(f"{file}: corrupt (its checksum does not match its contents)")
-    for name in manifest["files"]:
-        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise CheckpointError(f"{file}: lists a file outside the folder ({name!r})")
-    for name in (METADATA, EXTRA):
-        if name not in manifest["files"]:
-            raise CheckpointError(f"{file}: does not list {name}")
-    return manifest
-
-
-def _check_file(path: Path, name: str, entry: dict[str, Any], crc: bool) -> str | None:
-    """Why file ``name`` of folder ``path`` does not match its manifest ``entry``; None if it does."""
-    file = path / name
-    try:
-        size = file.stat().st_size
-    except OSError:
-        return f"{file}: missing"
-    if size != entry.get("bytes"):
-        return f"{file}: truncated or overwritten ({size} bytes, manifest says {entry.get('bytes')})"
-    if crc:
-        try:
-            got = file_crc32(file)
-        except OSError as exc:
-            return f"{file}: cannot be read ({first_line(exc, 100)})"
-        if got != entry.get("crc32"):
-            return f"{file}: corrupt (CRC-32 {got} != manifest {entry.get('crc32')})"
-    return None
-
-
-def verify_sharded(path: Path, dist: Distributed | None = None, crc: bool = True) -> dict[str, Any]:
-    """Verify folder ``path`` against its manifest and return the manifest: every file's size
-    (on every rank) and, with ``crc``, its CRC-32 (each rank a share of the files under
-    ``dist``; the verdict is agreed, so every rank raises the same error).
-
-    Raises:
-        CheckpointError: see :func:`read_manifest`; a file missing, truncated or corrupt.
-    """
-    path = Path(path)
-    error: str | None = None
-    manifest: dict[str, Any] = {}
-    try:
-        manifest = read_manifest(path)
-    except CheckpointError as exc:
-        error = str(exc)
-    started = dist is not None and dist.started
-    world, rank = (dist.world_size, dist.rank) if started else (1, 0)
-    if error is None:
-        names = sorted(manifest["files"])
-        for i, name in enumerate(names):
-            error = _check_file(path, name, manifest["files"][name], crc=crc and i % world == rank)
-            if error:
-                break
-    if started:
-        errors = [e for e in dist.all_gather_object(error) if e]
-        error = errors[0] if errors else None
-    if error:
-        raise CheckpointError(error)
-    return manifest
-
-
-def load_extra(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """``extra.pt`` of a verified folder (``weights_only=True``), with the manifest under ``manifest``."""
-    file = Path(path) / EXTRA
-    try:
-        extra = _ckpt._torch_load(file, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - torch raises many types
-        text = str(exc)
-        why = ("it contains Python objects that would run code when loaded; refused"
-               if "Unsupported global" in text or "weights_only" in text.lower() else first_line(exc, 120))
-        raise CheckpointError(f"{file}: cannot be loaded ({why})") from None
-    if not isinstance(extra, dict):
-        raise CheckpointError(f"{file}: not an lmkit checkpoint's state")
-    if manifest.get("step") != extra.get("step"):
-        raise CheckpointError(f"{file}: step {extra.get('step')} != manifest step {manifest.get('step')}")
-    return {**extra, "manifest": manifest}
-
 
 # --------------------------------------------------------------------------------------
 # Putting a folder in place, linking, removing
@@ -613,14 +360,6 @@ def load_consolidated(path: Path, optimizer: bool = False) -> dict[str, Any]:
     return state
 
 
-def peek_manifest_step(path: Path) -> int | None:
-    """The step in a folder's manifest (no verification); None when unreadable."""
-    try:
-        return int(json.loads((Path(path) / MANIFEST).read_text())["step"])
-    except Exception:  # noqa: BLE001 - any unreadable folder
-        return None
-
-
-__all__ = ["FORMAT", "KIND", "MANIFEST", "SUFFIX", "MetadataUnpickler", "file_crc32", "is_sharded",
-           "link_folder", "load_consolidated", "load_extra", "load_sharded", "peek_manifest_step",
-           "read_manifest", "read_metadata", "remove_checkpoint", "save_sharded", "verify_sharded"]
+__all__ = ["FORMAT", "KIND", "MANIFEST", "SUFFIX", "file_crc32", "is_sharded", "link_folder", "load_consolidated",
+           "load_extra", "load_sharded", "peek_manifest_step", "read_manifest", "read_metadata",
+           "remove_checkpoint", "restore_or_remove_old", "save_sharded", "verify_sharded"]
