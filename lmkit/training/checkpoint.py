@@ -441,17 +441,19 @@ def checkpoint_paths(directory: Path) -> list[Path]:
 
 def verify_candidate(path: Path) -> dict[str, Any]:
     """What :func:`newest_complete` keeps of a checkpoint: the loaded state of a file; for a
-    sharded folder, the folder verified (every file's size and CRC-32) and its ``extra`` with
-    ``manifest`` -- no tensors of the model (:func:`lmkit.training.sharded.load_sharded`
+    sharded folder, the folder verified (every file's size and CRC-32, DCP's metadata read as
+    data) and its ``extra`` with ``manifest`` -- no tensors of the model (:func:`lmkit.training.sharded.load_sharded`
     loads them into a model).
 
     Raises:
         CheckpointError: as :func:`load_checkpoint`.
     """
     if path.is_dir():
-        from lmkit.training.sharded import load_extra, verify_sharded
+        from lmkit.training.sharded_files import load_extra, read_metadata, verify_sharded
 
-        return load_extra(path, verify_sharded(path))
+        manifest = verify_sharded(path)
+        read_metadata(path, manifest)  # refused here if it would run code, before anything loads it
+        return load_extra(path, manifest)
     return load_checkpoint(path)
 
 
@@ -474,7 +476,8 @@ def newest_complete(directory: Path) -> tuple[Candidate, list[tuple[Path, str]]]
         try:
             state = verify_candidate(path)
         except CheckpointError as exc:
-            skipped.append((path, str(exc).split(": ", 1)[-1]))
+            text, inside = str(exc), f"{path}{os.sep}"
+            skipped.append((path, text[len(inside):] if text.startswith(inside) else text.split(": ", 1)[-1]))
             continue
         if best is None or int(state["step"]) > int(best.state["step"]):
             best = Candidate(path, state)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lmkit.errors import CheckpointError, first_line
 from lmkit.training import checkpoint as _ckpt
@@ -193,14 +194,22 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> d
     return {"model": model_sd, "optimizer": optim_sd}
 
 
-def _why(exc: BaseException) -> str:
-    """One line from an exception of DCP (a ``CheckpointException`` wraps the ranks' own)."""
+def _inner(exc: BaseException) -> BaseException:
+    """The exception a rank raised inside DCP (a ``CheckpointException`` -- a ``BaseException``
+    -- wraps each rank's as ``(exception, traceback)``), or ``exc`` itself."""
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
-        inner = getattr(inner, "exc", inner)  # a _WrappedException
-        return first_line(inner, 160)
-    return first_line(exc, 160)
+        return inner[0] if isinstance(inner, tuple) else inner
+    return exc
+
+
+def _dcp_error(exc: BaseException, path: Path, what: str) -> CheckpointError:
+    """One line for a failure inside DCP; an lmkit error raised inside it keeps its message."""
+    inner = _inner(exc)
+    if isinstance(inner, CheckpointError):
+        return CheckpointError(str(inner))
+    return CheckpointError(f"{path}: {what} ({first_line(inner, 160)})")
 
 
 def _write_durable(file: Path, write: Any) -> dict[str, Any]:
@@ -250,8 +259,8 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, extr
             if file.name.startswith(prefix) and file.name.endswith(".distcp"):
                 own[file.name] = {"bytes": file.stat().st_size, "crc32": file_crc32(file)}
         error = None
-    except Exception as exc:  # noqa: BLE001 - reported on every rank below
-        own, error = {}, _why(exc)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - reported on every rank below
+        own, error = {}, first_line(_inner(exc), 160)
     _ckpt._maybe_die(plan, "after_shards")
     gathered = dist.all_gather_object((own, error))
     errors = [e for _, e in gathered if e]
@@ -313,16 +322,14 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
     state = _state_dicts(model, optimizer)
     try:
         with _quiet():
-            dcp.load(state, storage_reader=_reader(path, manifest), planner=_planner(),
+            dcp.load(state, storage_reader=_reader(path, manifest), planner=_planner(path),
                      process_group=dist.cpu_group if started else None, no_dist=not started)
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - DCP raises many types
-        raise CheckpointError(f"{path}: does not fit this model or optimizer ({_why(exc)})") from None
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP raises many types
+        raise _dcp_error(exc, path, "does not fit this model or optimizer") from None
     return extra
 
 
@@ -347,11 +354,9 @@ def load_consolidated(path: Path, optimizer: bool = False) -> dict[str, Any]:
     try:
         with _quiet():
             _load_state_dict(loaded, storage_reader=_reader(path, manifest),
-                             planner=_planner(empty=True, keys=keys), no_dist=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot be loaded ({_why(exc)})") from None
+                             planner=_planner(path, empty=True, keys=keys), no_dist=True)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP raises many types
+        raise _dcp_error(exc, path, "cannot be loaded") from None
     if "model" not in loaded:
         raise CheckpointError(f"{path}: not an lmkit checkpoint (no model weights)")
     state["model"] = _ckpt.clean_state_dict(loaded["model"])

@@ -133,14 +133,21 @@ def _reader(path: Path, manifest: dict[str, Any]) -> Any:
 def _safe_load_bytes(planner: Any, read_item: Any, value: io.BytesIO) -> None:
     from torch.distributed.checkpoint._traverse import set_element as set_nested
 
-    obj = torch.load(value, weights_only=True)
+    try:
+        obj = torch.load(value, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - weights_only refusals and damaged bytes
+        text = str(exc)
+        why = ("it contains Python objects that would run code when loaded; refused"
+               if "Unsupported global" in text or "weights_only" in text.lower() else first_line(exc, 100))
+        raise CheckpointError(f"{planner.checkpoint_path}: value {read_item.dest_index.fqn} cannot be loaded "
+                              f"({why})") from None
     if planner.flatten_state_dict:
         set_nested(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
     else:
         planner.state_dict[read_item.dest_index.fqn] = obj
 
 
-def _planner(empty: bool = False, keys: set[str] | None = None) -> Any:
+def _planner(path: Path, empty: bool = False, keys: set[str] | None = None) -> Any:
     """DCP's default load planner (or the one that rebuilds a state dict from the metadata),
     reading non-tensor values with ``torch.load(weights_only=True)``."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
@@ -148,6 +155,8 @@ def _planner(empty: bool = False, keys: set[str] | None = None) -> Any:
     base = _EmptyStateDictLoadPlanner if empty else DefaultLoadPlanner
 
     class SafePlanner(base):  # type: ignore[misc, valid-type]
+        checkpoint_path = path
+
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
             _safe_load_bytes(self, read_item, value)
 
