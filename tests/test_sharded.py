@@ -330,3 +330,23 @@ def test_a_weights_only_folder_and_a_plain_single_process_save(tmp_path):
     _assert_equal_states(other.state_dict(), model.state_dict(), "model")
     with pytest.raises(CheckpointError, match="holds no optimizer state"):
         load_sharded(tmp_path / "w.dcp", other, other_opt)
+
+
+def test_run_listings_find_folders_and_count_linked_ones_once(job, tmp_path):
+    """``lmkit eval``'s list of checkpoints and ``svd-analyze``'s selection on a sharded run."""
+    from lmkit.analysis.svd_analyze import select_checkpoints
+    from lmkit.runs import list_checkpoints
+
+    out, _ = job
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for name in ("step_0000001.dcp", "step_0000002.dcp"):
+        link_checkpoint(out / name, checkpoints / name)
+    link_checkpoint(checkpoints / "step_0000002.dcp", checkpoints / "latest.dcp")
+    (checkpoints / ".step_0000003.dcp.0badf00d.tmp").mkdir()  # a torn save is never listed
+    assert list_checkpoints(tmp_path / "run") == [(1, checkpoints / "step_0000001.dcp"),
+                                                  (2, checkpoints / "step_0000002.dcp")]
+    assert select_checkpoints(tmp_path / "run", ["best", "step_0000002", "step_0000001"]) == [
+        (1, checkpoints / "step_0000001.dcp"), (2, checkpoints / "latest.dcp")]  # best -> latest; latest = step 2
+    with pytest.raises(CheckpointError, match=r"step_0000009\.pt: no such checkpoint .*have: latest, step_0000001"):
+        select_checkpoints(tmp_path / "run", ["step_0000009"])

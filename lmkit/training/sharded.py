@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from lmkit.errors import CheckpointError, first_line
 from lmkit.training import checkpoint as _ckpt
@@ -137,6 +136,8 @@ def link_folder(source: Path, target: Path) -> None:
     allows, durable copies otherwise), atomically replacing an older ``target``. Files of a
     checkpoint folder are never modified in place, so the two stay independent: removing or
     replacing ``source`` later leaves ``target`` whole."""
+    if source.suffix != target.suffix:
+        raise ValueError(f"link {source.name} -> {target.name}: a folder is linked under a name of the same kind")
     plan = _ckpt._crash_plan()
     token = secrets.token_hex(4)
     tmp = target.parent / f".{target.name}.{token}.tmp"
@@ -221,7 +222,7 @@ def _write_durable(file: Path, write: Any) -> dict[str, Any]:
 
 
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any], path: Path,
-                 dist: Distributed) -> int:
+                 dist: Distributed | None) -> int:
     """Write a sharded checkpoint folder ``path`` (``checkpoints/TAG.dcp``); a collective: every
     rank calls it. Returns the bytes written (all ranks' files together, the same on every rank).
 
@@ -233,7 +234,7 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, extr
             written by rank 0: pass the values every rank agrees on, and gathered ones (e.g.
             every rank's RNG states) as lists.
         dist: this process's :class:`~lmkit.training.distributed.Distributed` (a
-            stand-in with ``world_size == 1`` in a single process).
+            stand-in with ``world_size == 1``, or None, in a single process).
 
     Raises:
         CheckpointError: the write failed on some rank (every rank raises; the folder under
@@ -241,7 +242,12 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, extr
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    if dist is None:
+        from lmkit.training.distributed import Distributed
+
+        dist = Distributed()
     path = Path(path)
     _ckpt._saves_in_process += 1
     plan = _ckpt._crash_plan()
@@ -310,6 +316,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
             when one is asked for, or does not fit the model/optimizer -- one line, on every rank.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     path = Path(path)
@@ -343,6 +350,7 @@ def load_consolidated(path: Path, optimizer: bool = False) -> dict[str, Any]:
     Raises:
         CheckpointError: as :func:`load_sharded`.
     """
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # as dcp_to_torch_save
 
     path = Path(path)

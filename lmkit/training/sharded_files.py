@@ -130,17 +130,22 @@ def _reader(path: Path, manifest: dict[str, Any]) -> Any:
     return SafeReader(path)
 
 
+def refusal(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused: code it would run, or the first line."""
+    text = str(exc)
+    if "Unsupported global" in text or "weights_only" in text.lower():
+        return "it contains Python objects that would run code when loaded; refused"
+    return first_line(exc, 120)
+
+
 def _safe_load_bytes(planner: Any, read_item: Any, value: io.BytesIO) -> None:
     from torch.distributed.checkpoint._traverse import set_element as set_nested
 
     try:
         obj = torch.load(value, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - weights_only refusals and damaged bytes
-        text = str(exc)
-        why = ("it contains Python objects that would run code when loaded; refused"
-               if "Unsupported global" in text or "weights_only" in text.lower() else first_line(exc, 100))
         raise CheckpointError(f"{planner.checkpoint_path}: value {read_item.dest_index.fqn} cannot be loaded "
-                              f"({why})") from None
+                              f"({refusal(exc)})") from None
     if planner.flatten_state_dict:
         set_nested(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
     else:
@@ -291,10 +296,7 @@ def load_extra(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     try:
         extra = _ckpt._torch_load(file, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises many types
-        text = str(exc)
-        why = ("it contains Python objects that would run code when loaded; refused"
-               if "Unsupported global" in text or "weights_only" in text.lower() else first_line(exc, 120))
-        raise CheckpointError(f"{file}: cannot be loaded ({why})") from None
+        raise CheckpointError(f"{file}: cannot be loaded ({refusal(exc)})") from None
     if not isinstance(extra, dict):
         raise CheckpointError(f"{file}: not an lmkit checkpoint's state")
     if manifest.get("step") != extra.get("step"):
