@@ -37,12 +37,30 @@ def _preset(tmp_path: Path, ckpt_interval: str = "null") -> Path:
     return path
 
 
-def _lmkit(args: list[str], cwd: Path, ranks: int = 1, env: dict[str, str] | None = None,
-           timeout: int = 120) -> subprocess.CompletedProcess:
-    """``python -m lmkit ARGS``, under ``torch.distributed.run`` with ``ranks > 1`` (a hang fails)."""
+def _start(args: list[str], cwd: Path, ranks: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m lmkit ARGS``, under ``torch.distributed.run`` with ``ranks > 1``, started."""
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
-    return subprocess.run([sys.executable, *launch, "-m", "lmkit", *args], cwd=cwd, text=True, capture_output=True,
-                          env={**os.environ, **ENV, **(env or {})}, timeout=timeout)
+    return subprocess.Popen([sys.executable, *launch, "-m", "lmkit", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ENV, **(env or {})})
+
+
+def _wait(*procs: subprocess.Popen, timeout: int = 150) -> list[subprocess.CompletedProcess]:
+    """Wait for processes started together (independent runs overlap: the startup dominates); a
+    hang is a failure, never a stuck test run."""
+    out = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return out
+
+
+def _lmkit(args: list[str], cwd: Path, ranks: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return _wait(_start(args, cwd, ranks, env))[0]
 
 
 def _train(preset: Path, runs: Path, name: str, *extra: str) -> list[str]:
@@ -70,9 +88,10 @@ def test_two_fsdp_ranks_equal_one_process_and_continue_on_one(tmp_path):
     Then the FSDP run resumed on 1 process (DCP reshards; accumulation 2 -> 4) says so in a notice and
     continues as the single-process run continues (to 1e-6)."""
     preset, runs = _preset(tmp_path), tmp_path / "runs"
-    fsdp = _lmkit(_train(preset, runs, "fsdp", *FSDP, "--set", "training.grad_accum_steps=2"), tmp_path, ranks=2)
+    fsdp, one = _wait(_start(_train(preset, runs, "fsdp", *FSDP, "--set", "training.grad_accum_steps=2"), tmp_path,
+                             ranks=2),
+                      _start(_train(preset, runs, "one", "--set", "training.grad_accum_steps=4"), tmp_path))
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
-    one = _lmkit(_train(preset, runs, "one", "--set", "training.grad_accum_steps=4"), tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
 
     a, b = _losses(runs / "fsdp"), _losses(runs / "one")
@@ -95,12 +114,12 @@ def test_two_fsdp_ranks_equal_one_process_and_continue_on_one(tmp_path):
 
     # continue both on one process to step 10: the FSDP run's continuation is the single one's
     more = ["--max-steps", "10", "--no-tui"]
-    cont = _lmkit(["resume", str(runs / "fsdp"), *more], tmp_path)
+    cont, ref = _wait(_start(["resume", str(runs / "fsdp"), *more], tmp_path),
+                      _start(["resume", str(runs / "one"), *more], tmp_path))
     assert cont.returncode == 0, cont.stderr[-3000:]
     assert ("resumed on 1 process (one process) from a checkpoint of 2 (fsdp), resharded by DCP: "
             "training.grad_accum_steps 2 -> 4 per rank") in cont.stdout + cont.stderr
     assert "not bitwise" in cont.stdout + cont.stderr
-    ref = _lmkit(["resume", str(runs / "one"), *more], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     a, b = _losses(runs / "fsdp"), _losses(runs / "one")
     assert sorted(a) == list(range(1, 11))
@@ -129,16 +148,18 @@ def test_fsdp_killed_mid_save_resumes_from_last_complete_then_exports_and_evalua
     assert event["step"] == 2 and event["checkpoint"].endswith("latest.dcp") and event["removed_temp_files"]
     assert "the continuation is bitwise" in resumed.stdout + resumed.stderr
     assert sorted(_losses(runs / "cut")) == list(range(1, 9))
-    assert not any(p.name.startswith(".") for p in ckpts.iterdir())
+    # the periodic folders pruned to keep_last 2, no temporary or stray entries
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.dcp", "latest.dcp", "step_0000006.dcp",
+                                                       "step_0000008.dcp"]
     assert load_checkpoint(ckpts / "latest.dcp")["step"] == 8
 
-    exported = _lmkit(["export", str(runs / "cut"), "--to", "hf", str(tmp_path / "hf"), "--checkpoint", "latest"],
-                      tmp_path)
+    exported, evaluated = _wait(
+        _start(["export", str(runs / "cut"), "--to", "hf", str(tmp_path / "hf"), "--checkpoint", "latest"], tmp_path),
+        _start(["eval", str(runs / "cut"), "--task", "perplexity", "--checkpoint", "latest", "--json"], tmp_path))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "verified" in exported.stdout and (tmp_path / "hf" / "model.safetensors").is_file()
-    evaluated = _lmkit(["eval", str(runs / "cut"), "--task", "perplexity", "--checkpoint", "latest", "--json"],
-                       tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout)  # the results, machine-readable
     assert (runs / "cut" / "eval").is_dir()
 
 
