@@ -22,12 +22,12 @@ What the ranks agree on, and how (none of it adds a host-device sync per step):
 * the stop request (SIGINT/SIGTERM on any rank): an asynchronous all-reduce (MAX) of the
   signal number over gloo, started after step ``k`` and read after step ``k + 1``
   (:class:`StopVote`), so every rank stops after the same step, with one checkpoint;
-* evaluation runs on rank 0 and its result is broadcast (the best-checkpoint decision is
-  the same everywhere).
+* evaluation runs on rank 0 (under FSDP on every rank in step: a forward is collective)
+  and rank 0's result is broadcast (the best-checkpoint decision is the same everywhere).
 
-Rank 0 alone writes the run folder; checkpoints are one file, written by rank 0 with every
+Rank 0 alone writes the run folder; DDP checkpoints are one file, written by rank 0 with every
 rank's RNG states gathered into it (``rng_ranks``), so ``eval``/``export``/``compare`` read
-them as any other. Source: PyTorch's DDP notes (``no_sync``, gradient averaging) and
+them as any other; FSDP checkpoints are DCP folders in which every rank writes its shards. Source: PyTorch's DDP notes (``no_sync``, gradient averaging) and
 ``torch.distributed.run``'s environment contract.
 """
 

@@ -24,11 +24,16 @@ Stopping: SIGINT and SIGTERM finish the current step, save ``latest`` and exit 1
 143 (:mod:`lmkit.training.signals`). Non-finite steps: :mod:`lmkit.training.nan_guard`.
 
 Several processes (``torchrun --nproc-per-node N -m lmkit train ...``, ``WORLD_SIZE > 1``):
-DistributedDataParallel, with ``grad_accum_steps`` per rank and the global batch
-``W * grad_accum_steps * batch_size``; the ranks take interleaved micro-batches of the same
-global order, the loss is weighted by the global target count, rank 0 alone writes the run
-folder, and the stop request is agreed one step late (:mod:`lmkit.training.distributed`).
-A checkpoint is one file, as on one process, and resumes on the same number of processes.
+DistributedDataParallel or FSDP2 (``training.parallelism``), with ``grad_accum_steps`` per rank
+and the global batch ``W * grad_accum_steps * batch_size``; the ranks take interleaved
+micro-batches of the same global order, the loss is weighted by the global target count, rank
+0 alone writes the run folder, and the stop request is agreed one step late
+(:mod:`lmkit.training.distributed`). What differs between one process, DDP and FSDP -- the
+wrapping, the per-micro-batch gradient sync, the loss factor, clipping, the checkpoint's form
+-- is the :class:`~lmkit.training.parallel.Strategy`. A DDP checkpoint is one file, as on one
+process; an FSDP run's are DCP folders (``checkpoints/TAG.dcp``, :mod:`lmkit.training.sharded`).
+Either resumes on another number of processes with the global batch kept (the per-rank
+accumulation rescaled; a notice says the continuation is then not bitwise).
 
 Starting from trained weights (``init_from``: another run or a Hugging Face folder): the
 source is loaded and the config given its architecture and tokenizer before the run folder is
