@@ -22,7 +22,7 @@ import torch
 from lmkit.errors import CheckpointError, ConfigError
 from lmkit.training.checkpoint import load_checkpoint
 from lmkit.training.distributed import Distributed
-from lmkit.training.resume import rescale_accumulation
+from lmkit.training.resume import rescale_accumulation, resume_config
 
 from conftest import TINY_PRESET
 
@@ -30,10 +30,10 @@ ENV = {"OMP_NUM_THREADS": "1", "LMKIT_THREADS": "1"}
 FSDP = ("--set", "training.parallelism=fsdp")
 
 
-def _preset(tmp_path: Path, ckpt_interval: str = "null") -> Path:
+def _preset(tmp_path: Path, ckpt_interval: str = "null", dropout: float = 0.0) -> Path:
     text = TINY_PRESET.format(pos="rope", steps=8, eval_interval="null", ckpt_interval=ckpt_interval)
     path = tmp_path / "tiny.yaml"
-    path.write_text(text.replace("log_interval: 5", "log_interval: 1"))
+    path.write_text(text.replace("log_interval: 5", "log_interval: 1").replace("dropout: 0.0", f"dropout: {dropout}"))
     return path
 
 
@@ -112,6 +112,11 @@ def test_two_fsdp_ranks_equal_one_process_and_continue_on_one(tmp_path):
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # every rank wrote its own shard
     assert "(FSDP, gloo); global batch 64 sequences" in fsdp.stdout
 
+    # a run keeps its checkpoint form: switching DDP <-> FSDP on a resume is refused in one line
+    for run, switch in (("one", "fsdp"), ("fsdp", "ddp")):
+        with pytest.raises(ConfigError, match=r"resume: training.parallelism \S+ -> \S+ is not supported"):
+            resume_config(runs / run / "config.yaml", [f"training.parallelism={switch}"])
+
     # continue both on one process to step 10: the FSDP run's continuation is the single one's
     more = ["--max-steps", "10", "--no-tui"]
     cont, ref = _wait(_start(["resume", str(runs / "fsdp"), *more], tmp_path),
@@ -131,13 +136,16 @@ def test_two_fsdp_ranks_equal_one_process_and_continue_on_one(tmp_path):
 def test_fsdp_killed_mid_save_resumes_from_last_complete_then_exports_and_evaluates(tmp_path):
     """The ranks are SIGKILLed in the middle of their second sharded save (step 4: shards written,
     no manifest yet, still under the temporary name); torchrun ends the job. ``lmkit resume``
-    on 2 processes picks the step-2 folder, removes the torn one, finishes the run, and the final
-    checkpoint exports to Hugging Face (logits verified) and evaluates."""
-    preset, runs = _preset(tmp_path, ckpt_interval="2"), tmp_path / "runs"
+    on 2 processes picks the step-2 folder, removes the torn one and finishes bitwise where an
+    uninterrupted run ends (dropout 0.1: every rank's RNG comes back); the final checkpoint exports
+    to Hugging Face (logits verified) and evaluates."""
+    preset, runs = _preset(tmp_path, ckpt_interval="2", dropout=0.1), tmp_path / "runs"
     # checkpoint.py's crash hook: both ranks die at their second save, after writing their shards
-    cut = _lmkit(_train(preset, runs, "cut", *FSDP), tmp_path, ranks=2,
-                 env={"LMKIT_TEST_CRASH": "save=2,at=after_shards"})
+    cut, full = _wait(_start(_train(preset, runs, "cut", *FSDP), tmp_path, ranks=2,
+                             env={"LMKIT_TEST_CRASH": "save=2,at=after_shards"}),
+                      _start(_train(preset, runs, "full", *FSDP), tmp_path, ranks=2))
     assert cut.returncode != 0
+    assert full.returncode == 0, full.stderr[-3000:]
     ckpts = runs / "cut" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["latest.dcp", "step_0000002.dcp"]
     assert any(p.name.startswith(".step_0000004.dcp.") for p in ckpts.iterdir())  # the torn save, never under its tag
@@ -151,7 +159,11 @@ def test_fsdp_killed_mid_save_resumes_from_last_complete_then_exports_and_evalua
     # the periodic folders pruned to keep_last 2, no temporary or stray entries
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.dcp", "latest.dcp", "step_0000006.dcp",
                                                        "step_0000008.dcp"]
-    assert load_checkpoint(ckpts / "latest.dcp")["step"] == 8
+    final = load_checkpoint(ckpts / "latest.dcp")
+    assert final["step"] == 8
+    uninterrupted = load_checkpoint(runs / "full" / "checkpoints" / "latest.dcp")["model"]
+    assert all(torch.equal(final["model"][k], uninterrupted[k]) for k in uninterrupted)
+    assert _losses(runs / "cut") == _losses(runs / "full")
 
     exported, evaluated = _wait(
         _start(["export", str(runs / "cut"), "--to", "hf", str(tmp_path / "hf"), "--checkpoint", "latest"], tmp_path),
