@@ -350,3 +350,15 @@ def test_run_listings_find_folders_and_count_linked_ones_once(job, tmp_path):
         (1, checkpoints / "step_0000001.dcp"), (2, checkpoints / "latest.dcp")]  # best -> latest; latest = step 2
     with pytest.raises(CheckpointError, match=r"step_0000009\.pt: no such checkpoint .*have: latest, step_0000001"):
         select_checkpoints(tmp_path / "run", ["step_0000009"])
+
+
+def test_file_crc32_on_threads_equals_zlib_over_the_whole_file(tmp_path, monkeypatch):
+    import zlib
+
+    from lmkit.training import crc
+
+    monkeypatch.setattr(crc, "_PIECE", 1000)  # 6 pieces, one short
+    data = torch.randint(0, 256, (5321,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    (tmp_path / "f").write_bytes(bytes(data.tolist()))
+    for threads in (1, 3):
+        assert crc.file_crc32(tmp_path / "f", threads=threads) == f"{zlib.crc32(bytes(data.tolist())):08x}"

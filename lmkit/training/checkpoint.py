@@ -26,7 +26,6 @@ State-dict keys are stored without ``torch.compile``'s ``_orig_mod.`` and DDP's
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 
 from lmkit.errors import CheckpointError, first_line
+from lmkit.training.crc import crc32_combine
 
 FORMAT = 2
 _UMASK = os.umask(0)
@@ -148,40 +148,6 @@ def tensor_checksum(state: dict[str, Any], threads: int | None = None) -> tuple[
 
 
 _CRC_PIECE = 1 << 24  # bytes of a tensor CRC'd by one thread at a time
-_CRC_POLY = 0xEDB88320  # CRC-32 (zlib), reflected
-
-
-def _multmodp(a: int, b: int) -> int:
-    """``a(x) * b(x) mod p(x)`` over GF(2), reflected bit order (zlib's ``multmodp``)."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if a & (m - 1) == 0:
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-
-
-@functools.lru_cache(maxsize=256)
-def _shift_operator(n_bytes: int) -> int:
-    """``x^(8 n_bytes) mod p(x)``: multiplying a CRC by it appends ``n_bytes`` zero bytes."""
-    p, square, n = 1 << 31, 1 << 30, n_bytes * 8  # p = x^0; square = x^1, squared each round
-    while n:
-        if n & 1:
-            p = _multmodp(square, p)
-        square = _multmodp(square, square)
-        n >>= 1
-    return p
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and
-    ``len2 = len(B)`` (zlib's ``crc32_combine``, which Python's ``zlib`` does not expose;
-    algorithm of zlib 1.2.12, ``crc32.c``)."""
-    return _multmodp(_shift_operator(len2), crc1) ^ crc2
-
-
 # --------------------------------------------------------------------------------------
 # Test hook: die at a chosen moment of a chosen save (crash-matrix tests only)
 # --------------------------------------------------------------------------------------

@@ -214,6 +214,7 @@ def _dcp_error(exc: BaseException, path: Path, what: str) -> CheckpointError:
 
 
 def _write_durable(file: Path, write: Any) -> dict[str, Any]:
+    """Write ``file`` with ``write(f)``, fsync it, and return its manifest entry."""
     with file.open("wb") as f:
         write(f)
         f.flush()
@@ -291,10 +292,12 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, extr
             _put_in_place(tmp, path, token, plan)
             _ckpt._maybe_die(plan, "after_replace")
             outcome = ("ok", sum(entry["bytes"] for entry in files.values()) + (path / MANIFEST).stat().st_size)
-        except BaseException as exc:
+        except BaseException as exc:  # the others must not wait for a folder that never comes
             outcome = ("error", f"{path}: the sharded save failed ({first_line(exc, 160)})")
             dist.broadcast_object(outcome)
             _remove_tree(tmp)
+            if isinstance(exc, Exception):
+                raise CheckpointError(outcome[1]) from exc
             raise
     if errors and dist.is_main:
         _remove_tree(tmp)
@@ -305,11 +308,13 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, extr
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 dist: Distributed | None = None) -> dict[str, Any]:
+                 dist: Distributed | None = None, *, crc: bool = True) -> dict[str, Any]:
     """Load sharded checkpoint ``path`` in place into ``model`` (FSDP2-wrapped or plain) and
     ``optimizer`` (None: weights only), resharded by DCP to the current world size; return its
     ``extra`` (with ``manifest``). A collective on several ranks; works in a single process with
     no process group (``dist`` None or a one-process stand-in), e.g. a 2-rank run resumed as 1.
+    Every file's size is checked; ``crc=False`` skips the CRC-32 pass, for a folder this
+    process has just verified (:func:`~lmkit.training.checkpoint.newest_complete`).
 
     Raises:
         CheckpointError: the folder does not verify, would run code, holds no optimizer state
@@ -321,7 +326,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
 
     path = Path(path)
     started = bool(dist is not None and getattr(dist, "started", False))
-    manifest = verify_sharded(path, dist if started else None)
+    manifest = verify_sharded(path, dist if started else None, crc=crc)
     extra = load_extra(path, manifest)
     read_metadata(path, manifest)  # refused here, before DCP reads it
     if optimizer is not None and not manifest.get("optimizer"):

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +28,7 @@ import torch
 
 from lmkit.errors import CheckpointError, first_line
 from lmkit.training import checkpoint as _ckpt
+from lmkit.training.crc import file_crc32
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmkit.training.distributed import Distributed
@@ -40,7 +39,6 @@ FORMAT = 1
 MANIFEST = "lmkit_manifest.json"
 EXTRA = "extra.pt"
 METADATA = ".metadata"
-_PIECE = 1 << 24  # bytes CRC'd by one thread at a time
 
 
 def is_sharded(path: Path) -> bool:
@@ -171,34 +169,6 @@ def _planner(path: Path, empty: bool = False, keys: set[str] | None = None) -> A
 # --------------------------------------------------------------------------------------
 # Manifest and files
 # --------------------------------------------------------------------------------------
-
-
-def file_crc32(path: Path, threads: int | None = None) -> str:
-    """CRC-32 (zlib) of a file's bytes as 8 hex digits, read in 16 MiB pieces on ``threads``
-    threads and joined with :func:`~lmkit.training.checkpoint.crc32_combine` (the value of
-    one ``zlib.crc32`` over the whole file)."""
-    size = path.stat().st_size
-    pieces = [(offset, min(_PIECE, size - offset)) for offset in range(0, size, _PIECE)]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        def one(piece: tuple[int, int]) -> int:
-            data = os.pread(fd, piece[1], piece[0])
-            if len(data) != piece[1]:
-                raise OSError(f"{path}: shorter than {size} bytes")
-            return zlib.crc32(data)
-
-        workers = max(1, min(threads or torch.get_num_threads(), len(pieces)))
-        if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                crcs = list(pool.map(one, pieces))
-        else:
-            crcs = [one(piece) for piece in pieces]
-    finally:
-        os.close(fd)
-    crc = 0
-    for (_, length), piece_crc in zip(pieces, crcs, strict=True):
-        crc = _ckpt.crc32_combine(crc, piece_crc, length)
-    return f"{crc:08x}"
 
 
 def _manifest_checksum(manifest: dict[str, Any]) -> str:
