@@ -4,9 +4,9 @@ ranks and on 1 plain process (DCP reshards), consolidation, the crash rule, tamp
 One 2-process job (torchrun's variables given by hand, ``OMP_NUM_THREADS=1``) trains a toy model
 wrapped with ``fully_shard`` (uneven shards: 5 rows over 2 ranks), saves ``step_0000001.dcp`` and
 ``step_0000002.dcp`` (``latest.dcp`` linked to each), loads step 1 back into a model and
-optimizer initialised differently, and finally dies (SIGKILL, the crash hook) in the middle of
-a third save onto ``latest.dcp``, after every file and the manifest are written and before the
-folder is put in place. The reference for every comparison is what
+optimizer initialised differently, fails a save on rank 0 (an ``extra`` that is not data), and
+finally dies (SIGKILL, the crash hook) in the middle of a save onto ``latest.dcp``, after every
+file and the manifest are written and before the folder is put in place. The reference for every comparison is what
 ``get_state_dict(..., full_state_dict=True)`` returned right after the save: PyTorch's own
 gathering of the sharded state, not lmkit's code.
 """
@@ -115,7 +115,17 @@ if dist.is_main:
     (out / "result.json").write_text(json.dumps({"sizes": sizes, "extra_step": extra["step"],
                                                  "rng_ranks": len(extra["rng_ranks"])}))
 dist.barrier()
-os.environ["LMKIT_TEST_CRASH"] = os.environ.get("CRASH_ON_THIRD", "")
+
+
+class NotData:  # what weights_only cannot load: rank 0's save fails, and every rank says so
+    pass
+
+
+try:
+    save_sharded(model, optimizer, {"step": 9, "bad": NotData()}, out / "step_0000009.dcp", dist)
+except Exception as exc:
+    (out / f"error_rank{dist.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+os.environ["LMKIT_TEST_CRASH"] = os.environ.get("CRASH_ON_FOURTH", "")
 train_step(model, optimizer, 4)
 save_sharded(model, optimizer, {"step": 3}, out / "latest.dcp", dist)  # rank 0 dies before the rename
 dist.finish(barrier=True)
@@ -144,7 +154,7 @@ def job(tmp_path_factory):
     for rank in (0, 1):
         env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank),
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   CRASH_ON_THIRD="save=3,at=after_manifest" if rank == 0 else "")
+                   CRASH_ON_FOURTH="save=4,at=after_manifest" if rank == 0 else "")
         procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     results = []
@@ -219,6 +229,15 @@ def test_load_checkpoint_consolidates_like_a_full_state_dict(job):
     assert "optimizer" not in state
     assert peek_step(out / "step_0000002.dcp") == 2
     assert checkpoint_by_name(out, "step_0000001") == out / "step_0000001.dcp"
+
+
+def test_a_save_failing_on_rank_0_fails_on_every_rank_and_leaves_nothing(job):
+    out, _ = job
+    for rank in (0, 1):
+        text = (out / f"error_rank{rank}.txt").read_text()
+        assert text.startswith("CheckpointError: ") and "step_0000009.dcp: the sharded save failed" in text, text
+    assert "extra.pt: cannot be loaded (it contains Python objects" in (out / "error_rank0.txt").read_text()
+    assert not any("step_0000009" in p.name for p in out.iterdir())
 
 
 def test_latest_is_a_folder_of_hard_links_and_a_killed_save_is_never_picked(job):

@@ -282,6 +282,7 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, extr
                     files[file.name] = {"bytes": file.stat().st_size, "crc32": file_crc32(file)}
             state = _ckpt.host_copy(dict(extra))
             files[EXTRA] = _write_durable(tmp / EXTRA, lambda f: torch.save(state, f))
+            load_extra(tmp, {"step": state.get("step")})  # loadable as data, or the save fails now
             manifest = {"kind": KIND, "format": FORMAT, "step": state.get("step"), "world_size": dist.world_size,
                         "optimizer": optimizer is not None, "torch_version": str(torch.__version__),
                         "files": files}
