@@ -381,3 +381,23 @@ def test_file_crc32_on_threads_equals_zlib_over_the_whole_file(tmp_path, monkeyp
     (tmp_path / "f").write_bytes(bytes(data.tolist()))
     for threads in (1, 3):
         assert crc.file_crc32(tmp_path / "f", threads=threads) == f"{zlib.crc32(bytes(data.tolist())):08x}"
+
+
+def test_metadata_pointing_outside_the_folder_is_refused(copy_of_step1):
+    """DCP reads the files its metadata names: only files the manifest lists, inside the folder."""
+    import pickle
+
+    from lmkit.training.sharded_files import MANIFEST, _manifest_checksum, file_crc32, read_metadata
+
+    folder = copy_of_step1
+    metadata = read_metadata(folder)
+    first = next(iter(metadata.storage_data))
+    metadata.storage_data[first].relative_path = "../../outside.distcp"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][".metadata"] = {"bytes": (folder / ".metadata").stat().st_size,
+                                      "crc32": file_crc32(folder / ".metadata")}
+    manifest["checksum"] = _manifest_checksum(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"\.metadata: points at '\.\./\.\./outside\.distcp', which the manifest"):
+        load_checkpoint(folder)

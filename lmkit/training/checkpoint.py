@@ -22,6 +22,11 @@ and plain Python types; a pickle that would need code to load is refused, never 
 
 State-dict keys are stored without ``torch.compile``'s ``_orig_mod.`` and DDP's
 ``module.`` prefixes (:func:`clean_state_dict`).
+
+Sharded checkpoints (FSDP2) are folders ``TAG.dcp/`` written with PyTorch's Distributed
+Checkpoint under the same crash rule (:mod:`lmkit.training.sharded`); the functions here
+find, verify, link, list and consolidate them too, so ``eval``/``export``/``svd-analyze``/
+``--init-from`` read either kind.
 """
 
 from __future__ import annotations
@@ -324,7 +329,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     A sharded folder (``*.dcp``, FSDP) is consolidated in this process
     (:func:`lmkit.training.sharded.load_consolidated`): ``model`` is a full state dict keyed
     like the unwrapped model's, with the fields of its ``extra`` and its ``manifest``; the
-    optimizer is omitted (resume loads it with :func:`~lmkit.training.sharded.load_sharded`).
+    optimizer is omitted (resume loads it with :func:`~lmkit.training.sharded.load_sharded`);
+    its tensors are on the CPU whatever ``map_location`` says.
 
     Raises:
         CheckpointError: missing, truncated, not a torch file, holding objects that would
