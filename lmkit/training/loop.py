@@ -166,7 +166,7 @@ class Trainer:
                 else:  # the checkpoint rank 0 picked
                     self.dist.rank0_first(lambda: None)
                     self.resume_path, self.skipped = Path(self.dist.broadcast_object(None)), []
-                    resume_state = verify_candidate(self.resume_path)  # a folder: its extra (the shards: later)
+                    resume_state = _picked_state(self.resume_path)
                 check_checkpoint_config(resume_state, self.config, self.resume_path)  # before data: fail fast
                 tcfg.grad_accum_steps, note = rescale_accumulation(
                     resume_state, self.resume_path, world_size=self.dist.world_size,
@@ -682,6 +682,17 @@ class Trainer:
                     exit_on_late_sigterm(exit_code)
         return summary
 
+
+
+def _picked_state(path: Path) -> dict[str, Any]:
+    """The state of the checkpoint rank 0 picked and verified, as another rank reads it: a file
+    whole; a sharded folder only its ``extra`` (the shards are verified and loaded together, by
+    :func:`lmkit.training.sharded.load_sharded`)."""
+    if path.is_dir():
+        from lmkit.training.sharded import load_extra, read_manifest
+
+        return load_extra(path, read_manifest(path))
+    return verify_candidate(path)
 
 
 def train(config: RunConfig, emit: Callable[[Event], None] = null_emit, *, notes: Iterable[str] = ()) -> dict[str, Any]:

@@ -265,6 +265,16 @@ class FSDP(DDP):
         return _save_dcp(self, trainer, paths)
 
     def restore(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        """Load the DCP folder's shards, resharded to this world size, then the rest of the state.
+
+        Raises:
+            CheckpointError: the checkpoint is a single file (FSDP resumes DCP folders only).
+        """
+        if Path(str(trainer.resume_path)).suffix != ".dcp":
+            from lmkit.errors import CheckpointError
+
+            raise CheckpointError(f"{trainer.resume_path}: a single-file checkpoint; training.parallelism: fsdp "
+                                  "resumes sharded (.dcp) folders -- resume this run on one process")
         restore_state(trainer, self._load_dcp(trainer, state))
 
 
@@ -290,12 +300,19 @@ def _save_dcp(strategy: Strategy, trainer: Trainer, paths: list[Path]) -> bool:
 
 
 class _EveryRankMain:
-    """A view of :class:`~lmkit.training.distributed.Distributed` in which every rank is the main one."""
-
-    def __init__(self, dist: Distributed):
-        self._dist = dist
+    """A view of the trainer's :class:`~lmkit.training.distributed.Distributed` in which every
+    rank is the main one, for the evaluation's computation only: its broadcast of rank 0's numbers
+    (the evaluator's last use of ``trainer.dist``) puts the real one back, so the result's event and
+    the ``on_eval`` hooks see the real ranks."""
 
     is_main = True
+
+    def __init__(self, trainer: Trainer, dist: Distributed):
+        self._trainer, self._dist = trainer, dist
+
+    def broadcast_object(self, obj: Any) -> Any:
+        self._trainer.dist = self._dist
+        return self._dist.broadcast_object(obj)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._dist, name)
@@ -307,7 +324,7 @@ class EveryRankEvaluator(Evaluator):
 
     def evaluate(self, trainer: Trainer) -> EvalResult:
         dist = trainer.dist
-        trainer.dist = _EveryRankMain(dist)
+        trainer.dist = _EveryRankMain(trainer, dist)
         try:
             return super().evaluate(trainer)
         finally:
