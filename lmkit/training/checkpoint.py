@@ -290,21 +290,22 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     (``.TAG.dcp.<token>.old``) is put back under ``TAG.dcp`` when that name is empty."""
     import shutil
 
-    from lmkit.training.sharded import OLD_SUFFIX, restore_or_remove_old
+    from lmkit.training.sharded import OLD_DIR_PATTERN, TMP_DIR_PATTERN, restore_or_remove_old
 
     removed = []
     if directory.is_dir():
         for path in sorted(directory.iterdir()):
-            if TMP_PATTERN.match(path.name):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            is_dir = path.is_dir() and not path.is_symlink()
+            if is_dir and TMP_DIR_PATTERN.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
-            elif path.name.startswith(".") and path.name.endswith(OLD_SUFFIX) and path.is_dir():
+            elif is_dir and OLD_DIR_PATTERN.match(path.name):
                 gone = restore_or_remove_old(path)
                 if gone is not None:
                     removed.append(gone)
+            elif not is_dir and TMP_PATTERN.match(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path)
     return removed
 
 

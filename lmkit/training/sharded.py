@@ -31,8 +31,10 @@ Checkpoint documentation (``torch.distributed.checkpoint``, ``state_dict``).
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import warnings
@@ -72,7 +74,10 @@ if TYPE_CHECKING:  # pragma: no cover
 # --------------------------------------------------------------------------------------
 
 _USE_EXCHANGE = True  # tests switch it off to exercise the two-rename fallback
-OLD_SUFFIX = ".old"
+#: Temporary folders of this module: ``.TAG.dcp.<8 hex>.tmp`` (a save or link under way, or
+#: the old folder after an exchange) and ``.TAG.dcp.<8 hex>.old`` (displaced by the fallback).
+TMP_DIR_PATTERN = re.compile(r"^\.(.+\.dcp)\.[0-9a-f]{8}\.tmp$")
+OLD_DIR_PATTERN = re.compile(r"^\.(.+\.dcp)\.[0-9a-f]{8}\.old$")
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -89,7 +94,7 @@ def _exchange(a: Path, b: Path) -> bool:
     if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported here
         return False
     raise OSError(err, os.strerror(err), str(b))
 
@@ -109,7 +114,7 @@ def _put_in_place(tmp: Path, path: Path, token: str, plan: dict[str, str] | None
         _ckpt._maybe_die(plan, "after_exchange")
         _remove_tree(tmp)
     else:
-        old = path.parent / f".{path.name}.{token}{OLD_SUFFIX}"
+        old = path.parent / f".{path.name}.{token}.old"
         os.rename(path, old)
         _ckpt._maybe_die(plan, "between_renames")  # remove_stale_temp_files puts `old` back
         os.rename(tmp, path)
@@ -121,8 +126,10 @@ def restore_or_remove_old(entry: Path) -> Path | None:
     """A ``.TAG.<token>.old`` folder left by a crash between the two renames of
     :func:`_put_in_place`: renamed back to ``TAG`` when ``TAG`` is missing (the new one never
     arrived), else removed. Returns what was removed (None when restored)."""
-    name = entry.name[1:-len(OLD_SUFFIX)].rsplit(".", 1)[0]
-    target = entry.parent / name
+    match = OLD_DIR_PATTERN.match(entry.name)
+    if match is None:
+        raise ValueError(f"{entry}: not a displaced checkpoint folder")
+    target = entry.parent / match.group(1)
     if not os.path.lexists(target):
         os.rename(entry, target)
         _ckpt._fsync_dir(entry.parent)
@@ -245,11 +252,13 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, extr
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.api import CheckpointException
 
+    path = Path(path)
+    if not is_sharded(path):
+        raise ValueError(f"{path}: a sharded checkpoint's name ends in {SUFFIX}")
     if dist is None:
         from lmkit.training.distributed import Distributed
 
         dist = Distributed()
-    path = Path(path)
     _ckpt._saves_in_process += 1
     plan = _ckpt._crash_plan()
     started = bool(getattr(dist, "started", False))
