@@ -201,9 +201,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
                               f"reads ({FORMAT}); upgrade lmkit")
     if manifest.get("checksum") != _manifest_checksum(manifest):
         raise CheckpointError(f"{file}: corrupt (its checksum does not match its contents)")
-    for name in manifest["files"]:
+    for name, entry in manifest["files"].items():
         if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
             raise CheckpointError(f"{file}: lists a file outside the folder ({name!r})")
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("crc32"), str)):
+            raise CheckpointError(f"{file}: the entry of {name} is not {{bytes, crc32}}")
     for name in (METADATA, EXTRA):
         if name not in manifest["files"]:
             raise CheckpointError(f"{file}: does not list {name}")
