@@ -78,13 +78,13 @@ dist.start(torch.device("cpu"))
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def build(seed):
+def build(seed, lr=1e-2):
     torch.manual_seed(seed)
     model = Toy()
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr)
 
 
 def save(model, optimizer, step, name):
@@ -105,7 +105,7 @@ if dist.is_main:
 train_step(model, optimizer, 2)
 sizes.append(save(model, optimizer, 2, "step_0000002.dcp"))
 
-fresh, fresh_opt = build(1)
+fresh, fresh_opt = build(1, lr=0.5)  # the saved lr must come back too
 train_step(fresh, fresh_opt, 3)
 before = get_state_dict(fresh, fresh_opt, options=FULL)
 extra = load_sharded(out / "step_0000001.dcp", fresh, fresh_opt, dist)
@@ -170,12 +170,12 @@ def job(tmp_path_factory):
     return out, results
 
 
-def _toy() -> tuple[nn.Module, torch.optim.Optimizer]:
+def _toy(lr: float = 1e-2) -> tuple[nn.Module, torch.optim.Optimizer]:
     namespace: dict = {}
     exec(compile(TOY, "toy", "exec"), namespace)  # noqa: S102 - the same toy the workers use
     torch.manual_seed(5)
     model = namespace["Toy"]()
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr)
 
 
 def _assert_equal_states(got: dict, want: dict, what: str) -> None:
@@ -212,7 +212,7 @@ def test_two_rank_checkpoint_loads_into_one_plain_process(job):
 
     out, _ = job
     reference = torch.load(out / "reference_1.pt", weights_only=True)
-    model, optimizer = _toy()
+    model, optimizer = _toy(lr=0.5)  # the saved lr (1e-2) must come back too
     extra = load_sharded(out / "step_0000001.dcp", model, optimizer)
     assert extra["step"] == 1 and extra["manifest"]["world_size"] == 2
     _assert_equal_states(model.state_dict(), reference["model"], "model")
