@@ -40,19 +40,18 @@ class LoadedRun:
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """The distinct checkpoints of a run as ``(step, path)``, oldest first.
 
-    Periodic ``step_…``/``epoch_…`` files come first; ``latest``/``best`` are added only
-    when they hold a step no periodic file holds (they are hard links of one otherwise).
-    Unreadable files are skipped here; loading one later raises the usual error.
+    Single files (``*.pt``) and sharded folders (``*.dcp``, FSDP) alike. Periodic
+    ``step_…``/``epoch_…`` ones come first; ``latest``/``best`` are added only when they hold
+    a step no periodic one holds (they are hard links of one otherwise). Unreadable ones are
+    skipped here; loading one later raises the usual error.
     """
     from lmkit.rundir import parse_checkpoint_tag
-    from lmkit.training.checkpoint import peek_step
+    from lmkit.training.checkpoint import checkpoint_paths, peek_step
 
     directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        return []
     by_step: dict[int, Path] = {}
-    files = sorted(p for p in directory.glob("*.pt") if not p.name.startswith("."))
-    for path in sorted(files, key=lambda p: (parse_checkpoint_tag(p.name) is None, p.name)):
+    files = checkpoint_paths(directory)
+    for path in sorted(files, key=lambda p: (parse_checkpoint_tag(f"{p.stem}.pt") is None, p.name)):
         step = peek_step(path)
         if step is not None and step not in by_step:
             by_step[step] = path
@@ -66,7 +65,8 @@ def load_run(run: str | Path, checkpoint: str = "best", *, device: str | torch.d
     Args:
         run: a run folder, or a run name under ``out_dir``.
         checkpoint: ``best``, ``latest``, ``step_…``/``epoch_…`` or a path to a ``.pt``
-            file. ``best`` falls back to ``latest`` when the run never evaluated.
+            file or ``.dcp`` folder (consolidated on load). ``best`` falls back to
+            ``latest`` when the run never evaluated.
         device: where to put the model (it is returned in eval mode, fp32).
         fold: replace adaptive-SVD layers by plain linears holding their effective weight
             ``W_p + B·A`` (:func:`lmkit.models.svd_linear.fold_svd_layers`; the same logits),

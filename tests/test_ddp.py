@@ -136,19 +136,26 @@ def test_sigterm_to_one_rank_stops_both_and_resume_is_exact(tmp_path):
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
 
-    # a 2-process checkpoint is refused by one process, in one line
+    # one process continues the 2-process run with doubled accumulation: the same global batch
     one = subprocess.run([sys.executable, "-m", "lmkit", "resume", str(runs / "cut"), "--max-steps", "10",
                           "--no-tui"], cwd=tmp_path, text=True, capture_output=True, env={**os.environ, **ENV},
                          timeout=120)
-    assert one.returncode == 2 and "written by 2 processes, resumed by 1" in one.stderr
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert ("resumed on 1 process (one process) from a checkpoint of 2 (ddp), loaded: training.grad_accum_steps "
+            "1 -> 2 per rank keeps the global batch of 2 micro-batches; the continuation is not bitwise") in one.stdout
+    state = load_checkpoint(runs / "cut" / "checkpoints" / "latest.pt")
+    assert state["step"] == 10 and state["micro_step"] == 20 and state["world_size"] == 1  # 2 micro-batches a step
+    assert state["config"]["training"]["grad_accum_steps"] == 2
+    assert len(_losses(runs / "cut")) == 10
 
 
 @pytest.mark.parametrize(("setting", "message"), [
-    (["training.parallelism=fsdp"], "error: training.parallelism: fsdp is not yet supported"),
+    (["training.parallelism=fsdp", "training.optimizer=muon"],
+     "error: training.optimizer: muon is not yet supported with training.parallelism: fsdp"),
     (["svd.enabled=true", "svd.targets=[transformer.h.0.attn.c_attn]"], "error: svd: not yet supported with 2 processes"),
 ])
 def test_unsupported_combinations_are_refused_in_one_line(tmp_path, setting, message):
-    """FSDP and the adaptive-SVD hook (it swaps modules under DDP) are refused on every rank
+    """Muon under FSDP and the adaptive-SVD hook (it swaps modules under DDP) are refused on every rank
     before any step, in one line, and no run folder is left behind."""
     preset, runs = _preset(tmp_path), tmp_path / "runs"
     sets = [arg for item in setting for arg in ("--set", item)]

@@ -1,13 +1,15 @@
 """What resume and start-up refuse: NaN updates, code in pickles, config drift, bad shards."""
 
+import contextlib
 import json
 import os
+import pickle
 
 import pytest
 import torch
 
 from lmkit.config import build_run_config
-from lmkit.errors import TrainingError
+from lmkit.errors import CheckpointError, TrainingError
 from lmkit.training.checkpoint import save_checkpoint
 from lmkit.training.loop import Trainer
 
@@ -87,6 +89,49 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, preset, monkeypatch):
     assert "evil.pt: cannot be loaded (it contains Python objects that would run code" in result.stderr
     assert not marker.exists()
 
+    # The same for a sharded (DCP) folder: DCP's own reader unpickles .metadata with plain pickle.
+    # The folder is lmkit's, with its manifest re-forged to match (sizes, CRCs, its checksum), as
+    # anyone who can write a pickle can: the restricted unpickler is what must refuse it.
+    evil_dcp = _dcp_folder_with_code_in_metadata(tmp_path, tmp_path / "runs/r", tmp_path / "evil.dcp")
+    result = run_cli("resume", "runs/r", "--checkpoint", str(evil_dcp), cwd=tmp_path,
+                     env={"LMKIT_PWNED": str(marker)})
+    assert result.returncode == 2, result.stderr
+    assert "evil.dcp/.metadata: cannot be loaded (it contains Python objects that would run code" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    from lmkit.runs import load_run
+    from lmkit.training.checkpoint import load_checkpoint
+    from lmkit.training.sharded import load_sharded
+
+    model = load_run(tmp_path / "runs/r", "latest").model
+    for load in (load_checkpoint, lambda path: load_sharded(path, model)):  # eval/export/svd-analyze; resume
+        with pytest.raises(CheckpointError, match=r"evil\.dcp/\.metadata: cannot be loaded \(it contains Python"):
+            load(evil_dcp)
+    assert not marker.exists()
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with contextlib.suppress(Exception):  # control: DCP's stock reader runs the payload (then fails)
+        FileSystemReader(evil_dcp).read_metadata()
+    assert marker.exists()
+
+
+def _dcp_folder_with_code_in_metadata(tmp_path, run_dir, folder):
+    """Run ``run_dir``'s latest weights saved as an lmkit sharded folder, then its ``.metadata``
+    replaced by a pickle that would run code and the manifest re-forged to match."""
+    from lmkit.runs import load_run
+    from lmkit.training.distributed import Distributed
+    from lmkit.training.sharded import save_sharded
+    from lmkit.training.sharded_files import MANIFEST, _manifest_checksum, file_crc32
+
+    loaded = load_run(run_dir, "latest")
+    save_sharded(loaded.model, None, {"step": loaded.step, "config": loaded.state["config"]}, folder, Distributed())
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = {"bytes": (folder / name).stat().st_size, "crc32": file_crc32(folder / name)}
+    manifest["checksum"] = _manifest_checksum(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
 
 def test_config_drift_unsafe_keys_are_refused_safe_ones_recorded(tmp_path, preset):
     assert run_cli("train", "--preset", str(preset), "--name", "d", "--max-steps", "4", cwd=tmp_path).returncode == 0
@@ -102,7 +147,7 @@ def test_config_drift_unsafe_keys_are_refused_safe_ones_recorded(tmp_path, prese
     assert "max_steps: 6" in (tmp_path / "runs/d/config.yaml").read_text()
 
 
-def test_versions_warn_and_world_size_refuses(tmp_path, preset):
+def test_versions_warn_and_another_world_size_keeps_the_global_batch(tmp_path, preset):
     assert run_cli("train", "--preset", str(preset), "--name", "v", "--max-steps", "3", cwd=tmp_path).returncode == 0
     latest = tmp_path / "runs/v/checkpoints/latest.pt"
     state = torch.load(latest, weights_only=True)
@@ -111,9 +156,11 @@ def test_versions_warn_and_world_size_refuses(tmp_path, preset):
     assert warned.returncode == 0, warned.stderr
     assert "warning: checkpoint written by torch 1.13.0" in warned.stdout
     state = torch.load(latest, weights_only=True)
-    save_checkpoint({**state, "world_size": 4}, latest)
-    refused = run_cli("resume", "runs/v", "--max-steps", "5", cwd=tmp_path)
-    assert refused.returncode == 2 and "written by 4 processes" in refused.stderr
+    save_checkpoint({**state, "world_size": 4}, latest)  # as if 4 DDP ranks had written it (issue 13)
+    rescaled = run_cli("resume", "runs/v", "--max-steps", "5", cwd=tmp_path)
+    assert rescaled.returncode == 0, rescaled.stderr
+    assert ("from a checkpoint of 4 (ddp), loaded: training.grad_accum_steps 1 -> 4 per rank keeps the global "
+            "batch of 4 micro-batches; the continuation is not bitwise") in " ".join(rescaled.stdout.split())
 
 
 def test_unknown_run_lists_the_runs_that_exist(tmp_path, preset):

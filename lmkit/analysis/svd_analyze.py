@@ -112,7 +112,7 @@ def select_checkpoints(run_dir: Path, names: Iterable[str]) -> list[tuple[int, P
         CheckpointError: no checkpoints, or a named one is missing or unreadable.
     """
     from lmkit.runs import list_checkpoints
-    from lmkit.training.checkpoint import checkpoint_by_name, peek_step
+    from lmkit.training.checkpoint import checkpoint_by_name, checkpoint_paths, peek_step
 
     directory = run_dir / "checkpoints"
     chosen: list[tuple[int, Path]] = []
@@ -124,10 +124,10 @@ def select_checkpoints(run_dir: Path, names: Iterable[str]) -> list[tuple[int, P
             chosen.extend(found)
             continue
         path = checkpoint_by_name(directory, name)
-        if name == "best" and not path.is_file():
-            path = directory / "latest.pt"
-        if not path.is_file():
-            have = sorted(p.stem for p in directory.glob("*.pt")) if directory.is_dir() else []
+        if name == "best" and not path.exists():
+            path = checkpoint_by_name(directory, "latest")
+        if not path.exists():
+            have = sorted(p.stem for p in checkpoint_paths(directory))
             raise CheckpointError(f"{path}: no such checkpoint in {run_dir} (have: {', '.join(have) or 'none'})")
         step = peek_step(path)
         if step is None:
@@ -135,9 +135,21 @@ def select_checkpoints(run_dir: Path, names: Iterable[str]) -> list[tuple[int, P
         chosen.append((step, path))
     unique: list[tuple[int, Path]] = []
     for step, path in chosen:
-        if not any(path.samefile(p) for _, p in unique):
+        if not any(_same_checkpoint(path, p) for _, p in unique):
             unique.append((step, path))
     return sorted(unique, key=lambda item: item[0])  # stable: same-step files keep their order
+
+
+def _same_checkpoint(a: Path, b: Path) -> bool:
+    """The same file on disk; for sharded folders (``*.dcp``), folders whose manifests are one
+    file (``latest``/``best`` are folders of hard links to a periodic one's files)."""
+    if a.is_dir() and b.is_dir():
+        from lmkit.training.sharded import MANIFEST
+
+        a, b = a / MANIFEST, b / MANIFEST
+        if not (a.exists() and b.exists()):
+            return a.parent.samefile(b.parent)
+    return a.samefile(b)
 
 
 def weight_matrices(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -22,11 +22,15 @@ and plain Python types; a pickle that would need code to load is refused, never 
 
 State-dict keys are stored without ``torch.compile``'s ``_orig_mod.`` and DDP's
 ``module.`` prefixes (:func:`clean_state_dict`).
+
+Sharded checkpoints (FSDP2) are folders ``TAG.dcp/`` written with PyTorch's Distributed
+Checkpoint under the same crash rule (:mod:`lmkit.training.sharded`); the functions here
+find, verify, link, list and consolidate them too, so ``eval``/``export``/``svd-analyze``/
+``--init-from`` read either kind.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
@@ -42,6 +46,7 @@ from typing import Any
 import torch
 
 from lmkit.errors import CheckpointError, first_line
+from lmkit.training.crc import crc32_combine
 
 FORMAT = 2
 _UMASK = os.umask(0)
@@ -148,40 +153,6 @@ def tensor_checksum(state: dict[str, Any], threads: int | None = None) -> tuple[
 
 
 _CRC_PIECE = 1 << 24  # bytes of a tensor CRC'd by one thread at a time
-_CRC_POLY = 0xEDB88320  # CRC-32 (zlib), reflected
-
-
-def _multmodp(a: int, b: int) -> int:
-    """``a(x) * b(x) mod p(x)`` over GF(2), reflected bit order (zlib's ``multmodp``)."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if a & (m - 1) == 0:
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-
-
-@functools.lru_cache(maxsize=256)
-def _shift_operator(n_bytes: int) -> int:
-    """``x^(8 n_bytes) mod p(x)``: multiplying a CRC by it appends ``n_bytes`` zero bytes."""
-    p, square, n = 1 << 31, 1 << 30, n_bytes * 8  # p = x^0; square = x^1, squared each round
-    while n:
-        if n & 1:
-            p = _multmodp(square, p)
-        square = _multmodp(square, square)
-        n >>= 1
-    return p
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and
-    ``len2 = len(B)`` (zlib's ``crc32_combine``, which Python's ``zlib`` does not expose;
-    algorithm of zlib 1.2.12, ``crc32.c``)."""
-    return _multmodp(_shift_operator(len2), crc1) ^ crc2
-
-
 # --------------------------------------------------------------------------------------
 # Test hook: die at a chosen moment of a chosen save (crash-matrix tests only)
 # --------------------------------------------------------------------------------------
@@ -283,9 +254,15 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> int:
 def link_checkpoint(source: Path, target: Path) -> None:
     """Make ``target`` hold the same bytes as ``source`` atomically: a hard link (no copy)
     where the file system allows, a copy otherwise. Replacing ``source`` later leaves
-    ``target`` unchanged."""
+    ``target`` unchanged. A sharded folder (``*.dcp``) becomes a folder of hard links to its
+    files (:func:`lmkit.training.sharded.link_folder`)."""
     import shutil
 
+    if source.is_dir():
+        from lmkit.training.sharded import link_folder
+
+        link_folder(source, target)
+        return
     plan = _crash_plan()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -308,11 +285,25 @@ def link_checkpoint(source: Path, target: Path) -> None:
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:
-    """Delete temporary files left by saves that were killed; return what was removed."""
+    """Delete temporary files and folders left by saves that were killed; return what was
+    removed. A sharded folder displaced by a save killed between its two renames
+    (``.TAG.dcp.<token>.old``) is put back under ``TAG.dcp`` when that name is empty."""
+    import shutil
+
+    from lmkit.training.sharded import OLD_DIR_PATTERN, TMP_DIR_PATTERN, restore_or_remove_old
+
     removed = []
     if directory.is_dir():
-        for path in directory.iterdir():
-            if TMP_PATTERN.match(path.name):
+        for path in sorted(directory.iterdir()):
+            is_dir = path.is_dir() and not path.is_symlink()
+            if is_dir and TMP_DIR_PATTERN.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            elif is_dir and OLD_DIR_PATTERN.match(path.name):
+                gone = restore_or_remove_old(path)
+                if gone is not None:
+                    removed.append(gone)
+            elif not is_dir and TMP_PATTERN.match(path.name):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
@@ -336,10 +327,21 @@ def _torch_load(path: Path, **kw: Any) -> Any:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read and verify a checkpoint (``weights_only=True``).
 
+    A sharded folder (``*.dcp``, FSDP) is consolidated in this process
+    (:func:`lmkit.training.sharded.load_consolidated`): ``model`` is a full state dict keyed
+    like the unwrapped model's, with the fields of its ``extra`` and its ``manifest``; the
+    optimizer is omitted (resume loads it with :func:`~lmkit.training.sharded.load_sharded`);
+    its tensors are on the CPU whatever ``map_location`` says.
+
     Raises:
         CheckpointError: missing, truncated, not a torch file, holding objects that would
             need code to unpickle, or not matching its manifest -- naming the file.
     """
+    path = Path(path)
+    if path.is_dir():
+        from lmkit.training.sharded import load_consolidated
+
+        return load_consolidated(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
@@ -369,7 +371,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def peek_step(path: Path) -> int | None:
     """The step stored in a checkpoint, read through a memory map (no full load);
-    ``None`` when the file cannot be read."""
+    ``None`` when the file cannot be read. A sharded folder: the step of its manifest."""
+    if path.is_dir():
+        from lmkit.training.sharded import peek_manifest_step
+
+        return peek_manifest_step(path)
     try:
         return int(_torch_load(path, map_location="cpu", mmap=True)["step"])
     except Exception:  # noqa: BLE001 - any unreadable file
@@ -382,37 +388,73 @@ class Candidate:
     state: dict[str, Any]
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".dcp")  # a single file; a sharded folder (FSDP)
+
+
 def checkpoint_by_name(directory: Path, name: str) -> Path:
-    """``latest``/``best``/``step_…``/``epoch_…`` in ``directory``, or a path to a file."""
+    """``latest``/``best``/``step_…``/``epoch_…`` in ``directory`` (``NAME.pt``, else an
+    existing ``NAME.dcp`` folder; ``NAME.pt`` when neither exists), or a path to a file or
+    folder."""
     as_path = Path(name).expanduser()
-    if as_path.suffix == ".pt" and (as_path.is_file() or "/" in name):
+    if as_path.suffix in CHECKPOINT_SUFFIXES and (as_path.exists() or "/" in name):
         return as_path
-    return directory / (name if name.endswith(".pt") else f"{name}.pt")
+    if as_path.suffix in CHECKPOINT_SUFFIXES:
+        return directory / name
+    single, sharded = directory / f"{name}.pt", directory / f"{name}.dcp"
+    return sharded if not single.exists() and sharded.is_dir() else single
+
+
+def checkpoint_paths(directory: Path) -> list[Path]:
+    """The checkpoints in ``directory``: ``*.pt`` files and ``*.dcp`` folders, no temporary
+    ones (names starting with a dot), sorted by name."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and not p.name.startswith("."))
+
+
+def verify_candidate(path: Path) -> dict[str, Any]:
+    """What :func:`newest_complete` keeps of a checkpoint: the loaded state of a file; for a
+    sharded folder, the folder verified (every file's size and CRC-32, DCP's metadata read as
+    data) and its ``extra`` with ``manifest`` -- no tensors of the model (:func:`lmkit.training.sharded.load_sharded`
+    loads them into a model).
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`.
+    """
+    if path.is_dir():
+        from lmkit.training.sharded_files import load_extra, read_metadata, verify_sharded
+
+        manifest = verify_sharded(path)
+        read_metadata(path, manifest)  # refused here if it would run code, before anything loads it
+        return load_extra(path, manifest)
+    return load_checkpoint(path)
 
 
 def newest_complete(directory: Path) -> tuple[Candidate, list[tuple[Path, str]]]:
     """The newest checkpoint in ``directory`` that loads and verifies, and the ones that
-    were skipped (path, reason). ``latest.pt`` is tried first, then the others newest
-    first (by modification time).
+    were skipped (path, reason). ``latest`` (``.pt`` or ``.dcp``) is tried first, then the
+    others newest first (by modification time). For a sharded folder the candidate's
+    ``state`` is :func:`verify_candidate`'s (its ``extra``, no model tensors).
 
     Raises:
         CheckpointError: no complete checkpoint at all.
     """
-    files = [p for p in directory.glob("*.pt") if not p.name.startswith(".")] if directory.is_dir() else []
+    files = checkpoint_paths(directory)
     if not files:
         raise CheckpointError(f"{directory}: no checkpoints to resume from")
-    files.sort(key=lambda p: (p.name != "latest.pt", -p.stat().st_mtime_ns, p.name))
+    files.sort(key=lambda p: (p.stem != "latest", -p.stat().st_mtime_ns, p.name))
     skipped: list[tuple[Path, str]] = []
     best: Candidate | None = None
     for path in files:
         try:
-            state = load_checkpoint(path)
+            state = verify_candidate(path)
         except CheckpointError as exc:
-            skipped.append((path, str(exc).split(": ", 1)[-1]))
+            text, inside = str(exc), f"{path}{os.sep}"
+            skipped.append((path, text[len(inside):] if text.startswith(inside) else text.split(": ", 1)[-1]))
             continue
         if best is None or int(state["step"]) > int(best.state["step"]):
             best = Candidate(path, state)
-        if path.name == "latest.pt":
+        if path.stem == "latest":
             break  # a complete latest is by construction the newest
     if best is None:
         reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)

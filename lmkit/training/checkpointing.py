@@ -5,7 +5,9 @@ step, when a stop was requested, and whenever a tag is due: ``best`` (a new best
 validation loss), ``step_NNNNNNN`` every ``training.checkpoint_interval`` steps and
 ``epoch_NNN`` every ``training.checkpoint_every_epochs`` epochs. The checkpoint is written
 once and hard-linked under every tag (:meth:`lmkit.training.loop.Trainer.save`); of the
-periodic ones, the newest ``training.keep_last`` of each kind are kept.
+periodic ones, the newest ``training.keep_last`` of each kind are kept. A sharded run
+(``training.parallelism: fsdp``) has a DCP folder per tag (``step_0002000.dcp/``), linked
+file by file and pruned as a whole.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmkit.rundir import parse_checkpoint_tag
+from lmkit.training.checkpoint import checkpoint_paths
 from lmkit.training.hooks import StepOutput, TrainingHook
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,8 +35,8 @@ class CheckpointPolicy(TrainingHook):
         """Pick up the periodic checkpoints already on disk (a resume), oldest first."""
         epoch_now = trainer.micro_step // trainer.micro_per_epoch
         found: dict[str, list[tuple[int, Path]]] = {"step": [], "epoch": []}
-        for path in trainer.run.checkpoints.glob("*.pt"):
-            tag = parse_checkpoint_tag(path.name)
+        for path in checkpoint_paths(trainer.run.checkpoints):
+            tag = checkpoint_tag(path)
             if tag and tag[1] <= (trainer.step if tag[0] == "step" else epoch_now):
                 found[tag[0]].append((tag[1], path))
         self.periodic = {kind: [p for _, p in sorted(items)] for kind, items in found.items()}
@@ -58,7 +61,7 @@ class CheckpointPolicy(TrainingHook):
 
     def prune(self, written: list[Path], keep: int | None) -> None:
         for path in written:
-            tag = parse_checkpoint_tag(path.name)
+            tag = checkpoint_tag(path)
             if tag is None:
                 continue
             kept = self.periodic[tag[0]]
@@ -66,7 +69,24 @@ class CheckpointPolicy(TrainingHook):
                 kept.remove(path)
             kept.append(path)
             while keep is not None and len(kept) > keep:
-                kept.pop(0).unlink(missing_ok=True)
+                remove_checkpoint(kept.pop(0))
 
 
-__all__ = ["CheckpointPolicy"]
+def checkpoint_tag(path: Path) -> tuple[str, int] | None:
+    """``("step", 2000)`` for ``step_0002000.pt`` or a sharded ``step_0002000.dcp`` folder (see
+    :func:`lmkit.rundir.parse_checkpoint_tag`); ``None`` for ``latest``/``best``/anything else."""
+    return parse_checkpoint_tag(f"{path.stem}.pt") if path.suffix in (".pt", ".dcp") else None
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a pruned checkpoint: a file, or a sharded folder (renamed away first, so a crash
+    mid-delete leaves only a temporary folder, removed at the next resume)."""
+    if path.is_dir():
+        from lmkit.training.sharded import remove_checkpoint as remove_folder
+
+        remove_folder(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+__all__ = ["CheckpointPolicy", "checkpoint_tag", "remove_checkpoint"]

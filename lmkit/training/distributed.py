@@ -4,7 +4,8 @@ Under ``torchrun`` (or ``python -m torch.distributed.run``) every worker gets ``
 ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; with ``WORLD_SIZE > 1``
 the trainer joins the process group (NCCL on CUDA, one device per local rank; gloo on the
 CPU) and trains with :class:`torch.nn.parallel.DistributedDataParallel`
-(``training.parallelism: ddp``, the default). With ``WORLD_SIZE`` unset or 1 nothing here
+(``training.parallelism: ddp``, the default) or FSDP2 ``fully_shard``
+(``training.parallelism: fsdp``; :mod:`lmkit.training.parallel` holds what differs). With ``WORLD_SIZE`` unset or 1 nothing here
 runs: :class:`Distributed` is then a stand-in whose methods do nothing.
 
 What the ranks agree on, and how (none of it adds a host-device sync per step):
@@ -21,12 +22,12 @@ What the ranks agree on, and how (none of it adds a host-device sync per step):
 * the stop request (SIGINT/SIGTERM on any rank): an asynchronous all-reduce (MAX) of the
   signal number over gloo, started after step ``k`` and read after step ``k + 1``
   (:class:`StopVote`), so every rank stops after the same step, with one checkpoint;
-* evaluation runs on rank 0 and its result is broadcast (the best-checkpoint decision is
-  the same everywhere).
+* evaluation runs on rank 0 (under FSDP on every rank in step: a forward is collective)
+  and rank 0's result is broadcast (the best-checkpoint decision is the same everywhere).
 
-Rank 0 alone writes the run folder; checkpoints are one file, written by rank 0 with every
+Rank 0 alone writes the run folder; DDP checkpoints are one file, written by rank 0 with every
 rank's RNG states gathered into it (``rng_ranks``), so ``eval``/``export``/``compare`` read
-them as any other. Source: PyTorch's DDP notes (``no_sync``, gradient averaging) and
+them as any other; FSDP checkpoints are DCP folders in which every rank writes its shards. Source: PyTorch's DDP notes (``no_sync``, gradient averaging) and
 ``torch.distributed.run``'s environment contract.
 """
 
@@ -93,12 +94,20 @@ class Distributed:
         """Whether this process writes the run folder (rank 0)."""
         return self.rank == 0
 
-    def check(self, parallelism: str | None, device_type: str) -> None:
-        """Refuse what data parallelism does not support yet (one line, exit 2)."""
+    def check(self, parallelism: str | None, device_type: str, *, optimizer: str = "adamw",
+              precision: str = "fp32") -> None:
+        """Refuse what data parallelism does not support yet (one line, exit 2): another device
+        than CUDA or the CPU; under FSDP the Muon optimizer (its orthogonalised update needs each
+        whole matrix, FSDP holds shards) and fp16 with its GradScaler (sharded gradients are
+        not unscaled by it); FSDP supports AdamW in fp32 and bf16."""
         if not self.enabled:
             return
-        if parallelism == "fsdp":
-            raise ConfigError("training.parallelism: fsdp is not yet supported; use ddp (the default)")
+        if parallelism == "fsdp" and optimizer != "adamw":
+            raise ConfigError(f"training.optimizer: {optimizer} is not yet supported with training.parallelism: "
+                              "fsdp (AdamW is); use ddp or --set training.optimizer=adamw")
+        if parallelism == "fsdp" and precision == "fp16":
+            raise ConfigError("training.precision: fp16 (GradScaler) is not yet supported with training.parallelism: "
+                              "fsdp; use bf16 or fp32, or ddp")
         if device_type not in ("cuda", "cpu"):
             raise ConfigError(f"training on {self.world_size} processes runs on CUDA (NCCL) or the CPU (gloo), "
                               f"not {device_type}; pass --device cpu or cuda")
@@ -180,6 +189,14 @@ class Distributed:
 
             dist.all_reduce(tensor)
         return tensor
+
+    def node_values(self, value: T) -> list[T]:
+        """Every rank's ``value`` on this node (same host and torchrun ``GROUP_RANK``), in rank
+        order (a collective: every rank calls it)."""
+        import socket
+
+        node = (socket.gethostname(), os.environ.get("GROUP_RANK", ""))
+        return [v for n, v in self.all_gather_object((node, value)) if n == node]
 
     def rank0_first(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0, then (behind a barrier) on the others -- data preparation:

@@ -18,10 +18,12 @@ resume, before ``on_start``. A hook that changes which parameters train calls
 ``trainer.rebuild_optimizer()``, which keeps the LR schedule's position.
 
 Under data parallelism (``WORLD_SIZE > 1``) every rank calls every hook; the gradients in
-``after_backward`` are already all-reduced, ``step.loss`` and ``step.n_targets`` are global,
-and only rank 0 (``trainer.dist.is_main``) may write the run folder. A hook must take the
-same decisions on every rank (a save is collective); the feature sections' hooks
-(``svd``, ``senses``) are refused there for now.
+``after_backward`` are already reduced (all-reduced under DDP; under FSDP each rank holds
+its shard of them, as DTensors), ``step.loss`` and ``step.n_targets`` are global, and only
+rank 0 (``trainer.dist.is_main``) may write the run folder. A hook must take the same
+decisions on every rank (a save is collective, and under FSDP so is every forward: a hook that
+runs the model must run it on every rank); the feature sections' hooks (``svd``, ``senses``)
+are refused there for now.
 
 The built-in components are hooks too: the throughput meter
 (:mod:`lmkit.training.throughput`), the non-finite guard (:mod:`lmkit.training.nan_guard`),

@@ -4,8 +4,8 @@ Two kinds of source (``RunConfig.init_from``, ``lmkit train --init-from SPEC``):
 
 * ``RUN[:CHECKPOINT]`` -- another lmkit run: a run folder, or a run name under ``out_dir``;
   ``CHECKPOINT`` is ``best`` (the default; ``latest`` when the run never evaluated),
-  ``latest``, ``step_…``/``epoch_…`` or a path to a ``.pt`` file, as ``lmkit eval
-  --checkpoint`` takes. Adaptive-SVD layers are folded into plain linears (the same logits).
+  ``latest``, ``step_…``/``epoch_…`` or a path to a ``.pt`` file (or a sharded ``.dcp``
+  folder, consolidated on load), as ``lmkit eval --checkpoint`` takes. Adaptive-SVD layers are folded into plain linears (the same logits).
 * ``hf:PATH_OR_NAME`` -- a Hugging Face ``GPT2LMHeadModel`` / ``GPTNeoXForCausalLM`` (a local
   folder; a hub name where the hub is reachable), converted and verified by
   :mod:`lmkit.models.hf_import` (max |Δ logit| < 1e-4 in float32, else exit 2).
@@ -157,13 +157,13 @@ def load_run_checkpoint(run_dir: RunDir, checkpoint: str = "best", *, fold: bool
     """
     from lmkit.config import RunConfig
     from lmkit.models import build_model
-    from lmkit.training.checkpoint import checkpoint_by_name, load_checkpoint
+    from lmkit.training.checkpoint import checkpoint_by_name, checkpoint_paths, load_checkpoint
 
     path = checkpoint_by_name(run_dir.checkpoints, checkpoint)
-    if checkpoint == "best" and not path.is_file():
-        path = run_dir.checkpoints / "latest.pt"
-    if not path.is_file():
-        have = sorted(p.stem for p in run_dir.checkpoints.glob("*.pt")) if run_dir.checkpoints.is_dir() else []
+    if checkpoint == "best" and not path.exists():
+        path = checkpoint_by_name(run_dir.checkpoints, "latest")
+    if not path.exists():
+        have = sorted(p.stem for p in checkpoint_paths(run_dir.checkpoints))
         raise CheckpointError(f"{path}: no such checkpoint in {run_dir.path} (have: {', '.join(have) or 'none'})")
     state = load_checkpoint(path)
     config = RunConfig.model_validate(state["config"])

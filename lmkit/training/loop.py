@@ -24,11 +24,16 @@ Stopping: SIGINT and SIGTERM finish the current step, save ``latest`` and exit 1
 143 (:mod:`lmkit.training.signals`). Non-finite steps: :mod:`lmkit.training.nan_guard`.
 
 Several processes (``torchrun --nproc-per-node N -m lmkit train ...``, ``WORLD_SIZE > 1``):
-DistributedDataParallel, with ``grad_accum_steps`` per rank and the global batch
-``W * grad_accum_steps * batch_size``; the ranks take interleaved micro-batches of the same
-global order, the loss is weighted by the global target count, rank 0 alone writes the run
-folder, and the stop request is agreed one step late (:mod:`lmkit.training.distributed`).
-A checkpoint is one file, as on one process, and resumes on the same number of processes.
+DistributedDataParallel or FSDP2 (``training.parallelism``), with ``grad_accum_steps`` per rank
+and the global batch ``W * grad_accum_steps * batch_size``; the ranks take interleaved
+micro-batches of the same global order, the loss is weighted by the global target count, rank
+0 alone writes the run folder, and the stop request is agreed one step late
+(:mod:`lmkit.training.distributed`). What differs between one process, DDP and FSDP -- the
+wrapping, the per-micro-batch gradient sync, the loss factor, clipping, the checkpoint's form
+-- is the :class:`~lmkit.training.parallel.Strategy`. A DDP checkpoint is one file, as on one
+process; an FSDP run's are DCP folders (``checkpoints/TAG.dcp``, :mod:`lmkit.training.sharded`).
+Either resumes on another number of processes with the global batch kept (the per-rank
+accumulation rescaled; a notice says the continuation is then not bitwise).
 
 Starting from trained weights (``init_from``: another run or a Hugging Face folder): the
 source is loaded and the config given its architecture and tokenizer before the run folder is
@@ -72,23 +77,27 @@ from lmkit.monitor.writers import EventsWriter, MetricsWriter, TensorBoardWriter
 from lmkit.rundir import RunDir, SupersededRecords
 from lmkit.training.checkpoint import (
     checkpoint_by_name,
-    link_checkpoint,
-    load_checkpoint,
     newest_complete,
     remove_stale_temp_files,
-    save_checkpoint,
+    verify_candidate,
 )
 from lmkit.training.checkpointing import CheckpointPolicy
 from lmkit.training.distributed import Distributed, StopVote, exit_on_late_sigterm
-from lmkit.training.evaluator import Evaluator
 from lmkit.training.hooks import Hooks, StepOutput, TrainingHook
 from lmkit.training.nan_guard import NaNGuard, skips_on_device
 from lmkit.training.optim import build_optimizer
-from lmkit.training.resume import align_checkpoints, check_checkpoint_config, check_resumable, resume_config
+from lmkit.training.parallel import Strategy, make_strategy
+from lmkit.training.resume import (
+    align_checkpoints,
+    check_checkpoint_config,
+    check_resumable,
+    rescale_accumulation,
+    resume_config,
+)
 from lmkit.training.rng import rng_state, seed_everything, set_rng_state
 from lmkit.training.schedule import build_scheduler, lr_multiplier, steps_to_peak
 from lmkit.training.signals import StopNow, StopRequest
-from lmkit.training.state import checkpoint_state, restore_state, run_summary
+from lmkit.training.state import run_summary
 from lmkit.training.throughput import ThroughputMeter
 
 
@@ -137,9 +146,13 @@ class Trainer:
         self.plan: DevicePlan = plan_device(tcfg, preset=self.config.preset)
         self.dist = Distributed.from_env()
         if self.dist.enabled:  # torchrun with WORLD_SIZE > 1: join the process group first
-            self.dist.check(tcfg.parallelism, self.plan.device.type)
+            self.dist.check(tcfg.parallelism, self.plan.device.type, optimizer=tcfg.optimizer,
+                            precision=self.plan.precision)
             self.plan = self._rank_plan(self.plan)
             self.dist.start(self.plan.device)
+        self.strategy: Strategy = make_strategy(self.dist, tcfg.parallelism, self.plan.device)
+        uuid = device_uuid(self.plan.device)  # CUDA: this node's ranks' GPUs, for the dashboard
+        self.local_device_uuids = tuple(u for u in self.dist.node_values(uuid) if u) if uuid else ()
         resume_state: dict[str, Any] | None = None
         if self.resume_dir is not None:
             self.run = RunDir(self.resume_dir)
@@ -157,8 +170,13 @@ class Trainer:
                 else:  # the checkpoint rank 0 picked
                     self.dist.rank0_first(lambda: None)
                     self.resume_path, self.skipped = Path(self.dist.broadcast_object(None)), []
-                    resume_state = load_checkpoint(self.resume_path)
+                    resume_state = _picked_state(self.resume_path)
                 check_checkpoint_config(resume_state, self.config, self.resume_path)  # before data: fail fast
+                tcfg.grad_accum_steps, note = rescale_accumulation(
+                    resume_state, self.resume_path, world_size=self.dist.world_size,
+                    grad_accum_steps=tcfg.grad_accum_steps, parallelism=self.strategy.name)
+                if note:
+                    self.notes.append(("info" if "not bitwise" not in note else "warning", note))
             except BaseException:
                 self.run.unlock()
                 raise
@@ -235,7 +253,7 @@ class Trainer:
             found, skipped = newest_complete(self.run.checkpoints)
             return found.state, found.path, skipped
         path = checkpoint_by_name(self.run.checkpoints, self.checkpoint_choice)
-        return load_checkpoint(path), path, []
+        return verify_candidate(path), path, []
 
     def _build(self, resume_state: dict[str, Any] | None) -> None:
         cfg, tcfg = self.config, self.config.training
@@ -272,6 +290,7 @@ class Trainer:
         self.model.to(self.plan.device)
         self.model.grad_checkpointing = tcfg.grad_checkpointing
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.strategy.shard(self.model, self.plan.precision)  # FSDP: before the optimizer sees the parameters
 
         self.batches = make_train_batches(self.data, cfg.model.block_size, tcfg.batch_size, tcfg.seed)
         accum = tcfg.grad_accum_steps * self.dist.world_size  # global micro-batches per step
@@ -300,7 +319,7 @@ class Trainer:
         peak = self.plan.peak_flops * self.dist.world_size if self.plan.peak_flops else self.plan.peak_flops
         self.meter = ThroughputMeter(self.plan.device, self.flops_per_token, peak)
         self.nan_guard = NaNGuard(tcfg.on_nan, self.plan.use_scaler, self.plan.device)
-        self.evaluator = Evaluator()
+        self.evaluator = self.strategy.evaluator()
         self.checkpoint_policy = CheckpointPolicy()
         # Order matters: the log line first (its sync ends the step's training time), the guard
         # (which reads its device counter at log lines), the hooks added with add_hook, then
@@ -317,7 +336,7 @@ class Trainer:
         self.hooks = Hooks([self.meter, self.nan_guard, *added, self.evaluator, self.checkpoint_policy])
         self.rng_notes: list[str] = []
         if resume_state is not None:
-            restore_state(self, resume_state)
+            self.strategy.restore(self, resume_state)
             if self.max_steps < self.step:
                 raise ConfigError(
                     f"resume: the new length ({self.max_steps} steps) is shorter than what {self.run.path} "
@@ -328,11 +347,10 @@ class Trainer:
                     f"resume: {self.run.path} has finished its {self.max_steps} steps; "
                     f"to train further pass --max-steps N with N > {self.step} (or a larger --epochs)"
                 )
-        if self.dist.enabled:
-            self._wrap_ddp(resume_state)
-        else:
-            self.ddp = None
-            self.train_model = torch.compile(self.model) if tcfg.compile else self.model
+        self.train_model = self.strategy.wrap(self, resume_state, tcfg.compile)
+        described = self.strategy.describe(tcfg.batch_size, tcfg.grad_accum_steps)
+        if described:
+            self.notes.append(("info", described))
         self.vocab_size = cfg.model.vocab_size
         self.superseded: list[Path] = []
         if not self.dist.is_main:  # rank 0 alone writes the run folder; this rank prints warnings only
@@ -360,26 +378,6 @@ class Trainer:
         self.emit = broadcast([*writers, self.user_emit])
         if resume_state is not None:
             self._announce_resume(moved)
-
-    def _wrap_ddp(self, resume_state: dict[str, Any] | None) -> None:
-        """Wrap the model in DistributedDataParallel (it broadcasts rank 0's weights), give each
-        rank its own RNG stream (dropout) and, on a resume, this rank's RNG states."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        tcfg = self.config.training
-        cuda = self.plan.device.type == "cuda"
-        self.ddp = DistributedDataParallel(self.model, device_ids=[self.plan.device.index] if cuda else None)
-        self.train_model = torch.compile(self.ddp) if tcfg.compile else self.ddp
-        if resume_state is None:
-            seed_everything(tcfg.seed + self.dist.rank)
-        else:
-            ranks = resume_state.get("rng_ranks") or []
-            if len(ranks) == self.dist.world_size:
-                self.rng_notes = set_rng_state(ranks[self.dist.rank])
-        self.notes.append(("info", (
-            f"data parallel: {self.dist.world_size} processes (DDP, {'NCCL' if cuda else 'gloo'}); global batch "
-            f"{tcfg.batch_size * tcfg.grad_accum_steps * self.dist.world_size} sequences = {self.dist.world_size} "
-            f"ranks x {tcfg.batch_size} x {tcfg.grad_accum_steps} accumulation steps")))
 
     def _announce_resume(self, moved: SupersededRecords) -> None:
         self.emit(Resumed(
@@ -418,7 +416,8 @@ class Trainer:
             hook = getattr(importlib.import_module(module), attr)(getattr(self.config, section), self)
             if hook is not None:
                 if self.dist.enabled:  # they change the model or write the run folder from every rank
-                    raise ConfigError(f"{section}: not yet supported with {self.dist.world_size} processes (DDP); "
+                    raise ConfigError(f"{section}: not yet supported with {self.dist.world_size} processes "
+                                      f"({(self.config.training.parallelism or 'ddp').upper()}); "
                                       "train this run on one process")
                 hooks.append(hook)
         return hooks
@@ -525,24 +524,12 @@ class Trainer:
 
         started = time.time()
         order = [t for t in tags if t != "latest"] + [t for t in tags if t == "latest"]
-        paths = [self.run.checkpoint_path(tag) for tag in order]
-        if self.dist.enabled:  # one file, by rank 0, with every rank's RNG states; the others wait for it
-            rngs = self.dist.all_gather_object(rng_state())
-            if self.dist.is_main:
-                state = checkpoint_state(self)
-                state["rng_ranks"] = rngs
-                save_checkpoint(state, paths[0])
-                for path in paths[1:]:
-                    link_checkpoint(paths[0], path)
-            self.dist.barrier()
-            if not self.dist.is_main:
-                return []  # nothing for this rank to prune
-        else:
-            save_checkpoint(checkpoint_state(self), paths[0])
-            for path in paths[1:]:
-                link_checkpoint(paths[0], path)
+        paths = [self.run.checkpoint_path(tag).with_suffix(self.strategy.suffix) for tag in order]
+        if not self.strategy.save(self, paths):
+            return []  # another rank reports and prunes
         val = self.last_val.loss if self.last_val is not None and self.last_val.step == self.step else None
-        self.emit(CheckpointSaved(step=self.step, path=str(self.run.checkpoint_path(tags[0])), tags=tuple(tags),
+        self.emit(CheckpointSaved(step=self.step, path=str(self.run.checkpoint_path(tags[0]).with_suffix(self.strategy.suffix)),
+                                  tags=tuple(tags),
                                   val_loss=val, seconds=time.time() - started))
         return paths
 
@@ -575,22 +562,14 @@ class Trainer:
             if int(x_np.max()) >= self.vocab_size or int(y_np.max()) >= self.vocab_size:
                 raise DataError(f"micro-batch {self.micro_step} holds a token id >= vocab_size {self.vocab_size}: "
                                 "the token shards are corrupt; delete the token cache to rebuild them")
-            if self.ddp is not None:
-                self._ddp_micro_step(x_np, y_np, n, total, loss_sum, last=i == len(micro) - 1)
-            elif n > 0 or total == 0:
-                weight = n / total if total else 1.0 / len(micro)
-                x, y = self._to_device(x_np), self._to_device(y_np)
-                with self.plan.autocast():
-                    _, loss = self.train_model(x, y)
-                self.scaler.scale(loss * weight).backward()
-                loss_sum += loss.detach().float() * weight
+            self.strategy.micro_step(self, x_np, y_np, n, total, len(micro), loss_sum, last=i == len(micro) - 1)
             self.micro_step += world
             if self._test_signal is not None and self._test_signal[0] == self.micro_step:
                 os.kill(os.getpid(), self._test_signal[1])
-        if self.ddp is not None:
+        if self.dist.enabled:
             self.dist.sum_(loss_sum)  # the global token-weighted mean: every rank's guard sees the same
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip or math.inf)
+        grad_norm = self.strategy.clip_grad_norm(self.model, tcfg.grad_clip)
         out = StepOutput(step=self.step + 1, loss=loss_sum, grad_norm=grad_norm,
                          lr=self.optimizer.param_groups[0]["lr"], n_targets=total, prev_micro_step=prev_micro)
         self.hooks.call("after_backward", self, out)
@@ -610,31 +589,6 @@ class Trainer:
         self.tokens += total
         return out
 
-    def _ddp_micro_step(self, x_np: np.ndarray, y_np: np.ndarray, n: int, total: int, loss_sum: torch.Tensor,
-                        last: bool) -> None:
-        """Forward and backward of one micro-batch under DDP, accumulating its share of the loss
-        into ``loss_sum``. DDP averages gradients equally over the W ranks, so the loss is scaled
-        by ``W * n / N`` (``N`` the global target count): the update is the global token-weighted
-        mean. The gradients are all-reduced only on the ``last`` micro-batch (``no_sync`` before).
-        A micro-batch without targets still runs forward and backward (every rank must join the
-        all-reduce), with a zero loss."""
-        import contextlib
-
-        world = self.dist.world_size
-        weight = n / total if total else 1.0 / (self.config.training.grad_accum_steps * world)
-        x, y = self._to_device(x_np), self._to_device(y_np)
-        with contextlib.nullcontext() if last else self.ddp.no_sync():
-            with self.plan.autocast():
-                if n > 0:
-                    _, loss = self.train_model(x, y)
-                    term = loss * (weight * world)
-                else:
-                    logits, _ = self.train_model(x)
-                    loss = term = logits.float().sum() * 0.0
-            self.scaler.scale(term).backward()
-        if n > 0:
-            loss_sum += loss.detach().float() * weight
-
     # ------------------------------------------------------------------ the loop
 
     def run_loop(self, stop: StopRequest) -> None:
@@ -646,7 +600,8 @@ class Trainer:
             precision=self.plan.precision, compile=tcfg.compile, max_steps=self.max_steps,
             steps_per_epoch=self.steps_per_epoch,
             tokens_per_step=tcfg.batch_size * tcfg.grad_accum_steps * self.dist.world_size * self.config.model.block_size,
-            start_step=start_step, device_uuid=device_uuid(self.plan.device),
+            start_step=start_step, device_uuid=device_uuid(self.plan.device), world_size=self.dist.world_size,
+            parallelism=self.strategy.name, local_device_uuids=self.local_device_uuids,
         ))
         for level, note in self.notes:
             self.emit(Notice(level=level, message=note))
@@ -682,7 +637,7 @@ class Trainer:
             if self.stopping and self.step < self.max_steps:
                 raise Interrupted(
                     f"stopped by {signal.Signals(signum).name} at step {self.step}; saved "
-                    f"{self.run.checkpoint_path('latest')}; resume with: lmkit resume {self.run.path}",
+                    f"{self.run.checkpoint_path('latest').with_suffix(self.strategy.suffix)}; resume with: lmkit resume {self.run.path}",
                     exit_code=128 + int(signum),
                 )
         if vote is not None:
@@ -736,6 +691,17 @@ class Trainer:
                     exit_on_late_sigterm(exit_code)
         return summary
 
+
+
+def _picked_state(path: Path) -> dict[str, Any]:
+    """The state of the checkpoint rank 0 picked and verified, as another rank reads it: a file
+    whole; a sharded folder only its ``extra`` (the shards are verified and loaded together, by
+    :func:`lmkit.training.sharded.load_sharded`)."""
+    if path.is_dir():
+        from lmkit.training.sharded import load_extra, read_manifest
+
+        return load_extra(path, read_manifest(path))
+    return verify_candidate(path)
 
 
 def train(config: RunConfig, emit: Callable[[Event], None] = null_emit, *, notes: Iterable[str] = ()) -> dict[str, Any]:

@@ -21,11 +21,13 @@ import torch
 from lmkit import __version__
 from lmkit.config import RunConfig, build_run_config, read_yaml
 from lmkit.errors import CheckpointError, ConfigError, DataError
-from lmkit.training.checkpoint import link_checkpoint, peek_step, save_checkpoint
+from lmkit.training.checkpoint import checkpoint_paths, link_checkpoint, peek_step, save_checkpoint
 from lmkit.training.schedule import LEGACY_WARMUP_FORM
 
 #: What a checkpoint must hold to be resumed from.
 CHECKPOINT_FORMAT_KEYS = ("model", "optimizer", "scheduler", "step", "micro_step", "rng")
+#: Entries a sharded (DCP) folder holds as tensor shards, not in its ``extra``.
+SHARDED_KEYS = ("model", "optimizer")
 
 #: Keys a resume may change. Changing the length re-targets the LR schedule's end.
 SAFE_KEYS = frozenset({
@@ -88,6 +90,11 @@ def resume_config(config_path: Path, overrides: Iterable[str] = (),
     new = build_run_config(str(config_path), overrides, flags)
     new = new.model_copy(update={"name": old.name, "out_dir": old.out_dir, "preset": old.preset})
     changes = config_changes(old, new)
+    if "training.parallelism" in changes:  # DDP keeps single files, FSDP DCP folders: one format per run
+        old_p, new_p = changes["training.parallelism"]
+        raise ConfigError(f"resume: training.parallelism {old_p or 'ddp'} -> {new_p or 'ddp'} is not supported (the "
+                          f"run's checkpoints are {'DCP folders' if old_p == 'fsdp' else 'single files'}); resume "
+                          f"{config_path.parent} with its own parallelism, or start a new run with --init-from")
     unsafe = [k for k in changes if k not in SAFE_KEYS]
     if unsafe:
         listed = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in unsafe)
@@ -135,17 +142,16 @@ def check_resumable(state: Mapping[str, Any], path: Path, *, data_fingerprint: s
     changes (the continuation may then differ in the last bits).
 
     Raises:
-        CheckpointError: keys missing, or written by another number of processes than ``world_size``
-            (a data-parallel run resumes with the same number, which keeps its global batch and order).
+        CheckpointError: keys missing (a sharded folder: its ``extra`` and optimizer shards).
         DataError: the data or the tokenizer changed since the checkpoint.
     """
-    missing = [k for k in CHECKPOINT_FORMAT_KEYS if k not in state]
+    manifest = state.get("manifest") or {}
+    sharded = manifest.get("kind") == "lmkit-dcp"  # a DCP folder: state is its extra, the shards are loaded later
+    missing = [k for k in CHECKPOINT_FORMAT_KEYS if k not in state and not (sharded and k in SHARDED_KEYS)]
+    if sharded and not manifest.get("optimizer"):
+        missing.append("optimizer")
     if missing:
         raise CheckpointError(f"{path}: cannot resume from it (missing {', '.join(missing)})")
-    written = int(state.get("world_size", 1))
-    if written != world_size:
-        raise CheckpointError(f"{path}: written by {written} {'process' if written == 1 else 'processes'}, resumed "
-                              f"by {world_size}; resume it with the same number of processes")
     if state.get("data_fingerprint") not in (None, data_fingerprint):
         raise DataError(
             f"resume: the data of {run_path} changed since the checkpoint "
@@ -165,28 +171,65 @@ def check_resumable(state: Mapping[str, Any], path: Path, *, data_fingerprint: s
     return notes
 
 
+def rescale_accumulation(state: Mapping[str, Any], path: Path, *, world_size: int, grad_accum_steps: int,
+                         parallelism: str | None) -> tuple[int, str | None]:
+    """The per-rank ``grad_accum_steps`` that keeps the checkpoint's global batch on
+    ``world_size`` processes, and a note saying whether the continuation is bitwise.
+
+    The global batch is ``W * grad_accum_steps * batch_size`` sequences and the ranks take
+    interleaved micro-batches of one global order, so ``A_new = A_old * W_old / W_new`` takes
+    the same micro-batches per step. It is not bitwise the uninterrupted run: the gradients are
+    summed in another order. The note is ``None`` on one process resumed by one process.
+
+    Raises:
+        CheckpointError: ``A_old * W_old`` is not a multiple of ``W_new`` (one line).
+    """
+    written = int(state.get("world_size", 1))
+    how = state.get("parallelism") or ("ddp" if written > 1 else "one process")
+    if written == world_size:
+        if world_size == 1:
+            return grad_accum_steps, None
+        return grad_accum_steps, (f"resumed on the {world_size} processes the checkpoint was written by ({how}): "
+                                  "the continuation is bitwise the uninterrupted run")
+    micro = grad_accum_steps * written  # global micro-batches per step
+    if micro % world_size:
+        raise CheckpointError(
+            f"{path}: written by {written} {'process' if written == 1 else 'processes'} x {grad_accum_steps} "
+            f"accumulation steps ({micro} micro-batches per step), which {world_size} processes cannot share "
+            f"equally; resume it with a number of processes that divides {micro}")
+    new = micro // world_size
+    now = parallelism or ("ddp" if world_size > 1 else "one process")
+    verb = "resharded by DCP" if state.get("manifest", {}).get("kind") == "lmkit-dcp" else "loaded"
+    return new, (f"resumed on {world_size} {'process' if world_size == 1 else 'processes'} "
+                 f"({now}) from a checkpoint "
+                 f"of {written} ({how}), {verb}: training.grad_accum_steps {grad_accum_steps} -> {new} per rank keeps "
+                 f"the global batch of {micro} micro-batches; the continuation is not bitwise the uninterrupted run "
+                 "(the gradients are summed in another order)")
+
+
 def align_checkpoints(checkpoints: Path, resume_path: Path, step: int, state: Mapping[str, Any]) -> list[Path]:
-    """Resuming from anything but a complete ``latest.pt`` of the newest step: move the
+    """Resuming from anything but a complete ``latest`` (``.pt``, or a sharded run's ``.dcp``
+    folder) of the newest step: move the
     checkpoints of later steps (an abandoned continuation) and unreadable ones to
     ``checkpoints/superseded/``, and make ``latest.pt`` the state resumed from, so that
     a crash before the next save resumes from here again. Returns the moved paths."""
-    latest = checkpoints / "latest.pt"
+    latest = checkpoints / f"latest{resume_path.suffix}"  # a sharded run's latest.dcp is a folder
     if resume_path == latest:
         return []
     aside = checkpoints / "superseded"
     moved = []
-    for path in sorted(checkpoints.glob("*.pt")):
+    for path in checkpoint_paths(checkpoints):
         if path == resume_path:
             continue
         saved_step = peek_step(path)
         if saved_step is None or saved_step > step:
             aside.mkdir(exist_ok=True)
             target = aside / path.name
-            if target.exists():
-                target = aside / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.pt"
+            if os.path.lexists(target):
+                target = aside / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"
             os.replace(path, target)
             moved.append(target)
-    if resume_path.parent == checkpoints:
+    if resume_path.parent == checkpoints or resume_path.is_dir():
         link_checkpoint(resume_path, latest)
     else:
         save_checkpoint({k: v for k, v in state.items() if k != "manifest"}, latest)
