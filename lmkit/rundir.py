@@ -42,7 +42,7 @@ from lmkit.errors import ConfigError
 #: The file name of a periodic checkpoint: ``step_0002000.pt`` (every
 #: ``training.checkpoint_interval`` steps) or ``epoch_005.pt`` (every
 #: ``training.checkpoint_every_epochs`` epochs). Groups: the kind, the number.
-CHECKPOINT_TAG = re.compile(r"^(step|epoch)_(\d+)\.pt$")
+CHECKPOINT_TAG = re.compile(r"^(step|epoch)_(\d+)\.(pt|dcp)$")  # a file, or a sharded (FSDP) folder
 
 #: Set by lmkit's launcher for its workers: the run folder it claimed (absolute path) ...
 RUN_DIR_ENV = "LMKIT_RUN_DIR"
@@ -161,7 +161,8 @@ class RunDir:
             self.lock()
         except ConfigError:
             return False
-        started = self.metrics_path.exists() or any(self.checkpoints.glob("*.pt"))
+        started = (self.metrics_path.exists() or any(self.checkpoints.glob("*.pt"))
+                   or any(self.checkpoints.glob("*.dcp")))
         if started:
             self.unlock()
         return not started

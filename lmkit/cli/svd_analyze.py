@@ -24,7 +24,7 @@ def svd_analyze_command(
     run: str = typer.Argument(..., help="Run directory (runs/NAME) or a run name under --out-dir."),
     checkpoints: list[str] = typer.Option(["all"], "--checkpoint", "-c",
                                           help="all (default: every distinct checkpoint, in step order), best, "
-                                               "latest, step_…, epoch_… or a .pt path; repeatable."),
+                                               "latest, step_…, epoch_…, a .pt file or a .dcp folder; repeatable."),
     layers: list[str] = typer.Option([], "--layers", "-l", metavar="GLOB",
                                      help="Weight names to analyse (fnmatch, repeatable), e.g. "
                                           "'transformer.h.*.attn.*' or '*wte*'. Default: the input embedding "

@@ -492,7 +492,9 @@ class TrainConfig(_Strict):
     compile: bool = False
     grad_checkpointing: bool = False
     #: Data parallelism under torchrun (WORLD_SIZE > 1): ``ddp`` (DistributedDataParallel; the
-    #: default there) or ``fsdp`` (not yet). Ignored by a single process.
+    #: default there) or ``fsdp`` (FSDP2 ``fully_shard`` per block, then the root; AdamW in fp32 or
+    #: bf16; checkpoints are Distributed Checkpoint folders ``TAG.dcp``, also when such a run
+    #: continues on one process).
     parallelism: Literal["ddp", "fsdp"] | None = None
     tf32: bool = True
     seed: int = 1337

@@ -637,7 +637,8 @@ class Trainer:
             if self.stopping and self.step < self.max_steps:
                 raise Interrupted(
                     f"stopped by {signal.Signals(signum).name} at step {self.step}; saved "
-                    f"{self.run.checkpoint_path('latest').with_suffix(self.strategy.suffix)}; resume with: lmkit resume {self.run.path}",
+                    f"{self.run.checkpoint_path('latest').with_suffix(self.strategy.suffix)}; resume with: lmkit resume {self.run.path}"
+                    f"{f' --nproc-per-node {self.dist.world_size}' if self.dist.enabled else ''}",
                     exit_code=128 + int(signum),
                 )
         if vote is not None:

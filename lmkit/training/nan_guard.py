@@ -133,7 +133,8 @@ class NaNGuard(TrainingHook):
         self.trainer.emit(NaNSkipped(step=first if new == 1 else log_step, total=self.skipped, skipped=new))
 
     def _abort_message(self, what: str, where: str) -> str:
-        latest = self.trainer.run.checkpoint_path("latest")
+        suffix = getattr(getattr(self.trainer, "strategy", None), "suffix", ".pt")  # FSDP: a .dcp folder
+        latest = self.trainer.run.checkpoint_path("latest").with_suffix(suffix)
         return (f"{what} {where}; the update was not applied and nothing was saved; last good checkpoint: "
                 f"{latest if latest.exists() else 'none'} (resume it with --on-nan skip, or start a new run "
                 "with a lower --lr)")

@@ -142,6 +142,7 @@ def run_summary(trainer: Trainer, status: str) -> dict[str, Any]:
         "python_version": platform.python_version(),
         **trainer.hooks.summary(),  # e.g. "svd": the layers' modes and switches
         **({"world_size": _world_size(trainer),
+            "parallelism": getattr(getattr(trainer, "strategy", None), "name", None),
             "global_batch_size": trainer.config.training.batch_size * trainer.config.training.grad_accum_steps
             * _world_size(trainer)} if _world_size(trainer) > 1 else {}),
     }
