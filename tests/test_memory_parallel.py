@@ -118,8 +118,10 @@ def test_fsdp_rank_holds_shards_and_the_all_gathered_groups(measured, name):
         # the state is created unpadded (zeros_like of the DTensor): the last rank's is a little smaller
         assert -2048 < m["optimizer_state"] - est.row("optimizer state").size_bytes < 1024
         # the least of 4 steps' peaks: gloo's threads free a finished collective's flat buffer at varying
-        # moments, and some steps peak one block's buffer higher (up to +9% here; see measure_parallel)
-        assert est.peak_allocated == pytest.approx(m["peak_allocated"], rel=CASES[name].get("fsdp_rel", 0.05))
+        # moments, and some steps peak one block's buffer higher (up to +9% here; see measure_parallel).
+        # All 4 steps can hold it: seen once in a full test run (state-heavy, +7.4%), never alone; the
+        # tolerance is test_memory.py's 10%, the exact rows above are what pins the formula
+        assert est.peak_allocated == pytest.approx(m["peak_allocated"], rel=CASES[name].get("fsdp_rel", 0.10))
     # sharding halves the model state of a rank, and the state-heavy case's peak well below DDP's
     ddp = measured[name][0]["ddp"]
     assert measured[name][0]["fsdp"]["weights"] < 0.55 * ddp["weights"]

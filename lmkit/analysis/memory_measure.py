@@ -237,7 +237,7 @@ def measure_parallel(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
     The model is :func:`~lmkit.models.build_model` wrapped as lmkit trains it: ``ddp`` --
     :class:`~torch.nn.parallel.DistributedDataParallel` with its defaults (25 MiB buckets,
     ``gradient_as_bucket_view=False``); ``fsdp`` -- ``fully_shard(block, reshard_after_forward=True)``
-    for each of ``model.transformer.h`` and then the root. AdamW steps on ``(B, T)`` random
+    for each transformer block (:func:`lmkit.models.base.transformer_blocks`) and then the root. AdamW steps on ``(B, T)`` random
     tokens: two (the first creates the optimizer state, DDP rebuilds its buckets after the first
     backward), then ``profiled_steps`` each under ``torch.profiler`` (``profile_memory=True``), as
     :func:`measure_cpu_peak`. gloo runs collectives on its own threads, which drop their reference to
@@ -285,7 +285,9 @@ def measure_parallel(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        for block in model.transformer.h:
+        from lmkit.models.base import transformer_blocks
+
+        for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, reshard_after_forward=True)
         wrapped = fully_shard(model, mesh=mesh, reshard_after_forward=True)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, foreach=foreach)

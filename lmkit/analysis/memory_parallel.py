@@ -270,16 +270,18 @@ def estimate_parallel_memory(cfg: ModelConfig, batch_size: int, *, nproc: int, p
 
 def group_shapes(model: Any) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """``(block_shapes, root_shapes)`` of a built lmkit model (the meta device is enough): the
-    parameter shapes of its first transformer block (``model.transformer.h[0]``, or ``model.blocks[0]``
-    for the legacy Backpack: FSDP's per-block groups) and of every other distinct parameter (the
+    parameter shapes of its first transformer block (:func:`lmkit.models.base.transformer_blocks`:
+    FSDP's per-block groups) and of every other distinct parameter (the
     root group), for :func:`estimate_parallel_memory`'s exact FSDP padding.
 
     Raises:
-        ConfigError: the model has neither ``transformer.h`` nor ``blocks``.
+        ConfigError: the model has no transformer blocks to shard.
     """
-    blocks = getattr(getattr(model, "transformer", None), "h", None) or getattr(model, "blocks", None)
+    from lmkit.models.base import transformer_blocks
+
+    blocks = list(transformer_blocks(model))
     if not blocks:
-        raise ConfigError(f"{type(model).__name__}: no transformer blocks (transformer.h or blocks) to shard")
+        raise ConfigError(f"{type(model).__name__}: no transformer blocks (a ModuleList named h or blocks) to shard")
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     block = [tuple(p.shape) for p in blocks[0].parameters()]
     root = [tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks]  # parameters(): shared once

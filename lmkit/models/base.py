@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +48,7 @@ from lmkit.data.batching import IGNORE_INDEX  # the one definition: targets that
 from lmkit.errors import CheckpointError, first_line
 
 __all__ = ["IGNORE_INDEX", "LOAD_ADAPTERS", "TARGET_KINDS", "Capture", "HeadEdit", "KVCache", "LanguageModel",
+           "transformer_blocks",
            "math_attention", "register_load_adapter"]
 
 #: ``kind`` names of :meth:`LanguageModel.target_modules`.
@@ -352,6 +353,14 @@ class LanguageModel(nn.Module, abc.ABC):
             return int(own())
         return int(module.weight.numel())
 
+
+
+def transformer_blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """The repeated blocks of a model: the children of its ``ModuleList`` s named ``h`` or
+    ``blocks`` (the trunks of lmkit's families), the units FSDP shards one by one."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("h", "blocks"):
+            yield from module
 
 
 from lmkit.models import svd_linear as _svd_linear  # noqa: E402,F401  (registers the adaptive-SVD load adapter)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lmkit.events import EvalResult
+from lmkit.models.base import transformer_blocks
 from lmkit.training.checkpoint import link_checkpoint, save_checkpoint
 from lmkit.training.evaluator import Evaluator
 from lmkit.training.rng import rng_state, seed_everything, set_rng_state
@@ -337,14 +338,6 @@ def _gradient_sync(module: nn.Module, last: bool) -> Iterator[None]:
     accumulate unsharded gradients locally, like DDP's ``no_sync``)."""
     module.set_requires_gradient_sync(last)
     yield
-
-
-def transformer_blocks(model: nn.Module) -> Iterator[nn.Module]:
-    """The repeated blocks of a model: the children of its ``ModuleList`` s named ``h`` or
-    ``blocks`` (the trunks of lmkit's families), the units FSDP shards one by one."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("h", "blocks"):
-            yield from module
 
 
 def make_strategy(dist: Distributed, parallelism: str | None, device: torch.device) -> Strategy:
