@@ -64,7 +64,7 @@ def make_optimizer(model: torch.nn.Module, kind: str, device: torch.device, same
         from lmkit.config import TrainConfig
         from lmkit.training.optim import build_optimizer
 
-        return build_optimizer(model, TrainConfig(lr=3e-4, weight_decay=0.1), device)
+        return build_optimizer(model, TrainConfig(lr=3e-4, weight_decay=0.1, max_steps=1), device)
     return torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, fused=device.type == "cuda")
 
 
