@@ -51,6 +51,21 @@ def _attention_context(attention: str):
     return contextlib.nullcontext()
 
 
+def _profiled_peak(step) -> int:
+    """The most CPU memory ``step()`` allocated above what was alive when it began (bytes), from
+    ``torch.profiler``'s allocation and free events (``profile_memory=True``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "fp32",
                   attention: str = "sdpa", device: str = "cpu", seed: int = 0,
                   grad_checkpointing: bool = False) -> dict[str, int]:
@@ -123,7 +138,6 @@ def measure_cpu_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
         the weights and optimizer state too (what :attr:`MemoryEstimate.peak_allocated
         <lmkit.analysis.memory.MemoryEstimate>` predicts with ``device="cpu"``).
     """
-    from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(seed)
     T = cfg.block_size if seq_len is None else seq_len
@@ -145,13 +159,7 @@ def measure_cpu_peak(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
     with _attention_context(attention):
         step()
         weights, state = _storage_bytes(model.parameters()), _optimizer_bytes(opt)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
+        peak = _profiled_peak(step)
     return {"peak_allocated": weights + state + peak, "weights": weights, "optimizer_state": state}
 
 
@@ -260,7 +268,6 @@ def measure_parallel(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
         ValueError: ``parallelism`` is not ``ddp`` or ``fsdp``.
     """
     import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile
 
     if parallelism not in ("ddp", "fsdp"):
         raise ValueError(f"parallelism {parallelism!r}: use ddp or fsdp")
@@ -315,13 +322,6 @@ def measure_parallel(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
     gc.collect()  # an earlier call's cycles (its modules and hooks) must not be freed inside the profiled step
     peaks = []
     for _ in range(profiled_steps):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        live = peak = 0
-        for e in sorted(events, key=lambda e: e.start_ns()):
-            live += e.nbytes()
-            peak = max(peak, live)
-        peaks.append(weights + state + held + peak)
+        peaks.append(weights + state + held + _profiled_peak(step))
     return {"weights": weights, "gradients": grads, "optimizer_state": state, "ddp_buckets": held,
             "n_buckets": len(buckets), "peak_allocated": min(peaks), "peak_allocated_max": max(peaks)}

@@ -132,11 +132,9 @@ def doctor_command(
                           "CPU -- run on a machine with an NVIDIA GPU and a CUDA build of torch")
 
 
-def _preset_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, grad_checkpointing, attention,
-                   capacity, gpu_memory, legacy, env) -> dict[str, Any]:
-    from lmkit.analysis import memory as mem
+def _run_config(preset, overrides, batch_size, fp16, bf16, fp32, grad_checkpointing):
+    """The run config doctor estimates for: the preset, ``--set`` overrides and doctor's flags."""
     from lmkit.config import build_run_config
-    from lmkit.models import build_model
 
     flags: dict[str, tuple[str, Any]] = {}
     if batch_size is not None:
@@ -146,7 +144,15 @@ def _preset_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, gra
             flags["training.precision"] = (flag, flag[2:])
     if grad_checkpointing is not None:
         flags["training.grad_checkpointing"] = ("--grad-checkpointing", grad_checkpointing)
-    config = build_run_config(preset, overrides, flags)
+    return build_run_config(preset, overrides, flags)
+
+
+def _preset_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, grad_checkpointing, attention,
+                   capacity, gpu_memory, legacy, env) -> dict[str, Any]:
+    from lmkit.analysis import memory as mem
+    from lmkit.models import build_model
+
+    config = _run_config(preset, overrides, batch_size, fp16, bf16, fp32, grad_checkpointing)
     model_cfg = config.model.model_copy()
     model_cfg.vocab_size = mem.resolve_vocab_size(config)
 
@@ -214,18 +220,9 @@ def _parallel_report(preset, overrides, batch_size, seq_len, fp16, bf16, fp32, g
     for each card of the single-process verdicts (this machine's GPUs, ``--gpu-memory``)."""
     from lmkit.analysis import memory as mem
     from lmkit.analysis.memory_parallel import estimate_parallel_memory, group_shapes
-    from lmkit.config import build_run_config
     from lmkit.models import build_model
 
-    flags: dict[str, tuple[str, Any]] = {}
-    if batch_size is not None:
-        flags["training.batch_size"] = ("--batch-size", batch_size)
-    for flag, value in (("--fp16", fp16), ("--bf16", bf16), ("--fp32", fp32)):
-        if value:
-            flags["training.precision"] = (flag, flag[2:])
-    if grad_checkpointing is not None:
-        flags["training.grad_checkpointing"] = ("--grad-checkpointing", grad_checkpointing)
-    config = build_run_config(preset, overrides, flags)
+    config = _run_config(preset, overrides, batch_size, fp16, bf16, fp32, grad_checkpointing)
     tcfg = config.training
     kind = parallelism or tcfg.parallelism or "ddp"
     model_cfg = config.model.model_copy()
