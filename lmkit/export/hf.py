@@ -50,6 +50,7 @@ from lmkit.errors import ConfigError, DataError, first_line
 from lmkit.events import Event, Notice, null_emit
 from lmkit.export import _folder
 from lmkit.export._folder import ExportError  # noqa: F401  (re-exported: lmkit.export.hf.ExportError)
+from lmkit.models.hf_layout import CONV1D_WEIGHTS, per_head_qkv
 
 if TYPE_CHECKING:
     import torch
@@ -61,9 +62,6 @@ if TYPE_CHECKING:
 
 #: max |Δ logit| allowed between the native model and the exported HF model (float32, CPU).
 LOGIT_TOLERANCE = 1e-4
-
-#: The four nn.Linear weights that GPT-2 stores as Conv1D ``(in, out)``: always transposed.
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 #: Our activation -> the ``transformers`` ACT2FN name computing exactly the same function.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -232,13 +230,6 @@ def to_gpt2_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
     return out
 
 
-def _per_head_qkv(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows ``[q | k | v]`` (heads contiguous in each) -> ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``."""
-    rest = tensor.shape[1:]
-    head_dim = tensor.shape[0] // (3 * n_head)
-    return tensor.reshape(3, n_head, head_dim, *rest).transpose(0, 1).reshape(tensor.shape).contiguous()
-
-
 def to_neox_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our GPT state dict (rotary positions) -> ``GPTNeoXForCausalLM`` state dict.
 
@@ -261,10 +252,10 @@ def to_neox_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
         out[dst + "input_layernorm.bias"] = _zeros_or(state, src + "ln_1.bias", d)
         out[dst + "post_attention_layernorm.weight"] = state[src + "ln_2.weight"]
         out[dst + "post_attention_layernorm.bias"] = _zeros_or(state, src + "ln_2.bias", d)
-        out[dst + "attention.query_key_value.weight"] = _per_head_qkv(state[src + "attn.c_attn.weight"], config.n_head)
+        out[dst + "attention.query_key_value.weight"] = per_head_qkv(state[src + "attn.c_attn.weight"], config.n_head)
         out[dst + "attention.dense.weight"] = state[src + "attn.c_proj.weight"]
         if config.use_attn_bias:
-            out[dst + "attention.query_key_value.bias"] = _per_head_qkv(state[src + "attn.c_attn.bias"], config.n_head)
+            out[dst + "attention.query_key_value.bias"] = per_head_qkv(state[src + "attn.c_attn.bias"], config.n_head)
             out[dst + "attention.dense.bias"] = state[src + "attn.c_proj.bias"]
         out[dst + "mlp.dense_h_to_4h.weight"] = state[src + "mlp.c_fc.weight"]
         out[dst + "mlp.dense_h_to_4h.bias"] = _zeros_or(state, src + "mlp.c_fc.bias", ff)

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmkit.config import GPTConfig
 from lmkit.errors import CheckpointError, ConfigError, first_line
+from lmkit.models.hf_layout import CONV1D_WEIGHTS, stacked_qkv
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +54,6 @@ if TYPE_CHECKING:
 
 #: max |Δ logit| allowed between the imported model and the HF model (float32, CPU).
 LOGIT_TOLERANCE = 1e-4
-
-#: The four GPT-2 ``Conv1D`` weights, stored ``(in, out)``: always transposed.
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 #: ``transformers`` ACT2FN name -> lmkit's ``model.activation`` computing the same function.
 LMKIT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -211,13 +209,6 @@ def from_gpt2_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> d
     return out
 
 
-def _stacked_qkv(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]`` (NeoX) -> ``[q | k | v]`` (heads contiguous in each)."""
-    rest = tensor.shape[1:]
-    head_dim = tensor.shape[0] // (3 * n_head)
-    return tensor.reshape(n_head, 3, head_dim, *rest).transpose(0, 1).reshape(tensor.shape).contiguous()
-
-
 def from_neox_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """``GPTNeoXForCausalLM`` state dict -> lmkit GPT state dict (QKV rows regrouped per head)."""
     head = state.get("lm_head.weight", state.get("embed_out.weight"))
@@ -233,10 +224,10 @@ def from_neox_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> d
                              ("mlp.c_fc", "mlp.dense_h_to_4h"), ("mlp.c_proj", "mlp.dense_4h_to_h")):
             out[f"{dst}{ours}.weight"] = state[f"{src}{theirs}.weight"]
             out[f"{dst}{ours}.bias"] = state[f"{src}{theirs}.bias"]
-        out[dst + "attn.c_attn.weight"] = _stacked_qkv(state[src + "attention.query_key_value.weight"], config.n_head)
+        out[dst + "attn.c_attn.weight"] = stacked_qkv(state[src + "attention.query_key_value.weight"], config.n_head)
         out[dst + "attn.c_proj.weight"] = state[src + "attention.dense.weight"]
         if config.use_attn_bias:
-            out[dst + "attn.c_attn.bias"] = _stacked_qkv(state[src + "attention.query_key_value.bias"], config.n_head)
+            out[dst + "attn.c_attn.bias"] = stacked_qkv(state[src + "attention.query_key_value.bias"], config.n_head)
             out[dst + "attn.c_proj.bias"] = state[src + "attention.dense.bias"]
     return out
 
