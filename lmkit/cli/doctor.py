@@ -260,6 +260,23 @@ def _cpu_load_rows(load) -> list[tuple[str, str]]:
     return [("load average", avg), ("other processes' CPU", other)]
 
 
+def _rows_table(title: str, rows: list[dict[str, Any]]):
+    """A memory estimate's rows as a Rich table (component, size, at peak, formula), a section
+    opened below them for the totals."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("component")
+    table.add_column("size", justify="right")
+    table.add_column("at peak", justify="right")
+    table.add_column("formula / source")
+    for row in rows:
+        table.add_row(Text(row["name"]), _gib(row["size_bytes"]), _gib(row["at_peak_bytes"]), Text(row["formula"]))
+    table.add_section()
+    return table
+
+
 def _render(report: dict[str, Any], env) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -321,15 +338,9 @@ def _render(report: dict[str, Any], env) -> None:
 
     kernel = "fused SDPA" if m["attention"] == "sdpa" else "eager (math) attention"
     prec = "fp32" if m["precision"] == "fp32" else f"{m['precision']} autocast"
-    mt = Table(title=f"Memory of one training step: B={m['batch_size']}, T={m['seq_len']}, {prec}, {_optimizer_label(m.get('optimizer', 'adamw'))}, {kernel}, "
-               f"gradient checkpointing {'on' if m['grad_checkpointing'] else 'off'}", title_justify="left")
-    mt.add_column("component")
-    mt.add_column("size", justify="right")
-    mt.add_column("at peak", justify="right")
-    mt.add_column("formula / source")
-    for row in m["rows"]:
-        mt.add_row(Text(row["name"]), _gib(row["size_bytes"]), _gib(row["at_peak_bytes"]), Text(row["formula"]))
-    mt.add_section()
+    mt = _rows_table(f"Memory of one training step: B={m['batch_size']}, T={m['seq_len']}, {prec}, "
+                     f"{_optimizer_label(m.get('optimizer', 'adamw'))}, {kernel}, "
+                     f"gradient checkpointing {'on' if m['grad_checkpointing'] else 'off'}", m["rows"])
     mt.add_row("peak allocated", "", _gib(m["peak_allocated"]), f"torch.cuda.max_memory_allocated; at {m['peak_phase']}")
     mt.add_row("framework overhead", "", _gib(m["overhead"]),
                f"CUDA context {_gib(m['overhead_detail']['cuda_context'])} + allocator slack "
@@ -390,16 +401,8 @@ def _render_parallel(console, report: dict[str, Any]) -> None:
         return
     kind = par["parallelism"].upper()
     prec = "fp32" if par["precision"] == "fp32" else f"{par['precision']} autocast"
-    pt = Table(title=f"Memory per GPU with {par['nproc']} processes ({kind}): B={par['batch_size']} per process "
-                     f"(global batch {par['global_batch']} sequences), T={par['seq_len']}, {prec}",
-               title_justify="left")
-    pt.add_column("component")
-    pt.add_column("size", justify="right")
-    pt.add_column("at peak", justify="right")
-    pt.add_column("formula / source")
-    for row in par["rows"]:
-        pt.add_row(Text(row["name"]), _gib(row["size_bytes"]), _gib(row["at_peak_bytes"]), Text(row["formula"]))
-    pt.add_section()
+    pt = _rows_table(f"Memory per GPU with {par['nproc']} processes ({kind}): B={par['batch_size']} per process "
+                     f"(global batch {par['global_batch']} sequences), T={par['seq_len']}, {prec}", par["rows"])
     pt.add_row("peak allocated", "", _gib(par["peak_allocated"]), f"per GPU; at {par['peak_phase']}")
     pt.add_row("framework overhead", "", _gib(par["overhead"]), "CUDA context + allocator slack (NCCL buffers not counted)")
     pt.add_row("[bold]total per GPU[/bold]", "", f"[bold]{_gib(par['total'])}[/bold]",
