@@ -48,17 +48,24 @@ CPU_CASES = [
     ("medium", 1, 256, ["model.dropout=0"]),
 ]
 
-#: (preset, batch_size, grad_checkpointing) measured on CUDA, each in fp32 and bf16.
+#: (preset, batch_size, grad_checkpointing) measured on CUDA, each in fp32 and bf16: issue 15's rows
+#: (tiny, small, GPT-2 124M; with and without gradient checkpointing; one batch size each), the
+#: sizes big enough that the step's tensors dwarf the allocator's and cuBLAS's fixed costs and
+#: small enough that a step takes well under a second on an H200.
 CUDA_CASES = [
-    ("pilot", 32, False),
-    ("scale_10m", 8, False),
     ("tiny", 32, False),
-    ("small", 8, False),
-    ("small", 32, False),
-    ("small", 32, True),
-    ("medium", 8, False),
-    ("medium", 8, True),
+    ("tiny", 32, True),
+    ("small", 16, False),
+    ("small", 16, True),
     ("gpt2-124m", 16, False),
+    ("gpt2-124m", 16, True),
+]
+
+#: ``--dry-run``: (preset, batch_size, seq_len, precision, grad_checkpointing) run through the same
+#: ``--terms`` code on the CPU, small enough for a few seconds.
+DRY_RUN_CASES = [
+    ("tiny", 2, 64, "fp32", False),
+    ("tiny", 2, 64, "bf16", True),
 ]
 
 
@@ -142,15 +149,238 @@ def render(rows: list[dict], device: str) -> None:
     console.print(f"largest |error|: {worst:.2f}% (target 5%)")
 
 
+# --------------------------------------------------------------------------------------
+# --terms: every raw term of each row, so that the estimator can be calibrated from the JSON
+# --------------------------------------------------------------------------------------
+
+def _err(est: float | None, meas: float | None) -> float | None:
+    return None if est is None or not meas else err(est, meas)
+
+
+def phase_group(name: str) -> str:
+    """Which measured phase (:data:`lmkit.analysis.memory_terms.PHASES`) an estimate phase falls in."""
+    if name.startswith("forward"):
+        return "forward"
+    if name.startswith("optimizer"):
+        return "optimizer"
+    return "backward"
+
+
+def estimate_terms(cfg, batch: int, seq: int, precision: str, ckpt: bool, device: str, attention: str) -> dict:
+    """The estimate's own numbers for a row: its rows, peak, and the phase walk.
+
+    ``phases``: each step of :attr:`MemoryEstimate.phases` with ``bytes`` = weights + optimizer
+    state + the parts alive (no workspace); ``phase_peaks``: the largest of those per measured
+    phase, plus the cuBLAS workspace (as ``peak_allocated`` counts it), comparable with the
+    measured phase peaks.
+    """
+    from dataclasses import asdict
+
+    from lmkit.analysis.memory import FrameworkOverhead
+
+    est = estimate_memory(cfg, batch, seq_len=seq, precision=precision, attention=attention,
+                          grad_checkpointing=ckpt, device=device)
+    base = est.row("weights").size_bytes + est.row("optimizer state").size_bytes
+    ws = next((r.size_bytes for r in est.rows if r.name == "cuBLAS workspace"), 0)
+    phases = [{"phase": name, "bytes": base + sum(live.values()), "parts": dict(live)} for name, live in est.phases]
+    peaks: dict[str, int] = {}
+    for ph in phases:
+        group = phase_group(ph["phase"])
+        peaks[group] = max(peaks.get(group, 0), ph["bytes"] + ws)
+    return {"peak_allocated": est.peak_allocated, "peak_phase": est.peak_phase, "total": est.total,
+            "overhead": est.overhead, "overhead_detail": dict(est.overhead_detail),
+            "framework": asdict(FrameworkOverhead()) if device == "cuda" else None,
+            "saved_for_backward": est.saved_for_backward, "model_state": est.model_state, "workspace_bytes": ws,
+            "rows": [{"name": r.name, "size": r.size_bytes, "at_peak": r.at_peak_bytes} for r in est.rows],
+            "phases": phases, "phase_peaks": peaks}
+
+
+def terms_row(probe, preset: str, batch: int, seq: int | None, precision: str, ckpt: bool, steps: int) -> dict:
+    """One row of ``--terms``: the estimate, every raw measurement, and the errors (``est - meas``, %)."""
+    from lmkit.analysis.memory_terms import PHASES, measure_terms
+
+    t0 = time.perf_counter()
+    cfg = model_config(preset, [])
+    T = cfg.block_size if seq is None else seq
+    device = probe.device.type
+    # the kernel PyTorch runs: on the CPU dropout > 0 makes SDPA take its math kernel
+    attention = "eager" if device == "cpu" and cfg.dropout > 0 else "sdpa"
+    row = {"preset": preset, "batch_size": batch, "seq_len": T, "precision": precision, "grad_checkpointing": ckpt,
+           "attention": attention, "device": device, "steps": steps, "seconds": None, "oom": None,
+           "estimate": estimate_terms(cfg, batch, T, precision, ckpt, device, attention),
+           "tensors": None, "measured": None, "derived": None, "err_pct": None, "errors": []}
+    try:
+        meas = measure_terms(cfg, batch, T, probe=probe, precision=precision, grad_checkpointing=ckpt, steps=steps)
+    except Exception as exc:  # noqa: BLE001 - one broken row must not cost the others (one GPU shot)
+        row["errors"].append(f"{type(exc).__name__}: {exc}")
+        row["seconds"] = time.perf_counter() - t0
+        return row
+    row["oom"] = meas.pop("oom")
+    row["tensors"] = meas.pop("tensors")
+    meas.pop("seconds")
+    last = meas["steps"][-1]["peaks"] if meas["steps"] else None
+    meas["phase_peaks"] = {p: (last[p]["peak_allocated"] if last else None) for p in PHASES}
+    row["measured"] = meas
+    usage, stats, est = meas["usage"], meas["stats_peak"], row["estimate"]
+    peak, reserved = meas["max_allocated"], meas["max_reserved"]
+    requested = stats["requested_bytes.all.peak"]
+    row["derived"] = {
+        # NVML's process memory beyond what the caching allocator reserved: the CUDA context
+        "cuda_context": None if None in (usage["nvml_process_used"], usage["reserved"])
+        else usage["nvml_process_used"] - usage["reserved"],
+        # reserved but not allocated, as a fraction of the allocated peak (FrameworkOverhead.allocator_slack)
+        "allocator_slack": None if None in (peak, reserved) else (reserved - peak) / peak,
+        # block rounding at the peak: allocated minus requested bytes
+        "rounding_at_peak": None if None in (peak, requested) else peak - requested,
+        "workspace_resident": meas["workspace_resident"],
+    }
+    row["err_pct"] = {
+        "peak": _err(est["peak_allocated"], peak),
+        **{p: _err(est["phase_peaks"].get(p), meas["phase_peaks"][p]) for p in PHASES},
+        "saved_for_backward": _err(est["saved_for_backward"], row["tensors"]["saved_for_backward"]),
+        "total": _err(est["total"], usage["nvml_process_used"]),
+    }
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+class _Stopped(BaseException):
+    """SIGTERM (a time limit): print what is done."""
+
+
+def run_terms(doc: dict, probe, cases: list[tuple], steps: int, log) -> None:
+    """Fill ``doc`` (``process``, ``rows``) as the rows finish, so that a stop keeps them."""
+    t0 = time.perf_counter()
+    process = doc["process"]
+    process["setup"] = probe.setup()
+    process["start"] = probe.device_usage()
+    try:
+        process["workspaces"] = probe.workspaces()
+    except Exception as exc:  # noqa: BLE001 - the rows do not need it
+        process["workspaces"] = None
+        process["errors"].append(f"workspaces: {type(exc).__name__}: {exc}")
+    log(f"process setup + workspaces: {time.perf_counter() - t0:.2f} s")
+    for i, (preset, batch, seq, precision, ckpt) in enumerate(cases):
+        row = terms_row(probe, preset, batch, seq, precision, ckpt, steps)
+        doc["rows"].append(row)
+        e = row["err_pct"] or {}
+        log(f"row {i + 1}/{len(cases)} {preset} B={batch} {precision} ckpt={'on' if ckpt else 'off'}: "
+            f"{row['seconds']:.2f} s, peak err {_pct(e.get('peak'))}" + (f"  {row['errors']}" if row["errors"] else ""))
+    process["end"] = probe.device_usage()
+    end = process["end"]
+    process["cuda_context_end"] = (None if None in (end["nvml_process_used"], end["reserved"])
+                                   else end["nvml_process_used"] - end["reserved"])
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}"
+
+
+def render_terms(doc: dict) -> None:
+    console = Console()
+    mib = lambda n: "-" if n is None else f"{n / MiB:,.1f}"  # noqa: E731
+    t = Table(title=f"memory estimate vs measurement, phase by phase ({doc['device']}"
+                    f"{', dry run' if doc['dry_run'] else ''}), MiB; err % = (est - meas) / meas")
+    cols = ["preset", "B", "prec", "ckpt", "est peak", "meas peak", "err %"]
+    for ph in ("fwd", "bwd", "opt"):
+        cols += [f"{ph} est", f"{ph} meas", "err %"]
+    for c in [*cols, "s"]:
+        t.add_column(c, justify="left" if c in ("preset", "prec") else "right")
+    for r in doc["rows"]:
+        est, meas, e = r["estimate"], r["measured"] or {}, r["err_pct"] or {}
+        pp = meas.get("phase_peaks", {})
+        cells = [r["preset"], str(r["batch_size"]), r["precision"], "on" if r["grad_checkpointing"] else "off",
+                 mib(est["peak_allocated"]), mib(meas.get("max_allocated")) + (" OOM" if r["oom"] else ""),
+                 _pct(e.get("peak"))]
+        for ph in ("forward", "backward", "optimizer"):
+            cells += [mib(est["phase_peaks"].get(ph)), mib(pp.get(ph)), _pct(e.get(ph))]
+        t.add_row(*cells, f"{r['seconds']:.2f}")
+    console.print(t)
+    t2 = Table(title="raw terms, MiB (tensors counted on the tensors; the rest from the allocator / NVML)")
+    for c in ("preset", "B", "prec", "ckpt", "weights", "grads", "optim", "saved est", "saved meas", "err %",
+              "ws resident", "max reserved", "slack %", "rounding", "context", "errors"):
+        t2.add_column(c, justify="left" if c in ("preset", "prec", "errors") else "right")
+    for r in doc["rows"]:
+        tens, meas, d, e = r["tensors"] or {}, r["measured"] or {}, r["derived"] or {}, r["err_pct"] or {}
+        slack = d.get("allocator_slack")
+        t2.add_row(r["preset"], str(r["batch_size"]), r["precision"], "on" if r["grad_checkpointing"] else "off",
+                   mib(tens.get("weights")), mib(tens.get("gradients")), mib(tens.get("optimizer_state")),
+                   mib(r["estimate"]["saved_for_backward"]), mib(tens.get("saved_for_backward")),
+                   _pct(e.get("saved_for_backward")), mib(d.get("workspace_resident")), mib(meas.get("max_reserved")),
+                   "-" if slack is None else f"{100 * slack:.1f}", mib(d.get("rounding_at_peak")),
+                   mib(d.get("cuda_context")), "; ".join(r["errors"]))
+    console.print(t2)
+    ws = doc["process"].get("workspaces") or {}
+    parts = [f"{k} {mib(v.get('workspace'))}" for k, v in ws.items() if isinstance(v, dict)]
+    console.print("cuBLAS workspaces (MiB, each after clearing): " + ", ".join(parts)
+                  + f"; all resident {mib(ws.get('all_resident'))}")
+    console.print(f"CUDA context at the end (NVML process - reserved): {mib(doc['process'].get('cuda_context_end'))} MiB; "
+                  f"{doc['seconds']:.1f} s in all" + ("" if doc["complete"] else " (STOPPED: rows missing)"))
+    errs = [abs(v) for r in doc["rows"] for v in [(r["err_pct"] or {}).get("peak")] if v is not None]
+    if errs:
+        console.print(f"largest |peak error|: {max(errs):.2f}% (target 5%)")
+
+
+def terms_main(args, precisions: list[str]) -> None:
+    import signal
+    import sys
+
+    from lmkit.analysis.memory_terms import probe_for
+
+    device = "cpu" if args.dry_run else args.device
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available on this machine")
+        cases = [(p, b, None, prec, ck) for p, b, ck in CUDA_CASES for prec in precisions]
+    elif args.dry_run:
+        cases = DRY_RUN_CASES
+    else:
+        raise SystemExit("--terms runs on CUDA (--device cuda) or as a CPU dry run (--dry-run)")
+
+    def log(msg: str) -> None:
+        print(f"[memory_estimate] {msg}", file=sys.stderr, flush=True)
+
+    def stop(signum, frame):  # noqa: ARG001
+        raise _Stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    doc = {"mode": "terms", "device": device, "dry_run": bool(args.dry_run), "complete": False, "seconds": None,
+           "steps": args.steps, "process": {"errors": []}, "rows": []}
+    t0 = time.perf_counter()
+    try:
+        run_terms(doc, probe_for(device), cases, args.steps, log)
+        doc["complete"] = True
+    except (_Stopped, KeyboardInterrupt):
+        log("stopped: printing the rows done so far")
+    finally:
+        doc["seconds"] = time.perf_counter() - t0
+        if args.json:
+            print(json.dumps(doc, indent=1))
+        else:
+            render_terms(doc)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", action="append", choices=("fp32", "bf16", "fp16"),
                         help="repeatable; default fp32 and bf16")
+    parser.add_argument("--terms", action="store_true",
+                        help="every raw term per row (phase peaks, allocator, workspaces, context) + the estimate's walk")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="--terms' code on the CPU for two small rows (allocator figures null)")
+    parser.add_argument("--steps", type=int, default=3, help="--terms: measured steps per row (default 3)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     precisions = args.precision or ["fp32", "bf16"]
+    if args.dry_run and args.device == "cuda":
+        raise SystemExit("--dry-run runs on the CPU: drop --device cuda")
+    if args.terms or args.dry_run:
+        terms_main(args, precisions)
+        return
     if args.device == "cuda":
         import torch
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +50,29 @@ def _attention_context(attention: str):
 
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def recording_saved(model: torch.nn.Module) -> Iterator[dict[int, int]]:
+    """Record the storages autograd saves for backward inside the block (any device).
+
+    Yields a dict ``storage data_ptr -> bytes`` that fills while the block runs (under
+    :func:`torch.autograd.graph.saved_tensors_hooks`; the pack hook returns the tensor itself, so
+    nothing is copied or kept longer). Views count their whole storage once; ``model``'s
+    parameters and buffers are left out (they are the weights). The inputs that non-reentrant
+    :func:`torch.utils.checkpoint.checkpoint` regions keep are saved through autograd too.
+    """
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
 
 
 def _profiled_peak(step) -> int:
@@ -104,16 +128,7 @@ def measure_saved(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-        weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-        saved: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            s = t.untyped_storage()
-            if s.data_ptr() not in weights:
-                saved[s.data_ptr()] = s.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with recording_saved(model) as saved:
             with autocast:
                 _, loss = model(x, y)
         loss.backward()
