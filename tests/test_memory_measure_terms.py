@@ -34,7 +34,7 @@ SCRIPT = ROOT / "benchmarks" / "memory_estimate.py"
 ROW_KEYS = {"preset", "batch_size", "seq_len", "precision", "grad_checkpointing", "attention", "device", "steps",
             "seconds", "oom", "estimate", "tensors", "measured", "derived", "err_pct", "errors"}
 ESTIMATE_KEYS = {"peak_allocated", "peak_phase", "total", "overhead", "overhead_detail", "framework",
-                 "saved_for_backward", "model_state", "workspace_bytes", "rows", "phases", "phase_peaks"}
+                 "saved_for_backward", "model_state", "workspace_bytes", "rows", "per_layer", "phases", "phase_peaks"}
 TENSOR_KEYS = {"weights", "buffers", "inputs", "gradients", "optimizer_state", "saved_for_backward"}
 MEASURED_KEYS = {"row_start", "build", "after_build", "steps", "usage", "max_allocated", "max_reserved",
                  "stats_peak", "workspace_resident", "phase_peaks"}
@@ -177,11 +177,7 @@ def test_each_reading_lands_in_its_slot_with_the_cuda_probe():
 def test_cuda_probe_process_readings_with_the_fake():
     fake = FakeCuda()
     probe = CudaProbe("cpu", cuda=fake, clear_workspaces=lambda: None)
-    before = torch.get_float32_matmul_precision()
-    try:
-        setup = probe.setup()
-    finally:
-        torch.set_float32_matmul_precision(before)  # setup() sets "high" (TF32) for the CUDA run
+    setup = probe.setup()
     assert setup["device_name"] == "fake" and setup["capability"] == "9.0" and setup["clear_workspaces_api"]
     ws = probe.workspaces()
     assert set(ws) == {*WORKSPACE_PROBES, "all_resident"}
@@ -189,6 +185,9 @@ def test_cuda_probe_process_readings_with_the_fake():
     assert mm["output_bytes"] == 1024 * 768 * 4 and mm["requested_delta"] == 0 and mm["workspace"] == -mm["output_bytes"]
     usage = probe.device_usage()
     assert set(usage) == set(USAGE_KEYS) and usage["cudart_device_used"] == 900 and usage["reserved"] == 10**9
+    cpu = MemoryProbe("cpu")  # the process section has the same keys, null on the CPU
+    assert _keys(cpu.setup()) == _keys(setup) and _keys(cpu.workspaces()) == _keys(ws)
+    assert _keys(cpu.device_usage()) == _keys(usage) and cpu.setup()["device_name"] is None
 
 
 def _keys(obj):
@@ -231,14 +230,22 @@ def test_a_failing_row_is_recorded_and_the_run_goes_on(monkeypatch):
 def test_sigterm_prints_the_rows_done(monkeypatch, capsys):
     bench = _bench()
 
-    def run_terms(doc, probe, cases, steps, log):
+    def run_terms(doc, probe, cases, steps, log, max_seconds):
         doc["rows"].append({"preset": "done"})
         raise bench._Stopped  # what the SIGTERM handler raises
 
     monkeypatch.setattr(bench, "run_terms", run_terms)
-    bench.terms_main(SimpleNamespace(dry_run=True, device="cpu", steps=2, json=True), ["fp32"])
+    bench.terms_main(SimpleNamespace(dry_run=True, device="cpu", steps=2, json=True, max_seconds=0), ["fp32"])
     doc = json.loads(capsys.readouterr().out)
     assert doc["complete"] is False and doc["rows"] == [{"preset": "done"}]
+
+
+def test_max_seconds_skips_the_rows_left():
+    bench = _bench()
+    doc = {"process": {"errors": []}, "rows": [], "skipped": []}
+    bench.run_terms(doc, MemoryProbe("cpu"), bench.DRY_RUN_CASES, 2, lambda msg: None, max_seconds=1e-9)
+    assert doc["rows"] == [] and doc["skipped"] == [list(c) for c in bench.DRY_RUN_CASES]
+    assert set(doc["process"]) >= {"setup", "start", "workspaces", "end"}
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,11 @@
   that follow :meth:`lmkit.training.loop.Trainer.train_step` (autocast, ``GradScaler`` for fp16,
   ``clip_grad_norm_``, fused AdamW, ``zero_grad(set_to_none=True)``; with targets the model
   returns no logits, so none are held), plus the process's device memory as NVML sees it.
+  Every term of such a step, phase by phase: :func:`lmkit.analysis.memory_terms.measure_terms`.
+* :func:`recording_saved`: the ``saved_tensors_hooks`` that count the bytes saved for backward,
+  on any device (:func:`measure_saved` and :mod:`lmkit.analysis.memory_terms` use it).
 
-Both import torch; :mod:`lmkit.analysis.memory` does not.
+All import torch; :mod:`lmkit.analysis.memory` does not.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ class MemoryProbe:
         return {"device": str(self.device), "device_name": None, "capability": None, "total_memory": None,
                 "torch": torch.__version__, "cuda": torch.version.cuda, "allocator_backend": None,
                 "float32_matmul_precision": torch.get_float32_matmul_precision(),
-                "env": {k: os.environ.get(k) for k in ENV_KEYS}, "nvml_device_used_before_init": None}
+                "env": {k: os.environ.get(k) for k in ENV_KEYS}, "nvml_device_used_before_init": None,
+                "clear_workspaces_api": None}
 
     def workspaces(self) -> dict[str, Any]:
         """cuBLAS / cuBLASLt workspace bytes, one probe per kind of GEMM (:data:`WORKSPACE_PROBES`)."""
@@ -135,13 +136,10 @@ class CudaProbe(MemoryProbe):
     def setup(self) -> dict[str, Any]:
         out = super().setup()
         out["nvml_device_used_before_init"] = self._nvml()[1]  # before this process makes its context
-        torch.set_float32_matmul_precision("high")  # TF32, as lmkit's training sets it (training.tf32)
         self.cuda.init()
         props = self.cuda.get_device_properties(self.device)
         out.update(device_name=props.name, capability=f"{props.major}.{props.minor}", total_memory=props.total_memory,
-                   allocator_backend=self.cuda.get_allocator_backend(),
-                   float32_matmul_precision=torch.get_float32_matmul_precision(),
-                   clear_workspaces_api=self.clear is not None)
+                   allocator_backend=self.cuda.get_allocator_backend(), clear_workspaces_api=self.clear is not None)
         return out
 
     def _clear(self) -> None:
