@@ -203,3 +203,35 @@ def test_fsdp_refuses_what_it_does_not_support(kw, message):
         Distributed(2, 0, 0).check("fsdp", "cpu", **kw)
     Distributed(2, 0, 0).check("ddp", "cpu", **kw)
     Distributed(2, 0, 0).check("fsdp", "cpu", optimizer="adamw", precision="bf16")
+
+
+def test_one_launched_process_runs_fsdp_or_ddp_only_when_asked(tmp_path):
+    """``--nproc-per-node 1`` with ``training.parallelism`` set: a process group of one (gloo here,
+    NCCL on a GPU) and the FSDP / DDP code path -- a DCP folder with one shard, the parallelism
+    recorded -- with the losses of an ordinary process (to 1e-6). Without the setting, the launched
+    worker is an ordinary process (a ``.pt`` checkpoint, no parallelism)."""
+    preset, runs = _preset(tmp_path), tmp_path / "runs"
+    launched = ("--nproc-per-node", "1")
+    fsdp, ddp, plain, one = _wait(
+        _start(_train(preset, runs, "fsdp1", *FSDP, *launched), tmp_path),
+        _start(_train(preset, runs, "ddp1", "--set", "training.parallelism=ddp", *launched), tmp_path),
+        _start(_train(preset, runs, "plain1", *launched), tmp_path),
+        _start(_train(preset, runs, "one"), tmp_path))
+    for proc in (fsdp, ddp, plain, one):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data parallel: 1 process (FSDP, gloo); global batch 16 sequences = 1 rank x 16" in fsdp.stdout
+    assert "data parallel" not in plain.stdout + plain.stderr
+    reference = _losses(runs / "one")
+    for name in ("fsdp1", "ddp1", "plain1"):
+        assert list(_losses(runs / name).values()) == pytest.approx(list(reference.values()), abs=1e-6, rel=0), name
+    started = {name: [e for e in _records(runs / name, "events") if e["kind"] == "run_started"][0]
+               for name in ("fsdp1", "ddp1", "plain1")}
+    assert [(started[n]["world_size"], started[n]["parallelism"]) for n in ("fsdp1", "ddp1", "plain1")] == \
+        [(1, "fsdp"), (1, "ddp"), (1, None)]
+    shards = sorted(p.name for p in (runs / "fsdp1" / "checkpoints" / "latest.dcp").glob("*.distcp"))
+    assert shards == ["__0_0.distcp"]
+    state = load_checkpoint(runs / "fsdp1" / "checkpoints" / "latest.dcp")
+    assert (state["world_size"], state["parallelism"]) == (1, "fsdp")
+    _assert_same(state["model"], load_checkpoint(runs / "one" / "checkpoints" / "latest.pt")["model"])
+    assert torch.load(runs / "ddp1" / "checkpoints" / "latest.pt", weights_only=True)["parallelism"] == "ddp"
+    assert "parallelism" not in torch.load(runs / "plain1" / "checkpoints" / "latest.pt", weights_only=True)

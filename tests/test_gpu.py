@@ -78,3 +78,34 @@ def test_bitwise_resume_fp16_restores_the_grad_scaler(tmp_path):
     assert a["scaler"]["_growth_tracker"] == b["scaler"]["_growth_tracker"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def _losses(run) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.parametrize(("parallelism", "precision"), [("fsdp", "--bf16"), ("ddp", "--fp16")])
+def test_one_gpu_process_group_with_compile_trains_and_resumes(tmp_path, tiny_preset, parallelism, precision):
+    """`--nproc-per-node 1` + an explicit parallelism: NCCL, fully_shard (or DDP) then
+    torch.compile, fused AdamW on DTensor shards (FSDP) or GradScaler + DDP (fp16); the losses
+    follow an ordinary single-process run of the same precision, and a SIGTERM'd run resumes."""
+    common = ("train", "--preset", str(tiny_preset), "--max-steps", "20", precision, "--compile", "--no-tui")
+    one = run_cli(*common, "--name", "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launched = (*common, "--nproc-per-node", "1", "--set", f"training.parallelism={parallelism}")
+    dp = run_cli(*launched, "--name", "dp", cwd=tmp_path)
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    assert f"({parallelism.upper()}, NCCL)" in dp.stdout + dp.stderr
+    runs = tmp_path / "runs"
+    suffix = ".dcp" if parallelism == "fsdp" else ".pt"
+    assert (runs / "dp" / "checkpoints" / f"latest{suffix}").exists()
+    tol = 2e-2 if precision == "--bf16" else 1e-3  # compiled kernels, 16-bit autocast
+    assert _losses(runs / "dp") == pytest.approx(_losses(runs / "one"), abs=tol, rel=0)
+
+    cut = run_cli(*launched, "--name", "cut", cwd=tmp_path, env={"LMKIT_TEST_SIGNAL": "9:SIGTERM"})
+    assert cut.returncode == 143, cut.stderr[-3000:]
+    more = run_cli("resume", str(runs / "cut"), "--nproc-per-node", "1", "--no-tui", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert len(_losses(runs / "cut")) == len(_losses(runs / "dp"))
+    assert _losses(runs / "cut") == pytest.approx(_losses(runs / "dp"), abs=tol, rel=0)

@@ -494,7 +494,8 @@ class TrainConfig(_Strict):
     #: Data parallelism under torchrun (WORLD_SIZE > 1): ``ddp`` (DistributedDataParallel; the
     #: default there) or ``fsdp`` (FSDP2 ``fully_shard`` per block, then the root; AdamW in fp32 or
     #: bf16; checkpoints are Distributed Checkpoint folders ``TAG.dcp``, also when such a run
-    #: continues on one process).
+    #: continues on one process). Set explicitly, it also applies to a launcher's single worker
+    #: (``--nproc-per-node 1``): a process group of one, e.g. FSDP on one GPU.
     parallelism: Literal["ddp", "fsdp"] | None = None
     tf32: bool = True
     seed: int = 1337

@@ -70,9 +70,10 @@ def fmt_metric(name: str, value: float) -> str:
 
 
 def processes_text(e: RunStarted) -> str:
-    """``4 processes (DDP)`` for a data-parallel run (``world_size > 1``), else ``""``."""
+    """``4 processes (DDP)`` for a data-parallel run (``world_size > 1``; ``1 process (FSDP)`` for
+    a launched process group of one), else ``""``."""
     if e.world_size <= 1:
-        return ""
+        return f"1 process ({e.parallelism.upper()})" if e.parallelism else ""
     return f"{e.world_size} processes ({(e.parallelism or 'ddp').upper()})"
 
 
@@ -150,7 +151,7 @@ def started_lines(e: RunStarted, warmup_steps: int | None = None) -> list[str]:
     lines = [
         f"run {e.name} -> {e.run_dir}",
         f"model {e.model_type} ({e.preset or 'custom'}): {e.n_params:,} params | device {e.device_name} "
-        f"[{e.device}]{' | ' + processes_text(e) if e.world_size > 1 else ''} | {e.precision}"
+        f"[{e.device}]{' | ' + processes_text(e) if processes_text(e) else ''} | {e.precision}"
         f"{' | compiled' if e.compile else ''}",
         f"{e.max_steps} optimizer steps ({e.steps_per_epoch}/epoch), {fmt_count(e.tokens_per_step)} tokens/step "
         "(batch x block, padding included; tokens seen count loss targets)"

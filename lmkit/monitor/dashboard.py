@@ -484,7 +484,7 @@ class Dashboard:
         text.append(f"  {s.preset or 'custom'}", style="cyan")
         text.append(f" · {s.model_type} {s.n_params:,} params", style="")
         text.append(f" · {s.device_name}", style="green")
-        if s.world_size > 1:
+        if processes_text(s):
             text.append(f" · {processes_text(s)}", style="bold green")
         text.append(f" · {s.precision}")
         text.append(f" · compile {'on' if s.compile else 'off'}")

@@ -5,8 +5,12 @@ Under ``torchrun`` (or ``python -m torch.distributed.run``) every worker gets ``
 the trainer joins the process group (NCCL on CUDA, one device per local rank; gloo on the
 CPU) and trains with :class:`torch.nn.parallel.DistributedDataParallel`
 (``training.parallelism: ddp``, the default) or FSDP2 ``fully_shard``
-(``training.parallelism: fsdp``; :mod:`lmkit.training.parallel` holds what differs). With ``WORLD_SIZE`` unset or 1 nothing here
-runs: :class:`Distributed` is then a stand-in whose methods do nothing.
+(``training.parallelism: fsdp``; :mod:`lmkit.training.parallel` holds what differs). Under a
+launcher with ``WORLD_SIZE=1`` (``--nproc-per-node 1``) the same happens on one process when
+``training.parallelism`` is set explicitly: the DDP/FSDP code path (NCCL, ``fully_shard``,
+DCP checkpoints) on one GPU, as torchtitan runs FSDP with a data-parallel degree of 1. With
+``WORLD_SIZE`` unset, or 1 without an explicit parallelism, nothing here runs: :class:`Distributed`
+is then a stand-in whose methods do nothing.
 
 What the ranks agree on, and how (none of it adds a host-device sync per step):
 
@@ -66,18 +70,20 @@ class Distributed:
 
     Attributes:
         world_size / rank / local_rank: from ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``.
-        enabled: ``world_size > 1``.
+        enabled: ``world_size > 1``, or ``one_process`` (a launcher's single worker asked for
+            DDP or FSDP explicitly).
     """
 
-    def __init__(self, world_size: int = 1, rank: int = 0, local_rank: int = 0):
+    def __init__(self, world_size: int = 1, rank: int = 0, local_rank: int = 0, *, one_process: bool = False):
         self.world_size, self.rank, self.local_rank = world_size, rank, local_rank
-        self.enabled = world_size > 1
+        self.enabled = world_size > 1 or one_process
         self.cpu_group: Any = None  # a gloo group for host-side values (the default one under gloo)
         self.started = False
 
     @classmethod
-    def from_env(cls) -> Distributed:
-        """Read torchrun's variables.
+    def from_env(cls, parallelism: str | None = None) -> Distributed:
+        """Read torchrun's variables. ``parallelism``: ``training.parallelism``; set (``ddp`` or
+        ``fsdp``) under a launcher with ``WORLD_SIZE=1``, the process joins a process group of one.
 
         Raises:
             ConfigError: a variable is not an integer, or ``RANK`` is outside ``[0, WORLD_SIZE)``.
@@ -87,7 +93,8 @@ class Distributed:
         local = _env_int("LOCAL_RANK", rank)
         if world > 1 and not 0 <= rank < world:
             raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
-        return cls(world, rank, local)
+        launched = os.environ.get("WORLD_SIZE") is not None and os.environ.get("MASTER_ADDR") is not None
+        return cls(world, rank, local, one_process=world == 1 and launched and parallelism in ("ddp", "fsdp"))
 
     @property
     def is_main(self) -> bool:

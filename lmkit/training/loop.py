@@ -144,8 +144,8 @@ class Trainer:
         tcfg = cfg.training
         self._apply_threads()
         self.plan: DevicePlan = plan_device(tcfg, preset=self.config.preset)
-        self.dist = Distributed.from_env()
-        if self.dist.enabled:  # torchrun with WORLD_SIZE > 1: join the process group first
+        self.dist = Distributed.from_env(tcfg.parallelism)
+        if self.dist.enabled:  # torchrun (WORLD_SIZE > 1, or 1 with a parallelism): join the process group first
             self.dist.check(tcfg.parallelism, self.plan.device.type, optimizer=tcfg.optimizer,
                             precision=self.plan.precision)
             self.plan = self._rank_plan(self.plan)

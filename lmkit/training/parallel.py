@@ -180,8 +180,9 @@ class DDP(Strategy):
     def describe(self, batch_size: int, accum: int) -> str | None:
         world = self.dist.world_size
         backend = "NCCL" if self.device.type == "cuda" else "gloo"
-        return (f"data parallel: {world} processes ({self.name.upper()}, {backend}); global batch "
-                f"{batch_size * accum * world} sequences = {world} ranks x {batch_size} x {accum} accumulation steps")
+        procs, ranks = ("1 process", "1 rank") if world == 1 else (f"{world} processes", f"{world} ranks")
+        return (f"data parallel: {procs} ({self.name.upper()}, {backend}); global batch "
+                f"{batch_size * accum * world} sequences = {ranks} x {batch_size} x {accum} accumulation steps")
 
     def sync(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.module.no_sync()
