@@ -21,6 +21,21 @@ def shared(*parts: str) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests skip, saying why, where no CUDA device is (``pytest -m gpu`` on a CPU
+    machine then reports skips, not failures); on a GPU machine they run."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: no CUDA device here")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "lmkit-cache"
