@@ -39,7 +39,7 @@ Usage::
 
 ``--terms --json`` prints one object: ``mode``, ``device``, ``dry_run``, ``complete``, ``seconds``,
 ``steps``, ``process`` (``setup``, ``start``, ``workspaces``, ``end``, ``cuda_context_end``,
-``errors``), ``rows`` and ``skipped``. Rows start only while the script has run under
+``cuda_context_end_cudart``, ``errors``), ``rows`` and ``skipped``. Rows start only while the script has run under
 ``--max-seconds`` (default 45); SIGTERM prints the rows done (``complete: false``).
 
 A benchmark, not a test: it asserts nothing (tests/test_memory.py asserts ±10% on two CPU cases).
@@ -300,6 +300,10 @@ def run_terms(doc: dict, probe, cases: list[tuple], steps: int, log, max_seconds
     end = process["end"]
     process["cuda_context_end"] = (None if None in (end["nvml_process_used"], end["reserved"])
                                    else end["nvml_process_used"] - end["reserved"])
+    # the same from cudaMemGetInfo, less what the device held before this process (NVML, before init)
+    base = process["setup"]["nvml_device_used_before_init"]
+    process["cuda_context_end_cudart"] = (None if None in (end["cudart_device_used"], end["reserved"], base)
+                                          else end["cudart_device_used"] - end["reserved"] - base)
 
 
 def _pct(v: float | None) -> str:

@@ -240,6 +240,27 @@ def test_sigterm_prints_the_rows_done(monkeypatch, capsys):
     assert doc["complete"] is False and doc["rows"] == [{"preset": "done"}]
 
 
+def test_the_cuda_branch_of_the_command_with_the_fake(monkeypatch, capsys):
+    # --device cuda --terms --json as the GPU script calls it, CudaProbe on CPU tensors, one pilot row
+    import lmkit.analysis.memory_terms as terms
+
+    bench = _bench()
+    fake = FakeCuda()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(terms, "probe_for", lambda device: CudaProbe("cpu", cuda=fake, clear_workspaces=lambda: None))
+    monkeypatch.setattr(bench, "CUDA_CASES", [("pilot", 2, True)])
+    monkeypatch.setattr(sys, "argv", ["memory_estimate.py", "--device", "cuda", "--terms", "--json", "--steps", "2"])
+    bench.main()
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["complete"] and doc["device"] == "cuda" and not doc["dry_run"]
+    assert [(r["precision"], r["grad_checkpointing"], r["seq_len"]) for r in doc["rows"]] == [
+        ("fp32", True, 32), ("bf16", True, 32)]
+    assert all(r["errors"] == [] for r in doc["rows"])
+    # 8 peak resets a row (start, build, 3 phases x 2 steps): each row's peak is its own last phase's
+    assert [r["measured"]["max_allocated"] for r in doc["rows"]] == [8000, 16000]
+    assert doc["process"]["setup"]["device_name"] == "fake" and doc["process"]["workspaces"]["all_resident"] is not None
+
+
 def test_max_seconds_skips_the_rows_left():
     bench = _bench()
     doc = {"process": {"errors": []}, "rows": [], "skipped": []}
@@ -258,7 +279,9 @@ def dry_run():
 
 def test_dry_run_command_gives_every_key(dry_run):
     assert dry_run["complete"] and dry_run["mode"] == "terms" and dry_run["dry_run"]
-    assert set(dry_run["process"]) >= {"setup", "start", "workspaces", "end", "cuda_context_end", "errors"}
+    assert set(dry_run["process"]) == {"setup", "start", "workspaces", "end", "cuda_context_end",
+                                       "cuda_context_end_cudart", "errors"}
+    assert set(dry_run) == {"mode", "device", "dry_run", "complete", "seconds", "steps", "process", "rows", "skipped"}
     assert len(dry_run["rows"]) == 2
     for row in dry_run["rows"]:
         assert row["errors"] == []
