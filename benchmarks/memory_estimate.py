@@ -415,6 +415,8 @@ def main() -> None:
     precisions = args.precision or ["fp32", "bf16"]
     if args.dry_run and args.device == "cuda":
         raise SystemExit("--dry-run runs on the CPU: drop --device cuda")
+    if args.steps < 2:
+        raise SystemExit(f"--steps {args.steps}: at least 2 (the first step creates the optimizer state)")
     if args.terms or args.dry_run:
         terms_main(args, precisions)
         return
