@@ -96,6 +96,12 @@ def build_contender(name: str, shape: dict, device: torch.device):
     return make_step(model, kind, device, torch.bfloat16, call=call)
 
 
+def _progress(text: str) -> None:
+    """A line on stderr as each stage ends (stdout carries the JSON): a run cut short by a time
+    limit still leaves what it measured."""
+    print(f"[gpt2] {text}", file=sys.stderr, flush=True)
+
+
 def _dynamo_graphs() -> int | None:
     try:  # private counters: only to show that nothing recompiled while timing
         from torch._dynamo.utils import counters
@@ -127,16 +133,23 @@ def time_gpt2(shape: dict, names: list[str], device: torch.device, rounds: int, 
             step_fns[name], warm[name] = step, times
             after = _dynamo_graphs()
             compiled[name] = after - graphs if graphs is not None and after is not None else None
+            _progress(f"{name}: warm-up steps " + ", ".join(f"{t:.2f}" for t in times) + " s")
         except Exception as exc:  # noqa: BLE001 -- one shot on the GPU: keep the others' numbers
             traceback.print_exc(file=sys.stderr)
             errors[name] = f"{type(exc).__name__}: {exc}"[:600]
+            _progress(f"{name}: failed: {errors[name]}")
         if name in errors:  # free what it built
             step = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     graphs_before = _dynamo_graphs()
-    rates = interleaved_rates(step_fns, x, y, device, rounds, steps) if step_fns else {}
+    try:
+        rates = interleaved_rates(step_fns, x, y, device, rounds, steps) if step_fns else {}
+    except Exception as exc:  # noqa: BLE001 -- keep the warm-up figures
+        traceback.print_exc(file=sys.stderr)
+        errors.update({name: f"timing: {type(exc).__name__}: {exc}"[:600] for name in step_fns})
+        rates = {}
     graphs_after = _dynamo_graphs()
 
     fpt = float(lmkit_model(**{k: shape[k] for k in ("vocab", "n_layer", "n_head", "n_embd", "block")})
@@ -145,9 +158,11 @@ def time_gpt2(shape: dict, names: list[str], device: torch.device, rounds: int, 
     contenders = {}
     for name in names:
         if name in errors:
-            contenders[name] = {"tok_per_s": None, "mfu": None, "rounds": [], "compile_s": None, "error": errors[name]}
+            contenders[name] = {"tok_per_s": None, "mfu": None, "rounds": [], "compile_s": None,
+                                "warmup_s": warm.get(name), "error": errors[name]}
             continue
         tok = statistics.median(rates[name])
+        _progress(f"{name}: {tok:,.0f} tok/s (rounds " + ", ".join(f"{r:,.0f}" for r in rates[name]) + ")")
         contenders[name] = {
             "tok_per_s": tok,
             "mfu": tok * fpt / peak if peak else None,
@@ -266,6 +281,7 @@ def run_gpt2(args, device: torch.device) -> dict:
         if best is None:
             report["profile"] = {"error": "no lmkit contender ran"}
         else:
+            _progress(f"profiling {best} -> {args.profile}")
             try:
                 s = report["shape"]
                 title = (f"{best}, GPT-2 {s['n_layer']}x{s['n_embd']}, batch {s['batch']} x {s['block']}, "
@@ -296,8 +312,10 @@ def print_gpt2(g: dict) -> None:
         mfu = f"MFU {100 * c['mfu']:.1f}%" if c["mfu"] is not None else "MFU n/a"
         comp = f", compile+first step {c['compile_s']:.1f} s" if c["compile_s"] is not None else ""
         print(f"  {name:16s} {c['tok_per_s']:10,.0f} tok/s  {mfu}{comp}")
-    if g["ratio_compiled_lmkit_over_nanogpt"] is not None:
-        print(f"  ratio lmkit+compile / nanogpt+compile = {g['ratio_compiled_lmkit_over_nanogpt']:.3f}x")
+    for label, key in (("lmkit+compile / nanogpt+compile", "ratio_compiled_lmkit_over_nanogpt"),
+                       ("lmkit / nanogpt (eager)", "ratio_eager_lmkit_over_nanogpt")):
+        if g[key] is not None:
+            print(f"  ratio {label} = {g[key]:.3f}x")
     if "profile" in g:
         p = g["profile"]
         print(f"  profile ({p.get('contender')}): " + (p["error"] if "error" in p else f"{p['trace']}, {p['table']}"))

@@ -110,3 +110,30 @@ def test_the_gpu_command_dry_run_with_compile(tmp_path):
     assert g["ratio_compiled_lmkit_over_nanogpt"] > 0 and g["recompiles_while_timing"] == 0
     assert g["profile"]["contender"] in ("lmkit", "lmkit+compile")
     assert (tmp_path / "trace_gpt2_124m.json.gz").exists() and (tmp_path / "profile_gpt2_124m.txt").exists()
+
+
+def test_a_failing_contender_is_reported_and_the_others_still_run(monkeypatch):
+    """One shot on the GPU: a contender that fails (say its compile) must not cost the others."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import train_throughput_gpt2 as gpt2
+
+    real = gpt2.build_contender
+
+    def build(name, shape, device):
+        step = real(name, shape, device)
+        if name != "nanogpt":
+            return step
+
+        def broken(x, y):
+            raise RuntimeError("no Triton here")
+        return broken
+
+    monkeypatch.setattr(gpt2, "build_contender", build)
+    import torch
+
+    shape = gpt2.parse_shape(f"{L},{H},{D},{T},{B},{V}")
+    report, steps, _ = gpt2.time_gpt2(shape, ["lmkit", "nanogpt"], torch.device("cpu"), rounds=1, steps=1, warmup=1)
+    assert report["contenders"]["nanogpt"]["error"] == "RuntimeError: no Triton here"
+    assert report["contenders"]["nanogpt"]["tok_per_s"] is None and list(steps) == ["lmkit"]
+    assert report["contenders"]["lmkit"]["tok_per_s"] > 0
+    assert report["ratio_eager_lmkit_over_nanogpt"] is None
