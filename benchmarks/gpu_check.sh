@@ -103,6 +103,9 @@ print("cuda", torch.cuda.is_available(), torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "-",
       "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "")
 EOF
+    # torch.compile's Triton builds a C stub on its first CUDA compile: it needs a C compiler and Python.h
+    echo "C compiler: $(command -v gcc || command -v cc || echo NONE)"
+    $PY -c "import os, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); print('Python.h:', h if os.path.exists(h) else 'MISSING')"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
     echo "# lmkit doctor --json"
     $PY -m lmkit doctor --json
@@ -110,17 +113,17 @@ EOF
     $PY -m lmkit doctor --preset gpt2-124m --bf16 -b 16
 }
 export -f s_setup
-stage 1_setup.txt 45 s_setup
+stage 1_setup.txt 40 s_setup
 
 # ---------------------------------------------------------------------------------------------
 # 2. the gpu-marked tests, all of them
 # ---------------------------------------------------------------------------------------------
 s_pytest() {
     cd "$REPO" || exit 1
-    $PY -m pytest -m gpu -q -ra -p no:cacheprovider --timeout 80 --junitxml="$LOGS/junit_gpu.xml"
+    $PY -m pytest -m gpu -q -ra -p no:cacheprovider --timeout 100 --junitxml="$LOGS/junit_gpu.xml"
 }
 export -f s_pytest
-stage 2_pytest.txt 90 s_pytest
+stage 2_pytest.txt 120 s_pytest
 
 # ---------------------------------------------------------------------------------------------
 # 3. seed 000's command, straight twice and cut at step ~100 + resumed: bitwise?
@@ -145,14 +148,14 @@ s_resume() {
     $PY -m lmkit resume runs/b --json >b.json 2>"$LOGS/3_resume_b.err"
     echo "resume b: exit $?"
     grep -h "resum" "$LOGS/3_resume_b.err" | head -5
-    $PY -c "import json,sys; s=json.load(open('a.json')); print('run a summary:', {k: s.get(k) for k in ('device','precision','steps','final_val_loss','tokens_per_s','elapsed_s','mfu')})"
+    $PY -c "import json,sys; s=json.load(open('a.json')); print('run a summary:', {k: s.get(k) for k in ('device_name','precision','steps','final_val_loss','train_tok_per_s','train_time_s','wall_time_s','mfu','peak_flops_basis')})"
     echo "# straight vs straight (is this GPU run deterministic at all?)"
     $PY "$REPO/benchmarks/runs_equal.py" runs/a runs/a2 --label straight_vs_straight
     echo "# straight vs cut-and-resumed (exact resume?)"
     $PY "$REPO/benchmarks/runs_equal.py" runs/a runs/b --label straight_vs_resumed
 }
 export -f s_resume
-stage 3_resume.txt 90 s_resume
+stage 3_resume.txt 70 s_resume
 
 # ---------------------------------------------------------------------------------------------
 # 4. GPT-2 124M throughput and MFU, eager and compiled, lmkit vs the nanoGPT peer; a trace
@@ -169,7 +172,7 @@ s_throughput() {
     exit $rc
 }
 export -f s_throughput
-stage - 140 s_throughput
+stage - 170 s_throughput
 
 # ---------------------------------------------------------------------------------------------
 # 5. memory: the estimate against max_memory_allocated, every term's raw measurement
@@ -185,7 +188,7 @@ s_memory() {
     exit $rc
 }
 export -f s_memory
-stage - 70 s_memory
+stage - 55 s_memory
 
 # ---------------------------------------------------------------------------------------------
 # 6. HellaSwag, all 10,042 items, on the medium preset's shape (1 training step: the time counts)
@@ -212,7 +215,7 @@ print(json.dumps({k: r.get(k) for k in ("n_items", "metrics", "wall_time_s", "it
 PYEOF
 }
 export -f s_hellaswag
-stage 6_hellaswag.txt 90 s_hellaswag
+stage 6_hellaswag.txt 75 s_hellaswag
 
 # ---------------------------------------------------------------------------------------------
 # 7. the dashboard on a terminal: its GPU panel (NVML) as text
@@ -221,11 +224,11 @@ s_dashboard() {
     mkdir -p "$WORK/s7" && cd "$WORK/s7" || exit 1
     local args=(--preset small --data "$G/data/tinyshakespeare.txt" --bf16 --max-steps 60 --set training.log_interval=2)
     [ "$DRY" = 1 ] && args=(--preset pilot --max-steps 30)
-    $PY "$REPO/benchmarks/pty_capture.py" --out "$OUTDIR/7_dashboard.txt" --cols 150 --rows 60 --every 3 \
-        --timeout 35 -- $PY -m lmkit train "${args[@]}" --name dash
+    $PY "$REPO/benchmarks/pty_capture.py" --out "$OUTDIR/7_dashboard.txt" --cols 150 --rows 70 --every 0.5 --keep 4 \
+        --timeout 30 -- $PY -m lmkit train "${args[@]}" --name dash
 }
 export -f s_dashboard
-stage - 40 s_dashboard
+stage - 35 s_dashboard
 
 # ---------------------------------------------------------------------------------------------
 # headline figures
@@ -252,11 +255,17 @@ if tp and "gpt2_124m_bf16" in tp:
     print("GPT-2 124M bf16:", g.get("peak_name"))
     for name, c in (g.get("contenders") or {}).items():
         mfu = c.get("mfu")
-        print(f"  {name:18s} {c.get('tok_per_s', 0):>12,.0f} tok/s  MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'}")
+        if c.get("tok_per_s") is None:
+            print(f"  {name:18s} FAILED: {str(c.get('error'))[:200]}")
+            continue
+        print(f"  {name:18s} {c['tok_per_s']:>12,.0f} tok/s  MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'}"
+              f"  (compile {c.get('compile_s') or 0:.0f} s)")
+    print("  compiled lmkit / nanoGPT:", g.get("ratio_compiled_lmkit_over_nanogpt"))
 mem = load("5_memory.json")
 rows = mem.get("rows", mem) if isinstance(mem, dict) else mem
 if isinstance(rows, list) and rows:
-    errs = [r.get("err_peak_pct") for r in rows if isinstance(r, dict) and r.get("err_peak_pct") is not None]
+    errs = [(r.get("err_pct") or {}).get("peak") for r in rows if isinstance(r, dict)]
+    errs = [e for e in errs if e is not None]
     print(f"memory: {len(rows)} rows" + (f", largest |err| {max(abs(e) for e in errs):.1f}% (target 5%)" if errs else ""))
 hs = (out / "6_hellaswag.txt").read_text() if (out / "6_hellaswag.txt").exists() else ""
 m = re.search(r'"items_per_s": ([0-9.]+)', hs)

@@ -28,6 +28,7 @@ from lmkit.errors import ConfigError, DeviceError
 #: without TF32 (V100, T4, consumer Turing) list their fp32 peak there. Checked in order,
 #: so more specific names come first.
 PEAK_FLOPS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("H200 NVL", (60.0e12, 417.5e12, 835.5e12)),  # NVIDIA H200 NVL datasheet (dense: half the sparse figures)
     ("H200", (66.9e12, 494.7e12, 989.5e12)),
     ("H100 PCIe", (51.2e12, 378.0e12, 756.0e12)),
     ("H100", (66.9e12, 494.7e12, 989.5e12)),
