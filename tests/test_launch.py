@@ -218,8 +218,9 @@ def test_sigterm_to_the_launcher_stops_with_one_checkpoint(tmp_path, reference):
 
 
 def test_a_stop_or_bad_input_spends_no_restart(monkeypatch):
-    """lmkit's agent: a worker that exited 143/130 (a stop) or 2 (bad input) leaves no restart
-    for torch's agent loop; a crash or a killed worker keeps them."""
+    """lmkit's agent: a worker that exited 143/130 (a stop), 2 (bad input) or 3 (the machine cannot:
+    no CUDA for --gpu-only, out of memory) leaves no restart for torch's agent loop; a crash or a
+    killed worker keeps them."""
     from torch.distributed.elastic.agent.server.api import RunResult, WorkerState
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
@@ -227,7 +228,7 @@ def test_a_stop_or_bad_input_spends_no_restart(monkeypatch):
     from lmkit.cli.launch import _agent_class
 
     agent_cls = _agent_class()
-    for code, left in ((143, 0), (130, 0), (2, 0), (-9, 2), (1, 2)):
+    for code, left in ((143, 0), (130, 0), (2, 0), (3, 0), (-9, 2), (1, 2)):
         failure = ProcessFailure(local_rank=1, pid=1234, exitcode=code, error_file="")
         monkeypatch.setattr(LocalElasticAgent, "_monitor_workers",
                             lambda self, group, f=failure: RunResult(state=WorkerState.FAILED, failures={1: f}))

@@ -19,8 +19,9 @@ What lmkit adds around it:
   non-zero exit while restarts are left (``SimpleElasticAgent._invoke_run``); lmkit's agent
   (a :class:`~torch.distributed.elastic.agent.server.local_elastic_agent.LocalElasticAgent`
   whose ``_monitor_workers`` reads the failures' exit codes) spends no restart when a worker
-  exited 130/143 (SIGINT/SIGTERM: a requested stop, checkpoint written) or 2 (bad input: the
-  same input fails the same way). Every other failure (a crash, a killed worker) restarts the
+  exited 130/143 (SIGINT/SIGTERM: a requested stop, checkpoint written), 2 (bad input: the
+  same input fails the same way) or 3 (the machine cannot do it: no CUDA for ``--gpu-only``, out
+  of memory). Every other failure (a crash, a killed worker) restarts the
   group while ``--max-restarts`` allows.
 * **Signals.** SIGTERM/SIGINT to the launcher (SLURM's preemption or time limit, Ctrl-C) reach
   the workers through the agent (it forwards the signal to each worker's process group and
@@ -48,8 +49,10 @@ from lmkit.rundir import LOCK_PID_ENV, RUN_DIR_ENV, RunDir
 
 #: Exit codes of a requested stop: never restarted.
 STOP_CODES = frozenset({130, 143})
-#: Exit codes no restart can fix: a stop, or bad input (ConfigError/DataError/CheckpointError).
-NO_RESTART_CODES = STOP_CODES | {2}
+#: Exit codes no restart can fix: a stop, bad input (ConfigError/DataError/CheckpointError, 2), or
+#: a machine that cannot do what was asked (DeviceError, 3: ``--gpu-only`` without CUDA, out of
+#: memory -- the same workers on the same GPUs fail the same way).
+NO_RESTART_CODES = STOP_CODES | {2, 3}
 #: Seconds the agent waits for workers to checkpoint after forwarding a signal (then SIGKILL).
 SHUTDOWN_TIMEOUT_S = 120
 #: Test hook: ``RANK:ATTEMPT:MICRO:SIGNAME`` (``RANK`` may be ``*``) becomes ``LMKIT_TEST_SIGNAL``
@@ -257,8 +260,8 @@ def _exit_code(failures: dict[int, Any], run: RunDir, nproc: int, out: TextIO) -
     if stops:
         return 143 if 143 in stops else stops[0]
     first = min(failures.values(), key=lambda f: f.timestamp)
-    if first.exitcode == 2:
-        return 2
+    if first.exitcode in (2, 3):  # bad input / the machine cannot: the worker said why in one line
+        return first.exitcode
     out.write(f"error: {_describe(failures)}; no restart left (--max-restarts); "
               f"resume with: lmkit resume {run.path} --nproc-per-node {nproc}\n")
     return 128 - first.exitcode if first.exitcode < 0 else first.exitcode
