@@ -52,11 +52,7 @@ def crash_and_resume(root, plan: str, index: int):
     return plan, name, killed, resumed
 
 
-def test_sigkill_inside_checkpoint_saving_never_loses_a_complete_checkpoint(reference):
-    root, ref_state = reference
-    size = (root / "runs/ref/checkpoints/latest.pt").stat().st_size
-    plans = kill_plans(size)
-    assert len(plans) >= 20
+def _check_matrix(root, ref_state, plans) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda a: crash_and_resume(root, *a), [(p, i) for i, p in enumerate(plans)]))
     for plan, name, killed, resumed in results:
@@ -75,6 +71,27 @@ def test_sigkill_inside_checkpoint_saving_never_loses_a_complete_checkpoint(refe
             assert torch.load(path, weights_only=True)["step"] == int(path.stem.split("_")[1]), (plan, path)
         for key, value in ref_state["model"].items():
             assert torch.equal(final["model"][key], value), (plan, key)
+
+
+def test_sigkill_inside_checkpoint_saving_never_loses_a_complete_checkpoint(reference):
+    """Every phase of a save once (on saves 2, 3 and 4 in turn: with and without ``best``, before
+    and after ``keep_last`` rotates) and three torn writes; the whole matrix is the slow test below."""
+    root, ref_state = reference
+    size = (root / "runs/ref/checkpoints/latest.pt").stat().st_size
+    phases = ("before_write", "after_write", "after_fsync", "after_replace", "after_link")
+    plans = [f"save={(2, 3, 4)[i % 3]},at={phase}" for i, phase in enumerate(phases)]
+    plans += [f"save=2,bytes={size // 50}", f"save=4,bytes={size // 3}", f"save=2,bytes={(2 * size) // 3}"]
+    assert set(plans) <= set(kill_plans(size))
+    _check_matrix(root, ref_state, plans)
+
+
+@pytest.mark.slow
+def test_sigkill_matrix_every_save_phase_and_torn_write(reference):
+    root, ref_state = reference
+    size = (root / "runs/ref/checkpoints/latest.pt").stat().st_size
+    plans = kill_plans(size)
+    assert len(plans) >= 20
+    _check_matrix(root, ref_state, plans)
 
 
 def test_crash_during_the_first_save_leaves_nothing_to_resume(tmp_path):
