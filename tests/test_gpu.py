@@ -112,3 +112,16 @@ def test_one_gpu_process_group_trains_and_resumes(tmp_path, tiny_preset, paralle
     assert (runs / "cut" / "checkpoints" / f"latest{suffix}").exists()
     assert len(_losses(runs / "cut")) == len(_losses(runs / "one"))
     assert _losses(runs / "cut") == pytest.approx(_losses(runs / "one"), abs=tol, rel=0)
+
+
+def test_eval_on_cuda_follows_the_runs_tf32_unless_told(tmp_path, tiny_preset):
+    run = run_cli("train", "--preset", str(tiny_preset), "--max-steps", "5", "--name", "t", "--device", "cuda",
+                  "--no-tui", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = []
+    for flag in ((), ("--no-tf32",)):
+        out = run_cli("eval", "runs/t", "--task", "arithmetic", "--checkpoint", "latest", "--device", "cuda",
+                      "--json", *flag, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen.append(json.loads((tmp_path / "runs/t/eval/arithmetic.json").read_text())["tf32"])
+    assert seen == [True, False]  # training.tf32 defaults to true

@@ -176,6 +176,8 @@ def eval_command(
     include_path: Path = typer.Option(None, "--include-path", help="lm-eval:TASK: a folder of extra task YAML files."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: the cores "
                                 "that other processes leave free; also LMKIT_THREADS, OMP_NUM_THREADS)."),
+    tf32: bool = typer.Option(None, "--tf32/--no-tf32", help="CUDA: TF32 for fp32 matmuls (default: the run's "
+                              "training.tf32, as it trained; recorded in the result)."),
 ) -> None:
     """Evaluate a run: perplexity/bpb, parenthesised arithmetic (flat vs parenthesised), HellaSwag, GSM8K,
     arithmetic probes, samples. Writes runs/NAME/eval/TASK.json, or with --checkpoint all one file per
@@ -253,6 +255,9 @@ def eval_command(
     with bars:
         for choice in choices:
             loaded = load_run(run_dir.path, choice, device=dev)
+            use_tf32 = dev.type == "cuda" and (loaded.config.training.tf32 if tf32 is None else tf32)
+            if dev.type == "cuda":  # as the run trained (lmkit.device.plan_device), unless told
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = use_tf32
             for name, evaluate in funcs.items():
                 progress = bars.bar(f"{name} @ step {loaded.step}")
                 ctx = EvalContext(model=loaded.model, tokenizer=loaded.tokenizer, config=loaded.config,
@@ -275,6 +280,7 @@ def eval_command(
                     "wall_time_s": round(wall, 3),
                     "items_per_s": round(result.n_items / wall, 3) if wall > 0 else None,
                     "device": str(dev),
+                    "tf32": use_tf32,
                     "batch_size": batch_size,
                     "limit": limit,
                     "options": options,
