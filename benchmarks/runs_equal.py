@@ -84,7 +84,7 @@ def compare(run_a: Path, run_b: Path) -> dict:
         if steps_a != steps_b:
             first["train_losses"] = f"logged steps differ ({len(steps_a)} vs {len(steps_b)} rows)"
         else:
-            k = next(i for i, (x, y) in enumerate(zip(la, lb)) if x != y)
+            k = next(i for i, (x, y) in enumerate(zip(la, lb, strict=True)) if x != y)
             first["train_losses"] = f"step {la[k][0]}: {la[k][1]!r} vs {lb[k][1]!r}"
     return {"a": str(run_a), "b": str(run_b), "step": a.get("step"), "equal": all(checks.values()),
             "checks": checks, "first_difference": first,
