@@ -10,8 +10,9 @@
 # letters, digits, '.', '_' and '-' (what the device tool brings back):
 #   1_setup.txt       install, versions, nvidia-smi, `lmkit doctor --json`
 #   2_pytest.txt      `pytest -m gpu` (no -x: every failure recorded)
-#   3_resume.txt      seed 000's command shape (scale_10m, --gpu-only --fp16, 200 steps) twice,
-#                     and once SIGTERM'd at step ~100 then resumed: bitwise comparisons
+#   3_resume.txt      seed 000's command shape (scale_10m, --gpu-only --fp16, 200 steps) straight and
+#                     SIGTERM'd at step ~100 then resumed, with default and with deterministic
+#                     kernels: bitwise comparisons
 #   4_throughput.json GPT-2 124M bf16 tokens/s and MFU, eager and compiled, lmkit vs a nanoGPT peer
 #   5_memory.json     the memory estimate vs max_memory_allocated, ~12 rows, every term measured
 #   6_hellaswag.txt   `lmkit eval --task hellaswag` on all 10,042 items, medium (124M) shape: items/s
@@ -123,39 +124,41 @@ s_pytest() {
     $PY -m pytest -m gpu -q -ra -p no:cacheprovider --timeout 100 --junitxml="$LOGS/junit_gpu.xml"
 }
 export -f s_pytest
-stage 2_pytest.txt 120 s_pytest
+stage 2_pytest.txt 110 s_pytest
 
 # ---------------------------------------------------------------------------------------------
 # 3. seed 000's command, straight twice and cut at step ~100 + resumed: bitwise?
 # ---------------------------------------------------------------------------------------------
 s_resume() {
     mkdir -p "$WORK/s3" && cd "$WORK/s3" || exit 1
-    local args cut code
+    local args cut code det
     if [ "$DRY" = 1 ]; then
         args=(--preset pilot --max-steps 40) cut=20
     else
         args=(--preset scale_10m --gpu-only --fp16 --max-steps 200) cut=100
     fi
-    echo "# lmkit train ${args[*]} (straight, twice; then cut by SIGTERM after micro-batch $cut and resumed)"
-    for name in a a2; do
-        $PY -m lmkit train "${args[@]}" --name "$name" --json >"$name.json" 2>"$LOGS/3_train_$name.err"
-        echo "train $name: exit $?"
+    # default kernels, then training.deterministic: each straight, and cut by SIGTERM after
+    # micro-batch $cut then resumed. Default GPU kernels (attention backward, index_add) use atomic
+    # adds, so default runs may differ from each other; deterministic ones must not.
+    for det in false true; do
+        local a=straight_$det b=resumed_$det
+        echo "# lmkit train ${args[*]} --set training.deterministic=$det: straight; cut after micro-batch $cut, resumed"
+        $PY -m lmkit train "${args[@]}" --set training.deterministic=$det --name "$a" --json >"$a.json" \
+            2>"$LOGS/3_train_$a.err"
+        echo "train $a: exit $?"
+        LMKIT_TEST_SIGNAL="$cut:SIGTERM" $PY -m lmkit train "${args[@]}" --set training.deterministic=$det \
+            --name "$b" --json >"$b.cut.json" 2>"$LOGS/3_train_$b.err"
+        code=$?
+        echo "train $b (SIGTERM after micro-batch $cut): exit $code (143 expected)"
+        tail -1 "$LOGS/3_train_$b.err"
+        $PY -m lmkit resume "runs/$b" --json >"$b.json" 2>"$LOGS/3_resume_$b.err"
+        echo "resume $b: exit $?"
+        $PY -c "import json; s=json.load(open('$a.json')); print('$a summary:', {k: s.get(k) for k in ('device_name','precision','steps','final_val_loss','train_tok_per_s','train_time_s','wall_time_s','mfu')})"
+        $PY "$REPO/benchmarks/runs_equal.py" "runs/$a" "runs/$b" --label "straight_vs_resumed_deterministic_$det"
     done
-    LMKIT_TEST_SIGNAL="$cut:SIGTERM" $PY -m lmkit train "${args[@]}" --name b --json >b_cut.json 2>"$LOGS/3_train_b.err"
-    code=$?
-    echo "train b (SIGTERM after micro-batch $cut): exit $code (143 expected)"
-    tail -3 "$LOGS/3_train_b.err"
-    $PY -m lmkit resume runs/b --json >b.json 2>"$LOGS/3_resume_b.err"
-    echo "resume b: exit $?"
-    grep -h "resum" "$LOGS/3_resume_b.err" | head -5
-    $PY -c "import json,sys; s=json.load(open('a.json')); print('run a summary:', {k: s.get(k) for k in ('device_name','precision','steps','final_val_loss','train_tok_per_s','train_time_s','wall_time_s','mfu','peak_flops_basis')})"
-    echo "# straight vs straight (is this GPU run deterministic at all?)"
-    $PY "$REPO/benchmarks/runs_equal.py" runs/a runs/a2 --label straight_vs_straight
-    echo "# straight vs cut-and-resumed (exact resume?)"
-    $PY "$REPO/benchmarks/runs_equal.py" runs/a runs/b --label straight_vs_resumed
 }
 export -f s_resume
-stage 3_resume.txt 70 s_resume
+stage 3_resume.txt 80 s_resume
 
 # ---------------------------------------------------------------------------------------------
 # 4. GPT-2 124M throughput and MFU, eager and compiled, lmkit vs the nanoGPT peer; a trace
@@ -246,7 +249,7 @@ pytest = (out / "2_pytest.txt").read_text() if (out / "2_pytest.txt").exists() e
 tail = [l for l in pytest.splitlines() if re.search(r"(passed|failed|error|skipped)", l)]
 print("pytest -m gpu:", tail[-1] if tail else "no summary line")
 resume = (out / "3_resume.txt").read_text() if (out / "3_resume.txt").exists() else ""
-for label in ("straight_vs_straight", "straight_vs_resumed"):
+for label in ("straight_vs_resumed_deterministic_false", "straight_vs_resumed_deterministic_true"):
     m = re.search(r'"label": "%s".*?"equal": (true|false)' % label, resume, re.S)
     print(f"{label}: {'equal' if m and m.group(1) == 'true' else 'DIFFERENT' if m else 'not run'}")
 tp = load("4_throughput.json")

@@ -189,6 +189,18 @@ def peak_flops(device: torch.device, precision: str = "bf16", tf32: bool = False
     return None, None
 
 
+def use_deterministic_kernels() -> None:
+    """``training.deterministic``: PyTorch's deterministic kernels for the rest of this process
+    (``torch.use_deterministic_algorithms(True)``; an op without one raises), cuDNN's
+    deterministic algorithms, and cuBLAS's fixed workspace ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
+    (unless set), which cuBLAS reads when its handle is created, so this must run before the
+    first CUDA matmul. Source: PyTorch's notes on reproducibility."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def plan_device(training: TrainConfig, *, preset: str | None = None) -> DevicePlan:
     """Resolve device and precision for a run, before any data or model work. ``preset``:
     the run config's ``preset`` (names the preset in a GPU-only error).
@@ -214,6 +226,8 @@ def plan_device(training: TrainConfig, *, preset: str | None = None) -> DevicePl
     if device.type == "cuda" and training.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if training.deterministic:
+        use_deterministic_kernels()
     peak = peak_flops(device, precision, tf32=device.type == "cuda" and training.tf32)
     return DevicePlan(
         device=device,

@@ -64,9 +64,9 @@ def test_bitwise_resume_fp16_restores_the_grad_scaler(tmp_path):
         "model: {n_layer: 2, n_head: 2, n_embd: 64, block_size: 32, pos_encoding: rope, dropout: 0.1}\n"
         "data: {dataset: arithmetic, tokenizer: char, arithmetic: {n_train: 256, n_val: 32}}\n"
         "training: {batch_size: 16, grad_accum_steps: 2, max_steps: 24, lr: 3.0e-3, warmup_steps: 4, log_interval: 1,"
-        " eval_interval: 8, precision: fp16, device: cuda, seed: 5}\n"
+        " eval_interval: 8, precision: fp16, device: cuda, seed: 5, deterministic: true}\n"
     )
-    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    env = {}  # training.deterministic sets CUBLAS_WORKSPACE_CONFIG itself
     assert run_cli("train", "--preset", str(preset), "--name", "a", cwd=tmp_path, env=env).returncode == 0
     cut = run_cli("train", "--preset", str(preset), "--name", "b", cwd=tmp_path,
                   env={**env, "LMKIT_TEST_SIGNAL": "19:SIGTERM"})

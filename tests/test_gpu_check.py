@@ -36,7 +36,8 @@ def test_dry_run_of_every_stage(tmp_path):
     assert [name for name, _ in stages] == ["setup", "pytest", "resume", "throughput", "memory", "hellaswag",
                                             "dashboard"]
     assert all(code == "0" for _, code in stages), proc.stdout
-    assert "straight_vs_resumed: equal" in proc.stdout
+    assert "straight_vs_resumed_deterministic_false: equal" in proc.stdout
+    assert "straight_vs_resumed_deterministic_true: equal" in proc.stdout
     tp = json.loads((out / "4_throughput.json").read_text())["gpt2_124m_bf16"]
     assert set(tp["contenders"]) == {"lmkit", "lmkit+compile", "nanogpt", "nanogpt+compile"}
     mem = json.loads((out / "5_memory.json").read_text())

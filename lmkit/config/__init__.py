@@ -498,6 +498,12 @@ class TrainConfig(_Strict):
     #: (``--nproc-per-node 1``): a process group of one, e.g. FSDP on one GPU.
     parallelism: Literal["ddp", "fsdp"] | None = None
     tf32: bool = True
+    #: Deterministic kernels (``torch.use_deterministic_algorithms(True)``, cuBLAS workspace
+    #: ``:4096:8``, cuDNN deterministic): on a GPU, two runs with the same seed -- and a run
+    #: stopped and resumed -- are then bitwise the same, which GPU kernels with atomic adds
+    #: (attention backward, index_add) are not by default; some speed is lost, and an op that has
+    #: no deterministic kernel is an error. The CPU is deterministic either way.
+    deterministic: bool = False
     seed: int = 1337
     log_interval: int = Field(10, gt=0)
     eval_interval: int | None = Field(None, gt=0)

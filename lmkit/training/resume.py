@@ -48,6 +48,7 @@ SAFE_KEYS = frozenset({
     "training.gpu_only",
     "training.compile",
     "training.tf32",
+    "training.deterministic",
     "training.on_nan",
     "training.threads",  # allowed, but the continuation is then not bitwise (the trainer says so)
     "training.adapt_threads",  # opt-in load following (not bitwise once it changes the count)
