@@ -120,6 +120,9 @@ def test_plain_output_off_a_terminal(tmp_path, tiny_preset):
     assert "\x1b[" not in out  # no terminal escape codes in logs
 
 
-def test_debug_shows_traceback(tmp_path):
+def test_debug_shows_traceback_and_keeps_the_exit_code(tmp_path):
     result = run_cli("--debug", "train", "--set", "training.lr=-1", cwd=tmp_path)
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    assert result.returncode == 2 and "Traceback" in result.stderr  # bad input: still exit 2
+    assert result.stderr.rstrip().splitlines()[-1].startswith("error: ")
+    result = run_cli("train", "--gpu-only", "--device", "cpu", cwd=tmp_path, env={"LMKIT_DEBUG": "1"})
+    assert result.returncode == 3 and "Traceback" in result.stderr  # the machine cannot: still exit 3

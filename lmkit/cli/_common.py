@@ -2,7 +2,8 @@
 
 A :class:`~lmkit.errors.LmkitError` becomes one line on stderr -- ``error: ...`` -- and
 its exit code; Ctrl-C exits 130; anything unexpected says so in one line and exits 1.
-``--debug`` (or ``LMKIT_DEBUG=1``) re-raises instead, showing the traceback.
+``--debug`` (or ``LMKIT_DEBUG=1``) also prints the traceback; the exit code stays the same
+(scripts and schedulers read it).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -77,6 +79,13 @@ def render_run(job: Callable[[Callable], dict], *, no_tui: bool, json_out: bool)
     return job(PlainLog(stream))
 
 
+def _traceback() -> None:
+    """With ``--debug``: the traceback of the exception being handled, on stderr."""
+    if DEBUG:
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+
+
 def handle_errors(func: F) -> F:
     """Decorator for command bodies: turn lmkit's errors into one line and an exit code."""
 
@@ -90,19 +99,17 @@ def handle_errors(func: F) -> F:
             sys.stderr.write(f"{exc}\n")
             raise typer.Exit(exc.exit_code) from None
         except LmkitError as exc:
-            if DEBUG:
-                raise
+            _traceback()
             error_line(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            if DEBUG:
-                raise
+            _traceback()
             error_line("interrupted; nothing was saved")
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - last line of defence, one line instead of a traceback
-            if DEBUG:
-                raise
-            error_line(f"unexpected {type(exc).__name__}: {exc} (run `lmkit --debug ...` for the traceback)")
+            _traceback()
+            error_line(f"unexpected {type(exc).__name__}: {exc}"
+                       + ("" if DEBUG else " (run `lmkit --debug ...` for the traceback)"))
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
