@@ -67,6 +67,11 @@ def test_unknown_key_names_key_source_and_suggestion():
     assert "did you mean training.lr?" in message
 
 
+def test_unknown_section_from_an_override_names_the_override_not_the_preset():
+    message = _error(overrides=["trainin.lr=1e-3"])
+    assert message.startswith("--set trainin.lr=1e-3: trainin: unknown key (did you mean training?)")
+
+
 def test_unknown_key_in_preset_file_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  n_embd: 64\n  colour: blue\ntraining:\n  max_steps: 1\n")

@@ -127,3 +127,24 @@ def test_every_package_folder_is_packaged():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "lmkit").rglob("__init__.py")}
     assert on_disk | {"lmkit.presets"} == listed
+
+
+def test_a_second_checkout_reads_its_own_presets(tmp_path):
+    """Code run from another source tree (a clone or worktree on PYTHONPATH) reads that tree's
+    presets/, not the editable install's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "lmkit", clone / "lmkit", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "presets", clone / "presets", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", clone / "pyproject.toml")
+    code = "from lmkit.config import presets_dir, resolve_preset; print(presets_dir()); print(resolve_preset('pilot'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(clone)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [str(clone / "presets"), str(clone / "presets" / "pilot.yaml")]

@@ -632,14 +632,19 @@ class RunConfig(_Strict):
 
 
 def presets_dir() -> Path:
-    """The folder holding the shipped presets (``presets/`` of the repository)."""
+    """The folder holding the shipped presets (``presets/`` of the repository): the checkout's
+    own when this code runs from a source tree (another checkout on ``PYTHONPATH`` reads its
+    presets, not those of the editable install), else the installed ``lmkit.presets``."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "presets" / "__init__.py").is_file():
+        return root / "presets"
     try:
         path = Path(str(resources.files("lmkit.presets")))
         if path.is_dir():
             return path
     except (ModuleNotFoundError, TypeError):  # pragma: no cover - broken install
         pass
-    return Path(__file__).resolve().parent.parent / "presets"
+    return root / "presets"
 
 
 def available_presets() -> dict[str, Path]:
@@ -878,9 +883,11 @@ def format_validation_error(
                 break
         else:
             # A check over a whole section (n_embd vs n_head): blame the overrides of the
-            # keys that check reads, if any; otherwise the file.
+            # keys that check reads, if any; an unknown section (``--set trainin.lr=…``) the
+            # overrides under it; otherwise the file.
             read = _SECTION_CHECKS.get(key, ())
-            inside = [label for dotted, label in sources.items() if dotted in read]
+            inside = [label for dotted, label in sources.items()
+                      if dotted in read or (err["type"] == "extra_forbidden" and key and dotted.startswith(key + "."))]
             if inside:
                 source = ", ".join(dict.fromkeys(inside))
         msg = err["msg"]
