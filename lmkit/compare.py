@@ -452,6 +452,14 @@ def build_comparison(runs: list[RunData]) -> Comparison:
         steps = [_number(r.get("step")) if r else None for r in results]
         if any(v is not None for v in steps):
             add(f"{task}.step", "evaluated at step", section, steps, "step")
+        n_items = [_number(r.get("n_items")) if r else None for r in results]
+        if len({v for v in n_items if v is not None}) > 1:
+            # a --limit (or another split) scored another number of items: say so, in the table too
+            add(f"{task}.n_items", "items scored", section, n_items, "int")
+            limits = ", ".join(f"{run.name}: {int(v):,}" + (f" (--limit {r['limit']})" if r and r.get("limit") else "")
+                               for run, v, r in zip(runs, n_items, results, strict=True) if v is not None)
+            notes.append(f"⚠ {task}: results score different numbers of items ({limits}); "
+                         "the numbers are not on the same items: re-run `lmkit eval` with the same --limit")
         versions = {r.get("version") for r in results if r and r.get("version") is not None}
         hashes = {r.get("data_sha256") for r in results if r and r.get("data_sha256") is not None}
         if len(versions) > 1:

@@ -404,3 +404,19 @@ def test_finite_is_one_function_used_by_compare():
     value = {"ppl": float("inf"), "xs": (1.0, float("nan"), -float("inf")), "n": 3, "s": "inf", "ok": 2.5}
     assert finite(value) == {"ppl": None, "xs": [1.0, None, None], "n": 3, "s": "inf", "ok": 2.5}
     assert lmkit.compare.finite is finite and not hasattr(lmkit.compare, "_finite")
+
+
+def test_results_on_different_numbers_of_items_warn_and_show_the_counts(tmp_path):
+    """A --limit 3 perplexity next to a full-split one: the same data file, not the same items."""
+    runs = tmp_path / "runs"
+    for name, n, limit in (("full", 123, None), ("cut", 3, 3)):
+        _hand_run(runs, name, {}, {"perplexity": {"metrics": {"bpb": 1.2}, "headline": "bpb", "n_items": n,
+                                                  "limit": limit, "data_sha256": "same"}})
+    comp = compare_runs(["full", "cut"], runs)
+    assert comp.row("perplexity.n_items").values == [123, 3]
+    assert any("different numbers of items (full: 123, cut: 3 (--limit 3))" in note for note in comp.notes)
+    _hand_run(runs, "full2", {}, {"perplexity": {"metrics": {"bpb": 1.1}, "headline": "bpb", "n_items": 123}})
+    same = compare_runs(["full", "full2"], runs)
+    assert not any("numbers of items" in note for note in same.notes)
+    with pytest.raises(KeyError):
+        same.row("perplexity.n_items")  # equal counts: no extra row

@@ -4,6 +4,7 @@ result files with their provenance, checkpoint sweeps, errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 from types import SimpleNamespace
 
@@ -201,6 +202,21 @@ def test_eval_cli_writes_results_with_provenance(arith_run):
     det = by_task["perplexity"]["details"]
     assert det["n_bytes"] == det["n_tokens"] - 32  # every target is a 1-byte character except the 32 <EOS>
     assert ppl["bpb"] == pytest.approx(det["bpb_nats"] / (math.log(2) * det["n_bytes"]))
+
+
+def test_a_result_on_other_items_is_replaced_with_a_warning(arith_run, tmp_path):
+    root, run, _ = arith_run
+    work = tmp_path / "copy"
+    shutil.copytree(run, work)  # the module's run stays as the other tests expect it
+    first = run_cli("eval", str(work), "--task", "perplexity", cwd=root)
+    assert first.returncode == 0 and "warning: replaced" not in first.stdout + first.stderr
+    again = run_cli("eval", str(work), "--task", "perplexity", cwd=root)  # the same items: no warning
+    assert again.returncode == 0 and "warning: replaced" not in again.stdout + again.stderr
+    cut = run_cli("eval", str(work), "--task", "perplexity", "--limit", "1", cwd=root)
+    assert cut.returncode == 0, cut.stderr
+    line = next(ln for ln in cut.stdout.splitlines() if ln.startswith("warning: replaced"))
+    assert "perplexity.json, which held a result on other items (items " in line and "-> 1)" in line
+    assert json.loads((work / "eval" / "perplexity.json").read_text())["n_items"] == 1
 
 
 def test_eval_cli_sweep_writes_per_checkpoint_files_curve_and_table(arith_run):

@@ -39,6 +39,21 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def _replaced_note(path: Path, record: dict[str, Any]) -> str | None:
+    """A warning when ``path`` holds a result of other items (another data file or --limit) or
+    of another step than ``record``, which is about to replace it; ``None`` otherwise."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    what = {"data_file": "data", "n_items": "items", "step": "step"}  # (a checkpoint path depends on the cwd)
+    changed = [f"{label} {old.get(key)!s} -> {record.get(key)!s}" for key, label in what.items()
+               if key in old and old.get(key) != record.get(key)]
+    if not changed:
+        return None
+    return f"warning: replaced {path}, which held a result on other items ({'; '.join(changed)})"
+
+
 def resolve_tasks(names: list[str]) -> dict[str, Any]:
     """``name -> evaluate`` for every requested task, before any model is loaded.
 
@@ -292,6 +307,11 @@ def eval_command(
                     sweeps[name].append(record)
                 else:
                     path = run_dir.eval_dir / f"{file_stem(name)}.json"
+                    note = _replaced_note(path, record) if path.exists() else None
+                    if note and bars.progress is not None:
+                        bars.print(note)
+                    elif note:
+                        human.write(note + "\n")
                 _write_json(path, record)
                 record["file"] = str(path)
                 files.append(str(path))

@@ -376,7 +376,10 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     details.update({"n_tokens": sums.n_tokens, "n_bytes": sums.n_bytes, "nats": sums.nats,
                     "bpb_nats": sums.bpb_nats, "unit": unit, "block_size": block_size,
                     "tokenizer": ctx.tokenizer.kind})
-    if unit == "windows":
+    if unit == "windows" and ctx.limit is not None:
+        notes.append(f"--limit {ctx.limit}: the first {total:,} non-overlapping windows of up to {block_size} "
+                     "tokens were scored, not the whole text")
+    elif unit == "windows":
         notes.append(f"{total:,} non-overlapping windows of up to {block_size} tokens, the last shorter one "
                      "holding the tail: every token but the first is scored")
     return TaskResult(task="perplexity", version=VERSION, metrics=metrics, headline="bpb", n_items=total,
