@@ -227,13 +227,15 @@ class StepTimeJump(Event):
     @property
     def message(self) -> str:
         if self.device_type == "cpu":
-            why = "is the CPU shared with another process?"
+            why = ("is the CPU shared with another process? (--threads 1 or --set training.adapt_threads=true "
+                   "suffer less next to one;")
         elif self.device_type == "cuda":
             why = "is the GPU or the host shared with another process?"
         else:
             why = "is the machine shared with another process?"
+        tail = " lmkit doctor shows the load)" if why.endswith(";") else " (lmkit doctor shows the load)"
         return (f"steps {self.ratio:.1f}x slower than this run's median ({1000 * self.median_s:.0f} ms -> "
-                f"{1000 * self.now_s:.0f} ms): {why} (lmkit doctor shows the load)")
+                f"{1000 * self.now_s:.0f} ms): {why}{tail}")
 
 
 @dataclass(frozen=True)

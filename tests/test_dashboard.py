@@ -482,8 +482,9 @@ def test_a_step_time_jump_shows_once_in_the_events_panel():
     dash = Dashboard(live=False, sampler=False)
     timed_run(dash, [0.1] * 10 + [0.4] + [0.4] * 10)
     assert jump_notes(dash) == [(1100, "yellow", "warning: steps 4.0x slower than this run's median (100 ms -> "
-                                                 "400 ms): is the CPU shared with another process? (lmkit doctor "
-                                                 "shows the load)")]
+                                                 "400 ms): is the CPU shared with another process? (--threads 1 or "
+                                                 "--set training.adapt_threads=true suffer less next to one; lmkit "
+                                                 "doctor shows the load)")]
     text = render(dash, width=300, height=60)
     events = panel(text, "events")
     assert events.count("warning: steps 4.0x slower than this run's median (100 ms -> 400 ms): is the CPU") == 1

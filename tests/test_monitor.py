@@ -156,7 +156,8 @@ def test_nan_skips_print_as_warnings():
 # ------------------------------------------------------------------------------ step-time jumps (issue 17)
 
 CPU_JUMP = ("warning: steps 4.0x slower than this run's median (100 ms -> 400 ms): is the CPU shared with another "
-            "process? (lmkit doctor shows the load)")
+            "process? (--threads 1 or --set training.adapt_threads=true suffer less next to one; lmkit doctor shows "
+            "the load)")
 
 
 def windows(*times: float, device: str = "cpu") -> list[Event]:

@@ -448,3 +448,18 @@ def test_eval_table_prints_counts_as_integers():
             if line.count("│") >= 6}
     assert rows["accuracy"] == "0.0000" and rows["mul_token_count"] == "0"
     assert rows["mul_tokens_per_response"] == "0.2500"
+
+
+def test_warmup_advice_on_a_resume_does_not_suggest_a_change_resume_refuses(tmp_path):
+    from conftest import TINY_PRESET, run_cli
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text(TINY_PRESET.format(pos="rope", steps=2, eval_interval="null", ckpt_interval="null"))
+    first = run_cli("train", "--preset", str(preset), "--name", "w", "--no-tui", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "lower it with --set training.warmup_steps=N" in first.stdout + first.stderr  # warmup 5 > 2 steps
+    more = run_cli("resume", "runs/w", "--max-steps", "4", "--no-tui", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    out = more.stdout + more.stderr
+    assert "outlasts the run's 4 steps" in out and "--set training.warmup_steps" not in out
+    assert "a resume keeps the run's schedule: give it more steps (--max-steps)" in out

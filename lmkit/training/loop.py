@@ -619,9 +619,12 @@ class Trainer:
                                  total_steps=self.max_steps, min_lr_ratio=tcfg.min_lr_ratio,
                                  warmup_form=tcfg.warmup_form, warmdown_ratio=tcfg.warmdown_ratio)
             peak = tcfg.lr * last
+            advice = ("a resume keeps the run's schedule: give it more steps (--max-steps), or start a new run "
+                      "with a shorter warmup" if self.resume_dir is not None
+                      else "lower it with --set training.warmup_steps=N")
             self.emit(Notice(level="warning", message=(
                 f"training.warmup_steps ({tcfg.warmup_steps}) outlasts the run's {self.max_steps} steps: the LR only "
-                f"reaches {peak:.2e} of its {tcfg.lr:.2e} peak; lower it with --set training.warmup_steps=N")))
+                f"reaches {peak:.2e} of its {tcfg.lr:.2e} peak; {advice}")))
         self.hooks.call("on_start", self)
 
         self.model.train()
