@@ -126,3 +126,17 @@ def test_debug_shows_traceback_and_keeps_the_exit_code(tmp_path):
     assert result.stderr.rstrip().splitlines()[-1].startswith("error: ")
     result = run_cli("train", "--gpu-only", "--device", "cpu", cwd=tmp_path, env={"LMKIT_DEBUG": "1"})
     assert result.returncode == 3 and "Traceback" in result.stderr  # the machine cannot: still exit 3
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["train", "--max-stepz", "3"], "error: No such option: --max-stepz (Possible options: --max-restarts, "
+                                    "--max-steps); see "),
+    (["train", "--threads", "0"], "error: Invalid value for '--threads'"),
+    (["eval"], "error: Missing argument 'run'; see "),
+    (["nosuch"], "error: No such command 'nosuch'; see "),
+])
+def test_usage_errors_are_one_line_with_exit_2(tmp_path, args, expected):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.rstrip().endswith("--help")

@@ -158,6 +158,29 @@ _register(
 )
 
 
+def _click_exception(name: str) -> type[Exception]:
+    """Click's ``UsageError`` / ``ClickException`` as this Typer raises them (Typer >= 0.2x vendors
+    Click as ``typer._click``; older Typers use ``click``): found through ``typer.BadParameter``."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. A usage error (an unknown option, a bad value) is one line,
+    ``error: … ; see lmkit CMD --help``, with exit code 2, like every other bad input."""
+    import sys
+
+    usage_error, click_exception = _click_exception("UsageError"), _click_exception("ClickException")
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "lmkit"
+        _common.error_line(f"{exc.format_message().rstrip('.')}; see {where} --help")
+        sys.exit(exc.exit_code)
+    except click_exception as exc:  # other Click errors (a file argument that cannot be opened, ...)
+        _common.error_line(exc.format_message())
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C at a prompt
+        _common.error_line("aborted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
