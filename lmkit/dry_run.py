@@ -192,7 +192,7 @@ def _data_plan(config: RunConfig) -> dict[str, Any]:
     if tokens is not None and data.max_tokens is not None:
         tokens = min(tokens, data.max_tokens)
     elif tokens is None and data.max_tokens is not None:
-        tokens, how = data.max_tokens, "data.max_tokens (the token budget)"
+        tokens, how = data.max_tokens, "data.max_tokens, the token budget"
     micro = None if tokens is None else max(1, tokens // (tcfg.batch_size * model.block_size))
     source = (f"estimated from {how}" + (f" at ~{per_token:g} bytes/token" if n_bytes is not None else "")
               if tokens is not None else how)

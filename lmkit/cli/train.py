@@ -221,7 +221,9 @@ def render_dry_run(report: dict[str, Any]) -> None:
         out.write(f"plan: {est(plan['steps_exact'])}{steps:,} optimizer steps, {per}, "
                   f"{est(plan['steps_exact'])}{plan['total_tokens']:,} tokens{epochs}\n")
         if not plan["steps_exact"] or (plan["epochs"] is not None and not plan["epochs_exact"]):
-            out.write("(~ = estimated from the data's size in bytes; exact once the token cache exists)\n")
+            basis = ("the token budget data.max_tokens" if "token budget" in data["source"]
+                     else "the data's size in bytes")
+            out.write(f"(~ = estimated from {basis}; exact once the token cache exists)\n")
     for note in report.get("notes", []):
         out.write(f"init_from: {note}\n")
     if report["gpu_only"]:
