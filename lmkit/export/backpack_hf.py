@@ -122,6 +122,7 @@ def verify_backpack_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer,
     from transformers import AutoTokenizer
 
     from lmkit.export.hf import LOGIT_TOLERANCE, _batches, rounded_copy
+    from lmkit.export.tokenizer import check_prompt_ids
 
     problems: list[str] = []
     result: dict[str, Any] = {"tolerance": LOGIT_TOLERANCE, "compared_in": "float32 on cpu", "trust_remote_code": True}
@@ -159,6 +160,7 @@ def verify_backpack_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer,
     try:
         hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=True)
         mismatched = [t for t in sample_texts if hf_tok(t, add_special_tokens=False)["input_ids"] != tokenizer.encode(t)]
+        result.update(check_prompt_ids(hf_tok, tokenizer, sample_texts, problems))  # tok(prompt): BOS as lmkit
         result.update(tokenizer_texts=len(sample_texts), tokenizer_chars=sum(len(t) for t in sample_texts),
                       tokenizer_ids_equal=not mismatched)
         if mismatched:

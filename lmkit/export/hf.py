@@ -32,7 +32,8 @@ random ids: ``max |Δ logit| < 1e-4``. For a ``bfloat16``/``float16`` export the
 loaded upcast to float32 and compared with the native model whose weights were rounded to
 the same dtype, so the same 1e-4 bound checks the mapping; the effect of the rounding itself
 (native fp32 vs rounded) is reported as ``rounding_max_abs_diff``, not judged. The HF
-tokenizer must encode the run's validation text to the ids lmkit's tokenizer gives.
+tokenizer must encode the run's validation text to the ids lmkit's tokenizer gives, and
+``tokenizer(prompt)`` must give lmkit's prompt ids, BOS included (:func:`lmkit.export.tokenizer.check_prompt_ids`).
 """
 
 from __future__ import annotations
@@ -381,6 +382,7 @@ def verify_hf_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer, sampl
     diffs: dict[str, float] = {}
     rounding = 0.0
     from lmkit.export.mul import check_mul_tokenizer, mul_ids_in, mul_token_batch
+    from lmkit.export.tokenizer import check_prompt_ids
 
     batches = _batches(sample_ids, config.block_size, config.vocab_size)
     mul_batch = mul_token_batch(tokenizer, config.block_size)
@@ -408,6 +410,7 @@ def verify_hf_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer, sampl
             hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             mismatched = [text for text in sample_texts
                           if hf_tok(text, add_special_tokens=False)["input_ids"] != tokenizer.encode(text)]
+            result.update(check_prompt_ids(hf_tok, tokenizer, sample_texts, problems))  # tok(prompt): BOS as lmkit
             if mul_batch is not None:
                 result["mul_tokens"] = check_mul_tokenizer(hf_tok, tokenizer, problems, legacy_hf_tokenizer)
         result["tokenizer_texts"] = len(sample_texts)

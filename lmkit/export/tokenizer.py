@@ -21,6 +21,16 @@ lmkit's own ``encode`` (checked on the run's validation text by the export's ver
   50,349); ``baseline`` gets none (its model was trained on the strings as plain text), unless
   ``legacy_hf_tokenizer``.
 
+**Prompts** get what lmkit puts before them (:func:`adds_bos`): a tokenizer with a BOS id
+(``char``: every arithmetic training sequence starts with ``<BOS>``, and ``lmkit eval``
+prompts are ``[<BOS>] + encode(text)``, :func:`lmkit.evaluation.sample.prompt_ids`) gets a
+``TemplateProcessing`` post-processor ``<BOS> $A`` and ``add_bos_token: true`` in
+``tokenizer_config.json``, so ``tok(prompt)`` gives lmkit's ids. The others (``byte``, ``bpe``,
+``gpt2``, ``gpt2+mul``, ``hf:NAME``) have no BOS in lmkit: training and prompts are the bare
+text, so they get no post-processor (an ``hf:NAME`` tokenizer's own, e.g. ``<s> $A </s>``, is
+removed, as lmkit encodes without it) and ``add_bos_token: false``. :func:`check_prompt_ids`
+(part of the export's verification) compares ``tok(prompt)["input_ids"]`` with lmkit's.
+
 Special tokens are registered as added tokens, so a Hugging Face tokenizer turns the literal
 text ``<|endoftext|>`` (or ``<EOS>`` for ``char``; ``<|padding_i|>`` for ``gpt2+mul``) into its
 special id, where lmkit's ``encode`` spells it out character by character. That is the only
@@ -43,7 +53,8 @@ from typing import Any
 from lmkit.data.token_bytes import bytes_to_unicode
 from lmkit.data.tokenizers import CHAR_SPECIALS, ENDOFTEXT, GPT2_PATTERN, Tokenizer
 
-__all__ = ["bytes_to_unicode", "mul_condition", "save_hf_tokenizer", "special_tokens"]
+__all__ = ["adds_bos", "bytes_to_unicode", "check_prompt_ids", "mul_condition", "prompt_texts", "save_hf_tokenizer",
+           "special_tokens"]
 
 #: An added token of ``tokenizer.json``: ``(id, text, special)``.
 AddedTokenSpec = tuple[int, str, bool]
@@ -66,6 +77,73 @@ def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
             if token is not None:
                 out[name] = token
     return out
+
+
+def adds_bos(tokenizer: Tokenizer) -> bool:
+    """Whether lmkit puts the tokenizer's BOS id before a prompt: it has one (``char``).
+
+    The same rule as :func:`lmkit.evaluation.sample.prompt_ids`, the arithmetic evaluations
+    (``[bos_id, *encode(prompt)]``) and training on arithmetic examples
+    (:func:`lmkit.data.arithmetic.encode_example`: ``[BOS] prompt answer [EOS]``).
+    """
+    return tokenizer.bos_id is not None
+
+
+def _with_prompt_template(backend: Any, tokenizer: Tokenizer) -> Any:
+    """``backend`` whose post-processor does what lmkit does to a prompt: ``<BOS> $A`` when
+    :func:`adds_bos`, else nothing (a pretrained tokenizer's own template is dropped)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import processors
+
+    if adds_bos(tokenizer):
+        bos = backend.id_to_token(tokenizer.bos_id)
+        if bos is None or backend.token_to_id(bos) != tokenizer.bos_id:
+            raise ValueError(f"tokenizer.json: no token for the BOS id {tokenizer.bos_id}")
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.bos_id)])
+        return backend
+    spec = json.loads(backend.to_str())
+    if spec.get("post_processor") is None:
+        return backend
+    spec["post_processor"] = None
+    return Backend.from_str(json.dumps(spec))
+
+
+def prompt_texts(texts: list[str], *, limit: int = 200, width: int = 64) -> list[str]:
+    """Up to ``limit`` prompts cut from ``texts``: every non-empty line, long lines cut before a
+    space into pieces of at most ``width`` characters (a validation sample of running text is
+    one long string; this gives as many prompts as an arithmetic sample has examples)."""
+    out: list[str] = []
+    for text in texts:
+        for line in text.splitlines():
+            while line and len(out) < limit:
+                cut = len(line) if len(line) <= width else line.rfind(" ", 1, width)
+                cut = width if cut <= 0 else cut
+                piece, line = line[:cut], line[cut:]
+                if piece.strip():
+                    out.append(piece)
+    return out
+
+
+def check_prompt_ids(hf_tok: Any, tokenizer: Tokenizer, texts: list[str], problems: list[str]) -> dict[str, Any]:
+    """Compare ``hf_tok(prompt)["input_ids"]`` (special tokens on, as a user calls it) with the ids
+    lmkit starts a sample from (:func:`lmkit.evaluation.sample.prompt_ids`) on
+    :func:`prompt_texts` of ``texts``; a mismatch is appended to ``problems``.
+
+    Returns:
+        ``{"prompt_texts": n, "prompt_ids_equal": bool, "adds_bos": bool}`` for the verification.
+    """
+    from lmkit.evaluation.sample import prompt_ids
+
+    prompts = prompt_texts(texts)
+    mismatched = [(p, hf_tok(p)["input_ids"], prompt_ids(tokenizer, p)) for p in prompts]
+    mismatched = [m for m in mismatched if list(m[1]) != m[2]]
+    if mismatched:
+        text, theirs, ours = mismatched[0]
+        problems.append(f"tokenizer: {len(mismatched)} of {len(prompts)} prompts get other ids from "
+                        f"tokenizer(prompt) than lmkit's prompt ids (first: {text[:30]!r}: {list(theirs)[:4]}... "
+                        f"vs {ours[:4]}...)")
+    return {"prompt_texts": len(prompts), "prompt_ids_equal": not mismatched, "adds_bos": adds_bos(tokenizer)}
 
 
 def _char_backend(tokenizer: Any) -> Any:
@@ -250,13 +328,14 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_di
 
     ``gpt2+mul`` (the multiplication-tokens study): see :func:`_hf_added_tokens` for what the
     ``mul_tokens`` and ``baseline`` conditions get and what ``legacy_hf_tokenizer`` changes.
+    Prompts: ``tok(text)`` prepends BOS exactly when lmkit does (:func:`adds_bos`, module docstring).
 
     Returns:
-        ``{"kind", "class", "special_tokens", "origin", "added_tokens"}`` (and ``"mul_tokens"``
+        ``{"kind", "class", "special_tokens", "origin", "add_bos_token", "added_tokens", "vocab_size"}`` (and ``"mul_tokens"``
         for the study: condition, how the strings were written) for ``lmkit_export.json``.
 
     Raises:
-        ValueError: an lmkit tokenizer kind this function does not know.
+        ValueError: an lmkit tokenizer kind this function does not know, or a BOS id without a token.
     """
     kind = tokenizer.kind
     tokenizer_class = "PreTrainedTokenizerFast"
@@ -276,13 +355,15 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_di
     else:
         raise ValueError(f"no Hugging Face form for the {kind!r} tokenizer")
     added, mul_info = _hf_added_tokens(tokenizer, legacy_hf_tokenizer)
-    backend = _with_added_tokens(backend, added)
+    backend = _with_prompt_template(_with_added_tokens(backend, added), tokenizer)
     backend.save(str(directory / "tokenizer.json"))
     specials = special_tokens(tokenizer)
     config: dict[str, Any] = {
         "tokenizer_class": tokenizer_class,
         **specials,
         "add_prefix_space": False,
+        "add_bos_token": adds_bos(tokenizer),
+        "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "lmkit_tokenizer": kind,
     }
@@ -291,6 +372,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_di
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
     out = {"kind": kind, "class": tokenizer_class, "special_tokens": specials, "origin": origin,
+           "add_bos_token": adds_bos(tokenizer),
            "added_tokens": len(added), "vocab_size": backend.get_vocab_size(with_added_tokens=True)}
     if mul_info["condition"] is not None:
         out["mul_tokens"] = mul_info
