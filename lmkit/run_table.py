@@ -4,7 +4,7 @@ A run is a folder holding ``config.yaml`` (:mod:`lmkit.rundir`); anything else i
 is skipped quietly. Each row is read from, in order of trust: ``summary.json`` (written at
 the end of every session), ``events.jsonl`` (``run_started`` / ``run_finished``),
 ``metrics.jsonl`` (the last step, the best val loss of a run still going) and
-``eval/*.json`` (the newest ``lmkit eval`` result). Nothing is written, no lock is taken
+``eval/*.json`` / ``eval/TASK/step_*.json`` (the newest ``lmkit eval`` result, :func:`last_eval`). Nothing is written, no lock is taken
 from a run in progress.
 
 Status:
@@ -116,20 +116,50 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
 
 
+def _eval_files(run_dir: Path) -> list[Path]:
+    """``eval/*.json`` (one per task) and, per ``--checkpoint all`` sweep folder
+    ``eval/TASK/``, its newest ``step_*.json`` by modification time (one read per folder)."""
+    eval_dir = run_dir / "eval"
+    files = [p for p in eval_dir.glob("*.json") if p.is_file()]
+    for folder in (p for p in eval_dir.iterdir() if p.is_dir()) if eval_dir.is_dir() else ():
+        steps = []
+        for path in folder.glob("step_*.json"):
+            try:
+                steps.append((path.stat().st_mtime_ns, path.name, path))
+            except OSError:
+                continue
+        if steps:
+            files.append(max(steps)[2])
+    return files
+
+
 def last_eval(run_dir: Path) -> dict[str, Any] | None:
-    """The newest ``runs/NAME/eval/*.json`` (by its ``created`` time, else the file's
-    modification time) as ``{task, metric, value, step, created}``; ``None`` when none is readable."""
-    best: tuple[str, dict[str, Any]] | None = None
-    for path in sorted((run_dir / "eval").glob("*.json")):
+    """The newest result of ``lmkit eval`` in ``runs/NAME/eval/`` as ``{task, metric, value, step,
+    created}``; ``None`` when none is readable.
+
+    Candidates: ``eval/TASK.json`` and the newest ``eval/TASK/step_*.json`` of each
+    ``--checkpoint all`` sweep. Newest = the latest ``created`` (ISO 8601 UTC, whole seconds;
+    the file's modification time when missing); ties -- the tasks of one ``lmkit eval`` command
+    finish within a second -- go to the file written last (``st_mtime_ns``), then to the
+    larger file name, so the choice never depends on the order a folder is listed in.
+    """
+    best: tuple[str, int, str, dict[str, Any]] | None = None
+    for path in _eval_files(run_dir):
         record = _read_json(path)
         if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
             continue
-        created = record.get("created") or _iso(path.stat().st_mtime) or ""
-        if best is None or created >= best[0]:
-            best = (created, record)
+        try:
+            mtime_ns = path.stat().st_mtime_ns
+        except OSError:
+            continue
+        created = record.get("created")
+        created = created if isinstance(created, str) and created else _iso(mtime_ns / 1e9) or ""
+        key = (created, mtime_ns, str(path.relative_to(run_dir)))
+        if best is None or key > best[:3]:
+            best = (*key, record)
     if best is None:
         return None
-    created, record = best
+    created, _, _, record = best
     metric = record.get("headline")
     return {"task": record.get("task"), "metric": metric, "value": record["metrics"].get(metric),
             "step": record.get("step"), "created": created}

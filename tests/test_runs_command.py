@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from lmkit.config import build_run_config
 from lmkit.errors import Interrupted
-from lmkit.run_table import is_running, list_runs, read_run
+from lmkit.run_table import is_running, last_eval, list_runs, read_run
 
 
 def _config(root, name, steps):
@@ -135,3 +136,51 @@ def test_cli_json_and_table(runs_root):
 def test_missing_folder_is_one_line(tmp_path):
     result = CliRunner().invoke(_app(), ["--out-dir", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "no such folder" in result.output
+
+
+def _eval_record(path, task, metric, value, step, created):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"task": task, "headline": metric, "metrics": {metric: value}, "step": step,
+                                "created": created}))
+
+
+def test_piped_table_at_80_columns_keeps_each_run_on_one_line(runs_root, tmp_path):
+    """Not a terminal (a pipe, a file): names are not folded and a row is one line."""
+    names = ["pilot-s2", "pilot-s2-with-a-rather-long-name", "transformer-small-lr3e-4-seed1337"]
+    for name in names:
+        shutil.copytree(runs_root / "done", tmp_path / name)
+    result = CliRunner().invoke(_app(), ["--out-dir", str(tmp_path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for name in names:
+        row = [line for line in lines if f" {name} " in line]
+        assert len(row) == 1, (name, result.output)
+        assert "arithmetic: acc_val 0.125 @ 6" in row[0] and "completed" in row[0] and "6/6" in row[0]
+    rows = [line for line in lines if "completed" in line]
+    assert len(rows) == len(names)  # no continuation lines of a folded eval or model
+
+
+def test_last_eval_breaks_a_same_second_tie_by_the_file_written_last(tmp_path):
+    """One `lmkit eval` command writes its tasks within a second: the same ``created``."""
+    created = "2026-03-01T12:00:00+00:00"
+    for newer, older in (("arithmetic", "perplexity"), ("perplexity", "arithmetic")):
+        run = tmp_path / f"run-{newer}"
+        _eval_record(run / "eval" / f"{older}.json", older, "m", 1.0, 6, created)
+        _eval_record(run / "eval" / f"{newer}.json", newer, "m", 2.0, 6, created)
+        ns = 1_772_366_400_000_000_000  # 2026-03-01T12:00:00 UTC, set explicitly: not the clock's resolution
+        os.utime(run / "eval" / f"{older}.json", ns=(ns, ns))
+        os.utime(run / "eval" / f"{newer}.json", ns=(ns + 1_000, ns + 1_000))  # 1 µs later
+        assert last_eval(run)["task"] == newer
+
+
+def test_last_eval_sees_checkpoint_sweep_files(tmp_path):
+    run = tmp_path / "run"
+    _eval_record(run / "eval" / "perplexity.json", "perplexity", "bpb", 2.5, 6, "2026-03-01T12:00:00+00:00")
+    sweep = run / "eval" / "arithmetic"
+    _eval_record(sweep / "step_0000002.json", "arithmetic", "acc_val", 0.1, 2, "2026-03-02T12:00:00+00:00")
+    _eval_record(sweep / "step_0000006.json", "arithmetic", "acc_val", 0.5, 6, "2026-03-02T12:00:01+00:00")
+    (sweep / "checkpoint_results.json").write_text("[]")
+    assert last_eval(run) == {"task": "arithmetic", "metric": "acc_val", "value": 0.5, "step": 6,
+                              "created": "2026-03-02T12:00:01+00:00"}
+    _eval_record(run / "eval" / "perplexity.json", "perplexity", "bpb", 2.4, 6, "2026-03-03T00:00:00+00:00")
+    assert last_eval(run)["task"] == "perplexity"  # a later single-checkpoint result wins again

@@ -55,9 +55,8 @@ def runs_command(
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
     if not rows:
-        console.print(f"no runs in {escape(str(out_dir))}/", highlight=False)
+        Console().print(f"no runs in {escape(str(out_dir))}/", highlight=False)
         return
     colour = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red"}
     table = Table(title=f"runs in {escape(str(out_dir))}/ (newest first)", title_justify="left")
@@ -76,4 +75,6 @@ def runs_command(
             escape(_eval(r.last_eval)), _duration(r.wall_time_s),
             (r.started or "-").replace("T", " ").replace("+00:00", "")[5:16] if r.started else "-",
         )
+    # piped or redirected: as wide as the table needs (no folded names, one line per run)
+    console = Console() if sys.stdout.isatty() else Console(width=max(100, Console(width=1000).measure(table).maximum))
     console.print(table)
