@@ -43,7 +43,8 @@ def runs(tmp_path_factory):
     data = root / "shakespeare.txt"
     data.write_text(shared("tinyshakespeare", "input.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     yield {"char": _train(root, "char", TINY_PRESET.format(pos="rope", steps=40, eval_interval=40, ckpt_interval=40)),
-           "bpe": _train(root, "bpe", BPE_PRESET.format(data=data))}
+           "bpe": _train(root, "bpe", BPE_PRESET.format(data=data)),
+           "char_text": _train(root, "char_text", BPE_PRESET.format(data=data).replace("tokenizer: bpe", "tokenizer: char"))}
     mp.undo()
 
 
@@ -77,7 +78,7 @@ def test_hf_tokenizer_of_a_char_run_prepends_bos_like_lmkit_eval(runs, tmp_path)
 
 def test_verification_fails_an_export_whose_tokenizer_drops_bos(runs, tmp_path, monkeypatch):
     """The raw-text check (add_special_tokens=False) cannot see a missing BOS; the prompt check must."""
-    monkeypatch.setattr(export_tokenizer, "_with_prompt_template", lambda backend, tokenizer: backend)
+    monkeypatch.setattr(export_tokenizer, "_with_prompt_template", lambda backend, tokenizer, bos=None: backend)
     with pytest.raises(hf.ExportError) as err:
         hf.export_hf(runs["char"], tmp_path / "hf")
     assert "prompts get other ids from tokenizer(prompt)" in str(err.value)
@@ -146,3 +147,21 @@ def test_prompt_texts_cut_lines_and_long_lines():
     assert all(len(p) <= 20 for p in pieces)
     assert "".join(pieces[1:-2]) == "word " * 40
     assert len(export_tokenizer.prompt_texts(["a\n"] * 500)) == 200
+
+
+def test_a_char_run_on_text_prompts_without_bos_as_it_trained(runs, tmp_path):
+    """A char-level model of running text never saw <BOS> (its windows are cut from one token
+    stream): lmkit's sample prompt and the exported tokenizer both start from the text alone."""
+    from lmkit.data import sequences_start_with_bos
+    from lmkit.evaluation.sample import prompt_ids
+
+    loaded = load_run(runs["char_text"])
+    assert loaded.tokenizer.bos_id is not None and not sequences_start_with_bos(loaded.config.data)
+    assert sequences_start_with_bos(load_run(runs["char"]).config.data)
+    text = "Before we proceed"
+    assert prompt_ids(loaded.tokenizer, text, bos=False) == loaded.tokenizer.encode(text)
+    meta = hf.export_hf(runs["char_text"], tmp_path / "hf").metadata
+    assert meta["verification"]["prompt_ids_equal"] and meta["verification"]["adds_bos"] is False
+    assert meta["tokenizer"]["add_bos_token"] is False
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert tok(text)["input_ids"] == loaded.tokenizer.encode(text)

@@ -347,6 +347,16 @@ def _shards_with(source, config: DataConfig, emit: Callable[[Event], None], adde
     return shards, tokenizer
 
 
+def sequences_start_with_bos(config: DataConfig) -> bool:
+    """Whether the training sequences of ``config`` begin with the tokenizer's BOS id: the
+    arithmetic examples do (``[<BOS>] prompt answer [<EOS>]``,
+    :func:`lmkit.data.arithmetic.encode_example`); a token stream of text, a mixture and chat
+    data do not. A prompt is encoded the same way (:func:`lmkit.evaluation.sample.prompt_ids`,
+    the exported Hugging Face tokenizer)."""
+    return (config.sources is None and config.format != "chat"
+            and (config.dataset == "arithmetic" or _is_arithmetic_jsonl(config.dataset)))
+
+
 def _is_arithmetic_jsonl(dataset: str) -> bool:
     path = Path(dataset).expanduser()
     candidates = [path] if path.is_file() else sorted(path.glob("*.jsonl")) if path.is_dir() else []

@@ -39,10 +39,12 @@ def _option(options: dict[str, Any], name: str) -> Any:
     return DEFAULTS[name] if value is None else value
 
 
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids a sample starts from (see the module docstring)."""
-    bos = getattr(tokenizer, "bos_id", None)
-    ids = ([bos] if bos is not None else []) + tokenizer.encode(text)
+def prompt_ids(tokenizer: Any, text: str, *, bos: bool | None = None) -> list[int]:
+    """Token ids a sample starts from (see the module docstring). ``bos``: whether the run's
+    training sequences begin with BOS (:func:`lmkit.data.sequences_start_with_bos`); ``None``:
+    whenever the tokenizer has a BOS id."""
+    bos_id = getattr(tokenizer, "bos_id", None) if bos is not False else None
+    ids = ([bos_id] if bos_id is not None else []) + tokenizer.encode(text)
     if ids:
         return ids
     eos = getattr(tokenizer, "eos_id", None)
@@ -85,7 +87,10 @@ def evaluate(ctx: EvalContext) -> TaskResult:
     except RuntimeError:  # a device without its own generator: sample on the CPU
         generator = torch.Generator()
     generator.manual_seed(seed)
-    gen = generate_ex(ctx.model, [prompt_ids(tok, p) for p in prompts], max_new_tokens=max_new,
+    from lmkit.data import sequences_start_with_bos
+
+    bos = sequences_start_with_bos(ctx.config.data)
+    gen = generate_ex(ctx.model, [prompt_ids(tok, p, bos=bos) for p in prompts], max_new_tokens=max_new,
                       eos_id=tok.eos_id, temperature=float(temperature), top_k=top_k, generator=generator,
                       batch_size=ctx.batch_size, progress=ctx.progress)
     samples = [{"prompt": p, "text": tok.decode(ids), "n_new_tokens": len(ids), "finish": finish,

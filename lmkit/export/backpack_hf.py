@@ -115,7 +115,7 @@ def load_remote(folder: Path, **kwargs: Any) -> Any:
 
 
 def verify_backpack_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer, sample_texts: list[str],
-                           sample_ids: list[int], *, dtype: str = "float32") -> dict[str, Any]:
+                           sample_ids: list[int], *, dtype: str = "float32", bos: bool | None = None) -> dict[str, Any]:
     """Load ``folder`` with its remote code and compare it with the native ``model``; the result
     has the keys of :func:`lmkit.export.hf.verify_hf_folder` (never raises for a mismatch)."""
     import torch
@@ -160,7 +160,7 @@ def verify_backpack_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer,
     try:
         hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=True)
         mismatched = [t for t in sample_texts if hf_tok(t, add_special_tokens=False)["input_ids"] != tokenizer.encode(t)]
-        result.update(check_prompt_ids(hf_tok, tokenizer, sample_texts, problems))  # tok(prompt): BOS as lmkit
+        result.update(check_prompt_ids(hf_tok, tokenizer, sample_texts, problems, bos=bos))  # BOS as lmkit
         result.update(tokenizer_texts=len(sample_texts), tokenizer_chars=sum(len(t) for t in sample_texts),
                       tokenizer_ids_equal=not mismatched)
         if mismatched:
@@ -184,6 +184,7 @@ def export_backpack_hf(loaded: LoadedRun, out: Path, *, dtype: str = "float32", 
     """
     from lmkit.export.hf import ExportResult, _source_metadata
     from lmkit.export.sample import validation_sample
+    from lmkit.data import sequences_start_with_bos
     from lmkit.export.tokenizer import save_hf_tokenizer
 
     model_config = loaded.config.model
@@ -203,8 +204,9 @@ def export_backpack_hf(loaded: LoadedRun, out: Path, *, dtype: str = "float32", 
     tmp = _folder.temp_folder(out)
     try:
         write_backpack_folder(loaded.model, model_config, loaded.tokenizer, tmp, dtype)
+        bos = sequences_start_with_bos(loaded.config.data)  # a prompt starts as the run's sequences do
         metadata["tokenizer"] = save_hf_tokenizer(loaded.tokenizer, tmp, run_tokenizer_dir=loaded.run.tokenizer_dir,
-                                                  model_max_length=model_config.block_size)
+                                                  model_max_length=model_config.block_size, bos=bos)
         emit(Notice("info", f"wrote {', '.join(sorted(p.name for p in tmp.iterdir()))}"))
         if not verify:
             metadata["verification"] = None
@@ -217,7 +219,7 @@ def export_backpack_hf(loaded: LoadedRun, out: Path, *, dtype: str = "float32", 
             emit(Notice("info", f"verifying: native vs transformers (trust_remote_code) logits on {sample.source}, "
                                 f"and {len(sample.texts)} text(s) through both tokenizers"))
             verification = verify_backpack_folder(tmp, loaded.model, loaded.tokenizer, sample.texts, sample.ids,
-                                                  dtype=dtype)
+                                                  dtype=dtype, bos=bos)
             verification["sample_source"] = sample.source
         _folder.conclude(tmp, out, metadata, verification)
     except BaseException:

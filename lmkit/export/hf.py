@@ -344,7 +344,8 @@ def rounded_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def verify_hf_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer, sample_texts: list[str],
                      sample_ids: list[int], *, dtype: str = "float32",
-                     tolerance: float = LOGIT_TOLERANCE, legacy_hf_tokenizer: bool = False) -> dict[str, Any]:
+                     tolerance: float = LOGIT_TOLERANCE, legacy_hf_tokenizer: bool = False,
+                     bos: bool | None = None) -> dict[str, Any]:
     """Load ``folder`` with transformers and compare it with the native ``model``.
 
     With a tokenizer that has the 45 mul tokens (``gpt2+mul``, either condition) the logits are
@@ -410,7 +411,7 @@ def verify_hf_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer, sampl
             hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             mismatched = [text for text in sample_texts
                           if hf_tok(text, add_special_tokens=False)["input_ids"] != tokenizer.encode(text)]
-            result.update(check_prompt_ids(hf_tok, tokenizer, sample_texts, problems))  # tok(prompt): BOS as lmkit
+            result.update(check_prompt_ids(hf_tok, tokenizer, sample_texts, problems, bos=bos))  # BOS as lmkit
             if mul_batch is not None:
                 result["mul_tokens"] = check_mul_tokenizer(hf_tok, tokenizer, problems, legacy_hf_tokenizer)
         result["tokenizer_texts"] = len(sample_texts)
@@ -474,6 +475,7 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dty
     import torch
 
     from lmkit.export.sample import validation_sample
+    from lmkit.data import sequences_start_with_bos
     from lmkit.export.tokenizer import save_hf_tokenizer
     from lmkit.runs import load_run
 
@@ -519,9 +521,10 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dty
             from transformers import GenerationConfig
 
             GenerationConfig(**_special_ids(loaded.tokenizer)).save_pretrained(str(tmp))
+        bos = sequences_start_with_bos(loaded.config.data)  # a prompt starts as the run's sequences do
         metadata["tokenizer"] = save_hf_tokenizer(loaded.tokenizer, tmp, run_tokenizer_dir=loaded.run.tokenizer_dir,
                                                   model_max_length=model_config.block_size,
-                                                  legacy_hf_tokenizer=legacy_hf_tokenizer)
+                                                  legacy_hf_tokenizer=legacy_hf_tokenizer, bos=bos)
         emit(Notice("info", f"wrote {', '.join(sorted(p.name for p in tmp.iterdir()))}"))
         if not verify:
             metadata["verification"] = None
@@ -534,7 +537,7 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str = "best", dty
             emit(Notice("info", f"verifying: native vs transformers logits on {sample.source}, "
                                 f"and {len(sample.texts)} text(s) through both tokenizers"))
             verification = verify_hf_folder(tmp, loaded.model, loaded.tokenizer, sample.texts, sample.ids, dtype=dtype,
-                                            legacy_hf_tokenizer=legacy_hf_tokenizer)
+                                            legacy_hf_tokenizer=legacy_hf_tokenizer, bos=bos)
             verification["sample_source"] = sample.source
         _folder.conclude(tmp, out, metadata, verification)
     except BaseException:

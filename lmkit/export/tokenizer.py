@@ -79,28 +79,31 @@ def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
     return out
 
 
-def adds_bos(tokenizer: Tokenizer) -> bool:
-    """Whether lmkit puts the tokenizer's BOS id before a prompt: it has one (``char``).
+def adds_bos(tokenizer: Tokenizer, bos: bool | None = None) -> bool:
+    """Whether lmkit puts the tokenizer's BOS id before a prompt: it has one (``char``) and the
+    run's training sequences begin with it (``bos``, :func:`lmkit.data.sequences_start_with_bos`:
+    arithmetic examples do, a char-level text stream does not; ``None``: not known, assume so).
 
     The same rule as :func:`lmkit.evaluation.sample.prompt_ids`, the arithmetic evaluations
     (``[bos_id, *encode(prompt)]``) and training on arithmetic examples
     (:func:`lmkit.data.arithmetic.encode_example`: ``[BOS] prompt answer [EOS]``).
     """
-    return tokenizer.bos_id is not None
+    return tokenizer.bos_id is not None and bos is not False
 
 
-def _with_prompt_template(backend: Any, tokenizer: Tokenizer) -> Any:
+def _with_prompt_template(backend: Any, tokenizer: Tokenizer, bos: bool | None = None) -> Any:
     """``backend`` whose post-processor does what lmkit does to a prompt: ``<BOS> $A`` when
     :func:`adds_bos`, else nothing (a pretrained tokenizer's own template is dropped)."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import processors
 
-    if adds_bos(tokenizer):
-        bos = backend.id_to_token(tokenizer.bos_id)
-        if bos is None or backend.token_to_id(bos) != tokenizer.bos_id:
+    if adds_bos(tokenizer, bos):
+        token = backend.id_to_token(tokenizer.bos_id)
+        if token is None or backend.token_to_id(token) != tokenizer.bos_id:
             raise ValueError(f"tokenizer.json: no token for the BOS id {tokenizer.bos_id}")
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.bos_id)])
+            single=f"{token}:0 $A:0", pair=f"{token}:0 $A:0 {token}:1 $B:1",
+            special_tokens=[(token, tokenizer.bos_id)])
         return backend
     spec = json.loads(backend.to_str())
     if spec.get("post_processor") is None:
@@ -125,7 +128,8 @@ def prompt_texts(texts: list[str], *, limit: int = 200, width: int = 64) -> list
     return out
 
 
-def check_prompt_ids(hf_tok: Any, tokenizer: Tokenizer, texts: list[str], problems: list[str]) -> dict[str, Any]:
+def check_prompt_ids(hf_tok: Any, tokenizer: Tokenizer, texts: list[str], problems: list[str], *,
+                     bos: bool | None = None) -> dict[str, Any]:
     """Compare ``hf_tok(prompt)["input_ids"]`` (special tokens on, as a user calls it) with the ids
     lmkit starts a sample from (:func:`lmkit.evaluation.sample.prompt_ids`) on
     :func:`prompt_texts` of ``texts``; a mismatch is appended to ``problems``.
@@ -136,14 +140,14 @@ def check_prompt_ids(hf_tok: Any, tokenizer: Tokenizer, texts: list[str], proble
     from lmkit.evaluation.sample import prompt_ids
 
     prompts = prompt_texts(texts)
-    mismatched = [(p, hf_tok(p)["input_ids"], prompt_ids(tokenizer, p)) for p in prompts]
+    mismatched = [(p, hf_tok(p)["input_ids"], prompt_ids(tokenizer, p, bos=bos)) for p in prompts]
     mismatched = [m for m in mismatched if list(m[1]) != m[2]]
     if mismatched:
         text, theirs, ours = mismatched[0]
         problems.append(f"tokenizer: {len(mismatched)} of {len(prompts)} prompts get other ids from "
                         f"tokenizer(prompt) than lmkit's prompt ids (first: {text[:30]!r}: {list(theirs)[:4]}... "
                         f"vs {ours[:4]}...)")
-    return {"prompt_texts": len(prompts), "prompt_ids_equal": not mismatched, "adds_bos": adds_bos(tokenizer)}
+    return {"prompt_texts": len(prompts), "prompt_ids_equal": not mismatched, "adds_bos": adds_bos(tokenizer, bos)}
 
 
 def _char_backend(tokenizer: Any) -> Any:
@@ -322,13 +326,15 @@ def _hf_added_tokens(tokenizer: Tokenizer, legacy_hf_tokenizer: bool) -> tuple[l
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_dir: Path | None = None,
-                      model_max_length: int | None = None, legacy_hf_tokenizer: bool = False) -> dict[str, Any]:
+                      model_max_length: int | None = None, legacy_hf_tokenizer: bool = False,
+                      bos: bool | None = None) -> dict[str, Any]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
     (plus ``vocab.json``/``merges.txt`` for ``gpt2`` and ``gpt2+mul``) into ``directory``.
 
     ``gpt2+mul`` (the multiplication-tokens study): see :func:`_hf_added_tokens` for what the
     ``mul_tokens`` and ``baseline`` conditions get and what ``legacy_hf_tokenizer`` changes.
-    Prompts: ``tok(text)`` prepends BOS exactly when lmkit does (:func:`adds_bos`, module docstring).
+    Prompts: ``tok(text)`` prepends BOS exactly when lmkit does (:func:`adds_bos`, module docstring;
+    ``bos``: the run's :func:`lmkit.data.sequences_start_with_bos`).
 
     Returns:
         ``{"kind", "class", "special_tokens", "origin", "add_bos_token", "added_tokens", "vocab_size"}`` (and ``"mul_tokens"``
@@ -355,14 +361,14 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_di
     else:
         raise ValueError(f"no Hugging Face form for the {kind!r} tokenizer")
     added, mul_info = _hf_added_tokens(tokenizer, legacy_hf_tokenizer)
-    backend = _with_prompt_template(_with_added_tokens(backend, added), tokenizer)
+    backend = _with_prompt_template(_with_added_tokens(backend, added), tokenizer, bos)
     backend.save(str(directory / "tokenizer.json"))
     specials = special_tokens(tokenizer)
     config: dict[str, Any] = {
         "tokenizer_class": tokenizer_class,
         **specials,
         "add_prefix_space": False,
-        "add_bos_token": adds_bos(tokenizer),
+        "add_bos_token": adds_bos(tokenizer, bos),
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "lmkit_tokenizer": kind,
@@ -372,7 +378,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, *, run_tokenizer_di
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
     out = {"kind": kind, "class": tokenizer_class, "special_tokens": specials, "origin": origin,
-           "add_bos_token": adds_bos(tokenizer),
+           "add_bos_token": adds_bos(tokenizer, bos),
            "added_tokens": len(added), "vocab_size": backend.get_vocab_size(with_added_tokens=True)}
     if mul_info["condition"] is not None:
         out["mul_tokens"] = mul_info
