@@ -112,6 +112,9 @@ def test_finished_runs_and_shorter_lengths_are_refused(cwd):
     assert shorter.returncode == 2 and "the new length (4 steps) is shorter than what" in shorter.stderr
     assert "has trained (6 steps)" in shorter.stderr
     assert (cwd / "runs/done/summary.json").read_text() == before
+    missing = run_cli("resume", "runs/done", "--checkpoint", "step_0000009", "--max-steps", "8", cwd=cwd, env=ENV)
+    assert missing.returncode == 2  # a checkpoint that is not there: name the ones that are
+    assert "step_0000009.pt: no such checkpoint in runs/done (have: best, latest, step_0000005)" in missing.stderr
 
 
 def test_extending_a_run_uses_the_new_schedule_from_the_first_step(cwd):
