@@ -75,7 +75,7 @@ stage() {
     git -C "$REPO" status --short 2>/dev/null | head -20
     if [ "$DRY" = 0 ]; then
         echo "# pip install --no-index --target /tmp/site ($(ls "$G"/wheels/*.whl | wc -l) wheels)"
-        timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        timeout 30 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site "$G"/wheels/*.whl 2>&1 | grep -v "^WARNING: Running pip as" | tail -20
     fi
 } >"$OUTDIR/1_setup.txt" 2>&1
@@ -124,7 +124,7 @@ s_pytest() {
     $PY -m pytest -m gpu -q -ra -p no:cacheprovider --timeout 100 --junitxml="$LOGS/junit_gpu.xml"
 }
 export -f s_pytest
-stage 2_pytest.txt 110 s_pytest
+stage 2_pytest.txt 105 s_pytest
 
 # ---------------------------------------------------------------------------------------------
 # 3. seed 000's command, straight twice and cut at step ~100 + resumed: bitwise?
@@ -175,7 +175,7 @@ s_throughput() {
     exit $rc
 }
 export -f s_throughput
-stage - 170 s_throughput
+stage - 160 s_throughput
 
 # ---------------------------------------------------------------------------------------------
 # 5. memory: the estimate against max_memory_allocated, every term's raw measurement
