@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -44,6 +45,11 @@ def test_dry_run_of_every_stage(tmp_path):
     assert mem["dry_run"] is True and len(mem["rows"]) == 2
     assert '"items_per_s"' in (out / "6_hellaswag.txt").read_text()
     assert "# last screen" in (out / "7_dashboard.txt").read_text()
+    report = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "| default | yes |" in report.stdout and "| deterministic | yes |" in report.stdout
+    assert "| lmkit+compile |" in report.stdout and "| tiny | 2 | fp32 | off |" in report.stdout
     with tarfile.open(out / "8_logs.tar") as tar:
         names = tar.getnames()
     assert "logs/summary.txt" in names and "logs/profile/trace_gpt2_124m.json.gz" in names
