@@ -42,7 +42,7 @@ def test_a_user_set_cublas_workspace_is_kept(restore_determinism, monkeypatch):
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
-@pytest.mark.parametrize("family", ["gpt", "backpack"])
+@pytest.mark.parametrize("family", ["gpt", pytest.param("backpack", marks=pytest.mark.slow)])
 def test_every_op_of_a_cpu_training_step_has_a_deterministic_kernel(tmp_path, family):
     """A whole run (train, eval, checkpoint) with the setting on raises nothing and gives the
     losses of a run without it (the CPU is deterministic either way)."""
