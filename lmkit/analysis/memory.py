@@ -389,15 +389,24 @@ class MemoryEstimate:
     phases: list[tuple[str, dict[str, int]]] = field(default_factory=list, repr=False)
 
     def row(self, name: str) -> MemoryRow:
-        for row in self.rows:
-            if row.name == name:
-                return row
-        raise KeyError(name)
+        return find_row(self.rows, name)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("phases")
         return out
+
+
+def find_row(rows: list[MemoryRow], name: str) -> MemoryRow:
+    """The row called ``name`` of a breakdown.
+
+    Raises:
+        KeyError: no such row.
+    """
+    for row in rows:
+        if row.name == name:
+            return row
+    raise KeyError(name)
 
 
 def estimate_memory(

@@ -57,7 +57,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lmkit.analysis.memory import FrameworkOverhead, MemoryEstimate, MemoryRow, count_params, estimate_memory
+from lmkit.analysis.memory import (
+    FrameworkOverhead,
+    MemoryEstimate,
+    MemoryRow,
+    count_params,
+    estimate_memory,
+    find_row,
+)
 from lmkit.config import ModelConfig
 from lmkit.errors import ConfigError
 
@@ -101,10 +108,7 @@ class ParallelMemoryEstimate:
     single: MemoryEstimate = field(repr=False)
 
     def row(self, name: str) -> MemoryRow:
-        for row in self.rows:
-            if row.name == name:
-                return row
-        raise KeyError(name)
+        return find_row(self.rows, name)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -112,7 +112,7 @@ def select_checkpoints(run_dir: Path, names: Iterable[str]) -> list[tuple[int, P
         CheckpointError: no checkpoints, or a named one is missing or unreadable.
     """
     from lmkit.runs import list_checkpoints
-    from lmkit.training.checkpoint import checkpoint_by_name, checkpoint_paths, peek_step
+    from lmkit.training.checkpoint import existing_checkpoint, peek_step
 
     directory = run_dir / "checkpoints"
     chosen: list[tuple[int, Path]] = []
@@ -123,12 +123,7 @@ def select_checkpoints(run_dir: Path, names: Iterable[str]) -> list[tuple[int, P
                 raise CheckpointError(f"{run_dir}: no checkpoints (nothing in {directory})")
             chosen.extend(found)
             continue
-        path = checkpoint_by_name(directory, name)
-        if name == "best" and not path.exists():
-            path = checkpoint_by_name(directory, "latest")
-        if not path.exists():
-            have = sorted(p.stem for p in checkpoint_paths(directory))
-            raise CheckpointError(f"{path}: no such checkpoint in {run_dir} (have: {', '.join(have) or 'none'})")
+        path = existing_checkpoint(directory, name, run_dir, best_falls_back=True)
         step = peek_step(path)
         if step is None:
             raise CheckpointError(f"{path}: cannot be read as a checkpoint")

@@ -404,6 +404,22 @@ def checkpoint_by_name(directory: Path, name: str) -> Path:
     return sharded if not single.exists() and sharded.is_dir() else single
 
 
+def existing_checkpoint(directory: Path, name: str, run: Path | str, *, best_falls_back: bool = False) -> Path:
+    """:func:`checkpoint_by_name` that must exist; ``best_falls_back``: ``best`` missing means
+    ``latest`` (a run that never evaluated).
+
+    Raises:
+        CheckpointError: no such checkpoint, naming the ones ``run`` has (one line).
+    """
+    path = checkpoint_by_name(directory, name)
+    if best_falls_back and name == "best" and not path.exists():
+        path = checkpoint_by_name(directory, "latest")
+    if not path.exists():
+        have = sorted(p.stem for p in checkpoint_paths(directory))
+        raise CheckpointError(f"{path}: no such checkpoint in {run} (have: {', '.join(have) or 'none'})")
+    return path
+
+
 def checkpoint_paths(directory: Path) -> list[Path]:
     """The checkpoints in ``directory``: ``*.pt`` files and ``*.dcp`` folders, no temporary
     ones (names starting with a dot), sorted by name."""

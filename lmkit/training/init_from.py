@@ -157,14 +157,9 @@ def load_run_checkpoint(run_dir: RunDir, checkpoint: str = "best", *, fold: bool
     """
     from lmkit.config import RunConfig
     from lmkit.models import build_model
-    from lmkit.training.checkpoint import checkpoint_by_name, checkpoint_paths, load_checkpoint
+    from lmkit.training.checkpoint import existing_checkpoint, load_checkpoint
 
-    path = checkpoint_by_name(run_dir.checkpoints, checkpoint)
-    if checkpoint == "best" and not path.exists():
-        path = checkpoint_by_name(run_dir.checkpoints, "latest")
-    if not path.exists():
-        have = sorted(p.stem for p in checkpoint_paths(run_dir.checkpoints))
-        raise CheckpointError(f"{path}: no such checkpoint in {run_dir.path} (have: {', '.join(have) or 'none'})")
+    path = existing_checkpoint(run_dir.checkpoints, checkpoint, run_dir.path, best_falls_back=True)
     state = load_checkpoint(path)
     config = RunConfig.model_validate(state["config"])
     model = build_model(config.model)

@@ -60,7 +60,7 @@ from lmkit.config import RunConfig
 from lmkit.data import PreparedData, make_train_batches, prepare_data
 from lmkit.data.batching import IGNORE_INDEX
 from lmkit.device import DevicePlan, device_uuid, is_memory_error, out_of_memory_error, plan_device
-from lmkit.errors import CheckpointError, ConfigError, Interrupted
+from lmkit.errors import ConfigError, Interrupted
 from lmkit.events import (
     DataReady,
     EvalResult,
@@ -76,7 +76,7 @@ from lmkit.models import build_model
 from lmkit.monitor.writers import EventsWriter, MetricsWriter, TensorBoardWriter
 from lmkit.rundir import RunDir, SupersededRecords
 from lmkit.training.checkpoint import (
-    checkpoint_by_name,
+    existing_checkpoint,
     newest_complete,
     remove_stale_temp_files,
     verify_candidate,
@@ -252,12 +252,7 @@ class Trainer:
         if self.checkpoint_choice is None:
             found, skipped = newest_complete(self.run.checkpoints)
             return found.state, found.path, skipped
-        path = checkpoint_by_name(self.run.checkpoints, self.checkpoint_choice)
-        if not path.exists():  # name what there is, as eval and --init-from do
-            from lmkit.training.checkpoint import checkpoint_paths
-
-            have = sorted(p.stem for p in checkpoint_paths(self.run.checkpoints))
-            raise CheckpointError(f"{path}: no such checkpoint in {self.run.path} (have: {', '.join(have) or 'none'})")
+        path = existing_checkpoint(self.run.checkpoints, self.checkpoint_choice, self.run.path)
         return verify_candidate(path), path, []
 
     def _build(self, resume_state: dict[str, Any] | None) -> None:
